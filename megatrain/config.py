@@ -1,0 +1,328 @@
+"""Run configuration: one YAML file + dotted command-line overrides -> a validated, typed config tree.
+
+Usage::
+
+    from megatrain.config import load_config, deepspeed_config
+    cfg = load_config("configs/tiny.yaml", ["train.max_steps=10", "parallel.sequence_parallel_size=2"])
+    cfg.validate(world_size=2)          # every consistency check, before any work starts
+    ds = deepspeed_config(cfg, world_size=2)   # the DeepSpeed JSON, generated from this one source of truth
+
+Sections: ``model`` (MegaConfig fields), ``data``, ``train``, ``parallel``, ``checkpoint``, ``logging``, plus
+``run_dir`` and an optional free-form ``deepspeed`` dict whose keys are merged into the generated DeepSpeed JSON
+(pass-through, e.g. offload settings). Unknown keys anywhere else are errors that name the key.
+Each part of the system receives only its own section (``cfg.data``, ``cfg.train``...), never the whole tree.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import yaml
+
+from megatrain.model.config import MegaConfig
+
+
+class ConfigError(ValueError):
+    """A bad configuration value: the message names the offending key."""
+
+
+# The model section *is* the model's MegaConfig (HF field names/defaults + megatrain extras): one definition.
+ModelCfg = MegaConfig
+
+
+@dataclass
+class DataCfg:
+    shards: Union[str, list] = ""        # manifest index.json, a directory of shards, a glob, or a list of those
+    seq_len: int = 4096
+    micro_batch_size: int = 1
+    num_workers: int = 0
+    reset_at_doc_boundaries: bool = True  # pass doc_ids so EMA state and attention reset inside packed windows
+    mask_token_id: Optional[int] = None   # mlm only
+    skip_corrupt: bool = False
+    tokenizer: Optional[str] = None       # sentencepiece model, used for samples/export only
+
+
+@dataclass
+class TrainCfg:
+    max_steps: int = 100
+    seed: int = 0
+    objective: str = "clm"                # clm | mlm
+    precision: str = "fp32"               # fp32 | bf16 (bf16 weights/activations, fp32 master weights + EMA math)
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1             # final lr = lr * min_lr_ratio
+    lr_schedule: str = "cosine"           # cosine | linear | constant (after warmup)
+    warmup_steps: int = 0
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0                # 0 = off
+    grad_accum_steps: int = 1
+    max_consecutive_nonfinite: int = 5    # abort after this many non-finite steps in a row
+
+
+@dataclass
+class ParallelCfg:
+    sequence_parallel_size: int = 1
+    zero_stage: int = 0
+    backend: str = "auto"                 # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+
+
+@dataclass
+class CheckpointCfg:
+    every_steps: int = 1000
+    keep_last: int = 3
+    resume: str = "auto"                  # auto (latest in dir, if any) | none | path to a checkpoint tag dir
+    dir: Optional[str] = None             # default: <run_dir>/checkpoints
+
+
+@dataclass
+class LoggingCfg:
+    every_steps: int = 1                  # console progress line period
+    tensorboard: bool = True
+    peak_tflops: Optional[float] = None   # per device, for MFU; default: guessed on GPU, none on CPU
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    model: ModelCfg = field(default_factory=ModelCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    parallel: ParallelCfg = field(default_factory=ParallelCfg)
+    checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
+    logging: LoggingCfg = field(default_factory=LoggingCfg)
+    deepspeed: dict = field(default_factory=dict)  # pass-through keys merged into the generated DeepSpeed JSON
+
+    # ---- construction ----
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        return _build(cls, d, "")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str) -> None:
+        """Write the resolved config as YAML (atomically: a crash never leaves half a file)."""
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+        os.replace(tmp, path)
+
+    @property
+    def clip_in_optimizer(self) -> bool:
+        """Plain fp32 DeepSpeed (no ZeRO, no bf16 wrapper) steps our optimizer directly: it clips and guards."""
+        return self.parallel.zero_stage == 0 and self.train.precision == "fp32"
+
+    # ---- validation ----
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
+
+    def validate(self, world_size: Optional[int] = None) -> "Config":
+        """Every cross-field check, up front. Raises ConfigError naming the key."""
+        m, d, t, p, c = self.model, self.data, self.train, self.parallel, self.checkpoint
+        _check(bool(self.run_dir), "run_dir", self.run_dir, "must be a non-empty path")
+        _one_of("train.objective", t.objective, ("clm", "mlm"))
+        _one_of("train.precision", t.precision, ("fp32", "bf16"))
+        _one_of("train.lr_schedule", t.lr_schedule, ("cosine", "linear", "constant"))
+        _one_of("parallel.zero_stage", p.zero_stage, (0, 1, 2, 3))
+        _one_of("parallel.backend", p.backend, ("auto", "nccl", "gloo"))
+        for key, v in [("train.max_steps", t.max_steps), ("train.grad_accum_steps", t.grad_accum_steps),
+                       ("data.seq_len", d.seq_len), ("data.micro_batch_size", d.micro_batch_size),
+                       ("parallel.sequence_parallel_size", p.sequence_parallel_size),
+                       ("checkpoint.every_steps", c.every_steps), ("checkpoint.keep_last", c.keep_last),
+                       ("logging.every_steps", self.logging.every_steps),
+                       ("train.max_consecutive_nonfinite", t.max_consecutive_nonfinite)]:
+            _check(v >= 1, key, v, "must be >= 1")
+        _check(t.lr > 0, "train.lr", t.lr, "must be > 0")
+        _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
+        _check(0 <= t.warmup_steps <= t.max_steps, "train.warmup_steps", t.warmup_steps,
+               f"must be in [0, train.max_steps={t.max_steps}]")
+        _check(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 = off)")
+        _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+        _check(bool(d.shards), "data.shards", d.shards, "must name a manifest, a directory, a glob or a list")
+        if t.objective == "clm":
+            # A causal LM must not look right: the bidirectional EMA and non-causal attention both would.
+            _check(not m.bidirectional, "model.bidirectional", m.bidirectional,
+                   "must be false for train.objective=clm (a bidirectional EMA sees the future)")
+            _check(m.is_decoder, "model.is_decoder", m.is_decoder,
+                   "must be true for train.objective=clm (causal attention)")
+        if t.objective == "mlm":
+            _check(not m.is_decoder, "model.is_decoder", m.is_decoder, "must be false for train.objective=mlm")
+            _check(d.mask_token_id is not None and 0 <= d.mask_token_id < m.vocab_size, "data.mask_token_id",
+                   d.mask_token_id, f"must be a token id in [0, model.vocab_size={m.vocab_size}) for mlm")
+        if m.relative_positional_bias == "simple":
+            span = m.chunk_size if m.use_chunking else d.seq_len // p.sequence_parallel_size
+            _check(span <= m.max_positions, "model.max_positions", m.max_positions,
+                   f"is below the attention span {span} (simple relative bias is limited to max_positions)")
+        m.validate()
+        # Sequence-parallel layout: the SP part owns the rule (slices must be whole chunks).
+        from megatrain.parallel.sequence import validate_sp
+        try:
+            validate_sp(d.seq_len, p.sequence_parallel_size, m.chunk_size, m.use_chunking, truncation=m.truncation)
+        except ValueError as e:  # its messages already name the keys
+            raise ConfigError(str(e)) from None
+        if world_size is not None:
+            _check(world_size % p.sequence_parallel_size == 0, "parallel.sequence_parallel_size",
+                   p.sequence_parallel_size, f"must divide the world size {world_size}")
+        if c.resume not in ("auto", "none"):
+            _check(os.path.isdir(c.resume), "checkpoint.resume", c.resume,
+                   "must be auto, none, or an existing checkpoint directory")
+        return self
+
+
+def _check(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {why}")
+
+
+def _one_of(key: str, value: Any, allowed: tuple) -> None:
+    _check(value in allowed, key, value, f"must be one of {', '.join(map(str, allowed))}")
+
+
+# ---- dict -> dataclass, with types checked per field ----
+def _build(cls, d: Any, prefix: str):
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in d:
+        if k not in names:
+            raise ConfigError(f"unknown config key '{prefix}{k}' (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for k, v in d.items():
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            kwargs[k] = _build(tp, v if v is not None else {}, f"{prefix}{k}.")
+        else:
+            kwargs[k] = _coerce(v, tp, f"{prefix}{k}")
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # MegaConfig validates itself at construction; say which section failed
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
+
+
+def _coerce(v: Any, tp: Any, key: str) -> Any:
+    """Check/convert a YAML value to the field's type (int->float allowed; nothing else is guessed)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if v is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(v, a, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}={v!r}: expected {' or '.join(_tname(a) for a in args)}")
+    if tp is bool:
+        if isinstance(v, bool):
+            return v
+    elif tp is int:
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    elif tp is float:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    elif tp is str:
+        if isinstance(v, str):
+            return v
+    elif tp in (list, dict):
+        if isinstance(v, tp):
+            return copy.deepcopy(v)
+    else:  # pragma: no cover - a field type this module does not handle is a programming error
+        raise TypeError(f"unsupported config field type {tp} for {key}")
+    raise ConfigError(f"{key}={v!r}: expected {_tname(tp)}, got {type(v).__name__}")
+
+
+def _tname(tp) -> str:
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+# ---- YAML + dotted overrides ----
+def apply_override(tree: dict, item: str) -> None:
+    """Apply one ``a.b=value`` override to a plain dict tree (value parsed as YAML: 3, 1e-4, true, [a, b])."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    parts = key.split(".")
+    if not key or any(not p for p in parts):
+        raise ConfigError(f"override {item!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from None
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {key}: '{p}' is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def load_config(path: Optional[str], overrides: Optional[list] = None) -> Config:
+    """Load YAML (or start from defaults with path=None), apply dotted overrides, build typed sections."""
+    tree: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as f:
+            try:
+                tree = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    for item in overrides or []:
+        apply_override(tree, item)
+    return Config.from_dict(tree)
+
+
+# ---- DeepSpeed JSON ----
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """The DeepSpeed JSON for this run. The optimizer and LR schedule are ours (passed to deepspeed.initialize),
+    so only batch, precision, clipping and ZeRO live here; ``cfg.deepspeed`` is merged on top."""
+    dp_size = world_size // cfg.parallel.sequence_parallel_size
+    t = cfg.train
+    ds = {
+        # DeepSpeed's "data parallel" world is our DP size (the mpu says so); SP ranks share one batch.
+        "train_batch_size": cfg.data.micro_batch_size * t.grad_accum_steps * dp_size,
+        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        # fp32 without ZeRO: our GuardedAdamW clips (it needs the pre-clip norm to report and to skip NaN steps)
+        "gradient_clipping": 0.0 if cfg.clip_in_optimizer else t.grad_clip,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        # our AdamW is a plain torch optimizer: ZeRO handles it fine but warns without this
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(ds, cfg.deepspeed)
+
+
+def dumps(d: dict) -> str:
+    return json.dumps(d, indent=2, sort_keys=True)
