@@ -1,0 +1,307 @@
+"""Tokenized shard format: webdataset tars of one sample per document, plus an ``index.json`` manifest.
+
+Use:
+    from megatrain.data.shards import Manifest, ShardWriter, read_shard
+    man = Manifest.load("shards/")               # or ".../index.json"
+    for key, tokens in read_shard(man.shard_url(0), vocab_size=man.vocab_size):
+        ...                                      # tokens: 1-D uint16/uint32 numpy array of one document
+
+Sample layout inside a tar (webdataset convention, key = file name up to the first dot):
+    {key}.tokens.npy   1-D token ids, uint16 when vocab_size <= 65536, else uint32 (no EOD appended)
+    {key}.meta.json    {"source": input file, "doc": index of the document in that file, "tokens": count}
+Keys are 10-digit document numbers (no dots). Tar members have fixed mtime/owner so equal inputs give equal bytes.
+
+Manifest (index.json), written last by data_tools/build_shards.py:
+    {"format": "megatrain-shards", "version": 1, "vocab_size": V, "dtype": "uint16",
+     "special_tokens": {"unk": 0, "bos": 1, "eos": 2, "eod": 2, "pad": 3, "mask": 4},
+     "tokenizer_sha256": "...", "shards": [{"url": "shard-000000.tar", "docs": 12, "tokens": 34567, "bytes": 69632}],
+     "docs": total, "tokens": total, "stats": {...build counters...}}
+Shard urls are relative to the manifest's folder unless they contain "://" or start with "pipe:" or "/".
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import tarfile
+from typing import Iterator
+
+import numpy as np
+
+FORMAT = "megatrain-shards"
+VERSION = 1
+TOKENS_EXT = "tokens.npy"
+META_EXT = "meta.json"
+MANIFEST_NAME = "index.json"
+REQUIRED_SPECIALS = ("eod", "eos", "pad", "mask", "bos", "unk")
+
+
+class DataError(ValueError):
+    """Bad data: names the shard (and sample key) at fault."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """Smallest unsigned dtype that holds every id of a vocabulary of this size."""
+    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
+
+
+def doc_key(doc_index: int) -> str:
+    return f"{doc_index:010d}"
+
+
+@dataclasses.dataclass
+class ShardInfo:
+    url: str
+    docs: int
+    tokens: int
+    bytes: int = 0
+
+
+@dataclasses.dataclass
+class Manifest:
+    shards: list[ShardInfo]
+    vocab_size: int
+    special_tokens: dict[str, int]
+    tokenizer_sha256: str = ""
+    dtype: str = "uint16"
+    stats: dict = dataclasses.field(default_factory=dict)
+    root: str = ""  # folder the relative shard urls are resolved against (not saved)
+
+    def __post_init__(self):
+        if self.vocab_size <= 0:
+            raise DataError(f"manifest: vocab_size must be positive, got {self.vocab_size}")
+        for name, tid in self.special_tokens.items():
+            if not 0 <= int(tid) < self.vocab_size:
+                raise DataError(f"manifest: special token {name}={tid} outside vocab of size {self.vocab_size}")
+        for s in self.shards:
+            if s.docs < 0 or s.tokens < 0:
+                raise DataError(f"manifest: shard {s.url} has negative counts")
+
+    @property
+    def docs(self) -> int:
+        return sum(s.docs for s in self.shards)
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.shards)
+
+    def shard_url(self, i: int) -> str:
+        url = self.shards[i].url
+        if "://" in url or url.startswith("pipe:") or os.path.isabs(url) or not self.root:
+            return url
+        return os.path.join(self.root, url)
+
+    def fingerprint(self) -> str:
+        """Hash of everything that decides the token stream (used to refuse resuming on other data)."""
+        body = json.dumps([[s.url, s.docs, s.tokens] for s in self.shards] + [self.vocab_size, self.special_tokens],
+                          sort_keys=True)
+        return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, "vocab_size": self.vocab_size, "dtype": self.dtype,
+                "special_tokens": dict(self.special_tokens), "tokenizer_sha256": self.tokenizer_sha256,
+                "docs": self.docs, "tokens": self.tokens, "stats": self.stats,
+                "shards": [dataclasses.asdict(s) for s in self.shards]}
+
+    def save(self, path: str) -> None:
+        """Atomic write (tmp + rename), so a reader never sees half a manifest."""
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.to_json(), f, indent=1, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> "Manifest":
+        if os.path.isdir(path):
+            path = os.path.join(path, MANIFEST_NAME)
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            raise DataError(f"manifest {path}: file not found") from None
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(f"manifest {path}: unreadable ({e})") from None
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise DataError(f"manifest {path}: not a {FORMAT} manifest (format={d.get('format') if isinstance(d, dict) else None!r})")
+        if d.get("version") != VERSION:
+            raise DataError(f"manifest {path}: unsupported version {d.get('version')!r} (expected {VERSION})")
+        missing = [k for k in REQUIRED_SPECIALS if k not in d.get("special_tokens", {})]
+        if missing:
+            raise DataError(f"manifest {path}: special_tokens lacks {missing} (need {list(REQUIRED_SPECIALS)})")
+        try:
+            shards = [ShardInfo(url=s["url"], docs=int(s["docs"]), tokens=int(s["tokens"]), bytes=int(s.get("bytes", 0)))
+                      for s in d["shards"]]
+            return cls(shards=shards, vocab_size=int(d["vocab_size"]),
+                       special_tokens={k: int(v) for k, v in d["special_tokens"].items()},
+                       tokenizer_sha256=d.get("tokenizer_sha256", ""), dtype=d.get("dtype", "uint16"),
+                       stats=d.get("stats", {}), root=os.path.dirname(os.path.abspath(path)))
+        except KeyError as e:
+            raise DataError(f"manifest {path}: missing key {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def _tar_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    info.mtime = 0  # fixed metadata: reproducible bytes
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def encode_sample(tokens: np.ndarray, meta: dict) -> tuple[bytes, bytes]:
+    buf = io.BytesIO()
+    np.save(buf, tokens, allow_pickle=False)
+    return buf.getvalue(), json.dumps(meta, sort_keys=True).encode()
+
+
+class ShardWriter:
+    """Writes ``shard-NNNNNN.tar`` files into ``out_dir``, starting a new one once ``shard_bytes`` is reached.
+
+    A document is never split: one larger than the budget becomes a (big) shard of its own.
+    Files are written as ``.tar.tmp`` and renamed when closed, so a killed build leaves no half shard behind.
+    """
+
+    def __init__(self, out_dir: str, shard_bytes: int, dtype: np.dtype):
+        if shard_bytes <= 0:
+            raise ValueError(f"shard size must be positive, got {shard_bytes}")
+        self.out_dir, self.shard_bytes, self.dtype = out_dir, shard_bytes, np.dtype(dtype)
+        self.shards: list[ShardInfo] = []
+        self._tar = None
+        self._cur: ShardInfo | None = None
+
+    def write(self, key: str, tokens: np.ndarray, meta: dict) -> None:
+        if "." in key or "/" in key:
+            raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
+        npy, js = encode_sample(np.asarray(tokens, dtype=self.dtype), meta)
+        size = len(npy) + len(js) + 2048  # payloads + two tar headers (512 each) + padding
+        if self._cur is not None and self._cur.docs > 0 and self._cur.bytes + size > self.shard_bytes:
+            self._close_current()
+        if self._cur is None:
+            name = f"shard-{len(self.shards):06d}.tar"
+            self._tar = tarfile.open(os.path.join(self.out_dir, name + ".tmp"), "w", format=tarfile.USTAR_FORMAT)
+            self._cur = ShardInfo(url=name, docs=0, tokens=0, bytes=0)
+        _tar_member(self._tar, f"{key}.{TOKENS_EXT}", npy)
+        _tar_member(self._tar, f"{key}.{META_EXT}", js)
+        self._cur.docs += 1
+        self._cur.tokens += int(len(tokens))
+        self._cur.bytes += size
+
+    def _close_current(self) -> None:
+        self._tar.close()
+        path = os.path.join(self.out_dir, self._cur.url)
+        os.replace(path + ".tmp", path)
+        self._cur.bytes = os.path.getsize(path)
+        self.shards.append(self._cur)
+        self._tar, self._cur = None, None
+
+    def close(self) -> list[ShardInfo]:
+        if self._cur is not None:
+            self._close_current()
+        return self.shards
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def _open(url: str):
+    from webdataset import gopen  # local/pipe:/http(s)/gs/... exactly as webdataset resolves them
+
+    if "://" not in url and not url.startswith("pipe:") and not os.path.exists(url):
+        raise DataError(f"shard {url}: file not found")
+    try:
+        return gopen(url, "rb")
+    except Exception as e:  # noqa: BLE001 - any opener failure becomes a named data error
+        raise DataError(f"shard {url}: cannot open ({e})") from None
+
+
+def _decode_tokens(url: str, key: str, payload: bytes | None, vocab_size: int) -> np.ndarray:
+    if payload is None:
+        raise DataError(f"shard {url} sample {key}: missing {TOKENS_EXT}")
+    try:
+        arr = np.load(io.BytesIO(payload), allow_pickle=False)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"shard {url} sample {key}: corrupt {TOKENS_EXT} ({e})") from None
+    if arr.ndim != 1 or arr.dtype.kind not in "ui":
+        raise DataError(f"shard {url} sample {key}: {TOKENS_EXT} must be a 1-D integer array, got {arr.dtype}{list(arr.shape)}")
+    if arr.size and (int(arr.max()) >= vocab_size or int(arr.min()) < 0):
+        bad = int(arr.max()) if int(arr.max()) >= vocab_size else int(arr.min())
+        raise DataError(f"shard {url} sample {key}: token id {bad} outside vocab of size {vocab_size}")
+    return arr
+
+
+def read_shard(url: str, vocab_size: int, skip_corrupt: bool = False,
+               on_skip=None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(key, tokens)`` for every sample of one shard, in file order.
+
+    Errors raise DataError naming the shard and sample key. With ``skip_corrupt`` a bad sample is passed to
+    ``on_skip(message)`` instead and reading continues (a corrupt/truncated tar ends the shard there).
+    """
+    def fail(msg: str):
+        if not skip_corrupt:
+            raise DataError(msg)
+        if on_skip is not None:
+            on_skip(msg)
+
+    stream = _open(url)
+    key, files = None, {}
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = member.name.rsplit("/", 1)[-1]
+                k, _, ext = base.partition(".")
+                if k != key:
+                    if key is not None:
+                        try:
+                            yield key, _decode_tokens(url, key, files.get(TOKENS_EXT), vocab_size)
+                        except DataError as e:
+                            fail(str(e))
+                    key, files = k, {}
+                files[ext] = tar.extractfile(member).read()
+            if key is not None:
+                try:
+                    yield key, _decode_tokens(url, key, files.get(TOKENS_EXT), vocab_size)
+                except DataError as e:
+                    fail(str(e))
+    except (tarfile.TarError, EOFError, OSError, zlib_error()) as e:
+        fail(f"shard {url}: corrupt or truncated tar after sample {key} ({type(e).__name__}: {e})")
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - a pipe: opener may complain about its exit status on close
+                pass
+
+
+def zlib_error():
+    import zlib
+
+    return zlib.error
+
+
+def write_token_shards(out_dir: str, docs, shard_bytes: int, vocab_size: int, special_tokens: dict[str, int],
+                       tokenizer_sha256: str = "", stats: dict | None = None) -> Manifest:
+    """Write ``(key, tokens, meta)`` documents as shards plus index.json into ``out_dir``; return the manifest.
+
+    Re-runnable: shards of an earlier build in ``out_dir`` that this build does not produce are removed, and
+    index.json is replaced atomically at the end.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    writer = ShardWriter(out_dir, shard_bytes, token_dtype(vocab_size))
+    for key, tokens, meta in docs:
+        writer.write(key, tokens, meta)
+    shards = writer.close()
+    keep = {s.url for s in shards}
+    for name in os.listdir(out_dir):
+        if name.startswith("shard-") and (name.endswith(".tar") or name.endswith(".tar.tmp")) and name not in keep:
+            os.remove(os.path.join(out_dir, name))
+    man = Manifest(shards=shards, vocab_size=vocab_size, special_tokens=dict(special_tokens),
+                   tokenizer_sha256=tokenizer_sha256, dtype=str(token_dtype(vocab_size)), stats=dict(stats or {}),
+                   root=os.path.abspath(out_dir))
+    man.save(os.path.join(out_dir, MANIFEST_NAME))
+    return man
