@@ -1,0 +1,322 @@
+"""Exact sequence parallelism (SP) for MEGA: hand the EMA boundary state from rank to rank.
+
+Use (one SP group = ranks that each hold one contiguous slice of the same window, in slice order):
+
+    from megatrain.parallel.sequence import make_ema_boundary, validate_sp, reduce_sp_loss, sp_slice
+
+    validate_sp(seq_len, sp_size, config.chunk_size, config.use_chunking)      # once, before any work
+    piece = sp_slice(batch, sp_rank, sp_size)                                  # this rank's slice, every key
+    boundary = make_ema_boundary(sp_group, doc_ids=piece.get("doc_ids"))       # once per micro-batch
+    out = model(piece["input_ids"], labels=piece["labels"], doc_ids=piece.get("doc_ids"),
+                labels_shifted=True, loss_reduction="sum", ema_boundary=boundary)
+    loss = reduce_sp_loss(out.loss, out.num_loss_tokens, token_group, grad_average_size=W)
+    loss.backward_loss.backward()          # then the engine reduces gradients over its W ranks
+    log(loss.mean_loss)
+
+Why it is exact: the EMA is linear in its incoming state. Every SP rank runs its slice with zero incoming state
+and reports, per EMA layer and direction, two small tensors [B, D, N]: `local_state` (the state its slice produces
+at its far edge) and `decay` (what an incoming state is multiplied by when crossing the whole slice). The boundary
+all-gathers both and does the prefix combine locally, so rank r receives (forward direction)
+
+    h_in_r = sum_{j<r} (prod_{j<i<r} decay_i) local_j          ("backward" direction: mirrored, j > r)
+
+and the model adds the closed-form contribution of h_in_r to its slice. Only these small tensors cross ranks
+(never sequence activations): per EMA layer and direction one all-gather in forward and one reduce-scatter in
+backward (the adjoint of the all-gather), each rank sending (P-1) * 2*B*D*N * itemsize bytes per collective (ring
+model), independent of the sequence length. `COMM_STATS` counts them.
+
+Document boundaries (packed windows): the model zeroes `decay` for rows whose slice contains a doc change, but a
+change exactly *at* a slice edge is invisible to both neighbours. So `make_ema_boundary(group, doc_ids=...)`
+all-gathers each slice's first/last doc id once per micro-batch (tiny, B*2 int64) and cuts the state at edges where
+they differ. Without doc_ids every row is one document.
+
+Rules every SP rank must follow (else the collectives mismatch and hang):
+- the same model, the same number of EMA layers/directions, calling the boundary in the same order;
+- the same activation-checkpointing setting: a recompute calls the boundary again during backward, which is fine
+  because every rank recomputes at the same point of its (identical) backward graph;
+- SP rank order = slice order (`dist.get_rank(sp_group)` is the slice index).
+
+Loss normalisation (the trainer's job; `reduce_sp_loss` helps): each rank computes the *sum* of its slice's token
+losses (`loss_reduction="sum"`) and its token count n_r. With T = sum of n_r over all ranks whose tokens form the
+global batch (SP group, or DP x SP), the global mean loss is sum_r loss_r / T and its gradient is
+sum_r grad(loss_r / T). An engine that *averages* gradients over W ranks (DeepSpeed over its data-parallel ranks:
+W = DP*SP when the SP ranks are part of its gradient group) computes (1/W) sum_r grad(x_r), so each rank must
+backprop x_r = W * loss_r / T. Gradients must then be reduced over DP x SP (ZeRO shards over the same ranks);
+with a plain sum over the SP group (`sum_grads_over`) use W = 1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "COMM_STATS",
+    "CommStats",
+    "EMABoundary",
+    "SPLoss",
+    "make_ema_boundary",
+    "reduce_sp_loss",
+    "reset_comm_stats",
+    "sp_slice",
+    "sum_grads_over",
+    "validate_sp",
+]
+
+DIRECTIONS = ("forward", "backward")
+# torch >= 2.13 names; the older *_tensor names are the same collectives (deprecated there).
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation (the trainer calls this before building anything)
+# ----------------------------------------------------------------------------------------------------------------
+def validate_sp(seq_len: int, sp_size: int, chunk_size: int, use_chunking: bool,
+                *, truncation: Optional[int] = None) -> int:
+    """Check that a window of `seq_len` tokens can be split exactly over `sp_size` ranks; return the slice length.
+
+    Raises ValueError naming the offending key and value.
+    """
+    for key, value in (("data.seq_len", seq_len), ("parallel.sequence_parallel_size", sp_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    if seq_len % sp_size:
+        raise ValueError(f"data.seq_len={seq_len} is not divisible by parallel.sequence_parallel_size={sp_size}")
+    slice_len = seq_len // sp_size
+    if sp_size == 1:
+        return slice_len
+    if not use_chunking:
+        # Full attention spans the whole window, which a slice does not hold: only chunked attention stays local.
+        raise ValueError(f"parallel.sequence_parallel_size={sp_size} needs model.use_chunking=True "
+                         f"(got use_chunking={use_chunking!r})")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"model.chunk_size must be a positive integer with sequence parallelism, got {chunk_size!r}")
+    if slice_len % chunk_size:
+        raise ValueError(f"SP slice length data.seq_len/sequence_parallel_size = {seq_len}/{sp_size} = {slice_len} "
+                         f"is not a multiple of model.chunk_size={chunk_size}")
+    if truncation is not None:
+        # A truncated EMA kernel is not a linear recurrence with a carried state; the boundary would be inexact.
+        raise ValueError(f"model.truncation={truncation!r} is not supported with sequence parallelism (use None)")
+    return slice_len
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Communication accounting
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class CommStats:
+    """Bytes this process sent for SP boundary exchange (ring model: a collective over P ranks on a chunk of c
+    bytes sends (P-1)*c per rank for both all-gather and reduce-scatter)."""
+    forward_bytes: int = 0      # all-gathers of (local_state, decay)
+    backward_bytes: int = 0     # reduce-scatters of their gradients
+    forward_calls: int = 0
+    backward_calls: int = 0
+    setup_bytes: int = 0        # per-micro-batch doc-id edge exchange
+
+    @property
+    def total_bytes(self) -> int:
+        return self.forward_bytes + self.backward_bytes + self.setup_bytes
+
+
+COMM_STATS = CommStats()
+
+
+def reset_comm_stats() -> CommStats:
+    """Zero the counters; return a copy of what they held."""
+    old = CommStats(**vars(COMM_STATS))
+    for name in vars(COMM_STATS):
+        setattr(COMM_STATS, name, 0)
+    return old
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The prefix combine (local, P small) and its adjoint
+# ----------------------------------------------------------------------------------------------------------------
+def _gather_stacked(t: torch.Tensor, group, size: int) -> torch.Tensor:
+    """All-gather a contiguous tensor from every rank of `group` into [P, *t.shape] (rank order)."""
+    flat = t.new_empty(size * t.numel())
+    # Flat buffers: gloo wants the concatenation along dim 0, not a stacked extra dim.
+    _all_gather(flat, t.reshape(-1), group=group)
+    return flat.view((size,) + tuple(t.shape))
+
+
+def _visit_order(rank: int, size: int, direction: str) -> range:
+    """Slices whose state reaches `rank`, farthest first."""
+    return range(0, rank) if direction == "forward" else range(size - 1, rank, -1)
+
+
+def _entry_index(j: int, direction: str) -> int:
+    """Index of the slice edge crossed when the state enters slice j (edge e lies between slices e-1 and e)."""
+    return j if direction == "forward" else j + 1
+
+
+def _combine(states: torch.Tensor, decays: torch.Tensor, keep: Optional[torch.Tensor], rank: int,
+             direction: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """h = sum over far slices of their state carried across the slices in between; also the state before each
+    step (the adjoint needs it). states/decays: [P, B, D, N]; keep: [P+1, B, 1, 1] edge factors or None."""
+    h = torch.zeros_like(states[0])
+    before = []
+    for j in _visit_order(rank, states.shape[0], direction):
+        before.append(h)
+        carried = decays[j] * h
+        if keep is not None:
+            carried = carried * keep[_entry_index(j, direction)]
+        h = carried + states[j]
+    if keep is not None:
+        h = h * keep[_entry_index(rank, direction)]
+    return h, before
+
+
+def _combine_adjoint(grad_out: torch.Tensor, states: torch.Tensor, decays: torch.Tensor,
+                     keep: Optional[torch.Tensor], rank: int, direction: str) -> torch.Tensor:
+    """d(loss)/d(states_j, decays_j) for every slice j given d(loss)/d(h_in of this rank): [P, 2, B, D, N]."""
+    _, before = _combine(states, decays, keep, rank, direction)
+    grads = torch.zeros((states.shape[0], 2) + tuple(states.shape[1:]), dtype=states.dtype, device=states.device)
+    g = grad_out if keep is None else grad_out * keep[_entry_index(rank, direction)]
+    order = list(_visit_order(rank, states.shape[0], direction))
+    for j, h_prev in zip(reversed(order), reversed(before)):
+        k = 1.0 if keep is None else keep[_entry_index(j, direction)]
+        grads[j, 0] = g                      # h = k * decay_j * h_prev + state_j
+        grads[j, 1] = g * k * h_prev
+        g = g * k * decays[j]
+    return grads
+
+
+class _BoundaryExchange(torch.autograd.Function):
+    """All-gather (local_state, decay) -> prefix combine; backward: adjoint combine -> reduce-scatter."""
+
+    @staticmethod
+    def forward(ctx, local_state, decay, group, rank, size, direction, keep):
+        payload = torch.stack([local_state.detach(), decay.detach()]).contiguous()       # [2, B, D, N]
+        gathered = _gather_stacked(payload, group, size)                                 # [P, 2, B, D, N]
+        COMM_STATS.forward_bytes += (size - 1) * payload.numel() * payload.element_size()
+        COMM_STATS.forward_calls += 1
+        states, decays = gathered[:, 0], gathered[:, 1]
+        ctx.save_for_backward(states, decays)
+        ctx.meta = (group, rank, size, direction, keep)
+        h_in, _ = _combine(states, decays, keep, rank, direction)
+        return h_in
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        states, decays = ctx.saved_tensors
+        group, rank, size, direction, keep = ctx.meta
+        # Every rank holds the whole (tiny) combine, so it can compute how its own h_in depends on each slice's
+        # tensors; slice j's gradient is the sum of those contributions over ranks = one reduce-scatter.
+        contributions = _combine_adjoint(grad_out.contiguous(), states, decays, keep, rank, direction)
+        mine = contributions.new_empty(contributions.shape[1:])
+        # Flat buffers: gloo wants the concatenation along dim 0, not a stacked extra dim.
+        _reduce_scatter(mine.view(-1), contributions.view(-1), op=dist.ReduceOp.SUM, group=group)
+        COMM_STATS.backward_bytes += (size - 1) * mine.numel() * mine.element_size()
+        COMM_STATS.backward_calls += 1
+        return mine[0], mine[1], None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The boundary callable handed to the model
+# ----------------------------------------------------------------------------------------------------------------
+class EMABoundary:
+    """`boundary(local_state, decay, direction) -> h_in` for one SP group and one micro-batch (see module doc)."""
+
+    def __init__(self, group, rank: int, size: int, keep: Optional[torch.Tensor]):
+        self.group, self.rank, self.size = group, rank, size
+        self._keep = keep        # [P+1, B, 1, 1]: 0 where a document starts exactly at slice edge e
+
+    def __call__(self, local_state: torch.Tensor, decay: torch.Tensor, direction: str) -> torch.Tensor:
+        if direction not in DIRECTIONS:
+            raise ValueError(f"EMA boundary direction must be one of {DIRECTIONS}, got {direction!r}")
+        if local_state.dim() != 3 or decay.shape != local_state.shape:
+            raise ValueError(f"EMA boundary expects local_state and decay of the same shape [B, D, N], got "
+                             f"{tuple(local_state.shape)} and {tuple(decay.shape)}")
+        if not local_state.is_floating_point() or decay.dtype != local_state.dtype:
+            raise ValueError(f"EMA boundary expects floating local_state and decay of one dtype, got "
+                             f"{local_state.dtype} and {decay.dtype}")
+        keep = self._keep
+        if keep is not None:
+            if keep.shape[1] != local_state.shape[0]:
+                raise ValueError(f"EMA boundary was made for batch size {keep.shape[1]} (doc_ids) but got "
+                                 f"local_state with batch size {local_state.shape[0]}")
+            keep = keep.to(device=local_state.device, dtype=local_state.dtype)
+        return _BoundaryExchange.apply(local_state, decay, self.group, self.rank, self.size, direction, keep)
+
+
+def make_ema_boundary(sp_group, doc_ids: Optional[torch.Tensor] = None) -> Optional[EMABoundary]:
+    """The `ema_boundary` for `model(...)` on this rank of `sp_group`; None when the group has one rank (then the
+    model runs the plain unsplit computation). Pass this slice's `doc_ids` [B, L_slice] (packed windows) and make a
+    new boundary per micro-batch: one tiny all-gather finds documents that start exactly at a slice edge."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("make_ema_boundary needs torch.distributed to be initialized (init_process_group)")
+    size = dist.get_world_size(sp_group)
+    if size == 1:
+        return None
+    rank = dist.get_rank(sp_group)
+    if rank < 0:
+        raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of the given sp_group")
+    keep = None
+    if doc_ids is not None:
+        if doc_ids.dim() != 2 or doc_ids.shape[1] < 1:
+            raise ValueError(f"doc_ids must be [B, L_slice] with L_slice >= 1, got shape {tuple(doc_ids.shape)}")
+        edges = torch.stack([doc_ids[:, 0], doc_ids[:, -1]], dim=1).to(torch.int64).contiguous()   # [B, 2]
+        gathered = _gather_stacked(edges, sp_group, size)                                 # [P, B, 2]
+        COMM_STATS.setup_bytes += (size - 1) * edges.numel() * edges.element_size()
+        keep = torch.ones((size + 1, edges.shape[0]), dtype=torch.float64, device=doc_ids.device)
+        # Edge e (between slices e-1 and e) carries state only if the document continues across it.
+        keep[1:size] = (gathered[:-1, :, 1] == gathered[1:, :, 0]).to(torch.float64)
+        keep = keep[:, :, None, None]
+    return EMABoundary(sp_group, rank, size, keep)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss and gradient reduction helpers (see "Loss normalisation" in the module docstring)
+# ----------------------------------------------------------------------------------------------------------------
+class SPLoss(NamedTuple):
+    backward_loss: torch.Tensor   # call .backward() on this (carries the graph of this rank's slice)
+    mean_loss: torch.Tensor       # detached global mean token loss, identical on every rank of the group
+    total_tokens: torch.Tensor    # T: loss tokens summed over the group
+
+
+def reduce_sp_loss(loss_sum: torch.Tensor, num_loss_tokens, group, grad_average_size: int = 1) -> SPLoss:
+    """Normalise this rank's summed slice loss by the group's total token count (one all-reduce).
+
+    `group` is every rank whose tokens form the batch the loss averages over (the SP group, or DP x SP);
+    `grad_average_size` W is the number of ranks the gradient reduction later *averages* over (1 for a plain sum).
+    """
+    if loss_sum.dim() != 0:
+        raise ValueError(f"reduce_sp_loss expects a scalar summed loss, got shape {tuple(loss_sum.shape)}")
+    if isinstance(grad_average_size, bool) or not isinstance(grad_average_size, int) or grad_average_size < 1:
+        raise ValueError(f"grad_average_size must be a positive integer, got {grad_average_size!r}")
+    tokens = torch.as_tensor(num_loss_tokens, device=loss_sum.device).to(torch.float64).reshape(())
+    # float64 keeps the summed loss and integer token counts exact enough for the 1e-6 SP == unsplit check.
+    totals = torch.stack([loss_sum.detach().to(torch.float64), tokens])
+    dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=group)
+    total_tokens = totals[1]
+    if total_tokens <= 0:
+        raise ValueError("reduce_sp_loss: no loss tokens in the whole group (all labels are -100)")
+    backward_loss = loss_sum * (grad_average_size / total_tokens).to(loss_sum.dtype)
+    return SPLoss(backward_loss, (totals[0] / total_tokens).to(loss_sum.dtype), total_tokens)
+
+
+def sum_grads_over(parameters: Iterable[torch.nn.Parameter], group) -> None:
+    """All-reduce-sum `.grad` of every parameter over `group` (one flat collective; parameters without grad are
+    treated as zero so every rank sends the same layout). For tests/benchmarks without DeepSpeed."""
+    params = list(parameters)
+    if not params:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
+def __getattr__(name):
+    # Re-export the data part's slicer without importing megatrain.data at module import time.
+    if name == "sp_slice":
+        from megatrain.data import sp_slice
+        return sp_slice
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,169 @@
+"""EMA boundary exchange == unsplit EMA (fwd, grads, bytes), on 2 and 4 gloo CPU processes.
+
+    PYTHONPATH=. python -m pytest -x -q tests/parallel/test_sequence.py
+
+The EMA here is the test oracle in sp_ema_ref.py (a plain recurrence); test_sequence_model.py checks the real
+model. Every worker also recomputes the unsplit reference itself, so one spawn covers a whole grid of cases.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
+
+from megatrain.parallel.sequence import (COMM_STATS, make_ema_boundary, reset_comm_stats, sum_grads_over,
+                                         validate_sp)
+
+import sp_ema_ref as ref
+from sp_dist import spawn
+
+B, D, N = 2, 3, 2
+
+
+def _doc_ids(L: int, slice_len: int) -> torch.Tensor:
+    """Row 0: one change at t=3, then a document spanning every later slice (state crosses several ranks).
+    Row 1: changes exactly at odd slice edges and one inside slice 1 (so slice 1 has both)."""
+    change = torch.zeros(2, L, dtype=torch.int64)
+    change[0, 3] = 1
+    change[1, slice_len:L:2 * slice_len] = 1
+    change[1, slice_len + slice_len // 2 + 1] = 1
+    return change.cumsum(1) + 7
+
+
+def _run_case(sp_rank, P, group, dtype, bidirectional, use_docs, slice_len, use_checkpoint=False, seed=0):
+    """One configuration on this rank; returns (COMM_STATS after fwd, after bwd) for the byte checks."""
+    L = P * slice_len
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, L, D, generator=g, dtype=dtype)
+    w = torch.randn(B, L, D, generator=g, dtype=dtype)
+    doc_ids = _doc_ids(L, slice_len) if use_docs else None
+    layers = [ref.make_params(D, N, bidirectional, dtype, seed=seed + k) for k in range(2)]
+
+    # Unsplit reference, two stacked EMA layers.
+    x_full = x.clone().requires_grad_(True)
+    y = x_full
+    for params in layers:
+        y = ref.full(y, params, bidirectional, doc_ids)
+    loss_full = (y * w).sum()
+    loss_full.backward()
+    y_full = y.detach()
+    ref_grads = [p.grad.clone() for params in layers for p in params.values()]
+    for params in layers:
+        for p in params.values():
+            p.grad = None
+
+    # This rank's slice.
+    sl = slice(sp_rank * slice_len, (sp_rank + 1) * slice_len)
+    x_loc = x[:, sl].clone().requires_grad_(True)
+    boundary = make_ema_boundary(group, doc_ids=None if doc_ids is None else doc_ids[:, sl])
+    reset_comm_stats()
+    h = x_loc
+    for params in layers:
+        fn = lambda inp, params=params: ref.sliced(inp, params, bidirectional, boundary,  # noqa: E731
+                                                    None if doc_ids is None else doc_ids[:, sl])
+        h = checkpoint(fn, h, use_reentrant=False) if use_checkpoint else fn(h)
+    loss_loc = (h * w[:, sl]).sum()
+    after_fwd = (COMM_STATS.forward_bytes, COMM_STATS.forward_calls, COMM_STATS.backward_bytes)
+    loss_loc.backward()
+    after_bwd = (COMM_STATS.forward_bytes, COMM_STATS.forward_calls, COMM_STATS.backward_bytes,
+                 COMM_STATS.backward_calls)
+
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    what = f"P={P} rank={sp_rank} {dtype} bidi={bidirectional} docs={use_docs} ckpt={use_checkpoint}"
+    torch.testing.assert_close(h.detach(), y_full[:, sl], **tol, msg=lambda m: f"{what} output: {m}")
+    total = loss_loc.detach().clone()
+    dist.all_reduce(total, group=group)
+    torch.testing.assert_close(total, loss_full.detach(), **tol, msg=lambda m: f"{what} loss: {m}")
+    # Input gradients need no reduction: the boundary's backward already brought other ranks' contributions.
+    torch.testing.assert_close(x_loc.grad, x_full.grad[:, sl], **tol, msg=lambda m: f"{what} dL/dx: {m}")
+    split_params = [p for params in layers for p in params.values()]
+    sum_grads_over(split_params, group)
+    for p, want in zip(split_params, ref_grads):
+        torch.testing.assert_close(p.grad, want, **tol, msg=lambda m: f"{what} param grad: {m}")
+    return after_fwd, after_bwd
+
+
+def _ema_worker(rank, world_size):
+    P, group = world_size, dist.group.WORLD
+    for dtype in (torch.float64, torch.float32):
+        for bidirectional in (False, True):
+            for use_docs in (False, True):
+                fwd, bwd = _run_case(rank, P, group, dtype, bidirectional, use_docs, slice_len=8)
+                # Bytes: layers x directions x (state + decay = 2*B*D*N elements) x itemsize x (P-1), each way.
+                dirs = 2 if bidirectional else 1
+                per_way = 2 * dirs * (2 * B * D * N) * torch.finfo(dtype).bits // 8 * (P - 1)
+                assert fwd == (per_way, 2 * dirs, 0), (fwd, per_way)
+                assert bwd == (per_way, 2 * dirs, per_way, 2 * dirs), (bwd, per_way)
+    # Bytes do not depend on the sequence length.
+    short = _run_case(rank, P, group, torch.float64, True, True, slice_len=4)
+    long = _run_case(rank, P, group, torch.float64, True, True, slice_len=12)
+    assert short == long, (short, long)
+    # Activation checkpointing: the recompute calls the boundary again during backward, same result.
+    fwd, bwd = _run_case(rank, P, group, torch.float64, True, True, slice_len=8, use_checkpoint=True)
+    assert bwd[0] == 2 * fwd[0] and bwd[2] == fwd[0], (fwd, bwd)
+    _check_bad_inputs(group)
+
+
+def _check_bad_inputs(group):
+    boundary = make_ema_boundary(group)
+    s = torch.zeros(B, D, N)
+    with pytest.raises(ValueError, match="direction"):
+        boundary(s, s, "left")
+    with pytest.raises(ValueError, match=r"same shape \[B, D, N\]"):
+        boundary(s, torch.zeros(B, D, N + 1), "forward")
+    with pytest.raises(ValueError, match="dtype"):
+        boundary(s, s.double(), "forward")
+    with pytest.raises(ValueError, match="doc_ids must be"):
+        make_ema_boundary(group, doc_ids=torch.zeros(B, dtype=torch.int64))
+    with_docs = make_ema_boundary(group, doc_ids=torch.zeros(B, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="batch size 2"):
+        with_docs(torch.zeros(B + 1, D, N), torch.zeros(B + 1, D, N), "forward")
+
+
+def _dp_sp_worker(rank, world_size):
+    """World 4 = 2 DP replicas x SP 2 (consecutive ranks): each SP group only talks inside itself."""
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    group = groups[rank // 2]
+    assert make_ema_boundary(group).rank == rank % 2
+    # Different data per replica (seed), and a one-rank group gives no boundary at all.
+    _run_case(rank % 2, 2, group, torch.float64, True, True, slice_len=4, seed=10 * (rank // 2))
+    singles = [dist.new_group([r]) for r in range(world_size)]
+    assert make_ema_boundary(singles[rank]) is None
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.timeout(300)
+def test_ema_boundary_matches_unsplit(world_size):
+    spawn(_ema_worker, world_size)
+
+
+@pytest.mark.timeout(300)
+def test_boundary_stays_inside_its_sp_group():
+    spawn(_dp_sp_worker, 4)
+
+
+def test_validate_sp_accepts_and_returns_slice_length():
+    assert validate_sp(4096, 4, 128, True) == 1024
+    assert validate_sp(100, 1, -1, False) == 100          # SP=1 needs nothing of the model
+
+
+@pytest.mark.parametrize("args, kwargs, message", [
+    ((1000, 3, 8, True), {}, r"data.seq_len=1000 is not divisible by parallel.sequence_parallel_size=3"),
+    ((96, 2, 32, True), {}, r"slice length .* = 48 is not a multiple of model.chunk_size=32"),
+    ((64, 2, -1, False), {}, r"needs model.use_chunking=True"),
+    ((64, 2, -1, True), {}, r"model.chunk_size must be a positive integer"),
+    ((64, 0, 8, True), {}, r"parallel.sequence_parallel_size must be a positive integer, got 0"),
+    ((0, 2, 8, True), {}, r"data.seq_len must be a positive integer, got 0"),
+    ((64, 2, 8, True), {"truncation": 16}, r"model.truncation=16 is not supported"),
+])
+def test_validate_sp_errors(args, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        validate_sp(*args, **kwargs)
+
+
+def test_make_boundary_needs_distributed():
+    if dist.is_initialized():
+        pytest.skip("another test initialized torch.distributed in this process")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        make_ema_boundary(None)
