@@ -1,0 +1,229 @@
+"""Moving-average gated attention (the MEGA sub-layer): EMA, gates, single-head chunked attention.
+
+Use (inside a MegaBlock; shapes batch-first):
+    attn = MovingAverageGatedAttention(config)
+    y = attn(x, mask=None, doc_ids=None, ema_boundary=None)   # x [B, L, D], L a multiple of chunk_size if chunking
+    y = attn(x_new, mask=m_new, cache=layer_cache)            # incremental decoding (LayerCache below)
+
+One attention formula serves training and decoding: `_attend(q, k, v, valid, bias)` with `valid` the boolean
+"query i may look at key j" mask (causal, same chunk, real key, same document). Differences from transformers:
+- A query with no valid key gets zero attention (HF's softmax turns it into NaN, which the next EMA spreads over
+  the whole sample: left padding in a causal LM).
+- laplace/relu2 divide by the number of valid keys of the query (HF: i+1 when causal, real keys of the chunk
+  otherwise); equal for every HF-supported input, and correct with left padding and packed documents.
+- The relative bias takes query/key positions, so decoding reuses it with absolute positions.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatrain.model.config import MegaConfig
+from megatrain.model.ema import MultiDimDampedEMA
+from megatrain.model.layers import Dropout, activation, make_norm
+
+
+class SimpleRelativeBias(nn.Module):
+    """bias[i, j] = weight[center + j - i]; the table has 2 * max_positions - 1 entries (as transformers)."""
+
+    def __init__(self, config: MegaConfig):
+        super().__init__()
+        # transformers centres the table on chunk_size whenever chunk_size > 0 (even without use_chunking) and
+        # then limits the attention span to it; keep that so HF checkpoints compute the same thing.
+        self.span = config.chunk_size if config.chunk_size > 0 else config.max_positions
+        self.weight = nn.Parameter(torch.zeros(2 * config.max_positions - 1))
+
+    def forward(self, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+        span = int(torch.max(qpos.max(), kpos.max())) + 1
+        if span > self.span:
+            raise ValueError(
+                f"attention span {span} exceeds the simple relative bias limit {self.span} "
+                "(max_positions, or chunk_size when set); use chunking or relative_positional_bias='rotary'"
+            )
+        return self.weight[self.span - 1 + kpos[None, :] - qpos[:, None]]
+
+
+class RotaryRelativeBias(nn.Module):
+    """bias[i, j] = rot(alpha, i) . rot(beta, j), rot = rotation of feature pairs (k, k + Z/2) by pos * theta_k."""
+
+    def __init__(self, config: MegaConfig):
+        super().__init__()
+        z = config.shared_representation_size
+        self.alpha = nn.Parameter(torch.zeros(1, z))
+        self.beta = nn.Parameter(torch.zeros(1, z))
+        half = z // 2
+        self.register_buffer(
+            "inv_freq", torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000) / half)),
+            persistent=False,
+        )
+
+    def _rotate(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        angle = pos.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        sin, cos = torch.sin(angle).to(x.dtype), torch.cos(angle).to(x.dtype)
+        x1, x2 = torch.chunk(x, 2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+    def forward(self, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+        return self._rotate(self.alpha, qpos) @ self._rotate(self.beta, kpos).transpose(0, 1)
+
+
+@dataclass
+class LayerCache:
+    """Decoding state of one layer: EMA state + keys/values of the current chunk (all keys without chunking)."""
+
+    ema_state: Optional[torch.Tensor] = None  # [B, D, N] fp32
+    key: Optional[torch.Tensor] = None  # [B, S, Z]
+    value: Optional[torch.Tensor] = None  # [B, S, E]
+    key_mask: Optional[torch.Tensor] = None  # [B, S] bool, real keys
+    pos: int = 0  # absolute position of the next token
+
+
+def _build_ema(config: MegaConfig) -> MultiDimDampedEMA:
+    ema = MultiDimDampedEMA(config.hidden_size, config.ema_projection_size, config.bidirectional,
+                            truncation=config.truncation, block_size=config.ema_block_size)
+    ema.reset_parameters(config.ema_delta_alpha_range, config.ema_beta_range, config.ema_gamma_omega_range)
+    return ema
+
+
+class MovingAverageGatedAttention(nn.Module):
+    def __init__(self, config: MegaConfig):
+        super().__init__()
+        self.config = config
+        d, z, e = config.hidden_size, config.shared_representation_size, config.intermediate_size
+        self.causal = config.is_decoder
+        self.chunk = config.chunk_size if config.use_chunking else None
+        self.act = activation(config.activation)
+        self.attn_act_name = config.attention_activation
+        self.attn_act = None if config.attention_activation == "softmax" else activation(config.attention_activation)
+        self.scaling = z**-0.5
+
+        self.norm = make_norm(config)
+        self.ema = _build_ema(config)
+        self.v_proj = nn.Linear(d, e)
+        self.mx_proj = nn.Linear(d, z + e + 2 * d)
+        self.h_proj = nn.Linear(e, d)
+        self.qk_weight = nn.Parameter(torch.zeros(2, z))
+        self.qk_bias = nn.Parameter(torch.zeros(2, z))
+        self.rel_pos = (
+            RotaryRelativeBias(config) if config.relative_positional_bias == "rotary" else SimpleRelativeBias(config)
+        )
+        featurewise = config.use_feature_dropout
+        self.dropout = Dropout(config.dropout_prob, featurewise)
+        self.hidden_dropout = Dropout(config.hidden_dropout_prob, featurewise)
+        self.attention_dropout = Dropout(config.attention_probs_dropout_prob)
+
+    # ---- attention core ---------------------------------------------------------------------------------------
+    def _attend(self, q, k, v, valid: Optional[torch.Tensor], bias: torch.Tensor) -> torch.Tensor:
+        """q [B, n, Tq, Z], k [B, n, Tk, Z], v [B, n, Tk, E], valid [B, n, Tq, Tk] bool or None -> [B, n, Tq, E]."""
+        if self.attn_act_name == "softmax":
+            scores = torch.matmul(q * self.scaling, k.transpose(-1, -2)) + bias
+            if valid is not None:
+                scores = scores.masked_fill(~valid, float("-inf"))
+            weights = torch.softmax(scores, dim=-1)
+            if valid is not None:
+                # rows without any valid key are all-NaN after softmax: make them zero
+                weights = weights.masked_fill(~valid, 0.0)
+        else:
+            if valid is None:
+                lengths = k.shape[-2]
+            else:
+                lengths = valid.sum(-1, keepdim=True).clamp(min=1).to(q.dtype)
+            weights = self.attn_act(torch.matmul(q, k.transpose(-1, -2)) / lengths + bias)
+            if valid is not None:
+                weights = weights * valid.to(weights.dtype)
+        weights = self.attention_dropout(weights)
+        return torch.matmul(weights, self.hidden_dropout(v))
+
+    def _full_attention(self, q, k, v, mask, doc_ids):
+        """Training / scoring path over a whole (chunk-aligned) sequence."""
+        b, length, _ = q.shape
+        c = self.chunk if self.chunk is not None and length > self.chunk else length
+        if length % c:
+            raise ValueError(f"sequence length {length} is not a multiple of chunk_size {c} (pad it: MegaModel does)")
+        n = length // c
+        q, k, v = (t.reshape(b, n, c, t.shape[-1]) for t in (q, k, v))
+        pos = torch.arange(c, device=q.device)
+        bias = self.rel_pos(pos, pos).to(q.dtype)
+        valid = None
+        if self.causal:
+            valid = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()[None, None]
+        if mask is not None:
+            key_ok = mask.reshape(b, n, 1, c).bool()
+            valid = key_ok if valid is None else valid & key_ok
+        if doc_ids is not None:
+            d = doc_ids.reshape(b, n, c)
+            same = d[..., :, None] == d[..., None, :]
+            valid = same if valid is None else valid & same
+        if valid is not None:
+            valid = valid.expand(b, n, c, c)
+        return self._attend(q, k, v, valid, bias).reshape(b, length, -1)
+
+    def _cached_attention(self, q, k, v, mask, cache: LayerCache):
+        """Decoding path: new tokens at positions [P, P+T) attend to cached keys of their chunk and to each other."""
+        b, t, _ = q.shape
+        p0 = cache.pos
+        key_mask = torch.ones(b, t, dtype=torch.bool, device=q.device) if mask is None else mask.bool()
+        if cache.key is not None:
+            k = torch.cat([cache.key, k], dim=1)
+            v = torch.cat([cache.value, v], dim=1)
+            key_mask = torch.cat([cache.key_mask, key_mask], dim=1)
+        s = k.shape[1]
+        qpos = torch.arange(p0, p0 + t, device=q.device)
+        kpos = torch.arange(p0 + t - s, p0 + t, device=q.device)
+        valid = (kpos[None, :] <= qpos[:, None])[None] & key_mask[:, None, :]
+        if self.chunk is not None:
+            valid = valid & (kpos[None, :] // self.chunk == qpos[:, None] // self.chunk)[None]
+            bias = self.rel_pos(qpos % self.chunk, kpos % self.chunk)
+        else:
+            bias = self.rel_pos(qpos, kpos)
+        out = self._attend(q[:, None], k[:, None], v[:, None], valid[:, None], bias.to(q.dtype))[:, 0]
+        # keep only the keys the next token can see: its chunk (everything without chunking)
+        keep_from = 0 if self.chunk is None else ((p0 + t) // self.chunk) * self.chunk
+        first = max(keep_from - (p0 + t - s), 0)
+        cache.key, cache.value, cache.key_mask = k[:, first:], v[:, first:], key_mask[:, first:]
+        cache.pos = p0 + t
+        return out
+
+    # ---- the sub-layer ----------------------------------------------------------------------------------------
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        doc_ids: Optional[torch.Tensor] = None,
+        ema_boundary: Optional[Callable] = None,
+        cache: Optional[LayerCache] = None,
+    ) -> torch.Tensor:
+        cfg = self.config
+        d, z, e = cfg.hidden_size, cfg.shared_representation_size, cfg.intermediate_size
+        residual = x
+        if cfg.normalize_before_mega:
+            x = self.norm(x, mask)
+        value = self.act(self.v_proj(x))
+
+        if cache is None:
+            ema_out, _ = self.ema(x, mask=mask, doc_ids=doc_ids, boundary=ema_boundary)
+        else:
+            ema_out, cache.ema_state = self.ema(x, mask=mask, state=cache.ema_state)
+        ema_out = self.dropout(ema_out)
+
+        gate_u, qk_gates, hx = torch.split(self.mx_proj(ema_out), [d, z + e, d], dim=-1)
+        gate_u = torch.sigmoid(gate_u)
+        qk, gate_r = torch.split(F.silu(qk_gates), [z, e], dim=-1)
+        q = qk * self.qk_weight[0] + self.qk_bias[0]
+        k = qk * self.qk_weight[1] + self.qk_bias[1]
+
+        if cache is None:
+            h = self._full_attention(q, k, value, mask, doc_ids)
+        else:
+            h = self._cached_attention(q, k, value, mask, cache)
+
+        out = self.dropout(self.act(hx + self.h_proj(h * gate_r)))
+        out = residual + gate_u * (out - residual)
+        if not cfg.normalize_before_mega:
+            out = self.norm(out, mask)
+        return out

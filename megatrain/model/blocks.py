@@ -1,0 +1,54 @@
+"""One MEGA layer: moving-average gated attention, then the normalized feed-forward network (optional).
+
+Use:
+    block = MegaBlock(config)
+    y = block(x, mask=None, doc_ids=None, ema_boundary=None, cache=None)     # x [B, L, D]
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from megatrain.model.attention import LayerCache, MovingAverageGatedAttention
+from megatrain.model.config import MegaConfig
+from megatrain.model.layers import Dropout, activation, make_norm
+
+
+class NormalizedFFN(nn.Module):
+    """x + dropout(fc2(dropout(act(fc1(norm(x)))))), norm before or after (normalize_before_ffn)."""
+
+    def __init__(self, config: MegaConfig):
+        super().__init__()
+        self.prenorm = config.normalize_before_ffn
+        self.norm = make_norm(config)
+        self.fc1 = nn.Linear(config.hidden_size, config.nffn_hidden_size)
+        self.fc2 = nn.Linear(config.nffn_hidden_size, config.hidden_size)
+        self.act = activation(config.activation)
+        self.hidden_dropout = Dropout(config.nffn_activation_dropout_prob, config.use_feature_dropout)
+        self.dropout = Dropout(config.dropout_prob, config.use_feature_dropout)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = self.norm(x, mask) if self.prenorm else x
+        h = self.dropout(self.fc2(self.hidden_dropout(self.act(self.fc1(h)))))
+        out = h + x
+        return out if self.prenorm else self.norm(out, mask)
+
+
+class MegaBlock(nn.Module):
+    def __init__(self, config: MegaConfig):
+        super().__init__()
+        self.attn = MovingAverageGatedAttention(config)
+        self.ffn = NormalizedFFN(config) if config.use_normalized_ffn else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        doc_ids: Optional[torch.Tensor] = None,
+        ema_boundary: Optional[Callable] = None,
+        cache: Optional[LayerCache] = None,
+    ) -> torch.Tensor:
+        x = self.attn(x, mask=mask, doc_ids=doc_ids, ema_boundary=ema_boundary, cache=cache)
+        return self.ffn(x, mask) if self.ffn is not None else x

@@ -1,0 +1,182 @@
+"""MegaConfig: the MEGA architecture settings, with transformers' field names, defaults and meaning.
+
+Use:
+    cfg = MegaConfig(vocab_size=8192, hidden_size=256, is_decoder=True, bidirectional=False)
+    cfg.to_json_file("config.json"); cfg = MegaConfig.from_json_file("config.json")
+    cfg = MegaConfig.from_dict(hf_config_json_dict)    # HF-generic keys (architectures, dtype...) are ignored
+
+Every field of transformers 4.57.6 `MegaConfig` (see docs/../shared/seeds/mega_doc_v4.md) is here with the same
+default as transformers' *code* (note: `add_token_type_embeddings` defaults to False in the code, the docstring
+says True). megatrain extras:
+  gradient_checkpointing  recompute each block in backward (identical gradients, less activation memory)
+  hf_rmsnorm_noop         reproduce transformers' MegaRMSNorm, which only multiplies by its weight (it computes
+                          the normalization and throws it away). Set by `load_hf` for HF rmsnorm checkpoints so
+                          they compute what they computed in transformers; new models keep False (a real RMSNorm).
+  ema_block_size          block length of the blocked EMA (memory/speed knob only; results do not depend on it)
+Validation happens at construction and in `validate()`: a bad value raises ValueError naming the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+NORMALIZATION_TYPES = ("scalenorm", "layernorm", "rmsnorm", "batchnorm", "syncbatchnorm")
+ACTIVATIONS = ("silu", "relu", "linear", "gelu", "gelu_accurate")
+ATTENTION_ACTIVATIONS = ("softmax", "laplace", "relu2")
+RELATIVE_POSITIONAL_BIASES = ("rotary", "simple")
+
+# Keys of a transformers config.json that describe the HF wrapper, generation defaults or bookkeeping, not the
+# MEGA architecture: accepted and ignored by from_dict (anything else unknown is an error).
+HF_GENERIC_KEYS = frozenset(
+    """_name_or_path architectures auto_map bad_words_ids begin_suppress_tokens chunk_size_feed_forward
+    cross_attention_hidden_size decoder_start_token_id diversity_penalty do_sample dtype torch_dtype early_stopping
+    encoder_no_repeat_ngram_size exponential_decay_length_penalty finetuning_task forced_bos_token_id
+    forced_eos_token_id id2label label2id length_penalty max_length min_length model_type no_repeat_ngram_size
+    num_attention_heads num_beam_groups num_beams num_return_sequences output_attentions output_hidden_states
+    output_scores prefix problem_type pruned_heads remove_invalid_values repetition_penalty return_dict
+    return_dict_in_generate sep_token_id suppress_tokens task_specific_params temperature tf_legacy_loss
+    tie_encoder_decoder tokenizer_class top_k top_p torchscript transformers_version typical_p use_bfloat16
+    is_encoder_decoder""".split()
+)
+
+
+@dataclass
+class MegaConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 128
+    num_hidden_layers: int = 4
+    intermediate_size: int = 256
+    ema_projection_size: int = 16
+    bidirectional: bool = True
+    shared_representation_size: int = 64
+    use_chunking: bool = False
+    chunk_size: int = -1
+    truncation: Optional[int] = None
+    normalize_before_mega: bool = True
+    normalization_type: str = "scalenorm"
+    norm_affine: bool = True
+    activation: str = "silu"
+    attention_activation: str = "softmax"
+    dropout_prob: float = 0.1
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    use_feature_dropout: bool = False
+    use_normalized_ffn: bool = True
+    nffn_hidden_size: int = 256
+    normalize_before_ffn: bool = True
+    nffn_activation_dropout_prob: float = 0.1
+    max_positions: int = 2048
+    add_token_type_embeddings: bool = False
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    ema_delta_alpha_range: float = 0.2
+    ema_beta_range: float = 0.02
+    ema_gamma_omega_range: float = 1.0
+    pad_token_id: Optional[int] = 1
+    bos_token_id: Optional[int] = 0
+    eos_token_id: Optional[int] = 2
+    relative_positional_bias: str = "rotary"
+    classifier_dropout: Optional[float] = None
+    use_cache: bool = True
+    add_lm_hidden_dense_layer: bool = True
+    # PretrainedConfig fields that change the MEGA computation
+    is_decoder: bool = False
+    tie_word_embeddings: bool = True
+    add_cross_attention: bool = False
+    # megatrain extras (see module docstring)
+    gradient_checkpointing: bool = False
+    hf_rmsnorm_noop: bool = False
+    ema_block_size: int = 128
+
+    def __post_init__(self):
+        self.validate()
+
+    # ---- validation -------------------------------------------------------------------------------------------
+    def validate(self) -> "MegaConfig":
+        def bad(name, why):
+            raise ValueError(f"MegaConfig.{name}={getattr(self, name)!r}: {why}")
+
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.type in ("int", "Optional[int]") and v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                bad(f.name, "must be an int")
+            if f.type == "bool" and not isinstance(v, bool):
+                bad(f.name, "must be a bool")
+            if f.type in ("float", "Optional[float]") and v is not None and (
+                isinstance(v, bool) or not isinstance(v, (int, float))
+            ):
+                bad(f.name, "must be a number")
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "ema_projection_size",
+                     "shared_representation_size", "nffn_hidden_size", "max_positions", "type_vocab_size",
+                     "ema_block_size"):
+            if getattr(self, name) <= 0:
+                bad(name, "must be > 0")
+        for name in ("dropout_prob", "hidden_dropout_prob", "attention_probs_dropout_prob",
+                     "nffn_activation_dropout_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                bad(name, "must be in [0, 1)")
+        if self.normalization_type not in NORMALIZATION_TYPES:
+            bad("normalization_type", f"unknown; choose one of {NORMALIZATION_TYPES}")
+        if self.activation not in ACTIVATIONS:
+            bad("activation", f"unknown; choose one of {ACTIVATIONS}")
+        if self.attention_activation not in ATTENTION_ACTIVATIONS:
+            bad("attention_activation", f"unknown; choose one of {ATTENTION_ACTIVATIONS}")
+        if self.relative_positional_bias not in RELATIVE_POSITIONAL_BIASES:
+            bad("relative_positional_bias", f"unknown; choose one of {RELATIVE_POSITIONAL_BIASES}")
+        if self.use_chunking and self.chunk_size <= 0:
+            bad("chunk_size", "must be > 0 when use_chunking=True")
+        if self.relative_positional_bias == "simple" and self.chunk_size > self.max_positions:
+            bad("chunk_size", f"the simple relative bias table holds max_positions={self.max_positions} positions")
+        if self.relative_positional_bias == "rotary" and self.shared_representation_size % 2:
+            bad("shared_representation_size", "must be even for the rotary relative positional bias")
+        if self.truncation is not None and self.truncation <= 0:
+            bad("truncation", "must be None or > 0")
+        if self.is_decoder and self.bidirectional:
+            bad("bidirectional", "a bidirectional EMA sees the future: is_decoder=True needs bidirectional=False")
+        if self.add_cross_attention:
+            bad("add_cross_attention", "cross-attention (encoder-decoder MEGA) is not supported by megatrain")
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            bad("pad_token_id", f"must be in [0, vocab_size={self.vocab_size})")
+        if self.hf_rmsnorm_noop and self.normalization_type != "rmsnorm":
+            bad("hf_rmsnorm_noop", "only meaningful with normalization_type='rmsnorm'")
+        return self
+
+    # ---- (de)serialization ------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], **overrides) -> "MegaConfig":
+        d = {**d, **overrides}
+        if d.get("model_type", "mega") != "mega":
+            raise ValueError(f"MegaConfig.from_dict: model_type={d['model_type']!r}, expected 'mega'")
+        names = cls.field_names()
+        unknown = sorted(k for k in d if k not in names and k not in HF_GENERIC_KEYS)
+        if unknown:
+            raise ValueError(f"MegaConfig: unknown field {unknown[0]!r} (all unknown: {unknown})")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "MegaConfig":
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a JSON object")
+        return cls.from_dict(d)
+
+    def replace(self, **changes) -> "MegaConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,266 @@
+"""MEGA backbone and language-model heads (pure PyTorch; imports nothing distributed).
+
+Use:
+    from megatrain.model import MegaConfig, MegaForCausalLM
+    model = MegaForCausalLM(MegaConfig(vocab_size=256, hidden_size=64, is_decoder=True, bidirectional=False,
+                                       use_chunking=True, chunk_size=128))
+    out = model(input_ids, attention_mask=None, token_type_ids=None, labels=None, doc_ids=None,
+                ema_boundary=None, labels_shifted=False, loss_reduction="mean")
+    out.logits [B, L, V]; out.loss; out.num_loss_tokens
+
+Any length works with chunking: the sequence is padded to a multiple of chunk_size inside (padding masked out of
+the EMA, the attention and batch-norm statistics) and the outputs are cut back to L. `doc_ids` resets the EMA and
+masks attention between documents. `ema_boundary` (sequence parallelism) is handed to every layer's EMA. With a
+`MegaCache` (see generate.py) the forward runs incrementally: only the new tokens are fed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megatrain.model.attention import LayerCache, MovingAverageGatedAttention, RotaryRelativeBias, SimpleRelativeBias
+from megatrain.model.blocks import MegaBlock
+from megatrain.model.config import MegaConfig
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class MegaCache:
+    """Incremental-decoding state of a whole model: one LayerCache per layer (EMA state + current-chunk K/V)."""
+
+    layers: list = field(default_factory=list)
+
+    @property
+    def pos(self) -> int:
+        return self.layers[0].pos if self.layers else 0
+
+
+@dataclass
+class MegaOutput:
+    logits: Optional[torch.Tensor] = None
+    loss: Optional[torch.Tensor] = None
+    num_loss_tokens: Optional[torch.Tensor] = None
+    last_hidden_state: Optional[torch.Tensor] = None
+    cache: Optional[MegaCache] = None
+
+
+def _check_ids(name: str, t: Optional[torch.Tensor], shape, upper: int, allow: Optional[int] = None):
+    if t is None:
+        return
+    if t.shape != shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
+    ok = (t >= 0) & (t < upper)
+    if allow is not None:
+        ok |= t == allow
+    if not bool(ok.all()):
+        bad = t[~ok][0].item()
+        raise ValueError(f"{name} contains {bad}, outside [0, {upper})")
+
+
+class MegaEmbeddings(nn.Module):
+    def __init__(self, config: MegaConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.token_type_embeddings = (
+            nn.Embedding(config.type_vocab_size, config.hidden_size) if config.add_token_type_embeddings else None
+        )
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = self.word_embeddings(input_ids)
+        if self.token_type_embeddings is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(input_ids)
+            x = x + self.token_type_embeddings(token_type_ids)
+        return x
+
+
+class MegaModel(nn.Module):
+    """Embeddings + num_hidden_layers MegaBlocks -> last hidden state [B, L, D] (no final norm, as transformers)."""
+
+    def __init__(self, config: MegaConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embeddings = MegaEmbeddings(config)
+        self.layers = nn.ModuleList([MegaBlock(config) for _ in range(config.num_hidden_layers)])
+
+    def new_cache(self) -> MegaCache:
+        if self.config.bidirectional:
+            raise ValueError("incremental decoding needs bidirectional=False (a bidirectional EMA sees the future)")
+        return MegaCache([LayerCache() for _ in self.layers])
+
+    def _validate(self, input_ids, attention_mask, token_type_ids, doc_ids):
+        cfg = self.config
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+        _check_ids("input_ids", input_ids, input_ids.shape, cfg.vocab_size)
+        if token_type_ids is not None:
+            if not cfg.add_token_type_embeddings and bool((token_type_ids != 0).any()):
+                raise ValueError("token_type_ids given but config.add_token_type_embeddings=False")
+            _check_ids("token_type_ids", token_type_ids, input_ids.shape, cfg.type_vocab_size)
+        if attention_mask is not None:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                                 f"expected {tuple(input_ids.shape)}")
+            if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+                raise ValueError("attention_mask must contain only 0 and 1")
+        if doc_ids is not None and doc_ids.shape != input_ids.shape:
+            raise ValueError(f"doc_ids has shape {tuple(doc_ids.shape)}, expected {tuple(input_ids.shape)}")
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        token_type_ids: Optional[torch.Tensor] = None,
+        doc_ids: Optional[torch.Tensor] = None,
+        ema_boundary: Optional[Callable] = None,
+        cache: Optional[MegaCache] = None,
+    ) -> torch.Tensor:
+        cfg = self.config
+        self._validate(input_ids, attention_mask, token_type_ids, doc_ids)
+        length = input_ids.shape[1]
+        if cache is not None:
+            if doc_ids is not None or ema_boundary is not None:
+                raise ValueError("doc_ids / ema_boundary cannot be combined with an incremental-decoding cache")
+            return self._forward_cached(input_ids, attention_mask, token_type_ids, cache)
+
+        pad = (-length) % cfg.chunk_size if cfg.use_chunking else 0
+        if pad:
+            if ema_boundary is not None:
+                raise ValueError(f"with ema_boundary (sequence parallelism) every slice must be whole chunks: "
+                                 f"length {length} is not a multiple of chunk_size {cfg.chunk_size}")
+            # pad to whole chunks; the padding is masked out everywhere, so real positions are unaffected
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            input_ids = F.pad(input_ids, (0, pad), value=cfg.pad_token_id if cfg.pad_token_id is not None else 0)
+            attention_mask = F.pad(attention_mask, (0, pad), value=0)
+            if token_type_ids is not None:
+                token_type_ids = F.pad(token_type_ids, (0, pad), value=0)
+            if doc_ids is not None:
+                doc_ids = torch.cat([doc_ids, doc_ids[:, -1:].expand(-1, pad)], dim=1)
+
+        h = self.embeddings(input_ids, token_type_ids)
+        use_ckpt = cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.layers:
+            if use_ckpt:
+                h = checkpoint(layer, h, attention_mask, doc_ids, ema_boundary, use_reentrant=False)
+            else:
+                h = layer(h, attention_mask, doc_ids, ema_boundary)
+        return h[:, :length] if pad else h
+
+    def _forward_cached(self, input_ids, attention_mask, token_type_ids, cache: MegaCache) -> torch.Tensor:
+        cfg = self.config
+        if len(cache.layers) != len(self.layers):
+            raise ValueError(f"cache has {len(cache.layers)} layers, model has {len(self.layers)}")
+        length = input_ids.shape[1]
+        if cfg.use_chunking and cache.pos == 0 and length > cfg.chunk_size and length % cfg.chunk_size:
+            # a long prompt: whole chunks through the chunked path, the rest incrementally (no internal padding,
+            # which would decay the EMA state past the last real token)
+            head = length - length % cfg.chunk_size
+            sl = lambda t, a, b: None if t is None else t[:, a:b]  # noqa: E731
+            h1 = self._forward_cached(sl(input_ids, 0, head), sl(attention_mask, 0, head),
+                                      sl(token_type_ids, 0, head), cache)
+            h2 = self._forward_cached(sl(input_ids, head, None), sl(attention_mask, head, None),
+                                      sl(token_type_ids, head, None), cache)
+            return torch.cat([h1, h2], dim=1)
+        h = self.embeddings(input_ids, token_type_ids)
+        for layer, lc in zip(self.layers, cache.layers):
+            h = layer(h, attention_mask, cache=lc)
+        return h
+
+
+class _MegaLM(nn.Module):
+    """Shared by the causal and masked LM: backbone, optional dense+tanh, vocabulary head (tied or not), loss."""
+
+    causal: bool
+
+    def __init__(self, config: MegaConfig):
+        super().__init__()
+        if config.is_decoder != self.causal:
+            raise ValueError(f"{type(self).__name__} needs config.is_decoder={self.causal}")
+        self.config = config
+        self.mega = MegaModel(config)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size) if config.add_lm_hidden_dense_layer else None
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """transformers' MEGA initialisation (normal(0, initializer_range) linears/embeddings, zero biases);
+        the EMA initialises its own parameters."""
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.normal_(0.0, std)
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.Embedding):
+                m.weight.normal_(0.0, std)
+                if m.padding_idx is not None:
+                    m.weight[m.padding_idx].zero_()
+            elif isinstance(m, MovingAverageGatedAttention):
+                m.qk_weight.normal_(0.0, std)
+                m.qk_bias.zero_()
+            elif isinstance(m, SimpleRelativeBias):
+                m.weight.normal_(0.0, std)
+            elif isinstance(m, RotaryRelativeBias):
+                m.alpha.normal_(0.0, std)
+                m.beta.normal_(0.0, std)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.mega.embeddings.word_embeddings.weight
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.mega.embeddings.word_embeddings
+
+    def new_cache(self) -> MegaCache:
+        return self.mega.new_cache()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        token_type_ids: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        doc_ids: Optional[torch.Tensor] = None,
+        ema_boundary: Optional[Callable] = None,
+        labels_shifted: bool = False,
+        loss_reduction: str = "mean",
+        cache: Optional[MegaCache] = None,
+    ) -> MegaOutput:
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction={loss_reduction!r}: expected 'mean' or 'sum'")
+        h = self.mega(input_ids, attention_mask, token_type_ids, doc_ids, ema_boundary, cache)
+        if self.dense is not None:
+            h = torch.tanh(self.dense(h))
+        logits = self.lm_head(h)
+        out = MegaOutput(logits=logits, last_hidden_state=h, cache=cache)
+        if labels is not None:
+            _check_ids("labels", labels, input_ids.shape, self.config.vocab_size, allow=IGNORE_INDEX)
+            if self.causal and not labels_shifted:
+                logits, labels = logits[:, :-1], labels[:, 1:]  # HF style: position t predicts token t+1
+            n = (labels != IGNORE_INDEX).sum()
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+            # mean over counted tokens; 0 (not NaN) when every label is ignored
+            out.loss = loss if loss_reduction == "sum" else loss / n.clamp(min=1)
+            out.num_loss_tokens = n
+        return out
+
+
+class MegaForCausalLM(_MegaLM):
+    causal = True
+
+
+class MegaForMaskedLM(_MegaLM):
+    causal = False
