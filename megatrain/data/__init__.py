@@ -4,9 +4,16 @@ Use:
     from megatrain.data import ShardStream, sp_slice
     stream = ShardStream("shards/index.json", seq_len=4096, seed=0, dp_rank=r, dp_size=n, objective="clm")
 See stream.py for ordering, splitting and resume rules; shards.py for the on-disk format.
+Names are imported lazily so data_tools (which need no torch) start fast.
 """
-from megatrain.data.shards import DataError, Manifest
-from megatrain.data.sp import sp_slice
-from megatrain.data.stream import ShardStream
+import importlib
 
-__all__ = ["ShardStream", "sp_slice", "DataError", "Manifest"]
+_EXPORTS = {"ShardStream": "stream", "sp_slice": "sp", "DataError": "shards", "Manifest": "shards",
+            "MaskingConfig": "masking"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"megatrain.data.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'megatrain.data' has no attribute {name!r}")

@@ -75,13 +75,14 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_dir: str) ->
         yield from lines
 
     model = io.BytesIO()
+    spm.set_random_generator_seed(cfg.seed)  # line sampling is then reproducible
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=all_lines(), model_writer=model, vocab_size=cfg.vocab_size, model_type=cfg.model_type,
             byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
             add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True,
             character_coverage=cfg.character_coverage, input_sentence_size=cfg.input_sentence_size,
-            shuffle_input_sentence=True, max_sentence_length=cfg.max_sentence_length, random_seed=cfg.seed,
+            shuffle_input_sentence=True, max_sentence_length=cfg.max_sentence_length,
             unk_id=0, bos_id=1, eos_id=2, pad_id=3, control_symbols=["<mask>"], user_defined_symbols=["\n", "\t"],
             num_threads=cfg.num_threads, minloglevel=2, train_extremely_large_corpus=False)
     except RuntimeError as e:
