@@ -4,14 +4,18 @@ Use (one SP group = ranks that each hold one contiguous slice of the same window
 
     from megatrain.parallel.sequence import make_ema_boundary, validate_sp, reduce_sp_loss, sp_slice
 
-    validate_sp(seq_len, sp_size, config.chunk_size, config.use_chunking)      # once, before any work
+    validate_sp(seq_len, sp_size, cfg.chunk_size, cfg.use_chunking,                # once, before any work
+                truncation=cfg.truncation, normalization_type=cfg.normalization_type)
     piece = sp_slice(batch, sp_rank, sp_size)                                  # this rank's slice, every key
     boundary = make_ema_boundary(sp_group, doc_ids=piece.get("doc_ids"))       # once per micro-batch
     out = model(piece["input_ids"], labels=piece["labels"], doc_ids=piece.get("doc_ids"),
                 labels_shifted=True, loss_reduction="sum", ema_boundary=boundary)
-    loss = reduce_sp_loss(out.loss, out.num_loss_tokens, token_group, grad_average_size=W)
-    loss.backward_loss.backward()          # then the engine reduces gradients over its W ranks
+    loss = reduce_sp_loss(out.loss, out.num_loss_tokens, sp_group)         # see "Loss normalisation"
+    loss.backward_loss.backward()          # then gradients are summed over SP (DeepSpeed + groups.py do it)
     log(loss.mean_loss)
+
+Tests: PYTHONPATH=. python -m pytest -q tests/parallel/test_sequence.py tests/parallel/test_sequence_model.py
+Benchmark: python bench/bench_sp.py
 
 Why it is exact: the EMA is linear in its incoming state. Every SP rank runs its slice with zero incoming state
 and reports, per EMA layer and direction, two small tensors [B, D, N]: `local_state` (the state its slice produces
@@ -37,12 +41,14 @@ Rules every SP rank must follow (else the collectives mismatch and hang):
 - SP rank order = slice order (`dist.get_rank(sp_group)` is the slice index).
 
 Loss normalisation (the trainer's job; `reduce_sp_loss` helps): each rank computes the *sum* of its slice's token
-losses (`loss_reduction="sum"`) and its token count n_r. With T = sum of n_r over all ranks whose tokens form the
-global batch (SP group, or DP x SP), the global mean loss is sum_r loss_r / T and its gradient is
-sum_r grad(loss_r / T). An engine that *averages* gradients over W ranks (DeepSpeed over its data-parallel ranks:
-W = DP*SP when the SP ranks are part of its gradient group) computes (1/W) sum_r grad(x_r), so each rank must
-backprop x_r = W * loss_r / T. Gradients must then be reduced over DP x SP (ZeRO shards over the same ranks);
-with a plain sum over the SP group (`sum_grads_over`) use W = 1.
+losses (`loss_reduction="sum"`) and its token count n_r. With T = sum of n_r over the ranks whose tokens form the
+batch the loss averages over, the mean loss is sum_r loss_r / T and its gradient is sum_r grad(loss_r / T): each
+rank backprops x_r = loss_r / T and the gradients are *summed* over those ranks. An engine that instead averages
+gradients over W ranks computes (1/W) sum_r grad(x_r), so there each rank backprops x_r = W * loss_r / T
+(`grad_average_size=W`). With megatrain.parallel.groups as DeepSpeed's mpu, gradients are summed over the SP ranks
+of a window and averaged over DP replicas, so the trainer uses `reduce_sp_loss(loss, n, sp_group)` (T = the
+window's tokens, W = 1): exactly the SP=1 gradient of each window, averaged over DP as without SP. Tests and
+benchmarks without DeepSpeed sum over the SP group with `sum_grads_over`.
 """
 from __future__ import annotations
 
@@ -75,10 +81,11 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 # Validation (the trainer calls this before building anything)
 # ----------------------------------------------------------------------------------------------------------------
 def validate_sp(seq_len: int, sp_size: int, chunk_size: int, use_chunking: bool,
-                *, truncation: Optional[int] = None) -> int:
+                *, truncation: Optional[int] = None, normalization_type: Optional[str] = None) -> int:
     """Check that a window of `seq_len` tokens can be split exactly over `sp_size` ranks; return the slice length.
 
-    Raises ValueError naming the offending key and value.
+    `truncation` / `normalization_type` are the model's (optional: checked when given). Raises ValueError naming
+    the offending key and value.
     """
     for key, value in (("data.seq_len", seq_len), ("parallel.sequence_parallel_size", sp_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -100,6 +107,10 @@ def validate_sp(seq_len: int, sp_size: int, chunk_size: int, use_chunking: bool,
     if truncation is not None:
         # A truncated EMA kernel is not a linear recurrence with a carried state; the boundary would be inexact.
         raise ValueError(f"model.truncation={truncation!r} is not supported with sequence parallelism (use None)")
+    if normalization_type in ("batchnorm", "syncbatchnorm"):
+        # Batch statistics over B x L would become per-slice statistics: not the unsplit computation.
+        raise ValueError(f"model.normalization_type={normalization_type!r} is not supported with sequence "
+                         "parallelism (statistics would cover one slice); use scalenorm, layernorm or rmsnorm")
     return slice_len
 
 

@@ -156,6 +156,7 @@ def test_validate_sp_accepts_and_returns_slice_length():
     ((64, 0, 8, True), {}, r"parallel.sequence_parallel_size must be a positive integer, got 0"),
     ((0, 2, 8, True), {}, r"data.seq_len must be a positive integer, got 0"),
     ((64, 2, 8, True), {"truncation": 16}, r"model.truncation=16 is not supported"),
+    ((64, 2, 8, True), {"normalization_type": "batchnorm"}, r"model.normalization_type='batchnorm' is not"),
 ])
 def test_validate_sp_errors(args, kwargs, message):
     with pytest.raises(ValueError, match=message):
