@@ -1,0 +1,180 @@
+"""ShardStream: packing, exactly-once DP/worker split, equal counts, exact resume, epochs, MLM.
+
+Run: PYTHONPATH=. python -m pytest -q tests/data/test_stream.py
+"""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from megatrain.data import ShardStream
+from tests.data.conftest import SPECIALS
+
+L = 16
+EOD = SPECIALS["eod"]
+
+
+def windows(stream):
+    return [{k: v.clone() for k, v in s.items()} for s in stream]
+
+
+def as_rows(samples):
+    return [tuple(s["input_ids"].tolist()) + tuple(s["labels"].tolist()) + tuple(s["doc_ids"].tolist())
+            for s in samples]
+
+
+@pytest.fixture(scope="module")
+def baseline(synthetic):
+    man, _ = synthetic
+    return windows(ShardStream(man, seq_len=L, seed=7))
+
+
+def test_packing_covers_every_token_once_in_document_order(synthetic, baseline):
+    _, docs = synthetic
+    stream = torch.cat([s["input_ids"] for s in baseline]).numpy()
+    ids = torch.cat([s["doc_ids"] for s in baseline]).numpy()
+    total = sum(len(d) + 1 for d in docs)
+    assert len(baseline) == (total - 1) // L
+    content = stream[stream != EOD]
+    assert len(np.unique(content)) == len(content), "a token appears twice"
+    every = np.concatenate(docs)
+    missing = np.setdiff1d(every, content)
+    assert len(missing) <= L, "more than the documented final remainder is missing"
+    # Each document appears whole and in order, followed by EOD; the doc id changes exactly after each EOD.
+    starts = {int(d[0]): d for d in docs}
+    pos = 0
+    while pos < len(stream):
+        doc = starts[int(stream[pos])]
+        piece = stream[pos:pos + len(doc)]
+        assert np.array_equal(piece, doc[:len(piece)])
+        assert len(set(ids[pos:pos + len(doc) + 1].tolist())) == 1
+        if pos + len(doc) < len(stream):
+            assert stream[pos + len(doc)] == EOD
+            if pos + len(doc) + 1 < len(stream):
+                assert ids[pos + len(doc) + 1] != ids[pos + len(doc)]
+        pos += len(doc) + 1
+    # CLM labels are pre-shifted, also across window boundaries.
+    for a, b in zip(baseline, baseline[1:]):
+        assert torch.equal(a["labels"][:-1], a["input_ids"][1:])
+        assert a["labels"][-1] == b["input_ids"][0]
+    assert all(s["input_ids"].dtype == torch.long and s["input_ids"].shape == (L,) for s in baseline)
+
+
+@pytest.mark.parametrize("dp_size", [1, 2, 3])
+@pytest.mark.parametrize("num_workers", [0, 1, 2])
+def test_exactly_once_and_equal_counts(synthetic, baseline, dp_size, num_workers):
+    man, _ = synthetic   # 7 shards of unequal size: not divisible by 2 or 3 ranks
+    per_rank = [windows(ShardStream(man, seq_len=L, seed=7, dp_rank=r, dp_size=dp_size, num_workers=num_workers))
+                for r in range(dp_size)]
+    n = len(baseline) // dp_size
+    assert [len(w) for w in per_rank] == [n] * dp_size
+    assert all(len(ShardStream(man, seq_len=L, seed=7, dp_rank=r, dp_size=dp_size)) == n for r in range(dp_size))
+    union = sorted(itertools.chain.from_iterable(as_rows(w) for w in per_rank))
+    assert union == sorted(as_rows(baseline[:n * dp_size]))
+    if num_workers <= 1:  # one logical worker: the rank's contiguous range in stream order
+        for r, w in enumerate(per_rank):
+            assert as_rows(w) == as_rows(baseline[r * n:(r + 1) * n])
+    else:  # round-robin over contiguous parts
+        first = baseline[(dp_size - 1) * n:]
+        half = (n + 1) // 2
+        assert as_rows(per_rank[-1][0::2]) == as_rows(first[:half])
+        assert as_rows(per_rank[-1][1::2]) == as_rows(first[half:n])
+
+
+@pytest.mark.parametrize("num_workers,objective", [(0, "clm"), (2, "clm"), (2, "mlm")])
+def test_exact_resume(synthetic, num_workers, objective):
+    man, _ = synthetic
+    make = lambda: ShardStream(man, seq_len=L, seed=3, dp_rank=1, dp_size=2, num_workers=num_workers,  # noqa: E731
+                               objective=objective, loop=True)
+    n = len(make())
+    full = windows(itertools.islice(make(), n + 5))  # crosses into epoch 1
+    for k in (0, 5, n, n + 2):
+        s = make()
+        it = iter(s)
+        head = [next(it) for _ in range(k)]
+        state = s.state_dict()
+        del it
+        s2 = make()
+        s2.load_state_dict(state)
+        rest = windows(itertools.islice(s2, n + 5 - k))
+        assert as_rows(head + rest) == as_rows(full), f"resume after {k} windows differs"
+
+
+def test_epochs_reshuffle_and_state_rules(synthetic):
+    man, _ = synthetic
+    s = ShardStream(man, seq_len=L, seed=3)
+    e0 = windows(s)
+    e1 = windows(s)  # the next loop is the next epoch
+    assert s.epoch == 1
+    assert as_rows(e0) != as_rows(e1)
+    c0 = torch.cat([w["input_ids"] for w in e0])
+    assert len(e0) == len(e1) and abs(len(set(c0.tolist())) - len(set(torch.cat([w["input_ids"] for w in e1]).tolist()))) <= L
+
+    half = ShardStream(man, seq_len=L, seed=3, dp_size=2, num_workers=2)
+    it = iter(half)
+    next(it)
+    state = half.state_dict()
+    for kwargs, word in (({"dp_size": 3}, "dp_size"), ({"dp_size": 2, "num_workers": 1}, "workers"),
+                         ({"dp_size": 2, "num_workers": 2, "dp_rank": 1}, "dp_rank")):
+        with pytest.raises(ValueError, match=word):
+            ShardStream(man, seq_len=L, seed=3, **kwargs).load_state_dict(state)
+    with pytest.raises(ValueError, match="seed"):
+        ShardStream(man, seq_len=L, seed=4, dp_size=2, num_workers=2).load_state_dict(state)
+    # At an epoch boundary a different dp_size is fine: the next epoch is partitioned afresh.
+    done = ShardStream(man, seq_len=L, seed=3, dp_size=2)
+    windows(done)
+    fresh = ShardStream(man, seq_len=L, seed=3, dp_size=3, dp_rank=2)
+    boundary = dict(done.state_dict(), epoch=1, consumed=0)
+    fresh.load_state_dict(boundary)
+    reference = ShardStream(man, seq_len=L, seed=3, dp_size=3, dp_rank=2)
+    windows(reference)  # epoch 0
+    assert as_rows(windows(fresh)) == as_rows(windows(reference))  # both epoch 1
+
+
+def test_mlm_masking(synthetic):
+    man, _ = synthetic
+    a = windows(ShardStream(man, seq_len=L, seed=5, objective="mlm"))
+    b = windows(ShardStream(man, seq_len=L, seed=5, objective="mlm", dp_size=1, num_workers=2))
+    assert sorted(as_rows(a)) == sorted(as_rows(b))  # masks depend on the window, not on workers
+    c = windows(ShardStream(man, seq_len=L, seed=6, objective="mlm"))
+    assert as_rows(a) != as_rows(c)
+    clm = windows(ShardStream(man, seq_len=L, seed=5))
+    inputs = torch.stack([s["input_ids"] for s in a])
+    labels = torch.stack([s["labels"] for s in a])
+    orig = torch.stack([s["input_ids"] for s in clm])
+    selected = labels != -100
+    assert torch.equal(labels[selected], orig[selected])
+    assert torch.equal(inputs[~selected], orig[~selected])
+    assert not selected[orig == EOD].any(), "special tokens must never be masked"
+    frac = selected.float().mean().item()
+    assert 0.10 < frac < 0.20
+    masked = (inputs[selected] == SPECIALS["mask"]).float().mean().item()
+    kept = (inputs[selected] == orig[selected]).float().mean().item()
+    assert 0.7 < masked < 0.9 and 0.03 < kept < 0.2
+    assert not torch.isin(inputs[selected & (inputs != SPECIALS["mask"]) & (inputs != orig)],
+                          torch.tensor([0, 1, 2, 3])).any()
+
+
+def test_dataloader_batches(synthetic, baseline):
+    man, _ = synthetic
+    loader = torch.utils.data.DataLoader(ShardStream(man, seq_len=L, seed=7), batch_size=4, num_workers=0)
+    batches = list(loader)
+    assert batches[0]["input_ids"].shape == (4, L)
+    assert torch.equal(torch.cat([b["input_ids"] for b in batches]), torch.stack([s["input_ids"] for s in baseline]))
+
+
+def test_bad_arguments(synthetic):
+    man, _ = synthetic
+    with pytest.raises(ValueError, match="objective"):
+        ShardStream(man, seq_len=L, objective="t5")
+    with pytest.raises(ValueError, match="dp_rank"):
+        ShardStream(man, seq_len=L, dp_rank=2, dp_size=2)
+    with pytest.raises(ValueError, match="seq_len"):
+        ShardStream(man, seq_len=100000)
+    with pytest.raises(ValueError, match="vocab_size"):
+        ShardStream(man, seq_len=L, vocab_size=123)
+    with pytest.raises(ValueError, match="mask_token_id"):
+        ShardStream(man, seq_len=L, mask_token_id=7)
+    with pytest.raises(ValueError, match="empty list"):
+        ShardStream([], seq_len=L, vocab_size=10, eod_token_id=2)
