@@ -132,12 +132,13 @@ def _dp_sp_worker(rank, world_size):
     assert make_ema_boundary(singles[rank]) is None
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [2, pytest.param(4, marks=pytest.mark.slow)])
 @pytest.mark.timeout(300)
 def test_ema_boundary_matches_unsplit(world_size):
     spawn(_ema_worker, world_size)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_boundary_stays_inside_its_sp_group():
     spawn(_dp_sp_worker, 4)
@@ -168,3 +169,10 @@ def test_make_boundary_needs_distributed():
         pytest.skip("another test initialized torch.distributed in this process")
     with pytest.raises(RuntimeError, match="init_process_group"):
         make_ema_boundary(None)
+
+
+def test_sp_slice_is_the_data_parts():
+    import megatrain.parallel
+    from megatrain.data import sp_slice
+    from megatrain.parallel.sequence import sp_slice as reexported
+    assert reexported is sp_slice and megatrain.parallel.sp_slice is sp_slice

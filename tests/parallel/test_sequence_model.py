@@ -137,7 +137,7 @@ def _worker(rank, world_size):
     _check_lm(rank, world_size, group, "mlm", gradient_checkpointing=True)
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [2, pytest.param(4, marks=pytest.mark.slow)])
 @pytest.mark.timeout(300)
 def test_sp_model_matches_unsplit(world_size):
     spawn(_worker, world_size)
