@@ -291,6 +291,10 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     # ------------------------------------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if torch.utils.data.get_worker_info() is not None:
+            # Every DataLoader worker would replay the whole stream: duplicated windows, wrong resume state.
+            raise ValueError("ShardStream does its own worker split: wrap it in DataLoader(num_workers=0) and pass "
+                             "num_workers= to ShardStream instead")
         while True:
             if self.consumed >= self.windows_per_epoch:
                 self.epoch, self.consumed = self.epoch + 1, 0
@@ -367,7 +371,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "epoch": self.epoch, "consumed": self.consumed, "skipped": self.skipped,
-                **self._settings()}
+                "windows": self.windows_per_epoch, **self._settings()}
 
     def load_state_dict(self, state: dict) -> None:
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
@@ -378,8 +382,9 @@ class ShardStream(torch.utils.data.IterableDataset):
                 raise ValueError(f"ShardStream state: {key}={state.get(key)!r} differs from this stream's "
                                  f"{mine[key]!r}; resuming would not continue the same token stream")
         epoch, consumed = int(state["epoch"]), int(state["consumed"])
-        at_boundary = consumed == 0 or (state.get("dp_size") == self.dp_size and consumed >= self.windows_per_epoch)
-        if not at_boundary:
+        if consumed >= int(state.get("windows", -1)) >= 0:  # saved after the last window: next epoch, from 0
+            epoch, consumed = epoch + 1, 0
+        if consumed:
             for key in ("dp_size", "workers", "dp_rank"):
                 if state.get(key) != mine[key]:
                     raise ValueError(f"ShardStream state: {key} changed from {state.get(key)} to {mine[key]} in the "

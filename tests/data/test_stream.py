@@ -125,8 +125,7 @@ def test_epochs_reshuffle_and_state_rules(synthetic):
     done = ShardStream(man, seq_len=L, seed=3, dp_size=2)
     windows(done)
     fresh = ShardStream(man, seq_len=L, seed=3, dp_size=3, dp_rank=2)
-    boundary = dict(done.state_dict(), epoch=1, consumed=0)
-    fresh.load_state_dict(boundary)
+    fresh.load_state_dict(done.state_dict())  # saved after the last window of epoch 0
     reference = ShardStream(man, seq_len=L, seed=3, dp_size=3, dp_rank=2)
     windows(reference)  # epoch 0
     assert as_rows(windows(fresh)) == as_rows(windows(reference))  # both epoch 1
@@ -162,6 +161,12 @@ def test_dataloader_batches(synthetic, baseline):
     batches = list(loader)
     assert batches[0]["input_ids"].shape == (4, L)
     assert torch.equal(torch.cat([b["input_ids"] for b in batches]), torch.stack([s["input_ids"] for s in baseline]))
+
+
+def test_refuses_dataloader_workers(synthetic):
+    man, _ = synthetic
+    with pytest.raises(ValueError, match="num_workers=0"):
+        next(iter(torch.utils.data.DataLoader(ShardStream(man, seq_len=L), batch_size=2, num_workers=1)))
 
 
 def test_bad_arguments(synthetic):

@@ -46,6 +46,9 @@ def test_tokenizer_errors(tmp_path):
         TokenizerConfig(vocab_size=100)
     with pytest.raises(ValueError, match="vocab_size=5000 does not fit"):
         train_tokenizer(["tiny corpus"], TokenizerConfig(vocab_size=5000), str(tmp_path))
+    many_chars = "".join(chr(0x4E00 + i) for i in range(600))  # more distinct characters than 300 ids hold
+    with pytest.raises(ValueError, match="vocab_size=300 does not fit"):
+        train_tokenizer([many_chars * 3], TokenizerConfig(vocab_size=300), str(tmp_path))
     with pytest.raises(ValueError, match="no text"):
         train_tokenizer(["", "\n"], TokenizerConfig(vocab_size=300), str(tmp_path))
     with pytest.raises(ValueError, match="matches no files"):
