@@ -26,6 +26,7 @@ import io
 import json
 import os
 import tarfile
+import zlib
 from typing import Iterator
 
 import numpy as np
@@ -267,7 +268,7 @@ def read_shard(url: str, vocab_size: int, skip_corrupt: bool = False,
                     yield key, _decode_tokens(url, key, files.get(TOKENS_EXT), vocab_size)
                 except DataError as e:
                     fail(str(e))
-    except (tarfile.TarError, EOFError, OSError, zlib_error()) as e:
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:  # zlib: a corrupt .tar.gz
         fail(f"shard {url}: corrupt or truncated tar after sample {key} ({type(e).__name__}: {e})")
     finally:
         close = getattr(stream, "close", None)
@@ -276,12 +277,6 @@ def read_shard(url: str, vocab_size: int, skip_corrupt: bool = False,
                 close()
             except Exception:  # noqa: BLE001 - a pipe: opener may complain about its exit status on close
                 pass
-
-
-def zlib_error():
-    import zlib
-
-    return zlib.error
 
 
 def write_token_shards(out_dir: str, docs, shard_bytes: int, vocab_size: int, special_tokens: dict[str, int],

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from megatrain.data.masking import IGNORE_INDEX, MaskingConfig, mask_tokens
-from megatrain.data.shards import DataError, Manifest, ShardInfo, read_shard
+from megatrain.data.shards import DataError, Manifest, ShardInfo, read_shard, token_dtype
 
 log = logging.getLogger("megatrain.data")
 STATE_VERSION = 1
@@ -90,8 +90,6 @@ class _EpochPlan:
         spans = np.asarray(layout.tokens, dtype=np.int64)[self.order] + docs  # + one EOD per document
         self.starts = np.concatenate([[0], np.cumsum(spans)]).tolist()        # token offset of each shard
         self.doc_base = np.concatenate([[0], np.cumsum(docs)]).tolist()       # first doc ordinal of each shard
-        self.total = self.starts[-1]
-        self.windows = max(0, (self.total - 1) // layout.seq_len)
 
 
 class _WindowReader:
@@ -123,7 +121,7 @@ class _WindowReader:
             self.skipped += want_docs - len(docs)
         perm = np.random.default_rng([lay.seed, self.epoch, i, 0xD0C]).permutation(len(docs))
         span = want_tokens + want_docs
-        flat = np.full(span, lay.special("pad"), dtype=np.int64)
+        flat = np.full(span, lay.special("pad"), dtype=token_dtype(lay.vocab_size))  # stored width, not int64
         doc_starts = np.zeros(len(docs), dtype=np.int64)
         pos, eod = 0, lay.special("eod")
         for j, d in enumerate(perm):
@@ -158,7 +156,7 @@ class _WindowReader:
                 real.append(local < n_real)
                 a = min(b, hi)
             k += 1
-        return np.concatenate(toks), np.concatenate(ids).astype(np.int64), np.concatenate(real)
+        return np.concatenate(toks).astype(np.int64), np.concatenate(ids).astype(np.int64), np.concatenate(real)
 
     def sample(self, w: int) -> dict[str, np.ndarray]:
         lay, L = self.layout, self.layout.seq_len

@@ -59,7 +59,9 @@ def test_corrupt_tar_named_or_skipped_and_counted(copy):
         _all(ShardStream(root, seq_len=L, seed=0))
     good = ShardStream(root, seq_len=L, seed=0, dp_size=2, dp_rank=0, skip_corrupt=True)
     other = ShardStream(root, seq_len=L, seed=0, dp_size=2, dp_rank=1, skip_corrupt=True)
-    seen = torch.cat(_all(good) + _all(other))
+    samples = list(good) + list(other)
+    assert all((s["labels"][s["input_ids"] == 3] == -100).all() for s in samples)  # no loss on the filler
+    seen = torch.cat([s["input_ids"] for s in samples])
     assert len(seen) == 2 * len(good) * L  # still equal, planned counts
     assert good.skipped + other.skipped == bad.docs  # counted once across ranks
     assert (seen == 3).sum() >= bad.tokens  # the lost span is <pad> (labels -100)
