@@ -19,8 +19,9 @@ Differences from transformers 4.57.6 (each on purpose, each tested):
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -145,17 +146,35 @@ class BatchNorm(nn.Module):
                 raise ValueError("BatchNorm in training needs at least 2 real tokens in the batch")
             mean = (xf * w).sum(0) / n
             var = (torch.square(xf - mean) * w).sum(0) / n  # biased, used to normalize (as nn.BatchNorm1d)
-            with torch.no_grad():
-                self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean.to(self.running_mean.dtype))
-                unbiased = var * n / (n - 1)
-                self.running_var.mul_(1 - self.momentum).add_(self.momentum * unbiased.to(self.running_var.dtype))
-                self.num_batches_tracked.add_(1)
+            if _RECOMPUTE_DEPTH[0] == 0:
+                self._update_running_stats(mean, var, n)
         else:
             mean, var = self.running_mean, self.running_var
         y = ((x.float() - mean) * torch.rsqrt(var + self.eps)).to(x.dtype)
         if self.weight is not None:
             y = y * self.weight + self.bias
         return y
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> None:
+        self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean.to(self.running_mean.dtype))
+        unbiased = var * n / (n - 1)  # running variance is unbiased, as nn.BatchNorm1d
+        self.running_var.mul_(1 - self.momentum).add_(self.momentum * unbiased.to(self.running_var.dtype))
+        self.num_batches_tracked.add_(1)
+
+
+_RECOMPUTE_DEPTH = [0]
+
+
+@contextlib.contextmanager
+def recomputing() -> Iterator[None]:
+    """Marks an activation-checkpointing recompute (MegaModel passes it as checkpoint's recompute context):
+    batch norm must not update its running statistics a second time."""
+    _RECOMPUTE_DEPTH[0] += 1
+    try:
+        yield
+    finally:
+        _RECOMPUTE_DEPTH[0] -= 1
 
 
 def make_norm(config: MegaConfig) -> nn.Module:

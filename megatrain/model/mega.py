@@ -15,6 +15,7 @@ masks attention between documents. `ema_boundary` (sequence parallelism) is hand
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -26,8 +27,14 @@ from torch.utils.checkpoint import checkpoint
 from megatrain.model.attention import LayerCache, MovingAverageGatedAttention, RotaryRelativeBias, SimpleRelativeBias
 from megatrain.model.blocks import MegaBlock
 from megatrain.model.config import MegaConfig
+from megatrain.model.layers import recomputing
 
 IGNORE_INDEX = -100
+
+
+def _checkpoint_contexts():
+    # (forward context, recompute context): the recompute must not update batch-norm running statistics again
+    return contextlib.nullcontext(), recomputing()
 
 
 @dataclass
@@ -151,7 +158,8 @@ class MegaModel(nn.Module):
         use_ckpt = cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if use_ckpt:
-                h = checkpoint(layer, h, attention_mask, doc_ids, ema_boundary, use_reentrant=False)
+                h = checkpoint(layer, h, attention_mask, doc_ids, ema_boundary, use_reentrant=False,
+                               context_fn=_checkpoint_contexts)
             else:
                 h = layer(h, attention_mask, doc_ids, ema_boundary)
         return h[:, :length] if pad else h
