@@ -118,7 +118,8 @@ def _check_lm(rank, P, group, objective, gradient_checkpointing):
     norm_gap = abs(grads.norm().item() - ref_grads.norm().item())
     assert norm_gap <= 1e-5, f"{what}: grad norm {grads.norm().item()} vs {ref_grads.norm().item()}"
     worst = (grads - ref_grads).abs().max().item()
-    assert worst <= 1e-5 * max(1.0, ref_grads.abs().max().item()), f"{what}: max grad difference {worst:.2e}"
+    # elementwise too (fp32 summation order differs; measured ~1e-7 of the largest gradient)
+    assert worst <= 1e-6 * ref_grads.abs().max().item(), f"{what}: max grad difference {worst:.2e}"
 
     # Only the small states crossed ranks: layers x directions x (state + decay) x (P-1), fp32, each way.
     dirs = 2 if cfg.bidirectional else 1
