@@ -12,6 +12,7 @@ both are counted, printed and stored in index.json "stats". Output bytes depend 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import itertools
 import os
 import re
@@ -48,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding threads")
     p.add_argument("--text-field", default=TextConfig.text_field, help="jsonl field holding the text")
     p.add_argument("--invalid-utf8", default=TextConfig.invalid_utf8, choices=["replace", "reject"])
-    p.add_argument("--batch-mb", type=float, default=8.0, help="text encoded per batch")
+    p.add_argument("--batch-mb", type=float, default=1.0, help="text encoded per batch")
     return p.parse_args(argv)
 
 
@@ -78,28 +79,44 @@ def encode_documents(sp, texts: list[str], threads: int, dtype) -> list[np.ndarr
     return out
 
 
+def _batches(docs, batch_bytes: int):
+    batch, size = [], 0
+    for doc in docs:
+        batch.append(doc)
+        size += len(doc[2])
+        if size >= batch_bytes:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
 def _encoded_docs(files, text_cfg, sp, threads: int, batch_bytes: int, stats: dict, dtype):
-    """Yield (key, tokens, meta) in input order; documents are encoded batch-wise by sentencepiece's threads."""
-    index = 0
+    """Yield (key, tokens, meta) in input order.
+
+    sentencepiece encodes batch i+1 on its own threads (it releases the GIL) while this thread writes batch i
+    and reads the next documents.
+    """
     bar = tqdm(total=sum(os.path.getsize(f) for f in files), unit="B", unit_scale=True, desc="tokenizing",
                disable=None)
-    batch, size = [], 0
+    index = 0
 
-    def flush():
+    def emit(batch, future):
         nonlocal index
-        for (src, i, _), toks in zip(batch, encode_documents(sp, [t for _, _, t in batch], threads, dtype)):
+        for (src, i, _), toks in zip(batch, future.result()):
             yield doc_key(index), toks, {"source": src, "doc": i, "tokens": len(toks)}
             index += 1
         bar.update(sum(len(t) for _, _, t in batch))  # characters ~ bytes; the bar is only a progress hint
 
-    for doc in iter_documents(files, text_cfg, stats):
-        batch.append(doc)
-        size += len(doc[2])
-        if size >= batch_bytes:
-            yield from flush()
-            batch, size = [], 0
-    if batch:
-        yield from flush()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for batch in _batches(iter_documents(files, text_cfg, stats), batch_bytes):
+            future = pool.submit(encode_documents, sp, [t for _, _, t in batch], threads, dtype)
+            if pending is not None:
+                yield from emit(*pending)
+            pending = (batch, future)
+        if pending is not None:
+            yield from emit(*pending)
     bar.close()
 
 
