@@ -313,7 +313,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         for _ in range(self.consumed):  # replay the schedule up to the resume point
             done[next(schedule)] += 1
         L = self.seq_len
-        starts = [(a + d, b, (a * L, b * L)) for (a, b), d in zip(parts, done)]
+        # Each worker counts skipped samples of the shards that start in its not-yet-produced token range
+        # (shards starting earlier were counted before a resume, or by the previous worker/rank).
+        starts = [(a + d, b, ((a + d) * L, b * L)) for (a, b), d in zip(parts, done)]
         if self.num_workers == 0:
             reader = _WindowReader(self.layout, self.epoch, *starts[0][2])
             for w in range(starts[0][0], starts[0][1]):

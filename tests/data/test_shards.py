@@ -66,6 +66,16 @@ def test_corrupt_tar_named_or_skipped_and_counted(copy):
     assert good.skipped + other.skipped == bad.docs  # counted once across ranks
     assert (seen == 3).sum() >= bad.tokens  # the lost span is <pad> (labels -100)
     seen_set = set(seen.tolist())
+    for k in (3, 9):  # the count survives a resume without double counting
+        s1 = ShardStream(root, seq_len=L, seed=0, num_workers=2, skip_corrupt=True)
+        it = iter(s1)
+        for _ in range(k):
+            next(it)
+        del it
+        s2 = ShardStream(root, seq_len=L, seed=0, num_workers=2, skip_corrupt=True)
+        s2.load_state_dict(s1.state_dict())
+        _all(s2)
+        assert s2.skipped == bad.docs
     present = [d for d in docs if d[0] in seen_set]
     assert len(present) >= len(docs) - bad.docs - 2  # all other documents (the remainder may cut 1-2)
 
