@@ -321,6 +321,10 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
+    if cfg.parallel.zero_stage == 3 and cfg.parallel.sequence_parallel_size > 1:
+        # ZeRO-3's reduce-scatter path averages over all DP x SP ranks and ignores the SP size (its contiguous
+        # all-reduce path divides by DP like stages 0-2): keep it on the path that matches (tests/parallel).
+        ds["zero_optimization"]["reduce_scatter"] = False
     return _merge(ds, cfg.deepspeed)
 
 

@@ -1,0 +1,109 @@
+"""Per-step metrics: ``metrics.jsonl`` (one JSON object per optimizer step), TensorBoard events, a console line.
+
+Usage (rank 0 writes; other ranks pass ``enabled=False`` and every call is a no-op)::
+
+    log = MetricsLogger(run_dir, enabled=rank == 0, tensorboard=True, resume_step=start_step)
+    log.log({"step": 1, "loss": 2.3, "lr": 1e-3, ...})
+    log.close()
+
+On resume, ``metrics.jsonl`` is cut back to the steps the checkpoint covers, so the file always holds one
+trajectory: lines written by a killed run after its last checkpoint are dropped, then re-made by the resumed run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Optional
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def truncate_metrics(path: str, last_step: int) -> None:
+    """Keep only lines with ``step <= last_step`` (and drop a torn last line from a crash)."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a torn write can only be the last line
+            if rec.get("step", 0) <= last_step:
+                keep.append(json.dumps(rec) + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
+def read_metrics(path: str) -> list:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def model_flops_per_token(num_params: int, num_layers: int, attn_span: int, qk_dim: int, v_dim: int,
+                          causal: bool) -> float:
+    """Training FLOPs per token: 6 x params (matmuls, fwd + bwd) + the chunked attention's score and value
+    matmuls (2 x 2 x span x (qk + v) forward, x3 for fwd + bwd, halved when causal)."""
+    attn = 12.0 * num_layers * attn_span * (qk_dim + v_dim) * (0.5 if causal else 1.0)
+    return 6.0 * num_params + attn
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool = True, resume_step: int = 0,
+                 print_every: int = 1, stream=None):
+        self.enabled, self.print_every = enabled, print_every
+        self.stream = stream or sys.stdout
+        self._tb = None
+        self._file = None
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        path = os.path.join(run_dir, METRICS_FILE)
+        truncate_metrics(path, resume_step) if resume_step > 0 else open(path, "w").close()
+        self._file = open(path, "a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=resume_step + 1)
+        self._t0 = time.time()
+
+    def log(self, rec: dict) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(rec) + "\n")
+        self._file.flush()  # the file is the record a killed run leaves behind
+        step = rec["step"]
+        if self._tb is not None:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)) and v is not None:
+                    self._tb.add_scalar(f"train/{k}", v, step)
+        if step % self.print_every == 0 or rec.get("final"):
+            gn = rec.get("grad_norm")
+            parts = [f"step {step}", f"loss {rec['loss']:.4f}", f"lr {rec['lr']:.3g}",
+                     f"gnorm {gn:.3f}" if gn is not None else "gnorm -",
+                     f"tok/s {rec['tokens_per_s']:.0f}", f"skipped {rec['skipped_steps']}"]
+            if rec.get("mfu") is not None:
+                parts.append(f"mfu {100 * rec['mfu']:.1f}%")
+            print(" | ".join(parts), file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def peak_tflops_guess(device_name: Optional[str]) -> Optional[float]:
+    """Dense bf16 peak per device for MFU, for common GPUs (None = unknown: no MFU)."""
+    if not device_name:
+        return None
+    table = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 125.0, "L40S": 362.0, "V100": 125.0}
+    for key, val in table.items():
+        if key in device_name:
+            return val
+    return None

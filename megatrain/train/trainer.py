@@ -1,0 +1,220 @@
+"""The pretraining job: build everything, then one short, visible loop.
+
+Usage (this is what ``launch/pretrain.py`` calls; any launcher works, see megatrain/parallel/env.py)::
+
+    deepspeed --num_gpus 2 launch/pretrain.py --config configs/tiny.yaml train.max_steps=10
+    python -m megatrain.train.trainer --config configs/tiny.yaml run_dir=runs/x     # one plain process
+
+Per optimizer step, on every rank:
+  for each micro-batch: next window (this DP rank's stream) -> this rank's SP slice -> forward with
+  ``ema_boundary`` (SP > 1) and ``doc_ids`` -> per-rank loss = slice token-loss *sum* / window label tokens
+  (summed over the SP group) -> ``engine.backward``.  Then ``engine.step``: DeepSpeed sums gradients over the SP
+  ranks and averages over DP (see megatrain/parallel/groups.py), so the update equals the SP=1 update exactly.
+  Then metrics, checkpoint every N steps, and a checkpoint + clean exit on SIGTERM/SIGUSR1.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatrain.config import Config, deepspeed_config, load_config
+from megatrain.parallel.env import discover, init_process_group
+from megatrain.parallel.groups import ParallelGroups
+from megatrain.train.checkpoint import Checkpointer
+from megatrain.train.metrics import MetricsLogger, model_flops_per_token, peak_tflops_guess
+from megatrain.train.optim import build_optimizer, build_scheduler
+
+
+class NonFiniteAbort(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+# ---- building blocks ----
+def build_model(cfg: Config) -> torch.nn.Module:
+    from megatrain.model import MegaForCausalLM, MegaForMaskedLM
+    cls = MegaForCausalLM if cfg.train.objective == "clm" else MegaForMaskedLM
+    return cls(cfg.model)
+
+
+def build_stream(cfg: Config, dp_rank: int, dp_size: int):
+    from megatrain.data import ShardStream
+    d = cfg.data
+    return ShardStream(d.shards, seq_len=d.seq_len, seed=cfg.train.seed, dp_rank=dp_rank, dp_size=dp_size,
+                       num_workers=d.num_workers, objective=cfg.train.objective, vocab_size=cfg.model.vocab_size,
+                       mask_token_id=d.mask_token_id, skip_corrupt=d.skip_corrupt)
+
+
+def batches(stream, batch_size: int, device) -> Iterator[dict]:
+    """Stack ``batch_size`` consecutive windows. The stream is endless (it cycles epochs) per its contract."""
+    it = iter(stream)
+    while True:
+        samples = [next(it) for _ in range(batch_size)]
+        yield {k: torch.stack([s[k] for s in samples]).to(device) for k in samples[0]}
+
+
+class StopFlag:
+    """SIGTERM/SIGUSR1 (Slurm preemption): finish the current step, checkpoint, exit 0."""
+
+    def __init__(self):
+        self.raised = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.raised = True
+
+    def agreed(self) -> bool:
+        # A signal may reach only some ranks: stop together, or the collectives of the next step would hang.
+        t = torch.tensor([1.0 if self.raised else 0.0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+
+@dataclass
+class Counters:
+    step: int = 0           # optimizer steps done (including skipped ones)
+    tokens: int = 0         # tokens consumed by the whole job
+    consecutive_nonfinite: int = 0
+
+
+# ---- the job ----
+def train(cfg: Config) -> Counters:
+    """Run the configured job on an initialised process group. Returns the final counters."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    cfg.validate(world_size=world)
+    sp = cfg.parallel.sequence_parallel_size
+    dp = world // sp
+    groups = ParallelGroups(dp_size=dp, sp_size=sp)
+    t = cfg.train
+
+    ds_config = deepspeed_config(cfg, world)
+    torch.manual_seed(t.seed)  # identical initial weights everywhere (DeepSpeed also broadcasts them)
+    with groups.zero_init(ds_config):
+        model = build_model(cfg)
+    optimizer = build_optimizer(model, t, guard=cfg.clip_in_optimizer)
+    scheduler = build_scheduler(optimizer, t)
+    import deepspeed
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config, mpu=groups)
+    # dropout differs per rank (different tokens); the stream's own randomness (MLM masking) is seeded by it
+    torch.manual_seed(t.seed + 1 + rank)
+
+    stream = build_stream(cfg, groups.dp_rank, dp)
+    ckpt = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint.keep_last, rank)
+    layout = {"world_size": world, "sp_size": sp, "dp_size": dp}
+    state = ckpt.resume(engine, cfg.checkpoint.resume, expect=layout)
+    c = Counters()
+    if state is not None:
+        stream.load_state_dict(state["loader"])
+        c = Counters(**state["counters"])
+
+    if rank == 0:
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        cfg.save(os.path.join(cfg.run_dir, "config.yaml"))
+    log = MetricsLogger(cfg.run_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
+                        resume_step=c.step, print_every=cfg.logging.every_steps)
+    flops_per_token, peak = _flops(cfg, model)
+    stop = StopFlag()
+    data = batches(stream, cfg.data.micro_batch_size, engine.device)
+    tokens_per_step = cfg.data.seq_len * cfg.data.micro_batch_size * t.grad_accum_steps * dp
+    mlm = t.objective == "mlm"
+
+    from megatrain.parallel.sequence import make_ema_boundary, reduce_sp_loss, sp_slice
+    try:
+        while c.step < t.max_steps:
+            t0 = time.time()
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            for _ in range(t.grad_accum_steps):
+                piece = sp_slice(next(data), groups.sp_rank, sp)
+                doc_ids = piece["doc_ids"] if cfg.data.reset_at_doc_boundaries else None
+                boundary = make_ema_boundary(groups.sp_group, doc_ids=doc_ids) if sp > 1 else None
+                out = engine(input_ids=piece["input_ids"], labels=piece["labels"], doc_ids=doc_ids,
+                             ema_boundary=boundary, loss_reduction="sum",
+                             **({} if mlm else {"labels_shifted": True}))
+                # W = 1: DeepSpeed sums the SP ranks' gradients (its divisor is DP, not DP x SP)
+                loss = reduce_sp_loss(out.loss, out.num_loss_tokens, groups.sp_group, grad_average_size=1)
+                engine.backward(loss.backward_loss)
+                engine.step()  # an optimizer step only at the accumulation boundary
+                loss_sum += loss.mean_loss.detach().double().cpu()
+            # the logged loss is the mean over micro-batches and DP replicas (identical on SP ranks)
+            dist.all_reduce(loss_sum, group=groups.dp_group)
+            step_loss = float(loss_sum) / (t.grad_accum_steps * dp)
+            c.step += 1
+            c.tokens += tokens_per_step
+            applied = engine.was_step_applied() and math.isfinite(step_loss)
+            c.consecutive_nonfinite = 0 if applied else c.consecutive_nonfinite + 1
+            dt = max(time.time() - t0, 1e-9)
+            gn = engine.get_global_grad_norm()
+            gn = float(gn) if gn is not None else None
+            rec = {"step": c.step, "loss": step_loss, "lr": engine.get_lr()[0],
+                   "grad_norm": gn if gn is None or math.isfinite(gn) else str(gn), "tokens": c.tokens,
+                   "tokens_per_s": tokens_per_step / dt, "skipped_steps": int(engine.skipped_steps)}
+            if flops_per_token:
+                rec["tflops"] = flops_per_token * tokens_per_step / dt / world / 1e12
+                rec["mfu"] = rec["tflops"] / peak if peak else None
+            if torch.cuda.is_available():
+                rec["mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
+            log.log(rec)
+            if c.consecutive_nonfinite >= t.max_consecutive_nonfinite:
+                raise NonFiniteAbort(f"aborting at step {c.step}: {c.consecutive_nonfinite} consecutive steps with "
+                                     f"non-finite loss/gradient (loss={step_loss}, grad_norm={gn}); limit is "
+                                     f"train.max_consecutive_nonfinite={t.max_consecutive_nonfinite}")
+            stopping = stop.agreed()
+            if c.step % cfg.checkpoint.every_steps == 0 or c.step == t.max_steps or stopping:
+                ckpt.save(engine, c.step, {"loader": stream.state_dict(), "counters": vars(c).copy(), **layout},
+                          cfg)
+            if stopping:
+                if rank == 0:
+                    print(f"stop signal: checkpoint at step {c.step} saved, exiting", flush=True)
+                break
+    finally:
+        log.close()
+    return c
+
+
+def _flops(cfg: Config, model) -> tuple:
+    m = cfg.model
+    span = m.chunk_size if m.use_chunking else cfg.data.seq_len
+    n = sum(p.numel() for p in model.parameters())
+    fpt = model_flops_per_token(n, m.num_hidden_layers, span, m.shared_representation_size,
+                                m.intermediate_size, causal=cfg.train.objective == "clm")
+    peak = cfg.logging.peak_tflops
+    if peak is None and torch.cuda.is_available():
+        peak = peak_tflops_guess(torch.cuda.get_device_name())
+    return fpt, peak
+
+
+# ---- entry point ----
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="MEGA pretraining (see configs/ and megatrain/config.py)")
+    p.add_argument("--config", required=True, help="YAML run config")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help="set by the deepspeed launcher; LOCAL_RANK from the environment is used instead")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=10 parallel.zero_stage=2")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    env = discover()
+    cfg.validate(world_size=env.world_size)  # bad config fails here, before any process group
+    init_process_group(env, cfg.parallel.backend)
+    try:
+        train(cfg)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
