@@ -7,8 +7,8 @@ Use:
     for source, doc_index, text in iter_documents(files, TextConfig(), stats): ...
 
 Formats (by file name; ``.gz`` may wrap either):
-    *.jsonl / *.json.gz / *.jsonl.gz  one document per line, text in the field ``TextConfig.text_field``
-    anything else                     the whole file is one document
+    *.jsonl, *.jsonl.gz   one JSON object per line, the document in the field ``TextConfig.text_field``
+    anything else         the whole file is one document (*.gz decompressed)
 Invalid UTF-8 is replaced with U+FFFD (``invalid_utf8="replace"``) or the document is dropped ("reject");
 either way ``stats["invalid_utf8"]`` counts it. Empty documents are counted in ``stats["empty"]`` and dropped.
 """
@@ -55,8 +55,7 @@ def expand_inputs(patterns: Iterable[str]) -> list[str]:
 
 
 def _is_jsonl(path: str) -> bool:
-    name = path[:-3] if path.endswith(".gz") else path
-    return name.endswith(".jsonl") or name.endswith(".json")
+    return path.endswith(".jsonl") or path.endswith(".jsonl.gz")
 
 
 def _decode(raw: bytes, where: str, cfg: TextConfig, stats: dict) -> str | None:

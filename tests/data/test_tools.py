@@ -55,6 +55,28 @@ def test_tokenizer_errors(tmp_path):
         build_shards.main(["--input", str(tmp_path / "*.none"), "--tokenizer", str(tmp_path), "--out", str(tmp_path)])
 
 
+def test_text_inputs(tmp_path):
+    from megatrain.data.text import TextConfig, expand_inputs, iter_documents
+
+    (tmp_path / "a.jsonl").write_bytes(b'{"body": "one"}\n\n{"body": "t\xe9"}\n')
+    (tmp_path / "b.txt").write_bytes(b"whole \xff file\n")
+    files = expand_inputs([str(tmp_path / "*.jsonl"), str(tmp_path / "b.txt")])
+    stats = {}
+    docs = list(iter_documents(files, TextConfig(text_field="body", invalid_utf8="reject"), stats))
+    assert [d[2] for d in docs] == ["one"] and stats["invalid_utf8"] == 2
+    with pytest.raises(ValueError, match=r"a.jsonl:1: no field 'text'"):
+        list(iter_documents(files, TextConfig(), {}))
+    (tmp_path / "c.jsonl").write_text("not json\n")
+    with pytest.raises(ValueError, match=r"c.jsonl:1: invalid JSON"):
+        list(iter_documents([str(tmp_path / "c.jsonl")], TextConfig(), {}))
+    with pytest.raises(ValueError, match="no input files"):
+        expand_inputs([])
+    with pytest.raises(ValueError, match="not a readable file"):
+        expand_inputs([str(tmp_path / "missing.txt")])
+    with pytest.raises(ValueError, match="invalid_utf8"):
+        TextConfig(invalid_utf8="ignore")
+
+
 def test_long_lines_are_split_for_training():
     line = "abcdé" * 10  # 60 bytes, multi-byte characters
     pieces = list(_training_lines([line + "\nshort"], max_bytes=16))
