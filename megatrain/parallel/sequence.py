@@ -304,10 +304,10 @@ def reduce_sp_loss(loss_sum: torch.Tensor, num_loss_tokens, group, grad_average_
     totals = torch.stack([loss_sum.detach().to(torch.float64), tokens])
     dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=group)
     total_tokens = totals[1]
-    if total_tokens <= 0:
-        raise ValueError("reduce_sp_loss: no loss tokens in the whole group (all labels are -100)")
-    backward_loss = loss_sum * (grad_average_size / total_tokens).to(loss_sum.dtype)
-    return SPLoss(backward_loss, (totals[0] / total_tokens).to(loss_sum.dtype), total_tokens)
+    # As the model's "mean": 0 (not NaN) when every label of the group is ignored; no host sync needed.
+    denom = total_tokens.clamp(min=1)
+    backward_loss = loss_sum * (grad_average_size / denom).to(loss_sum.dtype)
+    return SPLoss(backward_loss, (totals[0] / denom).to(loss_sum.dtype), total_tokens)
 
 
 def sum_grads_over(parameters: Iterable[torch.nn.Parameter], group) -> None:

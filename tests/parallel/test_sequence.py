@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
-from megatrain.parallel.sequence import (COMM_STATS, make_ema_boundary, reset_comm_stats, sum_grads_over,
-                                         validate_sp)
+from megatrain.parallel.sequence import (COMM_STATS, make_ema_boundary, reduce_sp_loss, reset_comm_stats,
+                                         sum_grads_over, validate_sp)
 
 import sp_ema_ref as ref
 from sp_dist import spawn
@@ -103,6 +103,25 @@ def _ema_worker(rank, world_size):
     fwd, bwd = _run_case(rank, P, group, torch.float64, True, True, slice_len=8, use_checkpoint=True)
     assert bwd[0] == 2 * fwd[0] and bwd[2] == fwd[0], (fwd, bwd)
     _check_bad_inputs(group)
+    _check_loss_helper(rank, P, group)
+
+
+def _check_loss_helper(rank, P, group):
+    """reduce_sp_loss: rank r holds a summed loss r+1 over r+2 tokens -> mean = sum(r+1)/sum(r+2), grad W/T."""
+    T = sum(r + 2 for r in range(P))
+    for W in (1, 3):
+        loss_sum = torch.tensor(rank + 1.0, requires_grad=True)
+        out = reduce_sp_loss(loss_sum, torch.tensor(rank + 2), group, grad_average_size=W)
+        out.backward_loss.backward()
+        assert out.total_tokens.item() == T
+        assert out.mean_loss.item() == pytest.approx(sum(r + 1 for r in range(P)) / T, rel=1e-7)
+        assert loss_sum.grad.item() == pytest.approx(W / T, rel=1e-7)
+    empty = reduce_sp_loss(torch.tensor(0.0, requires_grad=True), 0, group)      # every label ignored
+    assert empty.mean_loss.item() == 0.0 and empty.total_tokens.item() == 0
+    with pytest.raises(ValueError, match="grad_average_size must be a positive integer, got 0"):
+        reduce_sp_loss(torch.tensor(1.0), 1, group, grad_average_size=0)
+    with pytest.raises(ValueError, match="scalar"):
+        reduce_sp_loss(torch.ones(2), 1, group)
 
 
 def _check_bad_inputs(group):
