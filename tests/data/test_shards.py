@@ -140,5 +140,8 @@ def test_urls_and_pipe_match_manifest(synthetic):
                              eod_token_id=2, pad_token_id=3, num_workers=1))
     assert all(torch.equal(a, b) for a, b in zip(ref, plain)) and len(ref) == len(plain)
     assert all(torch.equal(a, b) for a, b in zip(ref, piped)) and len(ref) == len(piped)
+    pattern = os.path.join(os.path.dirname(urls[0]), "shard-{000000..%06d}.tar" % (len(urls) - 1))
+    braced = _all(ShardStream(pattern, seq_len=L, seed=2, vocab_size=m.vocab_size, eod_token_id=2, pad_token_id=3))
+    assert len(braced) == len(ref) and all(torch.equal(a, b) for a, b in zip(ref, braced))
     with pytest.raises(ValueError, match="eod_token_id"):
         ShardStream(urls, seq_len=L, vocab_size=m.vocab_size)
