@@ -43,7 +43,7 @@ class DataCfg:
     micro_batch_size: int = 1
     num_workers: int = 0
     reset_at_doc_boundaries: bool = True  # pass doc_ids so EMA state and attention reset inside packed windows
-    mask_token_id: Optional[int] = None   # mlm only
+    mask_token_id: Optional[int] = None   # mlm; None = the manifest's mask token
     skip_corrupt: bool = False
     tokenizer: Optional[str] = None       # sentencepiece model, used for samples/export only
 
@@ -156,8 +156,9 @@ class Config:
                    "must be true for train.objective=clm (causal attention)")
         if t.objective == "mlm":
             _check(not m.is_decoder, "model.is_decoder", m.is_decoder, "must be false for train.objective=mlm")
-            _check(d.mask_token_id is not None and 0 <= d.mask_token_id < m.vocab_size, "data.mask_token_id",
-                   d.mask_token_id, f"must be a token id in [0, model.vocab_size={m.vocab_size}) for mlm")
+        if d.mask_token_id is not None:  # None: the shard manifest names it
+            _check(0 <= d.mask_token_id < m.vocab_size, "data.mask_token_id", d.mask_token_id,
+                   f"must be a token id in [0, model.vocab_size={m.vocab_size})")
         if m.relative_positional_bias == "simple":
             span = m.chunk_size if m.use_chunking else d.seq_len // p.sequence_parallel_size
             _check(span <= m.max_positions, "model.max_positions", m.max_positions,

@@ -50,11 +50,11 @@ def build_stream(cfg: Config, dp_rank: int, dp_size: int):
     d = cfg.data
     return ShardStream(d.shards, seq_len=d.seq_len, seed=cfg.train.seed, dp_rank=dp_rank, dp_size=dp_size,
                        num_workers=d.num_workers, objective=cfg.train.objective, vocab_size=cfg.model.vocab_size,
-                       mask_token_id=d.mask_token_id, skip_corrupt=d.skip_corrupt)
+                       mask_token_id=d.mask_token_id, skip_corrupt=d.skip_corrupt, loop=True)
 
 
 def batches(stream, batch_size: int, device) -> Iterator[dict]:
-    """Stack ``batch_size`` consecutive windows. The stream is endless (it cycles epochs) per its contract."""
+    """Stack ``batch_size`` consecutive windows (the stream is built with loop=True: it cycles epochs)."""
     it = iter(stream)
     while True:
         samples = [next(it) for _ in range(batch_size)]
@@ -132,6 +132,7 @@ def train(cfg: Config) -> Counters:
     try:
         while c.step < t.max_steps:
             t0 = time.time()
+            lr = engine.get_lr()[0]  # the rate this step's update uses (the schedule advances inside step())
             loss_sum = torch.zeros((), dtype=torch.float64)
             for _ in range(t.grad_accum_steps):
                 piece = sp_slice(next(data), groups.sp_rank, sp)
@@ -155,7 +156,7 @@ def train(cfg: Config) -> Counters:
             dt = max(time.time() - t0, 1e-9)
             gn = engine.get_global_grad_norm()
             gn = float(gn) if gn is not None else None
-            rec = {"step": c.step, "loss": step_loss, "lr": engine.get_lr()[0],
+            rec = {"step": c.step, "loss": step_loss, "lr": lr,
                    "grad_norm": gn if gn is None or math.isfinite(gn) else str(gn), "tokens": c.tokens,
                    "tokens_per_s": tokens_per_step / dt, "skipped_steps": int(engine.skipped_steps)}
             if flops_per_token:

@@ -1,0 +1,18 @@
+"""Pretrain MEGA: the job's entry point (a thin wrapper over megatrain.train.trainer.main).
+
+    deepspeed [--num_gpus N] launch/pretrain.py --config configs/X.yaml [dotted.key=value ...]
+    torchrun --nproc_per_node N launch/pretrain.py --config ...
+    mpiexec -n N python launch/pretrain.py --config ...
+    srun python launch/pretrain.py --config ...          (see launch/slurm/pretrain.sbatch)
+    python launch/pretrain.py --config ...               (one process; CPU with gloo when there is no GPU)
+"""
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script from a checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatrain.train.trainer import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
