@@ -2,6 +2,7 @@
 
 Run: PYTHONPATH=. python -m pytest -q tests/data/test_distributed.py
 """
+import datetime
 import os
 import socket
 
@@ -23,7 +24,7 @@ def _free_port() -> int:
 
 def _rank(rank: int, world: int, port: int, manifest: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=__import__("datetime").timedelta(seconds=60))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     stream = ShardStream(manifest, seq_len=L, seed=11, dp_rank=rank, dp_size=world, num_workers=1)
     steps = 0
     tokens = []
