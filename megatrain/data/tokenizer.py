@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import io
 import os
+import warnings
 from typing import Iterable, Iterator
 
 SPECIAL_PIECES = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>", "mask": "<mask>"}
@@ -103,8 +104,11 @@ def save_hf_tokenizer(out_dir: str) -> None:
     LlamaTokenizerFast converts the .model exactly when the prefix space is off; split_special_tokens keeps text
     such as "<s>" from turning into special ids (sentencepiece never does that either).
     """
-    from transformers import LlamaTokenizerFast
-
+    try:
+        from transformers import LlamaTokenizerFast
+    except ImportError:  # transformers is a dev extra; training works without it
+        warnings.warn(f"transformers is not installed: wrote only {MODEL_FILE} (no HF tokenizer files)")
+        return
     tok = LlamaTokenizerFast(vocab_file=os.path.join(out_dir, MODEL_FILE), from_slow=True, legacy=False,
                              add_prefix_space=False, add_bos_token=False, add_eos_token=False,
                              split_special_tokens=True, unk_token=SPECIAL_PIECES["unk"],
