@@ -219,6 +219,10 @@ class MovingAverageGatedAttention(nn.Module):
 
         if cache is None:
             h = self._full_attention(q, k, value, mask, doc_ids)
+        elif cache.pos == 0 and self.chunk is not None and x.shape[1] % self.chunk == 0:
+            # a prompt of whole chunks: the chunked path; the next token opens a new chunk, so no K/V to keep
+            h = self._full_attention(q, k, value, mask, None)
+            cache.pos = x.shape[1]
         else:
             h = self._cached_attention(q, k, value, mask, cache)
 

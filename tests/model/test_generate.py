@@ -29,7 +29,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-@pytest.mark.parametrize("prompt_len", [1, 6, 9])
+@pytest.mark.parametrize("prompt_len", [1, 6, 8, 9, 10])
 def test_greedy_logits_equal_full_forward(name, prompt_len):
     model = _model(**CASES[name])
     x = ids(2, prompt_len)
