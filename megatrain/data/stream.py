@@ -36,6 +36,7 @@ consumed); in the middle of an epoch it is refused with a ValueError (the remain
 One ``for`` loop over the stream runs to the end of the current epoch, and the next loop starts the next epoch
 (``loop=True``: never stops). ``len(stream)`` = windows per epoch for this rank.
 
+``vocab_size=`` (the model's) may exceed the manifest's vocabulary (padded embeddings), never be smaller.
 Bad data: errors name the shard and sample key (shards.DataError). With ``skip_corrupt=True`` a bad sample (or the
 unreadable rest of a truncated shard) is dropped, logged, and counted in ``stream.skipped``; its tokens are replaced
 by <pad> at the end of that shard's span (labels -100), so every rank still sees the planned token layout.
@@ -275,8 +276,10 @@ class ShardStream(torch.utils.data.IterableDataset):
                 specials["mask"] = mask_token_id
             return Manifest(shards=_scan(urls, vocab_size, skip_corrupt), vocab_size=vocab_size,
                             special_tokens=specials)
-        for name, given, have in (("vocab_size", vocab_size, man.vocab_size),
-                                  ("mask_token_id", mask_token_id, man.special_tokens.get("mask")),
+        if vocab_size is not None and vocab_size < man.vocab_size:  # a larger (padded) model vocab is fine
+            raise ValueError(f"ShardStream: vocab_size={vocab_size} is smaller than the manifest's {man.vocab_size}: "
+                             f"token ids would exceed the model's embedding (shards built with another tokenizer?)")
+        for name, given, have in (("mask_token_id", mask_token_id, man.special_tokens.get("mask")),
                                   ("eod_token_id", eod_token_id, man.special_tokens.get("eod")),
                                   ("pad_token_id", pad_token_id, man.special_tokens.get("pad"))):
             if given is not None and given != have:

@@ -177,8 +177,9 @@ def test_bad_arguments(synthetic):
         ShardStream(man, seq_len=L, dp_rank=2, dp_size=2)
     with pytest.raises(ValueError, match="seq_len"):
         ShardStream(man, seq_len=100000)
-    with pytest.raises(ValueError, match="vocab_size"):
+    with pytest.raises(ValueError, match="vocab_size=123 is smaller"):
         ShardStream(man, seq_len=L, vocab_size=123)
+    assert ShardStream(man, seq_len=L, vocab_size=8192).vocab_size == 4000  # padded model vocab is fine
     with pytest.raises(ValueError, match="mask_token_id"):
         ShardStream(man, seq_len=L, mask_token_id=7)
     with pytest.raises(ValueError, match="empty list"):
