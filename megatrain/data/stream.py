@@ -30,8 +30,10 @@ give the same sequence; other worker counts give the same windows in a different
 
 Resume: the state is (epoch, samples handed out this epoch, and the settings that define the order). Loading it
 into a stream built with the same manifest/seq_len/seed/dp_size/num_workers/objective continues bitwise. A
-different dp_size or num_workers is accepted only at an epoch boundary (state saved with 0 samples of the epoch
-consumed); in the middle of an epoch it is refused with a ValueError (the remaining windows are not re-partitioned).
+different dp_size or num_workers is accepted only at an epoch boundary (state saved before the first or after the
+last window of an epoch); in the middle of an epoch it is refused with a ValueError (the remaining windows are not
+re-partitioned). Resuming reads only from the shard holding the next window on (positions come from the manifest).
+Memory: each worker holds the shards its current window touches, decoded at their stored width (uint16/uint32).
 
 One ``for`` loop over the stream runs to the end of the current epoch, and the next loop starts the next epoch
 (``loop=True``: never stops). ``len(stream)`` = windows per epoch for this rank.
