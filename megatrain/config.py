@@ -164,6 +164,9 @@ class Config:
             _check(span <= m.max_positions, "model.max_positions", m.max_positions,
                    f"is below the attention span {span} (simple relative bias is limited to max_positions)")
         m.validate()
+        if m.use_chunking:  # windows are never padded, so a window must be whole chunks (SP adds: per slice)
+            _check(d.seq_len % m.chunk_size == 0, "data.seq_len", d.seq_len,
+                   f"must be a multiple of model.chunk_size={m.chunk_size}")
         # Sequence-parallel layout: the SP part owns the rule (slices must be whole chunks).
         from megatrain.parallel.sequence import validate_sp
         try:
@@ -211,7 +214,7 @@ def _build(cls, d: Any, prefix: str):
 
 
 def _coerce(v: Any, tp: Any, key: str) -> Any:
-    """Check/convert a YAML value to the field's type (int->float allowed; nothing else is guessed)."""
+    """Check/convert a YAML value to the field's type (int or "1e-4" -> float; nothing else is guessed)."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
@@ -234,6 +237,11 @@ def _coerce(v: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             return float(v)
+        if isinstance(v, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(v)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(v, str):
             return v
