@@ -84,6 +84,27 @@ def _make_block_kernel(a: Tensor, c: Tensor, logq: Tensor, block: int) -> _Block
     return _BlockKernel(block, a, logq, toeplitz, w_state.contiguous(), w_prop, powers[..., block])
 
 
+class _Relayout(torch.autograd.Function):
+    """x.permute(dims).contiguous() whose backward also returns a contiguous gradient.
+
+    Plain permute's gradient is a strided view; handed to the next batched matmul's backward it made MKL take a
+    slow path (10x slower weight gradients), so both directions copy into the layout the matmuls want.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dims: tuple[int, ...]) -> Tensor:
+        ctx.inverse = tuple(sorted(range(len(dims)), key=dims.__getitem__))
+        return x.permute(dims).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad.permute(ctx.inverse).contiguous(), None
+
+
+def _relayout(x: Tensor, dims: tuple[int, ...]) -> Tensor:
+    return _Relayout.apply(x, dims)
+
+
 def _resets_from_doc_ids(doc_ids: Tensor) -> Tensor:
     """[B, L] bool: position t starts a new document (t >= 1 and its id differs from t-1's)."""
     changed = doc_ids[:, 1:] != doc_ids[:, :-1]
@@ -130,7 +151,7 @@ def _causal_ema(u: Tensor, kern: _BlockKernel, resets: Optional[Tensor]) -> tupl
     pad = nb * c - length
     m = bsz * nb
     # [D, B*nb, C]: every block of every row is one row of a batched matmul per channel
-    xb = F.pad(u, (0, 0, 0, pad)).permute(2, 0, 1).reshape(dim, m, c)
+    xb = _relayout(F.pad(u, (0, 0, 0, pad)), (2, 0, 1)).view(dim, m, c)
 
     out = torch.bmm(xb, kern.toeplitz.transpose(1, 2))
     decay = kern.block_decay[:, None, None, :]                               # [D, 1, 1, N]
@@ -154,7 +175,7 @@ def _causal_ema(u: Tensor, kern: _BlockKernel, resets: Optional[Tensor]) -> tupl
     incoming = torch.bmm(entering.reshape(dim, m, n), kern.w_prop)
     if resets is not None:
         incoming = incoming * carry_in.to(incoming.dtype)
-    out = (out + incoming).view(dim, bsz, nb * c)[..., :length].permute(1, 2, 0)
+    out = _relayout((out + incoming).view(dim, bsz, nb * c)[..., :length], (1, 2, 0))
 
     # State after the last real position: the last block holds `tail` real positions (trailing pads are zeros).
     tail = length - (nb - 1) * c
@@ -177,7 +198,7 @@ def _incoming_contribution(kern: _BlockKernel, h_in: Tensor, length: int, resets
     to_block = torch.exp(kern.logq.unsqueeze(1) * starts.unsqueeze(-1))     # [D, nb, N]: q^(C b)
     entering = h_in.permute(1, 0, 2).unsqueeze(2) * to_block.unsqueeze(1)    # [D, B, nb, N]
     out = torch.bmm(entering.reshape(dim, bsz * nb, n), kern.w_prop).view(dim, bsz, nb * c)[..., :length]
-    out = out.permute(1, 2, 0)
+    out = _relayout(out, (1, 2, 0))
     if resets is not None:
         out = out * (resets.cumsum(1) == 0).unsqueeze(-1).to(out.dtype)
     return out
