@@ -273,9 +273,9 @@ def make_ema_boundary(sp_group, doc_ids: Optional[torch.Tensor] = None) -> Optio
         edges = torch.stack([doc_ids[:, 0], doc_ids[:, -1]], dim=1).to(torch.int64).contiguous()   # [B, 2]
         gathered = _gather_stacked(edges, sp_group, size)                                 # [P, B, 2]
         COMM_STATS.setup_bytes += (size - 1) * edges.numel() * edges.element_size()
-        keep = torch.ones((size + 1, edges.shape[0]), dtype=torch.float64, device=doc_ids.device)
+        keep = torch.ones((size + 1, edges.shape[0]), dtype=torch.float32, device=doc_ids.device)
         # Edge e (between slices e-1 and e) carries state only if the document continues across it.
-        keep[1:size] = (gathered[:-1, :, 1] == gathered[1:, :, 0]).to(torch.float64)
+        keep[1:size] = (gathered[:-1, :, 1] == gathered[1:, :, 0]).to(torch.float32)
         keep = keep[:, :, None, None]
     return EMABoundary(sp_group, rank, size, keep)
 
