@@ -7,6 +7,9 @@ model. Every worker also recomputes the unsplit reference itself, so one spawn c
 """
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -15,8 +18,9 @@ from torch.utils.checkpoint import checkpoint
 from megatrain.parallel.sequence import (COMM_STATS, make_ema_boundary, reduce_sp_loss, reset_comm_stats,
                                          sum_grads_over, validate_sp)
 
-import sp_ema_ref as ref
-from sp_dist import spawn
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sp_* helpers, whatever the import mode
+import sp_ema_ref as ref  # noqa: E402
+from sp_dist import spawn  # noqa: E402
 
 B, D, N = 2, 3, 2
 

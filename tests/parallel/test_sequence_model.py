@@ -7,6 +7,9 @@ slice with the EMA boundary; losses are summed and gradients all-reduced over th
 """
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -17,7 +20,8 @@ from megatrain.model.ema import MultiDimDampedEMA
 from megatrain.parallel.sequence import (COMM_STATS, make_ema_boundary, reduce_sp_loss, reset_comm_stats,
                                          sum_grads_over, validate_sp)
 
-from sp_dist import spawn
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sp_* helpers, whatever the import mode
+from sp_dist import spawn  # noqa: E402
 
 B, SLICE = 2, 8
 
