@@ -321,7 +321,7 @@ def sum_grads_over(parameters: Iterable[torch.nn.Parameter], group) -> None:
     offset = 0
     for p in params:
         n = p.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
+        p.grad = flat[offset:offset + n].view_as(p).to(p.dtype, copy=True)   # cat promoted mixed dtypes
         offset += n
 
 
