@@ -81,6 +81,7 @@ def _batch(objective: str, L: int, vocab: int) -> dict:
         labels = torch.cat([ids[:, 1:], torch.full((B, 1), -100)], dim=1)
     else:
         masked = torch.rand(B, L, generator=g) < 0.3
+        masked[:, :SLICE] = False     # SP rank 0 has no loss tokens: it must still run every boundary backward
         labels = torch.where(masked, ids, torch.full_like(ids, -100))
         ids = torch.where(masked, torch.ones_like(ids), ids)          # token 1 plays [MASK]
     return {"input_ids": ids, "labels": labels, "doc_ids": _packed_doc_ids(L, SLICE)}
