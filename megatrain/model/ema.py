@@ -76,9 +76,11 @@ def _make_block_kernel(a: Tensor, c: Tensor, logq: Tensor, block: int) -> _Block
     steps = torch.arange(block + 1, device=a.device, dtype=a.dtype)
     powers = torch.exp(logq.unsqueeze(-1) * steps)                          # [D, N, C+1]: q^0 .. q^C
     lag_kernel = torch.einsum("dn,dnl->dl", a * c, powers[..., :block])      # [D, C]
-    i = torch.arange(block, device=a.device)
-    lags = i[:, None] - i[None, :]
-    toeplitz = lag_kernel[:, lags.clamp(min=0)] * (lags >= 0).to(a.dtype)
+    # T[d, i, j] = padded[d, C-1 + i - j] with C-1 zeros in front (the j > i half): sliding windows of the
+    # padded kernel, reversed. unfold is a view and its backward a cheap overlap-add (an index gather's backward
+    # is a slow scatter-add).
+    padded = F.pad(lag_kernel, (block - 1, 0))
+    toeplitz = padded.unfold(1, block, 1).flip(-1)
     w_state = (a.unsqueeze(-1) * powers[..., :block].flip(-1)).transpose(1, 2)
     w_prop = c.unsqueeze(-1) * powers[..., 1:]
     return _BlockKernel(block, a, logq, toeplitz, w_state.contiguous(), w_prop, powers[..., block])
