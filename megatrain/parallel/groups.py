@@ -59,17 +59,19 @@ class ParallelGroups:
         return (f"ParallelGroups(rank={self.rank}, dp={self.dp_rank}/{self.dp_size}, "
                 f"sp={self.sp_rank}/{self.sp_size})")
 
-    def zero_init(self, ds_config: dict):
-        """Context to build the model in. ZeRO-3 would otherwise partition parameters over
-        ``get_data_parallel_group()`` (DeepSpeed's parameter_offload uses the mpu's *DP* group) while it reduces
-        gradients over the DP x SP group: the shards then disagree between SP ranks. Building under
-        ``zero.Init`` over DP x SP keeps both on the same ranks. A no-op context below stage 3."""
-        import contextlib
+    def zero3_partition(self, model, ds_config: dict) -> None:
+        """Partition a built model's parameters for ZeRO-3 over DP x SP (no-op below stage 3).
 
-        import deepspeed
+        Left alone, DeepSpeed's ZeRO-3 partitions parameters over the mpu's ``get_data_parallel_group()`` (the DP
+        group) but reduces gradients over DP x SP: the shards then disagree between SP ranks. Converting here,
+        over the same group as the gradients, keeps both on the same ranks (the engine then sees parameters that
+        are already partitioned and leaves them). Done after construction rather than under ``zero.Init`` so model
+        code may initialise its parameters freely in ``__init__``."""
         if ds_config.get("zero_optimization", {}).get("stage", 0) != 3:
-            return contextlib.nullcontext()
-        return deepspeed.zero.Init(data_parallel_group=self.world_group, config_dict_or_path=ds_config, mpu=self)
+            return
+        import deepspeed
+        deepspeed.zero.Init(module=model, data_parallel_group=self.world_group, config_dict_or_path=ds_config,
+                            mpu=self)
 
     # ---- DeepSpeed mpu interface ----
     def get_data_parallel_rank(self): return self.dp_rank

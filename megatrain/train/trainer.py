@@ -98,12 +98,13 @@ def train(cfg: Config) -> Counters:
 
     ds_config = deepspeed_config(cfg, world)
     torch.manual_seed(t.seed)  # identical initial weights everywhere (DeepSpeed also broadcasts them)
-    with groups.zero_init(ds_config):
-        model = build_model(cfg)
+    model = build_model(cfg)
+    groups.zero3_partition(model, ds_config)
     optimizer = build_optimizer(model, t, guard=cfg.clip_in_optimizer)
-    scheduler = build_scheduler(optimizer, t)
     import deepspeed
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+    # the schedule is built by DeepSpeed on the optimizer it finally steps (ZeRO-3 regroups the parameters)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           lr_scheduler=lambda opt: build_scheduler(opt, t),
                                            config=ds_config, mpu=groups)
     # dropout differs per rank (different tokens); the stream's own randomness (MLM masking) is seeded by it
     torch.manual_seed(t.seed + 1 + rank)

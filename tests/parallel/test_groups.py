@@ -21,7 +21,8 @@ def test_layout_consecutive_sp_ranks():
         layout(0, 2, 0)
 
 
-def _groups_worker(rank, world):
+def _group_sums(rank, world):
+    """What each group of this rank sums to when every rank contributes its own rank number."""
     import torch.distributed as dist
     from megatrain.parallel.groups import ParallelGroups
     with pytest.raises(ValueError, match="world size"):
@@ -35,14 +36,6 @@ def _groups_worker(rank, world):
         sums[name] = t.item()
     return (g.dp_rank, g.sp_rank, g.get_data_parallel_world_size(), g.get_sequence_parallel_world_size(),
             g.get_sequence_data_parallel_world_size(), sums)
-
-
-def test_groups_four_ranks():
-    res = run_ranks(_groups_worker, 4)
-    # SP groups {0,1},{2,3}; DP groups {0,2},{1,3}; everything {0..3}; model-parallel = the rank alone
-    assert res[0] == (0, 0, 2, 2, 4, {"sp": 1.0, "dp": 2.0, "all": 6.0, "mp": 0.0})
-    assert res[1] == (0, 1, 2, 2, 4, {"sp": 1.0, "dp": 4.0, "all": 6.0, "mp": 1.0})
-    assert res[3] == (1, 1, 2, 2, 4, {"sp": 5.0, "dp": 4.0, "all": 6.0, "mp": 3.0})
 
 
 # ---- DeepSpeed reduces our per-rank losses into the single-process gradient ----
@@ -82,13 +75,13 @@ def _ds_worker(rank, world, dp, sp, stages):
     x, y, keep = _windows(dp)
     s = slice(g.sp_rank * L // sp, (g.sp_rank + 1) * L // sp)
     xs, ys, ks = x[g.dp_rank, s], y[g.dp_rank, s], keep[g.dp_rank, s]
-    out = {}
+    out = {"groups": _group_sums(rank, world)}
     for stage in stages:
         run = Config()
         run.parallel.zero_stage, run.parallel.sequence_parallel_size, run.train.grad_clip = stage, sp, 0.0
         cfg = deepspeed_config(run, world)  # the production JSON (batch sizes, ZeRO settings)
-        with g.zero_init(cfg):  # ZeRO-3 must partition over DP x SP, like its gradients (see groups.py)
-            model = _model()
+        model = _model()
+        g.zero3_partition(model, cfg)  # ZeRO-3 must partition over DP x SP, like its gradients (see groups.py)
         engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
                                           config=cfg, mpu=g)
         loss_sum = ((engine(xs).squeeze(-1) - ys) ** 2 * ks).sum()
@@ -102,10 +95,17 @@ def _ds_worker(rank, world, dp, sp, stages):
 
 
 @pytest.mark.slow
-def test_deepspeed_reduction_equals_single_process():
-    """4 ranks = DP 2 x SP 2, ZeRO 0-3: every rank ends with the single-process SGD update."""
+def test_groups_and_deepspeed_reduction_equal_single_process():
+    """4 ranks = DP 2 x SP 2: the groups have the documented members, and for ZeRO 0-3 every rank ends with the
+    single-process SGD update."""
     ref = _reference(dp=2)
-    for per_rank in run_ranks(_ds_worker, 4, 2, 2, (0, 1, 2, 3)):
+    res = run_ranks(_ds_worker, 4, 2, 2, (0, 1, 2, 3))
+    # SP groups {0,1},{2,3}; DP groups {0,2},{1,3}; everything {0..3}; model-parallel = the rank alone
+    assert res[0].pop("groups") == (0, 0, 2, 2, 4, {"sp": 1.0, "dp": 2.0, "all": 6.0, "mp": 0.0})
+    assert res[1].pop("groups") == (0, 1, 2, 2, 4, {"sp": 1.0, "dp": 4.0, "all": 6.0, "mp": 1.0})
+    assert res[2].pop("groups") == (1, 0, 2, 2, 4, {"sp": 5.0, "dp": 2.0, "all": 6.0, "mp": 2.0})
+    assert res[3].pop("groups") == (1, 1, 2, 2, 4, {"sp": 5.0, "dp": 4.0, "all": 6.0, "mp": 3.0})
+    for per_rank in res:
         for stage, params in per_rank.items():
             for p, r in zip(params, ref):
                 torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-6, msg=lambda m: f"ZeRO {stage}: {m}")
