@@ -22,7 +22,9 @@ Between blocks only the [B, D, N] state travels: each block's end state from zer
 log-depth scan over blocks (H_b = q^C H_{b-1} + s_b), and each block's incoming state is propagated to its
 positions in closed form (one matmul). Working memory O(B*L*D + D*C*C + B*D*N*L/C).
 An incoming state (explicit `state`, or `boundary` for sequence parallelism) is linear, so it is added afterwards in
-the same closed form. Document resets (`doc_ids`) cut the carry between and inside blocks; truncation to T lags is
+the same closed form. It reaches the positions before the piece's first document change; a document that starts
+exactly at the piece's first position is invisible here, so whoever hands the state over zeros it for that row
+(`megatrain.parallel.sequence` does, from the slices' edge doc ids). Document resets (`doc_ids`) cut the carry between and inside blocks; truncation to T lags is
 exact as the full EMA minus a second EMA (output weights gamma * q^T) shifted by T.
 `ema_ref` below is the naive sequential recurrence the fast path is tested against.
 """
