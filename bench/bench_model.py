@@ -3,6 +3,7 @@
     python bench/bench_model.py                                   # L = 4K, 16K, 32K; table, then one JSON object
     python bench/bench_model.py --seq-lens 1024 --steps 1         # smoke run
     python bench/bench_model.py --json model.json --markdown      # also write JSON; print a BENCHMARKS.md table
+    python bench/bench_model.py --profile megatrain --seq-lens 4096   # where one train step's time goes (top ops)
 
 The HF model (config below, seed 0) is saved with `save_pretrained` to a temporary folder; megatrain loads that
 folder with `megatrain.convert.hf.load_hf`, so both run the same weights on the same tokens (the first-step losses
@@ -51,10 +52,13 @@ def parse_args(argv=None):
     ap.add_argument("--mem-limit-gb", type=float, default=12.0, help="address-space limit per run")
     ap.add_argument("--json", default=None, help="also write the JSON here")
     ap.add_argument("--markdown", action="store_true", help="print the table as markdown (for BENCHMARKS.md)")
+    ap.add_argument("--profile", choices=IMPLS, default=None,
+                    help="instead of the table: torch.profiler top ops of one train step of this implementation")
     # internal: one measurement
     ap.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--profile-step", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     try:
         a.seq_lens = [int(s) for s in a.seq_lens.split(",") if s]
@@ -105,6 +109,13 @@ def worker(a) -> dict:
         opt.step()
         return loss.item()
 
+    if a.profile_step:
+        step()  # warm-up; then one profiled step, operators grouped by input shape
+        from torch.profiler import profile
+        with profile(record_shapes=True) as prof:
+            step()
+        table = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=25)
+        return dict(status="ok", profile=table)
     try:
         loss0 = step()
         wall, cpu = time.perf_counter(), time.process_time()
@@ -121,10 +132,10 @@ def worker(a) -> dict:
                 step_s=wall / a.steps, loaded_rss_mb=loaded_rss, peak_rss_mb=_peak_rss_mb())
 
 
-def run_one(a, impl: str, seq_len: int, model_dir: str) -> dict:
+def run_one(a, impl: str, seq_len: int, model_dir: str, profile: bool = False) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--model-dir", model_dir,
            "--seq-len", str(seq_len), "--steps", str(a.steps), "--threads", str(a.threads),
-           "--mem-limit-gb", str(a.mem_limit_gb)]
+           "--mem-limit-gb", str(a.mem_limit_gb)] + (["--profile-step"] if profile else [])
     base = dict(impl=impl, seq_len=seq_len)
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, cwd=ROOT)
@@ -214,6 +225,11 @@ def main(argv=None) -> None:
     results = []
     with tempfile.TemporaryDirectory() as model_dir:
         save_hf_model(model_dir)
+        if a.profile:
+            for L in a.seq_lens:
+                r = run_one(a, a.profile, L, model_dir, profile=True)
+                print(f"## {a.profile} L={L}: one train step\n{r.get('profile', r.get('status'))}")
+            return
         for L in a.seq_lens:
             for impl in a.impls:
                 r = run_one(a, impl, L, model_dir)
