@@ -30,6 +30,7 @@ from megatrain.model.config import MegaConfig
 from megatrain.model.layers import recomputing
 
 IGNORE_INDEX = -100
+LOSS_BLOCK_TOKENS = 4096  # positions per block of the blockwise loss (return_logits=False)
 
 
 def _checkpoint_contexts():
@@ -234,6 +235,16 @@ class _MegaLM(nn.Module):
     def new_cache(self) -> MegaCache:
         return self.mega.new_cache()
 
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        if self.dense is not None:
+            h = torch.tanh(self.dense(h))
+        return self.lm_head(h)
+
+    def _loss_sum(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Sum of CE over positions (targets -100 = ignored), in fp32."""
+        return F.cross_entropy(self._logits(h).float().reshape(-1, self.config.vocab_size), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -245,24 +256,41 @@ class _MegaLM(nn.Module):
         labels_shifted: bool = False,
         loss_reduction: str = "mean",
         cache: Optional[MegaCache] = None,
+        return_logits: bool = True,
     ) -> MegaOutput:
+        """See the module docstring. `return_logits=False` (needs labels) computes the loss in blocks of
+        LOSS_BLOCK_TOKENS positions, recomputing each block's logits in backward: the [B, L, V] logits (and their
+        log-softmax and gradient) never exist at once -- at L=32K, V=8K that is ~1 GB each. out.logits is None."""
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction={loss_reduction!r}: expected 'mean' or 'sum'")
+        if not return_logits and labels is None:
+            raise ValueError("return_logits=False only makes sense with labels (the loss is all that is computed)")
         h = self.mega(input_ids, attention_mask, token_type_ids, doc_ids, ema_boundary, cache)
-        if self.dense is not None:
-            h = torch.tanh(self.dense(h))
-        logits = self.lm_head(h)
-        out = MegaOutput(logits=logits, last_hidden_state=h, cache=cache)
-        if labels is not None:
-            _check_ids("labels", labels, input_ids.shape, self.config.vocab_size, allow=IGNORE_INDEX)
-            if self.causal and not labels_shifted:
-                logits, labels = logits[:, :-1], labels[:, 1:]  # HF style: position t predicts token t+1
-            n = (labels != IGNORE_INDEX).sum()
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+        out = MegaOutput(last_hidden_state=h, cache=cache)
+        if return_logits:
+            out.logits = self._logits(h)
+        if labels is None:
+            return out
+        _check_ids("labels", labels, input_ids.shape, self.config.vocab_size, allow=IGNORE_INDEX)
+        if self.causal and not labels_shifted:
+            # HF style: position t predicts token t+1. Shift the labels, not the logits (no [B, L-1, V] copy).
+            labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        n = (labels != IGNORE_INDEX).sum()
+        if return_logits:
+            loss = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), labels.reshape(-1),
                                    ignore_index=IGNORE_INDEX, reduction="sum")
-            # mean over counted tokens; 0 (not NaN) when every label is ignored
-            out.loss = loss if loss_reduction == "sum" else loss / n.clamp(min=1)
-            out.num_loss_tokens = n
+        else:
+            hf, tf = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
+            loss = h.new_zeros((), dtype=torch.float32)
+            for s in range(0, hf.shape[0], LOSS_BLOCK_TOKENS):
+                e = s + LOSS_BLOCK_TOKENS
+                if torch.is_grad_enabled():
+                    loss = loss + checkpoint(self._loss_sum, hf[s:e], tf[s:e], use_reentrant=False)
+                else:
+                    loss = loss + self._loss_sum(hf[s:e], tf[s:e])
+        # mean over counted tokens; 0 (not NaN) when every label is ignored
+        out.loss = loss if loss_reduction == "sum" else loss / n.clamp(min=1)
+        out.num_loss_tokens = n
         return out
 
 

@@ -266,3 +266,28 @@ def test_backbone_output_shape():
     model = MegaModel(tiny_config(False, use_chunking=True, chunk_size=4)).eval()
     assert model(ids(3, 7)).shape == (3, 7, 16)
     assert isinstance(model.config, MegaConfig)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_blockwise_loss_equals_full_logits_loss(causal, monkeypatch):
+    import megatrain.model.mega as mega_mod
+
+    monkeypatch.setattr(mega_mod, "LOSS_BLOCK_TOKENS", 5)  # several blocks, one ragged
+    model = _model(causal).train()
+    x = ids(2, 11)
+    labels = x.clone()
+    labels[1, 4] = -100
+    results = []
+    for return_logits in (True, False):
+        model.zero_grad()
+        out = model(x, labels=labels, loss_reduction="sum", return_logits=return_logits)
+        out.loss.backward()
+        assert (out.logits is None) != return_logits
+        results.append((out.loss.detach(), out.num_loss_tokens, {n: p.grad.clone() for n, p in
+                                                                  model.named_parameters()}))
+    (l0, n0, g0), (l1, n1, g1) = results
+    assert torch.allclose(l0, l1, atol=1e-5) and n0 == n1
+    for name in g0:
+        assert torch.allclose(g0[name], g1[name], atol=1e-6), name
+    with pytest.raises(ValueError, match="return_logits=False"):
+        model(x, return_logits=False)
