@@ -58,7 +58,10 @@ def _direction_coefficients(ema: "MultiDimDampedEMA", direction: int, dtype: tor
     alpha = torch.sigmoid(ema.decay_factor[rows, :, 0].to(dtype))
     a = p * ema.ema_expansion_matrix[rows, :, 0].to(dtype)
     c = ema.kernel_projection_matrix[rows].to(dtype) * math.sqrt(1.0 / ema.ema_projection_size)
-    logq = torch.log1p(-p * alpha)  # q in (0, 1): log1p keeps precision when p * alpha is small
+    # q in (0, 1): log1p keeps precision when p * alpha is small. When both sigmoids round to 1, q = 0 and
+    # log q = -inf would turn the lag-0 power into 0 * inf = NaN (transformers' kernel does exactly that);
+    # q = e^-60 is 0 for every practical purpose and keeps everything finite.
+    logq = torch.log1p(-p * alpha).clamp(min=-60.0)
     return a, c, logq
 
 

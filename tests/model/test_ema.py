@@ -262,6 +262,19 @@ def test_fp32_math_under_bf16_autocast(dtype):
     torch.testing.assert_close(state.double(), state64, rtol=1e-5, atol=1e-5)
 
 
+def test_saturated_decay_stays_finite():
+    # sigmoid rounds to exactly 1 in fp32 here, so q = 1 - p * alpha = 0: no memory at all, h_t = p * beta * x_t
+    ema = make_ema(d=4, n=2, bidirectional=True, block=8, dtype=torch.float32)
+    with torch.no_grad():
+        ema.damping_factor.fill_(40.0)
+        ema.decay_factor.fill_(40.0)
+    x = torch.randn(2, 20, 4, requires_grad=True)
+    y, state = ema(x)
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(state).all() and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(y, ema_ref(x, ema)[0], rtol=1e-6, atol=1e-6)
+
+
 class MaxNumel(TorchDispatchMode):
     def __init__(self):
         super().__init__()
