@@ -81,9 +81,9 @@ class MetricsLogger:
                 if k != "step" and isinstance(v, (int, float)) and v is not None:
                     self._tb.add_scalar(f"train/{k}", v, step)
         if step % self.print_every == 0 or rec.get("final"):
-            gn = rec.get("grad_norm")
-            parts = [f"step {step}", f"loss {rec['loss']:.4f}", f"lr {rec['lr']:.3g}",
-                     f"gnorm {gn:.3f}" if gn is not None else "gnorm -",
+            loss, gn = rec.get("loss"), rec.get("grad_norm")
+            parts = [f"step {step}", f"loss {loss:.4f}" if loss is not None else "loss nan", f"lr {rec['lr']:.3g}",
+                     f"gnorm {gn:.3f}" if gn is not None else "gnorm nan",
                      f"tok/s {rec['tokens_per_s']:.0f}", f"skipped {rec['skipped_steps']}"]
             if rec.get("mfu") is not None:
                 parts.append(f"mfu {100 * rec['mfu']:.1f}%")

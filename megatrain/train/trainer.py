@@ -26,7 +26,8 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from megatrain.config import Config, deepspeed_config, load_config
+from megatrain.config import Config, ConfigError, deepspeed_config, load_config
+from megatrain.data.shards import DataError
 from megatrain.parallel.env import discover, init_process_group
 from megatrain.parallel.groups import ParallelGroups
 from megatrain.train.checkpoint import Checkpointer
@@ -157,12 +158,16 @@ def train(cfg: Config) -> Counters:
             dt = max(time.time() - t0, 1e-9)
             gn = engine.get_global_grad_norm()
             gn = float(gn) if gn is not None else None
-            rec = {"step": c.step, "loss": step_loss, "lr": lr,
-                   "grad_norm": gn if gn is None or math.isfinite(gn) else str(gn), "tokens": c.tokens,
+            # non-finite values are logged as null (strict JSON), with the step marked
+            rec = {"step": c.step, "loss": step_loss if math.isfinite(step_loss) else None, "lr": lr,
+                   "grad_norm": gn if gn is not None and math.isfinite(gn) else None, "tokens": c.tokens,
                    "tokens_per_s": tokens_per_step / dt, "skipped_steps": int(engine.skipped_steps)}
+            if not applied:
+                rec["nonfinite"] = True
             if flops_per_token:
                 rec["tflops"] = flops_per_token * tokens_per_step / dt / world / 1e12
-                rec["mfu"] = rec["tflops"] / peak if peak else None
+                if peak:
+                    rec["mfu"] = rec["tflops"] / peak
             if torch.cuda.is_available():
                 rec["mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
             log.log(rec)
@@ -207,12 +212,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    env = discover()
-    cfg.validate(world_size=env.world_size)  # bad config fails here, before any process group
+    try:
+        cfg = load_config(args.config, args.overrides)
+        env = discover()
+        cfg.validate(world_size=env.world_size)  # bad config fails here, before any process group
+    except (ConfigError, ValueError) as e:  # bad input: one clear line, no traceback
+        print(f"pretrain: error: {e}", file=sys.stderr)
+        return 2
     init_process_group(env, cfg.parallel.backend)
     try:
         train(cfg)
+    except (NonFiniteAbort, DataError) as e:
+        print(f"pretrain: error: {e}", file=sys.stderr)
+        return 1
     finally:
         dist.destroy_process_group()
     return 0
