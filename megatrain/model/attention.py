@@ -118,16 +118,20 @@ class MovingAverageGatedAttention(nn.Module):
         self.attention_dropout = Dropout(config.attention_probs_dropout_prob)
 
     # ---- attention core ---------------------------------------------------------------------------------------
-    def _attend(self, q, k, v, valid: Optional[torch.Tensor], bias: torch.Tensor) -> torch.Tensor:
-        """q [B, n, Tq, Z], k [B, n, Tk, Z], v [B, n, Tk, E], valid [B, n, Tq, Tk] bool or None -> [B, n, Tq, E]."""
+    def _attend(self, q, k, v, valid: Optional[torch.Tensor], bias: torch.Tensor, may_be_empty: bool) -> torch.Tensor:
+        """q [B, n, Tq, Z], k [B, n, Tk, Z], v [B, n, Tk, E], valid [B, n, Tq, Tk] bool or None -> [B, n, Tq, E].
+
+        may_be_empty: some query may have no valid key (padding); otherwise its own key is always valid."""
         if self.attn_act_name == "softmax":
             scores = torch.matmul(q * self.scaling, k.transpose(-1, -2)) + bias
             if valid is not None:
-                scores = scores.masked_fill(~valid, float("-inf"))
+                invalid = ~valid
+                scores = scores.masked_fill(invalid, float("-inf"))
             weights = torch.softmax(scores, dim=-1)
-            if valid is not None:
-                # rows without any valid key are all-NaN after softmax: make them zero
-                weights = weights.masked_fill(~valid, 0.0)
+            if valid is not None and may_be_empty:
+                # rows without any valid key are all-NaN after softmax: make them zero. (Their gradient is zero
+                # too: every entry of such a row was masked above, and masked_fill's backward zeroes it.)
+                weights = weights.masked_fill(invalid, 0.0)
         else:
             if valid is None:
                 lengths = k.shape[-2]
@@ -161,7 +165,7 @@ class MovingAverageGatedAttention(nn.Module):
             valid = same if valid is None else valid & same
         if valid is not None:
             valid = valid.expand(b, n, c, c)
-        return self._attend(q, k, v, valid, bias).reshape(b, length, -1)
+        return self._attend(q, k, v, valid, bias, may_be_empty=mask is not None).reshape(b, length, -1)
 
     def _cached_attention(self, q, k, v, mask, cache: LayerCache):
         """Decoding path: new tokens at positions [P, P+T) attend to cached keys of their chunk and to each other."""
@@ -181,7 +185,8 @@ class MovingAverageGatedAttention(nn.Module):
             bias = self.rel_pos(qpos % self.chunk, kpos % self.chunk)
         else:
             bias = self.rel_pos(qpos, kpos)
-        out = self._attend(q[:, None], k[:, None], v[:, None], valid[:, None], bias.to(q.dtype))[:, 0]
+        out = self._attend(q[:, None], k[:, None], v[:, None], valid[:, None], bias.to(q.dtype),
+                           may_be_empty=True)[:, 0]
         # keep only the keys the next token can see: its chunk (everything without chunking)
         keep_from = 0 if self.chunk is None else ((p0 + t) // self.chunk) * self.chunk
         first = max(keep_from - (p0 + t - s), 0)

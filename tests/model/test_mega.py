@@ -291,3 +291,16 @@ def test_blockwise_loss_equals_full_logits_loss(causal, monkeypatch):
         assert torch.allclose(g0[name], g1[name], atol=1e-6), name
     with pytest.raises(ValueError, match="return_logits=False"):
         model(x, return_logits=False)
+
+
+@pytest.mark.parametrize("act", ["softmax", "laplace"])
+def test_left_padding_training_gradients_are_finite(act):
+    model = _model(True, attention_activation=act, use_chunking=True, chunk_size=4, normalization_type="batchnorm")
+    model.train()
+    x = ids(2, 12)
+    mask = torch.ones_like(x)
+    mask[0, :6] = 0  # a whole padded chunk plus a partly padded one
+    labels = x.masked_fill(mask == 0, -100)
+    model(x, attention_mask=mask, labels=labels).loss.backward()
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p.grad).all(), name
