@@ -219,7 +219,11 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError) as e:  # bad input: one clear line, no traceback
         print(f"pretrain: error: {e}", file=sys.stderr)
         return 2
-    init_process_group(env, cfg.parallel.backend)
+    backend = init_process_group(env, cfg.parallel.backend)
+    if env.rank == 0:
+        print(f"megatrain: launcher={env.launcher} world={env.world_size} backend={backend} "
+              f"sp={cfg.parallel.sequence_parallel_size} zero={cfg.parallel.zero_stage} run_dir={cfg.run_dir}",
+              flush=True)
     try:
         train(cfg)
     except (NonFiniteAbort, DataError) as e:
