@@ -80,6 +80,12 @@ class Dropout(nn.Module):
         return f"p={self.p}, featurewise={self.featurewise}"
 
 
+def _rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    # statistics in fp32 also for bf16/fp16 activations (a no-op cast for fp32)
+    xf = x.float()
+    return (xf * torch.rsqrt(torch.mean(torch.square(xf), dim=-1, keepdim=True) + eps)).to(x.dtype)
+
+
 class ScaleNorm(nn.Module):
     """x * scalar / rms(x): one learned scalar for all features."""
 
@@ -89,7 +95,7 @@ class ScaleNorm(nn.Module):
         self.scalar = nn.Parameter(torch.ones(1)) if affine else None
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        y = x * torch.rsqrt(torch.mean(torch.square(x), dim=-1, keepdim=True) + self.eps)
+        y = _rms_normalize(x, self.eps)
         return y * self.scalar if self.scalar is not None else y
 
 
@@ -104,7 +110,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not self.hf_noop:
-            x = x * torch.rsqrt(torch.mean(torch.square(x), dim=-1, keepdim=True) + self.eps)
+            x = _rms_normalize(x, self.eps)
         return x * self.weight if self.weight is not None else x
 
     def extra_repr(self) -> str:
