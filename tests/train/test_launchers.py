@@ -1,5 +1,7 @@
 """The same job under every launcher: the deepspeed launcher, torchrun, mpiexec (pip's mpich + mpi4py) and one
-plain process. Each 2-rank launch runs SP 2 and must reproduce the plain single-process losses.
+plain process. Each 2-rank launch runs SP 2 (ZeRO 0) and must reproduce the plain single-process (ZeRO 1) losses.
+The single run's outputs (metrics, TensorBoard, resolved config, checkpoint) are checked, and its ZeRO checkpoint
+is exported to a Hugging Face folder that transformers loads with the same logits.
 
 Run: PYTHONPATH=. python -m pytest -q tests/train/test_launchers.py
 """
@@ -25,8 +27,9 @@ LAUNCHERS = {
 def launch(tmp_path, name, shards):
     d = tmp_path / name
     cmd = LAUNCHERS[name](free_port()) + [
-        "--config", TINY, f"data.shards={shards}", f"run_dir={d}", "train.max_steps=2", "logging.tensorboard=false",
-        *([] if name == "single" else ["parallel.sequence_parallel_size=2"])]
+        "--config", TINY, f"data.shards={shards}", f"run_dir={d}", "train.max_steps=2",
+        *(["parallel.zero_stage=1"] if name == "single" else
+          ["parallel.sequence_parallel_size=2", "logging.tensorboard=false"])]
     env = pretrain_env()
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)  # the launcher must provide them
@@ -40,8 +43,41 @@ def launch(tmp_path, name, shards):
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory, tiny_shards):
-    return launch(tmp_path_factory.mktemp("single"), "single", tiny_shards)
+def single_dir(tmp_path_factory, tiny_shards):
+    d = tmp_path_factory.mktemp("single")
+    launch(d, "single", tiny_shards)
+    return d / "single"
+
+
+@pytest.fixture(scope="module")
+def single(single_dir):
+    return read_metrics(os.path.join(single_dir, "metrics.jsonl"))
+
+
+def test_single_process_outputs(single_dir, single):
+    assert [sorted(r) for r in single] == [sorted(["step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s",
+                                                    "skipped_steps", "tflops"])] * 2
+    assert single[1]["tokens"] == 2 * 2 * 32 and single[0]["lr"] == pytest.approx(1.5e-3)
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(single_dir / "tensorboard"))
+    from megatrain.config import load_config
+    assert load_config(str(single_dir / "config.yaml")).train.max_steps == 2  # the resolved config
+    assert open(single_dir / "checkpoints" / "latest").read() == "step00000002"
+
+
+def test_export_hf_matches_transformers(single_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+    from megatrain.train.checkpoint import load_model
+    out = tmp_path / "hf"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "export_hf.py"),
+                        str(single_dir / "checkpoints"), str(out)], env=pretrain_env(), capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ours, cfg = load_model(str(single_dir / "checkpoints"))  # ZeRO-1 shards merged by zero_to_fp32
+    hf = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    x = torch.randint(8, cfg.model.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, ours(x).logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
