@@ -73,6 +73,31 @@ def _check_ids(name: str, t: Optional[torch.Tensor], shape, upper: int, allow: O
         raise ValueError(f"{name} contains {bad}, outside [0, {upper})")
 
 
+@torch.no_grad()
+def init_weights_(root: nn.Module, config: MegaConfig) -> None:
+    """transformers' MEGA initialisation: normal(0, initializer_range) for linears, embeddings, qk weights and
+    relative biases; zero biases; the padding embedding row zero. Norms start at identity and the EMA initialises
+    its own parameters (from the ema_*_range options) when built."""
+    std = config.initializer_range
+    for m in root.modules():
+        if isinstance(m, nn.Linear):
+            m.weight.normal_(0.0, std)
+            if m.bias is not None:
+                m.bias.zero_()
+        elif isinstance(m, nn.Embedding):
+            m.weight.normal_(0.0, std)
+            if m.padding_idx is not None:
+                m.weight[m.padding_idx].zero_()
+        elif isinstance(m, MovingAverageGatedAttention):
+            m.qk_weight.normal_(0.0, std)
+            m.qk_bias.zero_()
+        elif isinstance(m, SimpleRelativeBias):
+            m.weight.normal_(0.0, std)
+        elif isinstance(m, RotaryRelativeBias):
+            m.alpha.normal_(0.0, std)
+            m.beta.normal_(0.0, std)
+
+
 class MegaEmbeddings(nn.Module):
     def __init__(self, config: MegaConfig):
         super().__init__()
@@ -99,6 +124,7 @@ class MegaModel(nn.Module):
         self.config = config
         self.embeddings = MegaEmbeddings(config)
         self.layers = nn.ModuleList([MegaBlock(config) for _ in range(config.num_hidden_layers)])
+        init_weights_(self, config)
 
     def new_cache(self) -> MegaCache:
         if self.config.bidirectional:
@@ -201,28 +227,8 @@ class _MegaLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
         self.init_weights()
 
-    @torch.no_grad()
     def init_weights(self) -> None:
-        """transformers' MEGA initialisation (normal(0, initializer_range) linears/embeddings, zero biases);
-        the EMA initialises its own parameters."""
-        std = self.config.initializer_range
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                m.weight.normal_(0.0, std)
-                if m.bias is not None:
-                    m.bias.zero_()
-            elif isinstance(m, nn.Embedding):
-                m.weight.normal_(0.0, std)
-                if m.padding_idx is not None:
-                    m.weight[m.padding_idx].zero_()
-            elif isinstance(m, MovingAverageGatedAttention):
-                m.qk_weight.normal_(0.0, std)
-                m.qk_bias.zero_()
-            elif isinstance(m, SimpleRelativeBias):
-                m.weight.normal_(0.0, std)
-            elif isinstance(m, RotaryRelativeBias):
-                m.alpha.normal_(0.0, std)
-                m.beta.normal_(0.0, std)
+        init_weights_(self, self.config)
         self.tie_weights()
 
     def tie_weights(self) -> None:

@@ -304,3 +304,19 @@ def test_left_padding_training_gradients_are_finite(act):
     model(x, attention_mask=mask, labels=labels).loss.backward()
     for name, p in model.named_parameters():
         assert torch.isfinite(p.grad).all(), name
+
+
+def test_initialisation_follows_transformers():
+    cfg = MegaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, nffn_hidden_size=128,
+                     is_decoder=True, bidirectional=False)
+    torch.manual_seed(0)
+    model = MegaForCausalLM(cfg)
+    layer = model.mega.layers[0]
+    assert abs(layer.attn.mx_proj.weight.std().item() - 0.02) < 0.002
+    assert torch.all(layer.attn.mx_proj.bias == 0) and torch.all(layer.attn.qk_bias == 0)
+    emb = model.mega.embeddings.word_embeddings.weight
+    assert torch.all(emb[cfg.pad_token_id] == 0) and abs(emb.std().item() - 0.02) < 0.002
+    beta = layer.attn.ema.ema_expansion_matrix[:, :, 0]
+    assert torch.allclose(beta[:, 0].mean(), torch.tensor(1.0), atol=0.01)
+    assert torch.allclose(beta[:, 1].mean(), torch.tensor(-1.0), atol=0.01)
+    assert torch.all(layer.attn.norm.scalar == 1)
