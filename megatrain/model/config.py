@@ -39,7 +39,7 @@ HF_GENERIC_KEYS = frozenset(
     output_scores prefix problem_type pruned_heads remove_invalid_values repetition_penalty return_dict
     return_dict_in_generate sep_token_id suppress_tokens task_specific_params temperature tf_legacy_loss
     tie_encoder_decoder tokenizer_class top_k top_p torchscript transformers_version typical_p use_bfloat16
-    is_encoder_decoder""".split()
+    is_encoder_decoder output_past xla_device use_return_dict""".split()
 )
 
 

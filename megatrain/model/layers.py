@@ -15,7 +15,8 @@ Differences from transformers 4.57.6 (each on purpose, each tested):
   statistics of every sample). "syncbatchnorm" is the same module: statistics are per process (the model imports
   nothing distributed); with one process that is exactly SyncBatchNorm.
 - Feature dropout drops whole feature channels of a sample ([B, 1, F] mask). HF applies dropout2d to the 4-D
-  chunked value tensor, where the "channel" axis is the chunk index, so it drops whole chunks instead.
+  value tensor [B, chunks, E, C], where the "channel" axis is the chunk index: it drops whole chunks of values
+  (without chunking, the whole value tensor of a sample) instead of features.
 """
 from __future__ import annotations
 
