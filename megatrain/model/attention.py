@@ -122,6 +122,13 @@ class MovingAverageGatedAttention(nn.Module):
         """q [B, n, Tq, Z], k [B, n, Tk, Z], v [B, n, Tk, E], valid [B, n, Tq, Tk] bool or None -> [B, n, Tq, E].
 
         may_be_empty: some query may have no valid key (padding); otherwise its own key is always valid."""
+        if self.attn_act_name == "softmax" and not may_be_empty:
+            # every query has a valid key: PyTorch's fused attention (no [.., Tq, Tk] probabilities kept for
+            # backward; flash / memory-efficient kernels). The mask folds into the additive bias.
+            attn_bias = bias if valid is None else bias.masked_fill(~valid, float("-inf"))
+            p = self.attention_dropout.p if self.training else 0.0
+            return F.scaled_dot_product_attention(q, k, self.hidden_dropout(v), attn_mask=attn_bias.to(q.dtype),
+                                                  dropout_p=p, scale=self.scaling)
         if self.attn_act_name == "softmax":
             scores = torch.matmul(q * self.scaling, k.transpose(-1, -2)) + bias
             if valid is not None:
