@@ -127,6 +127,23 @@ def test_init_matches_transformers_distributions():
     assert abs(ema.kernel_projection_matrix.std().item() - 1.0) < 0.1
 
 
+def test_init_draws_exactly_what_transformers_draws():
+    # same distributions in the same order: with one seed the initial weights are identical
+    from types import SimpleNamespace
+
+    from transformers.models.deprecated.mega.modeling_mega import MegaPreTrainedModel
+    ema = MultiDimDampedEMA(8, 6, bidirectional=True)
+    hf = hf_ema(ema, None)
+    ranges = dict(ema_delta_alpha_range=0.3, ema_beta_range=0.05, ema_gamma_omega_range=0.7)
+    torch.manual_seed(123)
+    ema.reset_parameters(0.3, 0.05, 0.7)
+    torch.manual_seed(123)
+    cfg = SimpleNamespace(ema_projection_size=6, **ranges)
+    MegaPreTrainedModel._init_weights(SimpleNamespace(config=cfg), hf)
+    for name in PARAMS:
+        torch.testing.assert_close(getattr(ema, name), getattr(hf, name), rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------- state hand-off, step, boundary
 
 @pytest.mark.parametrize("splits", [[1], [5], [8], [13, 29], [3, 4, 5, 6, 40], [16, 32]])
