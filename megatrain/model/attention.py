@@ -56,17 +56,15 @@ class RotaryRelativeBias(nn.Module):
         z = config.shared_representation_size
         self.alpha = nn.Parameter(torch.zeros(1, z))
         self.beta = nn.Parameter(torch.zeros(1, z))
-        half = z // 2
-        self.register_buffer(
-            "inv_freq", torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000) / half)),
-            persistent=False,
-        )
+        self.half = z // 2
 
     def _rotate(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        angle = pos.to(torch.float32)[:, None] * self.inv_freq[None, :]
-        sin, cos = torch.sin(angle).to(x.dtype), torch.cos(angle).to(x.dtype)
-        x1, x2 = torch.chunk(x, 2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        # frequencies and angles in fp32 whatever the model dtype (not a buffer: model.to(bf16) would round it)
+        steps = torch.arange(self.half, device=x.device, dtype=torch.float32)
+        angle = pos.to(torch.float32)[:, None] * torch.exp(steps * -(math.log(10000) / self.half))[None, :]
+        sin, cos = torch.sin(angle), torch.cos(angle)
+        x1, x2 = torch.chunk(x.float(), 2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
     def forward(self, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
         return self._rotate(self.alpha, qpos) @ self._rotate(self.beta, kpos).transpose(0, 1)

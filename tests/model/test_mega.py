@@ -320,3 +320,13 @@ def test_initialisation_follows_transformers():
     assert torch.allclose(beta[:, 0].mean(), torch.tensor(1.0), atol=0.01)
     assert torch.allclose(beta[:, 1].mean(), torch.tensor(-1.0), atol=0.01)
     assert torch.all(layer.attn.norm.scalar == 1)
+
+
+def test_bf16_weights_forward_close_to_fp32():
+    model = _model(True, use_chunking=True, chunk_size=4, attention_activation="laplace")
+    x = ids(2, 14)
+    with torch.no_grad():
+        ref = model(x).logits
+        low = model.to(torch.bfloat16)(x).logits
+    assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
+    assert _diff(low.float(), ref) < 0.25

@@ -20,7 +20,7 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.25) -> torc
     logits); variances stay positive."""
     g = torch.Generator().manual_seed(seed)
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if not t.dtype.is_floating_point or name.endswith("_float_tensor") or name.endswith("inv_freq"):
+        if not t.dtype.is_floating_point or name.endswith("_float_tensor"):
             continue
         noise = torch.randn(t.shape, generator=g) * std
         if name.endswith("running_var"):
