@@ -44,6 +44,8 @@ Boundary = Callable[[Tensor, Tensor, str], Tensor]
 
 # Elements allowed in one group of document-masked Toeplitz blocks (see _masked_intra_block).
 _MASKED_GROUP_ELEMENTS = 1 << 22
+# Blocks that contain a document boundary are redone as short sequences with blocks of this size (see _causal_ema).
+_FINE_BLOCK = 16
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -75,9 +77,10 @@ class _BlockKernel:
     w_state: Tensor    # [D, C, N]  a q^(C-1-j): position j's weight in the block's end state
     w_prop: Tensor     # [D, N, C]  c q^(i+1): weight of the state entering the block at position i
     block_decay: Tensor  # [D, N]   q^C
+    fine: Optional["_BlockKernel"] = None  # finer blocks for the blocks that contain a document boundary
 
 
-def _make_block_kernel(a: Tensor, c: Tensor, logq: Tensor, block: int) -> _BlockKernel:
+def _make_block_kernel(a: Tensor, c: Tensor, logq: Tensor, block: int, with_fine: bool = False) -> _BlockKernel:
     steps = torch.arange(block + 1, device=a.device, dtype=a.dtype)
     powers = torch.exp(logq.unsqueeze(-1) * steps)                          # [D, N, C+1]: q^0 .. q^C
     lag_kernel = torch.einsum("dn,dnl->dl", a * c, powers[..., :block])      # [D, C]
@@ -88,7 +91,8 @@ def _make_block_kernel(a: Tensor, c: Tensor, logq: Tensor, block: int) -> _Block
     toeplitz = padded.unfold(1, block, 1).flip(-1)
     w_state = (a.unsqueeze(-1) * powers[..., :block].flip(-1)).transpose(1, 2)
     w_prop = c.unsqueeze(-1) * powers[..., 1:]
-    return _BlockKernel(block, a, logq, toeplitz, w_state.contiguous(), w_prop, powers[..., block])
+    fine = _make_block_kernel(a, c, logq, _FINE_BLOCK) if with_fine and block > _FINE_BLOCK else None
+    return _BlockKernel(block, a, logq, toeplitz, w_state.contiguous(), w_prop, powers[..., block], fine)
 
 
 class _Relayout(torch.autograd.Function):
@@ -168,7 +172,15 @@ def _causal_ema(u: Tensor, kern: _BlockKernel, resets: Optional[Tensor]) -> tupl
         carry_in = (seg == 0).reshape(m, c)       # positions the block's incoming state reaches
         to_state = (seg == seg[..., -1:]).reshape(m, c)  # positions that reach the block's end state
         crossing = rb[..., 1:].any(-1).reshape(m).nonzero().squeeze(1)
-        if crossing.numel():
+        if crossing.numel() and kern.fine is not None:
+            # Blocks with a document boundary inside: their intra-block part is the EMA of a C-long sequence with
+            # resets and zero incoming state, i.e. this same algorithm at a finer block size. Materialized
+            # masked Toeplitz matrices ([D, C, C] per block, memory-bound) are left to the fine level's
+            # [D, 16, 16] ones: many short documents stay within a few times the cost of none.
+            fine_in = _relayout(xb[:, crossing], (1, 2, 0))                      # [g, C, D]
+            fine_out, _ = _causal_ema(fine_in, kern.fine, rb.reshape(m, c)[crossing])
+            out = out.index_copy(1, crossing, _relayout(fine_out, (2, 0, 1)))
+        elif crossing.numel():
             masked = _masked_intra_block(kern, xb, seg.reshape(m, c), crossing)
             out = out.index_copy(1, crossing, masked)
         block_state = torch.bmm(xb * to_state.to(xb.dtype), kern.w_state)   # [D, M, N]
@@ -224,12 +236,12 @@ def _one_direction(u: Tensor, a: Tensor, c: Tensor, logq: Tensor, resets: Option
     """Left-to-right EMA (zero incoming state) with optional truncation: (ema [B,L,D], state [B,D,N], kernel)."""
     length = u.shape[1]
     c_blk = min(block, length)
-    kern = _make_block_kernel(a, c, logq, c_blk)
+    kern = _make_block_kernel(a, c, logq, c_blk, with_fine=resets is not None)
     out, state = _causal_ema(u, kern, resets)
     if truncation is not None and truncation < length:
         # Lags >= T: sum_{j <= t-T} a c q^(t-j) u_j = sum_n (c q^T)_n h_{t-T}[n] -- the output of an EMA with
         # output weights c q^T, read T positions earlier (only if t-T lies in t's document).
-        far = _make_block_kernel(a, c * torch.exp(logq * truncation), logq, c_blk)
+        far = _make_block_kernel(a, c * torch.exp(logq * truncation), logq, c_blk, with_fine=resets is not None)
         far_out, _ = _causal_ema(u, far, resets)
         shifted = F.pad(far_out[:, : length - truncation], (0, 0, truncation, 0))
         if resets is not None:

@@ -234,10 +234,12 @@ def test_boundary_exchange_equals_unsplit_fwd_and_bwd(bidirectional, ranks, docs
 
 # ---------------------------------------------------------------- document resets
 
+# block 8: boundary blocks use masked Toeplitz matrices; block 32: they are redone with 16-blocks (then masked)
+@pytest.mark.parametrize("block", [8, 32])
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("lengths", [[40, 24], [3, 50, 11], [1] * 64, [2, 1, 5, 3, 1, 9, 8, 7, 4, 24]])
-def test_doc_resets_equal_separate_documents(bidirectional, lengths):
-    ema = make_ema(bidirectional=bidirectional, block=8)
+def test_doc_resets_equal_separate_documents(bidirectional, lengths, block):
+    ema = make_ema(bidirectional=bidirectional, block=block)
     x = torch.randn(1, 64, 6, dtype=torch.float64)
     y, state = ema(x, doc_ids=doc_ids_from_lengths([lengths]))
     start, pieces = 0, []
@@ -249,10 +251,12 @@ def test_doc_resets_equal_separate_documents(bidirectional, lengths):
     torch.testing.assert_close(state, state_doc, rtol=0, atol=1e-12)
 
 
-def test_doc_resets_many_short_documents_grads_match_ref():
-    ema = make_ema(block=16)
-    x = torch.randn(2, 50, 6, dtype=torch.float64, requires_grad=True)
-    doc_ids = torch.randint(0, 3, (2, 50)).cumsum(1)  # a new document at about 2 of every 3 positions
+@pytest.mark.parametrize("block", [16, 64])
+def test_doc_resets_many_short_documents_grads_match_ref(block):
+    ema = make_ema(block=block)
+    x = torch.randn(2, 150, 6, dtype=torch.float64, requires_grad=True)
+    doc_ids = torch.randint(0, 3, (2, 150)).cumsum(1)  # a new document at about 2 of every 3 positions
+    doc_ids[:, 70:] = doc_ids[:, 70:71]  # ... then one long document
     results = []
     for fn in (ema, lambda *a, **k: ema_ref(*a, ema, **k)):
         zero_grads(ema, x)
