@@ -21,11 +21,13 @@ of C positions. Inside a block the EMA is a causal convolution with the C-lag ke
 Between blocks only the [B, D, N] state travels: each block's end state from zero start (one matmul), a
 log-depth scan over blocks (H_b = q^C H_{b-1} + s_b), and each block's incoming state is propagated to its
 positions in closed form (one matmul). Working memory O(B*L*D + D*C*C + B*D*N*L/C).
+Document resets (`doc_ids`) cut the carry between blocks; a block with a document boundary inside is redone as a
+short sequence of its own at 16-position blocks (whose boundary blocks use masked 16x16 Toeplitz matrices).
 An incoming state (explicit `state`, or `boundary` for sequence parallelism) is linear, so it is added afterwards in
 the same closed form. It reaches the positions before the piece's first document change; a document that starts
 exactly at the piece's first position is invisible here, so whoever hands the state over zeros it for that row
-(`megatrain.parallel.sequence` does, from the slices' edge doc ids). Document resets (`doc_ids`) cut the carry between and inside blocks; truncation to T lags is
-exact as the full EMA minus a second EMA (output weights gamma * q^T) shifted by T.
+(`megatrain.parallel.sequence` does, from the slices' edge doc ids).
+Truncation to T lags is exact: the full EMA minus a second EMA (output weights gamma * q^T) read T positions back.
 `ema_ref` below is the naive sequential recurrence the fast path is tested against.
 """
 from __future__ import annotations
