@@ -237,7 +237,7 @@ class MovingAverageGatedAttention(nn.Module):
             h = self._cached_attention(q, k, value, mask, cache)
 
         out = self.dropout(self.act(hx + self.h_proj(h * gate_r)))
-        out = residual + gate_u * (out - residual)
+        out = torch.addcmul(residual, gate_u, out - residual)  # gated residual: (1 - u) * residual + u * out
         if not cfg.normalize_before_mega:
             out = self.norm(out, mask)
         return out
