@@ -3,11 +3,9 @@
 The fast blocked EMA is compared with the naive recurrence `ema_ref` (fp64), with transformers' MEGA EMA (fp32,
 copied weights), and with itself split into pieces (state hand-off, simulated sequence-parallel boundary exchange).
 """
-import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatrain.model.ema import MultiDimDampedEMA, ema_ref
