@@ -14,7 +14,7 @@ import pytest
 
 from megatrain.train.metrics import read_metrics
 from tests.train.conftest import TINY
-from tests.train.dist_util import PRETRAIN, ROOT, free_port, pretrain_env
+from tests.train.dist_util import PRETRAIN, ROOT, free_port, pretrain_env, wait_all
 
 LAUNCHERS = {
     "single": lambda port: [sys.executable, PRETRAIN],
@@ -89,6 +89,36 @@ def test_launcher(tmp_path, tiny_shards, single, name):
     assert [r["step"] for r in got] == [1, 2]
     for g, s in zip(got, single):
         assert g["loss"] == pytest.approx(s["loss"], rel=1e-6, abs=0)
+
+
+@pytest.mark.slow
+def test_slurm_environment(tmp_path, tiny_shards, single):
+    """What `srun` from launch/slurm/pretrain.sbatch gives each task: SLURM_* and the exported MASTER_PORT, no
+    RANK/WORLD_SIZE/MASTER_ADDR: ranks and the master host come from env.py."""
+    d = tmp_path / "slurm"
+    d.mkdir()
+    procs, port = [], str(free_port())
+    for r in range(2):
+        env = pretrain_env()
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+            env.pop(k, None)
+        env.update({"SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(r),
+                    "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "4242", "MASTER_PORT": port})
+        procs.append(subprocess.Popen(
+            [sys.executable, PRETRAIN, "--config", TINY, f"data.shards={tiny_shards}", f"run_dir={d}",
+             "train.max_steps=2", "logging.tensorboard=false", "parallel.sequence_parallel_size=2"],
+            cwd=ROOT, env=env, stdout=open(d / f"rank{r}.log", "w"), stderr=subprocess.STDOUT))
+    wait_all(procs, 150, str(d))
+    assert "launcher=slurm world=2" in open(d / "rank0.log").read()
+    got = read_metrics(os.path.join(d, "metrics.jsonl"))
+    assert [g["loss"] for g in got] == pytest.approx([s["loss"] for s in single], rel=1e-6, abs=0)
+
+
+def test_sbatch_script_is_valid_bash():
+    script = os.path.join(ROOT, "launch", "slurm", "pretrain.sbatch")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    text = open(script).read()
+    assert "srun" in text and "--signal=USR1@" in text and "launch/pretrain.py" in text
 
 
 def test_bad_config_is_one_line(tmp_path):
