@@ -5,6 +5,7 @@
     python bench/bench_model.py --json model.json --markdown      # also write JSON; print a BENCHMARKS.md table
     python bench/bench_model.py --from-json a.json b.json --markdown   # one table from earlier (partial) runs
     python bench/bench_model.py --profile megatrain --seq-lens 4096   # where one train step's time goes (top ops)
+    python bench/bench_model.py --ema                             # the EMA sublayer alone, megatrain vs HF
 
 The HF model (config below, seed 0) is saved with `save_pretrained` to a temporary folder; megatrain loads that
 folder with `megatrain.convert.hf.load_hf`, so both run the same weights on the same tokens (the first-step losses
@@ -75,6 +76,9 @@ def parse_args(argv=None):
     ap.add_argument("--json", default=None, help="also write the JSON here")
     ap.add_argument("--from-json", nargs="+", default=None, help="render earlier JSON outputs as one table")
     ap.add_argument("--markdown", action="store_true", help="print the table as markdown (for BENCHMARKS.md)")
+    ap.add_argument("--ema", action="store_true",
+                    help="instead of the table: fwd+bwd CPU time of one EMA sublayer (hidden 256, N 16), megatrain "
+                         "(no documents / documents of 3000 / of 80 tokens) vs HF, in this process")
     ap.add_argument("--profile", choices=IMPLS, default=None,
                     help="instead of the table: torch.profiler top ops of one train step of this implementation")
     # internal: one measurement
@@ -251,6 +255,54 @@ def goals(rows: list[dict]) -> dict:
     return out
 
 
+def bench_ema(a) -> dict:
+    """CPU seconds (best of 3) of forward+backward of one causal EMA sublayer, batch 1."""
+    import torch
+    from transformers.models.deprecated.mega.configuration_mega import MegaConfig
+    from transformers.models.deprecated.mega.modeling_mega import MegaMultiDimensionDampedEma
+    sys.path.insert(0, ROOT)
+    from megatrain.model.ema import MultiDimDampedEMA
+    torch.set_num_threads(a.threads)
+    dim, ndim = HF_CONFIG["hidden_size"], HF_CONFIG["ema_projection_size"]
+    ours = MultiDimDampedEMA(dim, ndim, bidirectional=False)
+    hf = MegaMultiDimensionDampedEma(MegaConfig(hidden_size=dim, ema_projection_size=ndim, bidirectional=False))
+    hf.load_state_dict(ours.state_dict())
+
+    def best_cpu_s(fn) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            t = time.process_time()
+            fn()
+            times.append(time.process_time() - t)
+        return min(times)
+
+    rows = []
+    for L in a.seq_lens:
+        x = torch.randn(1, L, dim, requires_grad=True)
+        row = dict(seq_len=L)
+        for name, doc_len in (("megatrain", None), ("megatrain_docs3000", 3000), ("megatrain_docs80", 80)):
+            doc_ids = None if doc_len is None else (torch.arange(L) // doc_len)[None]
+            row[name] = best_cpu_s(lambda: ours(x, doc_ids=doc_ids)[0].sum().backward())
+        row["hf"] = best_cpu_s(lambda: hf(x.transpose(0, 1))[0].sum().backward())
+        row["speedup"] = row["hf"] / row["megatrain"]
+        rows.append(row)
+        print(f"# ema L={L}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "seq_len"),
+              file=sys.stderr, flush=True)
+    return dict(bench="model-ema", threads=a.threads, unit="CPU s per fwd+bwd", rows=rows)
+
+
+def ema_table(report: dict, markdown: bool) -> str:
+    head = ["L", "megatrain s", "docs of 3000", "docs of 80", "HF s", "HF / megatrain"]
+    lines = [[str(r["seq_len"]), f"{r['megatrain']:.3f}", f"{r['megatrain_docs3000']:.3f}",
+              f"{r['megatrain_docs80']:.3f}", f"{r['hf']:.3f}", f"{r['speedup']:.1f}x"] for r in report["rows"]]
+    if markdown:
+        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines])
+    widths = [max(len(x) for x in col) for col in zip(head, *lines)]
+    return "\n".join("  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in [head, *lines])
+
+
 def save_hf_model(model_dir: str) -> None:
     import torch
     from transformers.models.deprecated.mega.configuration_mega import MegaConfig
@@ -263,6 +315,14 @@ def main(argv=None) -> None:
     a = parse_args(argv)
     if a.worker:
         print(json.dumps(worker(a)))
+        return
+    if a.ema:
+        report = bench_ema(a)
+        print(ema_table(report, a.markdown))
+        print(json.dumps(report))
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(report, f, indent=1)
         return
     if a.from_json:
         reports = []
