@@ -73,7 +73,6 @@ def _direction_coefficients(ema: "MultiDimDampedEMA", direction: int, dtype: tor
 class _BlockKernel:
     """Everything one direction needs for blocks of C positions; built once per forward."""
     block: int
-    a: Tensor          # [D, N]     input weight p * beta
     logq: Tensor       # [D, N]     log of the per-step decay q
     toeplitz: Tensor   # [D, C, C]  T[d, i, j] = sum_n a c q^(i-j) for i >= j, else 0
     w_state: Tensor    # [D, C, N]  a q^(C-1-j): position j's weight in the block's end state
@@ -94,7 +93,7 @@ def _make_block_kernel(a: Tensor, c: Tensor, logq: Tensor, block: int, with_fine
     w_state = (a.unsqueeze(-1) * powers[..., :block].flip(-1)).transpose(1, 2)
     w_prop = c.unsqueeze(-1) * powers[..., 1:]
     fine = _make_block_kernel(a, c, logq, _FINE_BLOCK) if with_fine and block > _FINE_BLOCK else None
-    return _BlockKernel(block, a, logq, toeplitz, w_state.contiguous(), w_prop, powers[..., block], fine)
+    return _BlockKernel(block, logq, toeplitz, w_state.contiguous(), w_prop, powers[..., block], fine)
 
 
 class _Relayout(torch.autograd.Function):
