@@ -25,7 +25,7 @@ from torch import nn
 
 from megatrain.model.config import MegaConfig
 from megatrain.model.ema import MultiDimDampedEMA
-from megatrain.model.layers import Dropout, activation, make_norm
+from megatrain.model.layers import Dropout, activation, checkpointed, make_norm
 
 
 class SimpleRelativeBias(nn.Module):
@@ -215,7 +215,12 @@ class MovingAverageGatedAttention(nn.Module):
             x = self.norm(x, mask)
         value = self.act(self.v_proj(x))
 
-        if cache is None:
+        if cache is None and ema_boundary is None:
+            # nested checkpoint with gradient checkpointing: the EMA's internals are not kept while the layer is
+            # recomputed. (Not with a boundary: that would run the sequence-parallel exchange a third time.)
+            nest = cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
+            ema_out, _ = checkpointed(self.ema, x, mask, doc_ids, enabled=nest)
+        elif cache is None:
             ema_out, _ = self.ema(x, mask=mask, doc_ids=doc_ids, boundary=ema_boundary)
         else:
             ema_out, cache.ema_state = self.ema(x, mask=mask, state=cache.ema_state)

@@ -13,7 +13,7 @@ from torch import nn
 
 from megatrain.model.attention import LayerCache, MovingAverageGatedAttention
 from megatrain.model.config import MegaConfig
-from megatrain.model.layers import Dropout, activation, make_norm
+from megatrain.model.layers import Dropout, activation, checkpointed, make_norm
 
 
 class NormalizedFFN(nn.Module):
@@ -39,6 +39,7 @@ class NormalizedFFN(nn.Module):
 class MegaBlock(nn.Module):
     def __init__(self, config: MegaConfig):
         super().__init__()
+        self.config = config
         self.attn = MovingAverageGatedAttention(config)
         self.ffn = NormalizedFFN(config) if config.use_normalized_ffn else None
 
@@ -51,4 +52,9 @@ class MegaBlock(nn.Module):
         cache: Optional[LayerCache] = None,
     ) -> torch.Tensor:
         x = self.attn(x, mask=mask, doc_ids=doc_ids, ema_boundary=ema_boundary, cache=cache)
-        return self.ffn(x, mask) if self.ffn is not None else x
+        if self.ffn is None:
+            return x
+        # with gradient checkpointing the FFN is a nested checkpoint inside the layer's: while the layer is
+        # recomputed in backward, the FFN keeps only its input
+        return checkpointed(self.ffn, x, mask, enabled=self.config.gradient_checkpointing and self.training
+                            and torch.is_grad_enabled())

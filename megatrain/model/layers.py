@@ -27,6 +27,7 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from megatrain.model.config import MegaConfig
 
@@ -182,6 +183,19 @@ def recomputing() -> Iterator[None]:
         yield
     finally:
         _RECOMPUTE_DEPTH[0] -= 1
+
+
+def _checkpoint_contexts():
+    # (forward context, recompute context)
+    return contextlib.nullcontext(), recomputing()
+
+
+def checkpointed(fn: Callable, *args, enabled: bool):
+    """fn(*args), recomputed in backward instead of keeping its activations when `enabled` (non-reentrant
+    torch checkpoint: nests, keeps the RNG state, so gradients are identical)."""
+    if not enabled:
+        return fn(*args)
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=_checkpoint_contexts)
 
 
 def make_norm(config: MegaConfig) -> nn.Module:

@@ -15,27 +15,20 @@ masks attention between documents. `ema_boundary` (sequence parallelism) is hand
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from megatrain.model.attention import LayerCache, MovingAverageGatedAttention, RotaryRelativeBias, SimpleRelativeBias
 from megatrain.model.blocks import MegaBlock
 from megatrain.model.config import MegaConfig
-from megatrain.model.layers import recomputing
+from megatrain.model.layers import checkpointed
 
 IGNORE_INDEX = -100
 LOSS_BLOCK_TOKENS = 4096  # positions per block of the blockwise loss (return_logits=False)
-
-
-def _checkpoint_contexts():
-    # (forward context, recompute context): the recompute must not update batch-norm running statistics again
-    return contextlib.nullcontext(), recomputing()
 
 
 @dataclass
@@ -184,11 +177,7 @@ class MegaModel(nn.Module):
         h = self.embeddings(input_ids, token_type_ids)
         use_ckpt = cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            if use_ckpt:
-                h = checkpoint(layer, h, attention_mask, doc_ids, ema_boundary, use_reentrant=False,
-                               context_fn=_checkpoint_contexts)
-            else:
-                h = layer(h, attention_mask, doc_ids, ema_boundary)
+            h = checkpointed(layer, h, attention_mask, doc_ids, ema_boundary, enabled=use_ckpt)
         return h[:, :length] if pad else h
 
     def _forward_cached(self, input_ids, attention_mask, token_type_ids, cache: MegaCache) -> torch.Tensor:
@@ -290,10 +279,7 @@ class _MegaLM(nn.Module):
             loss = h.new_zeros((), dtype=torch.float32)
             for s in range(0, hf.shape[0], LOSS_BLOCK_TOKENS):
                 e = s + LOSS_BLOCK_TOKENS
-                if torch.is_grad_enabled():
-                    loss = loss + checkpoint(self._loss_sum, hf[s:e], tf[s:e], use_reentrant=False)
-                else:
-                    loss = loss + self._loss_sum(hf[s:e], tf[s:e])
+                loss = loss + checkpointed(self._loss_sum, hf[s:e], tf[s:e], enabled=torch.is_grad_enabled())
         # mean over counted tokens; 0 (not NaN) when every label is ignored
         out.loss = loss if loss_reduction == "sum" else loss / n.clamp(min=1)
         out.num_loss_tokens = n
