@@ -7,11 +7,13 @@ Use:
     out = model(input_ids, attention_mask=None, token_type_ids=None, labels=None, doc_ids=None,
                 ema_boundary=None, labels_shifted=False, loss_reduction="mean")
     out.logits [B, L, V]; out.loss; out.num_loss_tokens
+    out = model(input_ids, labels=labels, return_logits=False)   # training: blockwise loss, no [B, L, V] logits
 
 Any length works with chunking: the sequence is padded to a multiple of chunk_size inside (padding masked out of
 the EMA, the attention and batch-norm statistics) and the outputs are cut back to L. `doc_ids` resets the EMA and
 masks attention between documents. `ema_boundary` (sequence parallelism) is handed to every layer's EMA. With a
 `MegaCache` (see generate.py) the forward runs incrementally: only the new tokens are fed.
+config.gradient_checkpointing recomputes each layer in backward (the EMA and the NFFN as nested checkpoints).
 """
 from __future__ import annotations
 
