@@ -25,6 +25,7 @@ from tests.model.util import TINY, ids, randomize_, tiny_config  # noqa: E402
 
 hf_logging.set_verbosity_error()
 warnings.filterwarnings("ignore", message=".*GenerationMixin.*")
+pytestmark = pytest.mark.filterwarnings("ignore:dropout2d")  # transformers' feature dropout on a 3-D input
 TOL = 1e-5
 
 # name -> (causal, config overrides, sequence length). L is a multiple of chunk_size where chunking (HF needs it).
