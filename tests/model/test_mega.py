@@ -330,3 +330,15 @@ def test_bf16_weights_forward_close_to_fp32():
         low = model.to(torch.bfloat16)(x).logits
     assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
     assert _diff(low.float(), ref) < 0.25
+
+
+def test_syncbatchnorm_trains_in_one_process_like_batchnorm():
+    x = ids(2, 9)
+    losses = []
+    for kind in ("batchnorm", "syncbatchnorm"):
+        model = _model(False, normalization_type=kind).train()  # same seed -> same weights
+        out = model(x, labels=x)
+        out.loss.backward()
+        losses.append((out.loss.item(), model.mega.layers[0].attn.norm.running_mean.clone()))
+    assert losses[0][0] == pytest.approx(losses[1][0], abs=1e-6)
+    assert torch.equal(losses[0][1], losses[1][1])
