@@ -8,3 +8,9 @@ if ROOT not in sys.path:
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+# Tiny test models run 10-40x faster on one thread than on two contended ones; multi-process tests start their own
+# interpreters and set threads themselves.
+torch.set_num_threads(1)
