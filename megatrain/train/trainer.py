@@ -130,10 +130,11 @@ def train(cfg: Config) -> Counters:
     tokens_per_step = cfg.data.seq_len * cfg.data.micro_batch_size * t.grad_accum_steps * dp
     mlm = t.objective == "mlm"
 
-    from megatrain.parallel.sequence import make_ema_boundary, reduce_sp_loss, sp_slice
+    from megatrain.parallel.sequence import COMM_STATS, make_ema_boundary, reduce_sp_loss, reset_comm_stats, sp_slice
     try:
         while c.step < t.max_steps:
             t0 = time.time()
+            reset_comm_stats()
             lr = engine.get_lr()[0]  # the rate this step's update uses (the schedule advances inside step())
             loss_sum = torch.zeros((), dtype=torch.float64)
             for _ in range(t.grad_accum_steps):
@@ -164,6 +165,8 @@ def train(cfg: Config) -> Counters:
                    "tokens_per_s": tokens_per_step / dt, "skipped_steps": int(engine.skipped_steps)}
             if not applied:
                 rec["nonfinite"] = True
+            if sp > 1:  # bytes this rank sent for EMA boundary states (independent of seq_len)
+                rec["sp_comm_bytes"] = COMM_STATS.total_bytes
             if flops_per_token:
                 rec["tflops"] = flops_per_token * tokens_per_step / dt / world / 1e12
                 if peak:
