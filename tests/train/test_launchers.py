@@ -114,6 +114,21 @@ def test_slurm_environment(tmp_path, tiny_shards, single):
     assert [g["loss"] for g in got] == pytest.approx([s["loss"] for s in single], rel=1e-6, abs=0)
 
 
+@pytest.mark.slow
+def test_bf16_tracks_fp32(tmp_path, tiny_shards, single):
+    """precision=bf16 (DeepSpeed bf16: bf16 weights/activations, fp32 master weights; EMA math in fp32) under
+    ZeRO-2 stays within bf16 noise of the fp32 run."""
+    d = tmp_path / "bf16"
+    p = subprocess.run([sys.executable, PRETRAIN, "--config", TINY, f"data.shards={tiny_shards}", f"run_dir={d}",
+                        "train.max_steps=2", "train.precision=bf16", "parallel.zero_stage=2",
+                        "logging.tensorboard=false"], cwd=ROOT, env=pretrain_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = read_metrics(os.path.join(d, "metrics.jsonl"))
+    assert [g["loss"] for g in got] == pytest.approx([s["loss"] for s in single], rel=1e-2)
+    assert all(g["grad_norm"] == pytest.approx(s["grad_norm"], rel=5e-2) for g, s in zip(got, single))
+
+
 def test_sbatch_script_is_valid_bash():
     script = os.path.join(ROOT, "launch", "slurm", "pretrain.sbatch")
     assert subprocess.run(["bash", "-n", script]).returncode == 0
