@@ -194,7 +194,7 @@ def train(cfg: Config) -> Counters:
 def _flops(cfg: Config, model) -> tuple:
     m = cfg.model
     span = m.chunk_size if m.use_chunking else cfg.data.seq_len
-    n = sum(p.numel() for p in model.parameters())
+    n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: full size, not the shard
     fpt = model_flops_per_token(n, m.num_hidden_layers, span, m.shared_representation_size,
                                 m.intermediate_size, causal=cfg.train.objective == "clm")
     peak = cfg.logging.peak_tflops
