@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 import types
 import typing
@@ -120,11 +119,11 @@ class Config:
         """Plain fp32 DeepSpeed (no ZeRO, no bf16 wrapper) steps our optimizer directly: it clips and guards."""
         return self.parallel.zero_stage == 0 and self.train.precision == "fp32"
 
-    # ---- validation ----
     @property
     def checkpoint_dir(self) -> str:
         return self.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
 
+    # ---- validation ----
     def validate(self, world_size: Optional[int] = None) -> "Config":
         """Every cross-field check, up front. Raises ConfigError naming the key."""
         m, d, t, p, c = self.model, self.data, self.train, self.parallel, self.checkpoint
@@ -335,7 +334,3 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         # all-reduce path divides by DP like stages 0-2): keep it on the path that matches (tests/parallel).
         ds["zero_optimization"]["reduce_scatter"] = False
     return _merge(ds, cfg.deepspeed)
-
-
-def dumps(d: dict) -> str:
-    return json.dumps(d, indent=2, sort_keys=True)
