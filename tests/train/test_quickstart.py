@@ -1,0 +1,27 @@
+"""The README's main job, shortened: examples/quickstart.py on 3 plays for 6 steps (2 CPU ranks, SP 2), then
+export and sample. Run: PYTHONPATH=. python -m pytest -q tests/train/test_quickstart.py
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.train.dist_util import ROOT, pretrain_env
+
+
+@pytest.mark.slow
+def test_quickstart_smoke(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "examples", "quickstart.py"), "--out", str(tmp_path), "--plays", "3",
+           "--steps", "6"]
+    p = subprocess.run(cmd, cwd=ROOT, env=pretrain_env(), capture_output=True, text=True, timeout=400)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-4000:]
+    assert "launcher=env world=2 backend=gloo sp=2" in out          # the deepspeed launcher, 2 ranks, SP 2
+    assert "loss: step 1 " in out and "-> step 6 " in out
+    assert os.path.exists(tmp_path / "hf" / "config.json") and os.path.exists(tmp_path / "hf" / "tokenizer.model")
+    sample = p.stdout.split("== 6. sample")[1]
+    assert len(sample.strip().splitlines()) >= 2                    # the loss line and generated text
+    # a second run skips every finished step
+    again = subprocess.run(cmd, cwd=ROOT, env=pretrain_env(), capture_output=True, text=True, timeout=200)
+    assert again.returncode == 0 and again.stdout.count("(outputs exist: skipped)") == 5, again.stdout[-3000:]
