@@ -124,8 +124,9 @@ class Config:
         return self.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
 
     # ---- validation ----
-    def validate(self, world_size: Optional[int] = None) -> "Config":
-        """Every cross-field check, up front. Raises ConfigError naming the key."""
+    def validate(self, world_size: Optional[int] = None, check_files: bool = False) -> "Config":
+        """Every cross-field check, up front. Raises ConfigError naming the key. ``check_files``: also require
+        local data paths (no glob, no URL) to exist (the launcher does; config-file tests do not)."""
         m, d, t, p, c = self.model, self.data, self.train, self.parallel, self.checkpoint
         _check(bool(self.run_dir), "run_dir", self.run_dir, "must be a non-empty path")
         _one_of("train.objective", t.objective, ("clm", "mlm"))
@@ -175,6 +176,10 @@ class Config:
         if world_size is not None:
             _check(world_size % p.sequence_parallel_size == 0, "parallel.sequence_parallel_size",
                    p.sequence_parallel_size, f"must divide the world size {world_size}")
+        if check_files:
+            for src in [d.shards] if isinstance(d.shards, str) else d.shards:
+                if isinstance(src, str) and "://" not in src and not any(ch in src for ch in "*?[{"):
+                    _check(os.path.exists(src), "data.shards", src, "no such file or directory")
         if c.resume not in ("auto", "none"):
             _check(os.path.isdir(c.resume), "checkpoint.resume", c.resume,
                    "must be auto, none, or an existing checkpoint directory")

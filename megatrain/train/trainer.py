@@ -218,7 +218,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         env = discover()
-        cfg.validate(world_size=env.world_size)  # bad config fails here, before any process group
+        cfg.validate(world_size=env.world_size, check_files=True)  # bad input fails here, before any work
     except (ConfigError, ValueError) as e:  # bad input: one clear line, no traceback
         print(f"pretrain: error: {e}", file=sys.stderr)
         return 2

@@ -142,3 +142,6 @@ def test_bad_config_is_one_line(tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1].startswith("pretrain: error: unknown config key 'train.lrr'")
     assert "Traceback" not in p.stderr
+    p = subprocess.run([sys.executable, PRETRAIN, "--config", TINY, f"data.shards={tmp_path}/none/index.json"],
+                       cwd=ROOT, env=pretrain_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "pretrain: error: data.shards=" in p.stderr and "no such file" in p.stderr
