@@ -97,6 +97,11 @@ def train(cfg: Config) -> Counters:
     groups = ParallelGroups(dp_size=dp, sp_size=sp)
     t = cfg.train
 
+    try:  # the data is checked before the model and engine are built
+        stream = build_stream(cfg, groups.dp_rank, dp)
+    except ValueError as e:  # DataError included: a mismatch between config and shards
+        raise ConfigError(f"data.shards={cfg.data.shards!r}: {e}") from e
+
     ds_config = deepspeed_config(cfg, world)
     torch.manual_seed(t.seed)  # identical initial weights everywhere (DeepSpeed also broadcasts them)
     model = build_model(cfg)
@@ -110,7 +115,6 @@ def train(cfg: Config) -> Counters:
     # dropout differs per rank (different tokens); the stream's own randomness (MLM masking) is seeded by it
     torch.manual_seed(t.seed + 1 + rank)
 
-    stream = build_stream(cfg, groups.dp_rank, dp)
     ckpt = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint.keep_last, rank)
     layout = {"world_size": world, "sp_size": sp, "dp_size": dp}
     state = ckpt.resume(engine, cfg.checkpoint.resume, expect=layout)
@@ -229,7 +233,7 @@ def main(argv=None) -> int:
               flush=True)
     try:
         train(cfg)
-    except (NonFiniteAbort, DataError) as e:
+    except (NonFiniteAbort, DataError, ConfigError) as e:
         print(f"pretrain: error: {e}", file=sys.stderr)
         return 1
     finally:
