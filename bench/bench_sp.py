@@ -4,9 +4,11 @@
     python bench/bench_sp.py --slice-len 1024 --repeats 2 --json sp.json
 
 Weak scaling: SP=2 on 2 ranks with a 2L window vs SP=1 on 1 rank with L (same model, fwd+bwd of a CLM/MLM step
-without DeepSpeed). Goal: per-rank tokens/s of SP=2 >= 90% of SP=1. Runs alternate SP=1 / SP=2 `--repeats` times
-and report medians, because the machine may be shared. The gradient all-reduce over the SP group is timed apart
-(it is the DP x SP gradient reduction the engine does anyway, not SP-specific).
+without DeepSpeed). Goal: per-rank tokens/s of SP=2 >= 90% of SP=1. A third run, two independent SP=1 ranks in
+lockstep ("sp1x2", L each, no communication), has the same core/cache/memory-bandwidth sharing as SP=2 and so
+separates what SP costs from what two busy processes cost each other on a small machine. Runs alternate
+`--repeats` times and report medians (the machine may be shared). The gradient all-reduce over the SP group is
+timed apart (it is the DP x SP gradient reduction the engine does anyway, not SP-specific).
 Bytes: megatrain.parallel.sequence.COMM_STATS after one step at several slice lengths (goal: independent of L,
 = layers x directions x 2*B*D*N x 4 bytes x (P-1) per way).
 """
@@ -74,40 +76,40 @@ def make_batch(a, window: int) -> dict:
     return {"input_ids": ids, "labels": labels}
 
 
-def train_step(model, piece, group, objective) -> tuple[float, float, float]:
+def train_step(model, piece, sp_group, objective) -> tuple[float, float, float]:
     """One fwd+bwd on this rank's slice; returns (fwd+bwd wall s, its CPU s, grad all-reduce wall s), max over
-    ranks. CPU time (all threads of the process) is what a rank would take on a machine of its own: on a shared
-    machine wall time also counts waiting for a core."""
-    dist.barrier(group)
+    all ranks. CPU time (all threads of the process) is what a rank would take with a core of its own."""
+    dist.barrier()
     c0 = time.process_time()
     t0 = time.perf_counter()
     out = model(piece["input_ids"], labels=piece["labels"], loss_reduction="sum",
-                ema_boundary=make_ema_boundary(group), **({"labels_shifted": True} if objective == "clm" else {}))
-    reduce_sp_loss(out.loss, out.num_loss_tokens, group).backward_loss.backward()
+                ema_boundary=make_ema_boundary(sp_group), **({"labels_shifted": True} if objective == "clm" else {}))
+    reduce_sp_loss(out.loss, out.num_loss_tokens, sp_group).backward_loss.backward()
     t1 = time.perf_counter()
     c1 = time.process_time()
-    if dist.get_world_size(group) > 1:
-        sum_grads_over(model.parameters(), group)
+    if dist.get_world_size(sp_group) > 1:
+        sum_grads_over(model.parameters(), sp_group)
     t2 = time.perf_counter()
     model.zero_grad(set_to_none=True)
     times = torch.tensor([t1 - t0, c1 - c0, t2 - t1], dtype=torch.float64)
-    dist.all_reduce(times, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(times, op=dist.ReduceOp.MAX)
     return tuple(times.tolist())
 
 
-def worker(rank, world, port, a, out_path):
+def worker(rank, world, sp, port, a, out_path):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=600))
-    group = dist.group.WORLD
+    # consecutive ranks form an SP group (as megatrain.parallel.groups); new_group is collective: all make all
+    groups = [dist.new_group(list(range(g * sp, (g + 1) * sp))) for g in range(world // sp)]
+    sp_group, sp_rank = groups[rank // sp], rank % sp
     model = build_model(a)
     result = {}
-    window = world * a.slice_len
-    validate_sp(window, world, a.chunk, True)
-    piece = sp_slice(make_batch(a, window), rank, world)
+    validate_sp(sp * a.slice_len, sp, a.chunk, True)
+    piece = sp_slice(make_batch(a, sp * a.slice_len), sp_rank, sp)
     fb, cpu, ar = [], [], []
     for i in range(a.warmup + a.steps):
-        t_fb, t_cpu, t_ar = train_step(model, piece, group, a.objective)
+        t_fb, t_cpu, t_ar = train_step(model, piece, sp_group, a.objective)
         if i >= a.warmup:
             fb.append(t_fb)
             cpu.append(t_cpu)
@@ -115,12 +117,12 @@ def worker(rank, world, port, a, out_path):
     result["step_s"] = statistics.median(fb)
     result["step_cpu_s"] = statistics.median(cpu)
     result["grad_allreduce_s"] = statistics.median(ar)
-    if world > 1 and a.bytes_slice_lens:
+    if sp > 1 and a.bytes_slice_lens:
         result["bytes"] = []
         for slice_len in [int(s) for s in a.bytes_slice_lens.split(",")]:
-            p = sp_slice(make_batch(a, world * slice_len), rank, world)
+            p = sp_slice(make_batch(a, sp * slice_len), sp_rank, sp)
             reset_comm_stats()
-            train_step(model, p, group, a.objective)
+            train_step(model, p, sp_group, a.objective)
             result["bytes"].append({"slice_len": slice_len, "forward": COMM_STATS.forward_bytes,
                                     "backward": COMM_STATS.backward_bytes, "setup": COMM_STATS.setup_bytes,
                                     "collectives": COMM_STATS.forward_calls + COMM_STATS.backward_calls})
@@ -136,32 +138,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(world: int, a) -> dict:
+def run(world: int, sp: int, a) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "result.json")
-        mp.start_processes(worker, args=(world, free_port(), a, path), nprocs=world, join=True,
+        mp.start_processes(worker, args=(world, sp, free_port(), a, path), nprocs=world, join=True,
                            start_method="spawn")
         with open(path) as f:
             return json.load(f)
 
 
+RUNS = {"sp1": (1, 1), "sp1x2": (2, 1), "sp2": (2, 2)}      # name: (ranks, SP size)
+
+
 def main(argv=None) -> dict:
     a = parse_args(argv)
-    runs = {1: [], 2: []}
+    results = {name: [] for name in RUNS}
     bytes_rows = None
     for _ in range(a.repeats):
-        for world in (1, 2):
-            r = run(world, a)
-            runs[world].append(r)
-            if world > 1 and "bytes" in r:
+        for name, (world, sp) in RUNS.items():
+            r = run(world, sp, a)
+            results[name].append(r)
+            if "bytes" in r:
                 bytes_rows = r["bytes"]
                 a.bytes_slice_lens = ""      # bytes are deterministic: measure them once
     tokens = a.batch * a.slice_len
-    step1 = statistics.median(r["step_s"] for r in runs[1])
-    step2 = statistics.median(r["step_s"] for r in runs[2])
-    ar2 = statistics.median(r["grad_allreduce_s"] for r in runs[2])
-    cpu1 = statistics.median(r["step_cpu_s"] for r in runs[1])
-    cpu2 = statistics.median(r["step_cpu_s"] for r in runs[2])
     dirs = 2 if a.objective == "mlm" else 1
     per_way = a.layers * dirs * 2 * a.batch * a.hidden * a.ema_dim * 4 * (2 - 1)
     n_params = sum(p.numel() for p in build_model(a).parameters())
@@ -171,29 +171,37 @@ def main(argv=None) -> dict:
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "model": {"objective": a.objective, "hidden": a.hidden, "layers": a.layers, "ema_dim": a.ema_dim,
                   "chunk": a.chunk, "vocab": a.vocab, "params": n_params, "batch": a.batch},
-        "sp1": {"ranks": 1, "window": a.slice_len, "tokens_per_rank": tokens, "step_s": step1,
-                "tokens_per_s_per_rank": tokens / step1, "step_cpu_s": cpu1, "runs_step_s": [r["step_s"] for r in runs[1]]},
-        "sp2": {"ranks": 2, "window": 2 * a.slice_len, "tokens_per_rank": tokens, "step_s": step2,
-                "tokens_per_s_per_rank": tokens / step2, "step_cpu_s": cpu2, "grad_allreduce_s": ar2,
-                "runs_step_s": [r["step_s"] for r in runs[2]]},
-        "weak_scaling_ratio": step1 / step2,
-        "weak_scaling_ratio_incl_grad_allreduce": step1 / (step2 + ar2),
-        "weak_scaling_ratio_cpu_time": cpu1 / cpu2,
-        "bytes_per_step_sp2": bytes_rows,
-        "bytes_formula_per_way": per_way,
     }
+    for name, (world, sp) in RUNS.items():
+        rs = results[name]
+        step = statistics.median(r["step_s"] for r in rs)
+        report[name] = {"ranks": world, "sp": sp, "window": sp * a.slice_len, "tokens_per_rank": tokens,
+                        "step_s": step, "tokens_per_s_per_rank": tokens / step,
+                        "step_cpu_s": statistics.median(r["step_cpu_s"] for r in rs),
+                        "grad_allreduce_s": statistics.median(r["grad_allreduce_s"] for r in rs),
+                        "runs_step_s": [r["step_s"] for r in rs]}
+    sp1, sp1x2, sp2 = report["sp1"], report["sp1x2"], report["sp2"]
+    report["weak_scaling_ratio"] = sp1["step_s"] / sp2["step_s"]
+    report["weak_scaling_ratio_incl_grad_allreduce"] = sp1["step_s"] / (sp2["step_s"] + sp2["grad_allreduce_s"])
+    report["weak_scaling_ratio_cpu_time"] = sp1["step_cpu_s"] / sp2["step_cpu_s"]
+    report["sp2_vs_two_busy_ranks"] = sp1x2["step_s"] / sp2["step_s"]
+    report["bytes_per_step_sp2"] = bytes_rows
+    report["bytes_formula_per_way"] = per_way
+
     print(f"SP weak scaling, {a.objective}, hidden {a.hidden}, {a.layers} layers, N={a.ema_dim}, chunk {a.chunk}, "
           f"batch {a.batch} ({report['machine']})")
-    print(f"{'run':<6}{'ranks':>6}{'window':>8}{'tok/rank':>10}{'step ms':>10}{'tok/s/rank':>12}{'cpu ms':>10}")
-    for name in ("sp1", "sp2"):
+    print(f"{'run':<7}{'ranks':>6}{'SP':>4}{'window':>8}{'tok/rank':>10}{'step ms':>10}{'tok/s/rank':>12}"
+          f"{'cpu ms':>10}")
+    for name in RUNS:
         r = report[name]
-        print(f"{name:<6}{r['ranks']:>6}{r['window']:>8}{r['tokens_per_rank']:>10}{1e3 * r['step_s']:>10.1f}"
-              f"{r['tokens_per_s_per_rank']:>12.0f}{1e3 * r['step_cpu_s']:>10.1f}")
-    print(f"ratio SP=2/SP=1 per-rank tokens/s: {report['weak_scaling_ratio']:.3f} (goal >= 0.90); "
-          f"with SP grad all-reduce ({1e3 * ar2:.1f} ms): {report['weak_scaling_ratio_incl_grad_allreduce']:.3f}; "
-          f"by CPU time per rank: {report['weak_scaling_ratio_cpu_time']:.3f}")
+        print(f"{name:<7}{r['ranks']:>6}{r['sp']:>4}{r['window']:>8}{r['tokens_per_rank']:>10}"
+              f"{1e3 * r['step_s']:>10.1f}{r['tokens_per_s_per_rank']:>12.0f}{1e3 * r['step_cpu_s']:>10.1f}")
+    print(f"SP=2 / SP=1 per-rank tokens/s: {report['weak_scaling_ratio']:.3f} (goal >= 0.90); "
+          f"with SP grad all-reduce ({1e3 * sp2['grad_allreduce_s']:.1f} ms): "
+          f"{report['weak_scaling_ratio_incl_grad_allreduce']:.3f}; by CPU time: "
+          f"{report['weak_scaling_ratio_cpu_time']:.3f}; vs two busy SP=1 ranks: {report['sp2_vs_two_busy_ranks']:.3f}")
     if bytes_rows:
-        print(f"\nboundary bytes per step, SP=2 (formula per way: {per_way})")
+        print(f"\nboundary bytes per step and rank, SP=2 (formula per way: {per_way})")
         print(f"{'slice L':>8}{'forward':>10}{'backward':>10}{'setup':>8}{'collectives':>13}")
         for row in bytes_rows:
             print(f"{row['slice_len']:>8}{row['forward']:>10}{row['backward']:>10}{row['setup']:>8}"
