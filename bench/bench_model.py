@@ -206,7 +206,7 @@ def merge(results: list[dict]) -> list[dict]:
 
 def table(rows: list[dict], markdown: bool) -> str:
     head = ["L", "impl", "tok/s", "tok/CPU-s", "vs HF (wall)", "vs HF (CPU)", "peak RSS MB", "vs HF",
-            "peak live MB", "vs HF", "live - loaded MB", "vs HF", "|loss0 - HF|"]
+            "peak live MB", "vs HF", "live - loaded MB", "vs HF", "loss0 diff vs HF"]
 
     def cell(run: dict, key: str, spec: str) -> str:
         if not run:
