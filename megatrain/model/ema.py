@@ -48,6 +48,7 @@ Boundary = Callable[[Tensor, Tensor, str], Tensor]
 _MASKED_GROUP_ELEMENTS = 1 << 22
 # Blocks that contain a document boundary are redone as short sequences with blocks of this size (see _causal_ema).
 _FINE_BLOCK = 16
+_FINE_GROUP_BLOCKS = 64
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -178,9 +179,12 @@ def _causal_ema(u: Tensor, kern: _BlockKernel, resets: Optional[Tensor]) -> tupl
             # resets and zero incoming state, i.e. this same algorithm at a finer block size. Materialized
             # masked Toeplitz matrices ([D, C, C] per block, memory-bound) are left to the fine level's
             # [D, 16, 16] ones: many short documents stay within a few times the cost of none.
-            fine_in = _relayout(xb[:, crossing], (1, 2, 0))                      # [g, C, D]
-            fine_out, _ = _causal_ema(fine_in, kern.fine, rb.reshape(m, c)[crossing])
-            out = out.index_copy(1, crossing, _relayout(fine_out, (2, 0, 1)))
+            fine_outs = []
+            for idx in crossing.split(_FINE_GROUP_BLOCKS):  # bounded working set (cache): ~1.4x faster at 32K
+                fine_in = _relayout(xb[:, idx], (1, 2, 0))                       # [g, C, D]
+                fine_out, _ = _causal_ema(fine_in, kern.fine, rb.reshape(m, c)[idx])
+                fine_outs.append(_relayout(fine_out, (2, 0, 1)))
+            out = out.index_copy(1, crossing, torch.cat(fine_outs, dim=1))
         elif crossing.numel():
             masked = _masked_intra_block(kern, xb, seg.reshape(m, c), crossing)
             out = out.index_copy(1, crossing, masked)
