@@ -6,6 +6,7 @@
     python bench/bench_model.py --from-json a.json b.json --markdown   # one table from earlier (partial) runs
     python bench/bench_model.py --profile megatrain --seq-lens 4096   # where one train step's time goes (top ops)
     python bench/bench_model.py --ema                             # the EMA sublayer alone, megatrain vs HF
+    python bench/bench_model.py --autocast bf16 --seq-lens 16384  # forward under bf16 autocast (other precision)
 
 The HF model (config below, seed 0) is saved with `save_pretrained` to a temporary folder; megatrain loads that
 folder with `megatrain.convert.hf.load_hf`, so both run the same weights on the same tokens (the first-step losses
@@ -79,6 +80,9 @@ def parse_args(argv=None):
     ap.add_argument("--ema", action="store_true",
                     help="instead of the table: fwd+bwd CPU time of one EMA sublayer (hidden 256, N 16), megatrain "
                          "(no documents / documents of 3000 / of 80 tokens) vs HF, in this process")
+    ap.add_argument("--autocast", choices=("none", "bf16"), default="none",
+                    help="run the forward under torch.autocast('cpu', bfloat16) (a different precision: rows are "
+                         "labelled, ratios are to HF under the same autocast)")
     ap.add_argument("--profile", choices=IMPLS, default=None,
                     help="instead of the table: torch.profiler top ops of one train step of this implementation")
     # internal: one measurement
@@ -128,7 +132,9 @@ def worker(a) -> dict:
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=ids, **loss_only).loss
+        # autocast around the forward only (backward follows the forward's dtypes), as torch recommends
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.autocast == "bf16"):
+            loss = model(input_ids=ids, labels=ids, **loss_only).loss
         loss.backward()
         opt.step()
         return loss.item()
@@ -164,9 +170,9 @@ def worker(a) -> dict:
 def run_one(a, impl: str, seq_len: int, mode: str, model_dir: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--mode", mode, "--model-dir", model_dir,
            "--seq-len", str(seq_len), "--steps", str(a.steps), "--threads", str(a.threads),
-           "--mem-limit-gb", str(a.mem_limit_gb)]
+           "--mem-limit-gb", str(a.mem_limit_gb), "--autocast", a.autocast]
     env = dict(os.environ, **(LIVE_MEMORY_ENV if mode == "memory" else {}))
-    base = dict(impl=impl, seq_len=seq_len, mode=mode)
+    base = dict(impl=impl, seq_len=seq_len, mode=mode, autocast=a.autocast)
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, cwd=ROOT, env=env)
     except subprocess.TimeoutExpired:
@@ -184,10 +190,11 @@ def merge(results: list[dict]) -> list[dict]:
     """One row per (L, impl) from its speed and memory runs, plus ratios to HF at the same L."""
     rows: dict = {}
     for r in results:
-        row = rows.setdefault((r["seq_len"], r["impl"]), dict(seq_len=r["seq_len"], impl=r["impl"]))
+        ac = r.get("autocast", "none")  # older JSON has no autocast: fp32
+        row = rows.setdefault((r["seq_len"], r["impl"], ac), dict(seq_len=r["seq_len"], impl=r["impl"], autocast=ac))
         row[r["mode"]] = r
-    for (L, impl), row in rows.items():
-        hf = rows.get((L, "hf"), {})
+    for (L, impl, ac), row in rows.items():
+        hf = rows.get((L, "hf", ac), {})
         if impl == "hf":
             continue
         for mode, key, out in (("speed", "tokens_per_s", "speedup_vs_hf"),
@@ -201,7 +208,12 @@ def merge(results: list[dict]) -> list[dict]:
         if "loss0" in mine and "loss0" in ref:
             row["loss0_abs_diff_vs_hf"] = abs(mine["loss0"] - ref["loss0"])
     order = {impl: i for i, impl in enumerate(IMPLS)}
-    return sorted(rows.values(), key=lambda r: (r["seq_len"], order.get(r["impl"], 99)))
+    return sorted(rows.values(), key=lambda r: (r["seq_len"], r["autocast"] != "none", order.get(r["impl"], 99)))
+
+
+def ac_label(row: dict) -> str:
+    ac = row.get("autocast", "none")
+    return "" if ac == "none" else f" ({ac} autocast)"
 
 
 def table(rows: list[dict], markdown: bool) -> str:
@@ -224,7 +236,7 @@ def table(rows: list[dict], markdown: bool) -> str:
     for row in rows:
         speed, memory = row.get("speed", {}), row.get("memory", {})
         lines.append([
-            str(row["seq_len"]), row["impl"], cell(speed, "tokens_per_s", ".0f"),
+            str(row["seq_len"]), row["impl"] + ac_label(row), cell(speed, "tokens_per_s", ".0f"),
             cell(speed, "tokens_per_cpu_s", ".0f"), ratio(row, "speedup_vs_hf", False),
             ratio(row, "cpu_speedup_vs_hf", False), cell(speed, "peak_rss_mb", ".0f"), ratio(row, "rss_vs_hf", True),
             cell(memory, "peak_rss_mb", ".0f"), ratio(row, "live_vs_hf", True),
@@ -245,6 +257,7 @@ def goals(rows: list[dict]) -> dict:
         return pick(vals) if vals else None
 
     out = {}
+    rows = [r for r in rows if r.get("autocast", "none") == "none"]  # the goals are about the fp32 model
     speed = best(16384, "speedup_vs_hf", max)
     if speed is not None:
         out["speedup_16k"] = dict(value=speed, goal=">= 4", met=speed >= 4)
@@ -349,7 +362,7 @@ def main(argv=None) -> None:
                         results.append(r)
         meta = dict(bench="model", date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     machine=dict(platform=platform.platform(), cpus=os.cpu_count(), threads=a.threads),
-                    config=HF_CONFIG, steps=a.steps, live_memory_env=LIVE_MEMORY_ENV)
+                    config=HF_CONFIG, steps=a.steps, live_memory_env=LIVE_MEMORY_ENV, autocast=a.autocast)
     rows = merge(results)
     report = dict(meta, results=results, rows=rows, goals=goals(rows))
     print(table(rows, a.markdown))
