@@ -19,7 +19,6 @@ import datetime
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -32,6 +31,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatrain.data import sp_slice  # noqa: E402
+from megatrain.parallel.env import free_port  # noqa: E402
 from megatrain.model import MegaConfig, MegaForCausalLM, MegaForMaskedLM  # noqa: E402
 from megatrain.parallel.sequence import (COMM_STATS, make_ema_boundary, reduce_sp_loss,  # noqa: E402
                                          reset_comm_stats, sum_grads_over, validate_sp)
@@ -130,12 +130,6 @@ def worker(rank, world, sp, port, a, out_path):
         with open(out_path, "w") as f:
             json.dump(result, f)
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(world: int, sp: int, a) -> dict:

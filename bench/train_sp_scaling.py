@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from megatrain.data.shards import doc_key, write_token_shards  # noqa: E402
-from megatrain.parallel.env import _free_port  # noqa: E402
+from megatrain.parallel.env import free_port  # noqa: E402
 from megatrain.train.metrics import read_metrics  # noqa: E402
 
 VOCAB = 256
@@ -54,7 +54,7 @@ def run(shards: str, world: int, seq_len: int, layers: int, hidden: int, steps: 
             f"model.vocab_size={VOCAB}", "model.chunk_size=128", "model.max_positions=128",
             f"parallel.sequence_parallel_size={world}", "checkpoint.every_steps=100000",
             "logging.tensorboard=false", "logging.every_steps=100000"]
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for r in range(world):
         env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",

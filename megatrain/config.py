@@ -170,7 +170,8 @@ class Config:
         # Sequence-parallel layout: the SP part owns the rule (slices must be whole chunks).
         from megatrain.parallel.sequence import validate_sp
         try:
-            validate_sp(d.seq_len, p.sequence_parallel_size, m.chunk_size, m.use_chunking, truncation=m.truncation)
+            validate_sp(d.seq_len, p.sequence_parallel_size, m.chunk_size, m.use_chunking, truncation=m.truncation,
+                        normalization_type=m.normalization_type)
         except ValueError as e:  # its messages already name the keys
             raise ConfigError(str(e)) from None
         if world_size is not None:

@@ -76,7 +76,8 @@ def expand_slurm_nodelist(nodelist: str) -> list:
     return hosts
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (single-node runs, tests, benchmarks)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -112,7 +113,7 @@ def discover(environ: Optional[Mapping[str, str]] = None, mpi_comm=None) -> Dist
         env = _discover_mpi(environ, mpi_comm)
     else:
         env = DistEnv(0, 1, 0, environ.get("MASTER_ADDR", "127.0.0.1"),
-                      _port(environ, 0) or _free_port(), "single")
+                      _port(environ, 0) or free_port(), "single")
     if not 0 <= env.rank < env.world_size:
         raise ValueError(f"rank {env.rank} is outside world size {env.world_size} (launcher {env.launcher})")
     return env
@@ -126,7 +127,7 @@ def _discover_mpi(environ: Mapping[str, str], comm=None) -> DistEnv:
     # rank 0 picks the rendezvous address/port; everyone takes its answer
     if rank == 0:
         addr = environ.get("MASTER_ADDR") or socket.gethostbyname(socket.gethostname())
-        port = _port(environ, 0) or _free_port()
+        port = _port(environ, 0) or free_port()
         root = (addr, port)
     else:
         root = None

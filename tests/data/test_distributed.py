@@ -4,7 +4,6 @@ Run: PYTHONPATH=. python -m pytest -q tests/data/test_distributed.py
 """
 import datetime
 import os
-import socket
 
 import pytest
 import torch
@@ -12,14 +11,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megatrain.data import ShardStream
+from megatrain.parallel.env import free_port
 
 L = 16
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(rank: int, world: int, port: int, manifest: str, out: str) -> None:
@@ -42,7 +36,7 @@ def _rank(rank: int, world: int, port: int, manifest: str, out: str) -> None:
 def test_three_gloo_ranks_step_together(synthetic, tmp_path):
     manifest, _ = synthetic   # 7 shards over 3 ranks
     world = 3
-    mp.spawn(_rank, args=(world, _free_port(), manifest, str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_rank, args=(world, free_port(), manifest, str(tmp_path)), nprocs=world, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     assert len({r["steps"] for r in results}) == 1 and results[0]["steps"] > 0
     content = torch.cat([r["tokens"] for r in results])

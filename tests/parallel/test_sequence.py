@@ -20,7 +20,7 @@ from megatrain.parallel.sequence import (COMM_STATS, make_ema_boundary, reduce_s
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sp_* helpers, whatever the import mode
 import sp_ema_ref as ref  # noqa: E402
-from sp_dist import spawn  # noqa: E402
+from tests.train.dist_util import run_ranks  # noqa: E402
 
 B, D, N = 2, 3, 2
 
@@ -161,7 +161,7 @@ def _check_dp_sp_groups(rank, world_size):
 @pytest.mark.timeout(300)
 def test_ema_boundary_matches_unsplit(world_size):
     """SP=2 and SP=4 (the latter also as DP 2 x SP 2 groups) == unsplit, bytes, checkpointing, bad inputs."""
-    spawn(_ema_worker, world_size)
+    run_ranks(_ema_worker, world_size)
 
 
 def test_validate_sp_accepts_and_returns_slice_length():

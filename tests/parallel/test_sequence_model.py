@@ -21,7 +21,7 @@ from megatrain.parallel.sequence import (COMM_STATS, make_ema_boundary, reduce_s
                                          sum_grads_over, validate_sp)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sp_* helpers, whatever the import mode
-from sp_dist import spawn  # noqa: E402
+from tests.train.dist_util import run_ranks  # noqa: E402
 
 B, SLICE = 2, 8
 
@@ -146,4 +146,4 @@ def _worker(rank, world_size):
 @pytest.mark.parametrize("world_size", [2, pytest.param(4, marks=pytest.mark.slow)])
 @pytest.mark.timeout(300)
 def test_sp_model_matches_unsplit(world_size):
-    spawn(_worker, world_size)
+    run_ranks(_worker, world_size)

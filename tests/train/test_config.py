@@ -46,6 +46,8 @@ def test_bad_override_names_the_key(override, match):
     (["parallel.sequence_parallel_size=2", "data.seq_len=40"], None, "= 20 is not a multiple of model.chunk_size=8"),
     (["parallel.sequence_parallel_size=2"], 3, "parallel.sequence_parallel_size=2: must divide the world size 3"),
     (["parallel.sequence_parallel_size=2", "model.use_chunking=false"], None, "needs model.use_chunking"),
+    (["parallel.sequence_parallel_size=2", "model.normalization_type=batchnorm"], None,
+     "model.normalization_type='batchnorm' is not supported with sequence"),
     (["model.bidirectional=true", "model.is_decoder=false"], None, "model.bidirectional=True: must be false"),
     (["model.is_decoder=false"], None, "model.is_decoder=False: must be true for train.objective=clm"),
     (["train.objective=mlm"], None, "model.is_decoder=True: must be false for train.objective=mlm"),
