@@ -70,8 +70,8 @@ def main(argv=None) -> int:
     max_steps = load_config(CONFIG, overrides).train.max_steps
     ckpts = os.path.join(train_dir, "checkpoints")
     launcher = shutil.which("deepspeed")
-    from megatrain.parallel.env import _free_port
-    port = str(_free_port())
+    from megatrain.parallel.env import free_port
+    port = str(free_port())
     cmd = ([launcher, "--num_gpus", "2", "--master_port", port] if launcher else
            [py, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port])
     step(f"4. pretraining: 2 ranks, sequence parallel 2, {max_steps} steps", trained_steps(ckpts) >= max_steps,
