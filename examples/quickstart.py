@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 
@@ -69,8 +68,8 @@ def main(argv=None) -> int:
         overrides += [f"train.max_steps={a.steps}", f"train.warmup_steps={max(1, a.steps // 10)}"]
     max_steps = load_config(CONFIG, overrides).train.max_steps
     ckpts = os.path.join(train_dir, "checkpoints")
-    launcher = shutil.which("deepspeed")
-    from megatrain.parallel.env import free_port
+    from megatrain.parallel.env import find_launcher, free_port
+    launcher = find_launcher("deepspeed")
     port = str(free_port())
     cmd = ([launcher, "--num_gpus", "2", "--master_port", port] if launcher else
            [py, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port])

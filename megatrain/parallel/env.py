@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
+import sysconfig
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -74,6 +76,15 @@ def expand_slurm_nodelist(nodelist: str) -> list:
     if not hosts:
         raise ValueError(f"SLURM nodelist {nodelist!r} names no host")
     return hosts
+
+
+def find_launcher(name: str) -> Optional[str]:
+    """Path of a console script (deepspeed, torchrun, mpiexec) of *this* interpreter's environment first, then PATH.
+
+    Why: `python -m pip install` into a pyenv/venv interpreter puts the scripts next to it, which is not always on
+    PATH (pyenv shims need a rehash), and a launcher from another environment would start the wrong Python."""
+    scripts = sysconfig.get_path("scripts")
+    return shutil.which(name, path=os.pathsep.join([scripts, os.environ.get("PATH", "")]))
 
 
 def free_port() -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import pickle
 import subprocess
+import sysconfig
 import sys
 import tempfile
 import traceback
@@ -68,6 +69,8 @@ def run_ranks(fn, world: int, *args) -> list:
 def pretrain_env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    # launchers (deepspeed, torchrun, mpiexec) of this interpreter, even where its scripts dir is not on PATH
+    env["PATH"] = sysconfig.get_path("scripts") + os.pathsep + env.get("PATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra or {})
     return env
