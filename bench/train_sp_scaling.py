@@ -89,7 +89,7 @@ def main(argv=None) -> int:
                              "ratio": two["tokens_per_s_per_rank"] / one["tokens_per_s_per_rank"],
                              "sp2_comm_bytes_per_rank_step": two["sp_comm_bytes"]})
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    print(f"| layers | L (SP=1) | SP=1 tok/s/rank | SP=2, 2L tok/s/rank | ratio | SP=2 bytes sent/rank/step |")
+    print("| layers | L (SP=1) | SP=1 tok/s/rank | SP=2, 2L tok/s/rank | ratio | SP=2 bytes sent/rank/step |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['layers']} | {r['L']} | {r['sp1_tok_s_rank']:.0f} | {r['sp2_2L_tok_s_rank']:.0f} | "
