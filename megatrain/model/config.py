@@ -13,6 +13,7 @@ says True). megatrain extras:
                           the normalization and throws it away). Set by `load_hf` for HF rmsnorm checkpoints so
                           they compute what they computed in transformers; new models keep False (a real RMSNorm).
   ema_block_size          block length of the blocked EMA (memory/speed knob only; results do not depend on it)
+  kernel_backend          auto | torch | triton: which implementation the ops run (megatrain/ops/backend.py)
 Validation happens at construction and in `validate()`: a bad value raises ValueError naming the field.
 """
 from __future__ import annotations
@@ -22,6 +23,8 @@ import json
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
+
+from megatrain.ops.backend import KERNEL_BACKENDS
 
 NORMALIZATION_TYPES = ("scalenorm", "layernorm", "rmsnorm", "batchnorm", "syncbatchnorm")
 ACTIVATIONS = ("silu", "relu", "linear", "gelu", "gelu_accurate")
@@ -90,6 +93,7 @@ class MegaConfig:
     gradient_checkpointing: bool = False
     hf_rmsnorm_noop: bool = False
     ema_block_size: int = 128
+    kernel_backend: str = "auto"
 
     def __post_init__(self):
         self.validate()
@@ -126,6 +130,8 @@ class MegaConfig:
             bad("attention_activation", f"unknown; choose one of {ATTENTION_ACTIVATIONS}")
         if self.relative_positional_bias not in RELATIVE_POSITIONAL_BIASES:
             bad("relative_positional_bias", f"unknown; choose one of {RELATIVE_POSITIONAL_BIASES}")
+        if self.kernel_backend not in KERNEL_BACKENDS:
+            bad("kernel_backend", f"unknown; choose one of {KERNEL_BACKENDS}")
         if self.use_chunking and self.chunk_size <= 0:
             bad("chunk_size", "must be > 0 when use_chunking=True")
         if self.relative_positional_bias == "simple" and self.chunk_size > self.max_positions:
