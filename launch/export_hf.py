@@ -14,7 +14,7 @@ if __package__ in (None, ""):  # run as a script from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatrain.convert.hf import save_hf  # noqa: E402
-from megatrain.train.checkpoint import load_model  # noqa: E402
+from megatrain.convert.checkpoint import load_model  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -2,10 +2,10 @@
 
 Usage::
 
-    from megatrain.config import load_config, deepspeed_config
+    from megatrain.config import load_config
     cfg = load_config("configs/tiny.yaml", ["train.max_steps=10", "parallel.sequence_parallel_size=2"])
     cfg.validate(world_size=2)          # every consistency check, before any work starts
-    ds = deepspeed_config(cfg, world_size=2)   # the DeepSpeed JSON, generated from this one source of truth
+    # the DeepSpeed JSON is generated from it: megatrain/parallel/zero.py
 
 Sections: ``model`` (MegaConfig fields), ``data``, ``train``, ``parallel``, ``checkpoint``, ``logging``, plus
 ``run_dir`` and an optional free-form ``deepspeed`` dict whose keys are merged into the generated DeepSpeed JSON
@@ -102,7 +102,7 @@ class Config:
     # ---- construction ----
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
-        return _build(cls, d, "")
+        return _build(cls, _follow_objective(d), "")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -113,11 +113,6 @@ class Config:
         with open(tmp, "w") as f:
             yaml.safe_dump(self.to_dict(), f, sort_keys=False)
         os.replace(tmp, path)
-
-    @property
-    def clip_in_optimizer(self) -> bool:
-        """Plain fp32 DeepSpeed (no ZeRO, no bf16 wrapper) steps our optimizer directly: it clips and guards."""
-        return self.parallel.zero_stage == 0 and self.train.precision == "fp32"
 
     @property
     def checkpoint_dir(self) -> str:
@@ -141,6 +136,9 @@ class Config:
                        ("logging.every_steps", self.logging.every_steps),
                        ("train.max_consecutive_nonfinite", t.max_consecutive_nonfinite)]:
             _check(v >= 1, key, v, "must be >= 1")
+        if world_size is not None:
+            _check(world_size % p.sequence_parallel_size == 0, "parallel.sequence_parallel_size",
+                   p.sequence_parallel_size, f"must divide the world size {world_size}")
         _check(t.lr > 0, "train.lr", t.lr, "must be > 0")
         _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
         _check(0 <= t.warmup_steps <= t.max_steps, "train.warmup_steps", t.warmup_steps,
@@ -148,22 +146,17 @@ class Config:
         _check(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 = off)")
         _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
         _check(bool(d.shards), "data.shards", d.shards, "must name a manifest, a directory, a glob or a list")
-        if t.objective == "clm":
-            # A causal LM must not look right: the bidirectional EMA and non-causal attention both would.
-            _check(not m.bidirectional, "model.bidirectional", m.bidirectional,
-                   "must be false for train.objective=clm (a bidirectional EMA sees the future)")
-            _check(m.is_decoder, "model.is_decoder", m.is_decoder,
-                   "must be true for train.objective=clm (causal attention)")
-        if t.objective == "mlm":
-            _check(not m.is_decoder, "model.is_decoder", m.is_decoder, "must be false for train.objective=mlm")
+        for key, (value, why) in OBJECTIVE_MODEL_FIELDS[t.objective].items():  # set by from_dict; a later edit?
+            _check(getattr(m, key) == value, f"model.{key}", getattr(m, key),
+                   f"must be {value} for train.objective={t.objective} ({why})")
         if d.mask_token_id is not None:  # None: the shard manifest names it
             _check(0 <= d.mask_token_id < m.vocab_size, "data.mask_token_id", d.mask_token_id,
                    f"must be a token id in [0, model.vocab_size={m.vocab_size})")
-        if m.relative_positional_bias == "simple":
-            span = m.chunk_size if m.use_chunking else d.seq_len // p.sequence_parallel_size
-            _check(span <= m.max_positions, "model.max_positions", m.max_positions,
-                   f"is below the attention span {span} (simple relative bias is limited to max_positions)")
         m.validate()
+        try:  # without chunking a rank attends over its whole slice: the model's span rule, at that length
+            m.check_attention_span(d.seq_len // p.sequence_parallel_size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if m.use_chunking:  # windows are never padded, so a window must be whole chunks (SP adds: per slice)
             _check(d.seq_len % m.chunk_size == 0, "data.seq_len", d.seq_len,
                    f"must be a multiple of model.chunk_size={m.chunk_size}")
@@ -174,9 +167,6 @@ class Config:
                         normalization_type=m.normalization_type)
         except ValueError as e:  # its messages already name the keys
             raise ConfigError(str(e)) from None
-        if world_size is not None:
-            _check(world_size % p.sequence_parallel_size == 0, "parallel.sequence_parallel_size",
-                   p.sequence_parallel_size, f"must divide the world size {world_size}")
         if check_files:
             for src in [d.shards] if isinstance(d.shards, str) else d.shards:
                 if isinstance(src, str) and "://" not in src and not any(ch in src for ch in "*?[{"):
@@ -185,6 +175,34 @@ class Config:
             _check(os.path.isdir(c.resume), "checkpoint.resume", c.resume,
                    "must be auto, none, or an existing checkpoint directory")
         return self
+
+
+# train.objective decides what the model is; these model fields follow it unless set to a compatible value.
+OBJECTIVE_MODEL_FIELDS = {
+    "clm": {"is_decoder": (True, "causal attention"), "bidirectional": (False, "a bidirectional EMA sees the future")},
+    "mlm": {"is_decoder": (False, "masked LM attention is bidirectional")},
+}
+
+
+def _follow_objective(tree: dict) -> dict:
+    """Fill the model fields the objective decides (is_decoder; bidirectional for clm) into a raw config tree;
+    an explicit contradicting value is an error naming both keys."""
+    if not isinstance(tree, dict) or not isinstance(tree.get("train", {}) or {}, dict):
+        return tree  # _build reports the shape error
+    objective = (tree.get("train") or {}).get("objective", TrainCfg.objective)
+    _one_of("train.objective", objective, tuple(OBJECTIVE_MODEL_FIELDS))
+    model = tree.get("model") or {}
+    if not isinstance(model, dict):
+        return tree
+    model = dict(model)
+    for key, (value, why) in OBJECTIVE_MODEL_FIELDS[objective].items():
+        if key in model and not isinstance(model[key], bool):
+            continue  # a type error: _build names it
+        if key in model and model[key] != value:
+            raise ConfigError(f"model.{key}={model[key]!r} contradicts train.objective={objective} ({why}); "
+                              f"leave model.{key} unset (it follows the objective) or set it to {value}")
+        model[key] = value
+    return {**tree, "model": model}
 
 
 def _check(ok: bool, key: str, value: Any, why: str) -> None:
@@ -303,40 +321,3 @@ def load_config(path: Optional[str], overrides: Optional[list] = None) -> Config
     for item in overrides or []:
         apply_override(tree, item)
     return Config.from_dict(tree)
-
-
-# ---- DeepSpeed JSON ----
-def _merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-def deepspeed_config(cfg: Config, world_size: int) -> dict:
-    """The DeepSpeed JSON for this run. The optimizer and LR schedule are ours (passed to deepspeed.initialize),
-    so only batch, precision, clipping and ZeRO live here; ``cfg.deepspeed`` is merged on top."""
-    dp_size = world_size // cfg.parallel.sequence_parallel_size
-    t = cfg.train
-    ds = {
-        # DeepSpeed's "data parallel" world is our DP size (the mpu says so); SP ranks share one batch.
-        "train_batch_size": cfg.data.micro_batch_size * t.grad_accum_steps * dp_size,
-        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum_steps,
-        # fp32 without ZeRO: our GuardedAdamW clips (it needs the pre-clip norm to report and to skip NaN steps)
-        "gradient_clipping": 0.0 if cfg.clip_in_optimizer else t.grad_clip,
-        "bf16": {"enabled": t.precision == "bf16"},
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
-        # our AdamW is a plain torch optimizer: ZeRO handles it fine but warns without this
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10 ** 9,
-        "wall_clock_breakdown": False,
-    }
-    if cfg.parallel.zero_stage == 3 and cfg.parallel.sequence_parallel_size > 1:
-        # ZeRO-3's reduce-scatter path averages over all DP x SP ranks and ignores the SP size (its contiguous
-        # all-reduce path divides by DP like stages 0-2): keep it on the path that matches (tests/parallel).
-        ds["zero_optimization"]["reduce_scatter"] = False
-    return _merge(ds, cfg.deepspeed)

@@ -23,6 +23,6 @@ different where it does not (tests/convert/test_hf_known_bugs.py, tests/model/te
 - generation works, with chunking, carrying EMA state + current-chunk K/V (HF lost generate() in 4.50).
 """
 from megatrain.model.config import MegaConfig
-from megatrain.model.mega import MegaCache, MegaForCausalLM, MegaForMaskedLM, MegaModel, MegaOutput
+from megatrain.model.mega import MegaCache, MegaForCausalLM, MegaForMaskedLM, MegaModel, MegaOutput, build_model
 
-__all__ = ["MegaConfig", "MegaModel", "MegaForCausalLM", "MegaForMaskedLM", "MegaOutput", "MegaCache"]
+__all__ = ["MegaConfig", "MegaModel", "MegaForCausalLM", "MegaForMaskedLM", "MegaOutput", "MegaCache", "build_model"]

@@ -134,8 +134,7 @@ class MegaConfig:
             bad("kernel_backend", f"unknown; choose one of {KERNEL_BACKENDS}")
         if self.use_chunking and self.chunk_size <= 0:
             bad("chunk_size", "must be > 0 when use_chunking=True")
-        if self.relative_positional_bias == "simple" and self.chunk_size > self.max_positions:
-            bad("chunk_size", f"the simple relative bias table holds max_positions={self.max_positions} positions")
+        self.check_attention_span()
         if self.relative_positional_bias == "rotary" and self.shared_representation_size % 2:
             bad("shared_representation_size", "must be even for the rotary relative positional bias")
         if self.truncation is not None and self.truncation <= 0:
@@ -149,6 +148,19 @@ class MegaConfig:
         if self.hf_rmsnorm_noop and self.normalization_type != "rmsnorm":
             bad("hf_rmsnorm_noop", "only meaningful with normalization_type='rmsnorm'")
         return self
+
+    def check_attention_span(self, length: Optional[int] = None) -> None:
+        """The one span rule: the simple relative bias table holds max_positions positions, and attention spans
+        a chunk (use_chunking, or chunk_size when `length` is unknown) or the whole input of `length` tokens.
+        ValueError naming the field if the span is longer."""
+        if self.relative_positional_bias != "simple":
+            return
+        by_chunk = self.use_chunking or length is None
+        span = self.chunk_size if by_chunk else length
+        if span > self.max_positions:
+            name = "chunk_size" if by_chunk else "max_positions"
+            raise ValueError(f"MegaConfig.{name}={getattr(self, name)!r}: the attention span {span} exceeds the "
+                             f"simple relative bias table (max_positions={self.max_positions})")
 
     # ---- (de)serialization ------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

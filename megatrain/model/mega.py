@@ -291,3 +291,9 @@ class MegaForCausalLM(_MegaLM):
 
 class MegaForMaskedLM(_MegaLM):
     causal = False
+
+
+def build_model(config: MegaConfig) -> _MegaLM:
+    """The language model of a run: causal if ``config.is_decoder``, else masked. (In a run config the objective
+    decides ``is_decoder``: see megatrain/config.py.)"""
+    return (MegaForCausalLM if config.is_decoder else MegaForMaskedLM)(config)

@@ -5,7 +5,8 @@ Usage (every rank calls both; they are collective)::
     ckpt = Checkpointer(cfg.checkpoint_dir, keep_last=3, rank=rank)
     state = ckpt.resume(engine, cfg.checkpoint.resume)          # None = fresh start, else this rank's state dict
     ckpt.save(engine, step, rank_state, config)
-    model, cfg = load_model("runs/x/checkpoints")             # no DeepSpeed engine/process group: for export
+
+Export reads these folders without an engine: megatrain/convert/checkpoint.py.
 
 Layout of ``<dir>``::
 
@@ -136,26 +137,3 @@ class Checkpointer:
         set_rng_state(state["rng"])
         return state
 
-
-def load_model(path: str):
-    """(model in eval mode on CPU, fp32; its run Config) from a checkpoint directory (uses its ``latest``) or a
-    tag directory. Needs no process group: ZeRO shards are merged with DeepSpeed's zero_to_fp32 (fp32 master
-    weights, so bf16 runs export their exact master copy)."""
-    from megatrain.config import load_config
-    from megatrain.train.trainer import build_model
-    path = os.path.normpath(path)
-    if os.path.exists(os.path.join(path, LATEST)):
-        path = os.path.join(path, read_latest(path))
-    cfg_file = os.path.join(path, "config.yaml")
-    if not os.path.exists(cfg_file):
-        raise FileNotFoundError(f"{path} is not a megatrain checkpoint (no config.yaml)")
-    cfg = load_config(cfg_file)
-    if cfg.parallel.zero_stage > 0:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        sd = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(path), tag=os.path.basename(path))
-    else:
-        sd = torch.load(os.path.join(path, "mp_rank_00_model_states.pt"), map_location="cpu",
-                        weights_only=False)["module"]
-    model = build_model(cfg)
-    model.load_state_dict({k: v.float() for k, v in sd.items()})
-    return model.eval(), cfg

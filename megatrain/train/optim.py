@@ -2,7 +2,7 @@
 
 Usage::
 
-    opt = build_optimizer(model, cfg.train, guard=cfg.clip_in_optimizer)
+    opt = build_optimizer(model, cfg.train, guard=clip_in_optimizer(cfg))   # megatrain.parallel.zero
     sched = build_scheduler(opt, cfg.train)
 
 * AdamW with two parameter groups: matrices decay; biases, norm scales, EMA coefficients (every tensor with
@@ -67,7 +67,7 @@ class GuardedAdamW(torch.optim.AdamW):
 
 
 def build_optimizer(model: torch.nn.Module, t: TrainCfg, guard: bool) -> GuardedAdamW:
-    """``guard``: Config.clip_in_optimizer (no ZeRO/bf16 wrapper will clip, skip or measure for us)."""
+    """``guard``: megatrain.parallel.zero.clip_in_optimizer (no ZeRO/bf16 wrapper will clip, skip or measure for us)."""
     return GuardedAdamW(param_groups(model, t.weight_decay), max_norm=t.grad_clip if guard else None,
                         lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
 

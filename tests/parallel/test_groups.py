@@ -68,7 +68,8 @@ def _reference(dp):
 
 def _ds_worker(rank, world, dp, sp, stages):
     import deepspeed
-    from megatrain.config import Config, deepspeed_config
+    from megatrain.config import Config
+    from megatrain.parallel.zero import deepspeed_config
     from megatrain.parallel.groups import ParallelGroups
     from megatrain.parallel.sequence import reduce_sp_loss
     g = ParallelGroups(dp_size=dp, sp_size=sp)

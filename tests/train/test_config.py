@@ -8,7 +8,8 @@ import os
 import pytest
 import yaml
 
-from megatrain.config import Config, ConfigError, deepspeed_config, load_config
+from megatrain.config import Config, ConfigError, load_config
+from megatrain.parallel.zero import deepspeed_config
 from tests.train.conftest import ROOT, TINY
 
 OK = ["data.shards=x/index.json"]
@@ -21,7 +22,7 @@ def test_overrides_are_typed():
     assert cfg.train.lr == 1e-4 and cfg.train.max_steps == 3 and cfg.train.grad_clip == 2.0
     assert isinstance(cfg.train.grad_clip, float)
     assert cfg.data.shards == ["a.tar", "b.tar"]
-    assert cfg.model.hidden_size == 32 and cfg.model.is_decoder is True  # from the YAML
+    assert cfg.model.hidden_size == 32 and cfg.model.is_decoder is True  # from the YAML's objective
     assert cfg.deepspeed == {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}
 
 
@@ -48,10 +49,6 @@ def test_bad_override_names_the_key(override, match):
     (["parallel.sequence_parallel_size=2", "model.use_chunking=false"], None, "needs model.use_chunking"),
     (["parallel.sequence_parallel_size=2", "model.normalization_type=batchnorm"], None,
      "model.normalization_type='batchnorm' is not supported with sequence"),
-    (["model.bidirectional=true", "model.is_decoder=false"], None, "model.bidirectional=True: must be false"),
-    (["model.is_decoder=false"], None, "model.is_decoder=False: must be true for train.objective=clm"),
-    (["train.objective=mlm"], None, "model.is_decoder=True: must be false for train.objective=mlm"),
-    (["train.objective=xlm"], None, "train.objective='xlm': must be one of clm, mlm"),
     (["train.precision=fp16"], None, "train.precision='fp16'"),
     (["parallel.zero_stage=4"], None, "parallel.zero_stage=4"),
     (["train.warmup_steps=100"], None, "train.warmup_steps=100"),
@@ -64,13 +61,36 @@ def test_validation_names_the_key(overrides, world, match):
         cfg.validate(world_size=world)
 
 
+@pytest.mark.parametrize("overrides, match", [
+    (["model.bidirectional=true"], "model.bidirectional=True contradicts train.objective=clm"),
+    (["model.is_decoder=false"], "model.is_decoder=False contradicts train.objective=clm"),
+    (["train.objective=mlm", "model.is_decoder=true"], "model.is_decoder=True contradicts train.objective=mlm"),
+    (["train.objective=xlm"], "train.objective='xlm': must be one of clm, mlm"),
+])
+def test_objective_contradictions_name_both_keys(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(TINY, OK + overrides)
+
+
+def test_objective_alone_decides_causal_or_masked():
+    clm = load_config(TINY, OK).validate()
+    assert (clm.model.is_decoder, clm.model.bidirectional) == (True, False)
+    mlm = load_config(TINY, OK + ["train.objective=mlm"]).validate()   # nothing else to change
+    assert (mlm.model.is_decoder, mlm.model.bidirectional) == (False, True)
+    # a compatible explicit value is kept: a masked LM over a left-to-right EMA
+    uni = load_config(TINY, OK + ["train.objective=mlm", "model.bidirectional=false"]).validate()
+    assert (uni.model.is_decoder, uni.model.bidirectional) == (False, False)
+    # a resolved config (what a run saves) loads back unchanged
+    assert load_config(None, ["train.objective=mlm"]).model.is_decoder is False
+
+
 def test_every_config_file_loads_and_validates():
     files = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
     assert len(files) >= 4, files
     for f in files:
         with open(f) as fh:
             world = (yaml.safe_load(fh).get("parallel") or {}).get("sequence_parallel_size", 1)
-        cfg = load_config(f).validate(world_size=world)
+        cfg = load_config(f, OK if "tiny" in f else []).validate(world_size=world)  # tiny: shards given per run
         ds = deepspeed_config(cfg, world)
         assert ds["train_batch_size"] == cfg.data.micro_batch_size * cfg.train.grad_accum_steps, f
 

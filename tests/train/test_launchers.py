@@ -67,7 +67,7 @@ def test_single_process_outputs(single_dir, single):
 def test_export_hf_matches_transformers(single_dir, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
-    from megatrain.train.checkpoint import load_model
+    from megatrain.convert.checkpoint import load_model
     out = tmp_path / "hf"
     p = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "export_hf.py"),
                         str(single_dir / "checkpoints"), str(out)], env=pretrain_env(), capture_output=True,
