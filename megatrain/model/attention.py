@@ -2,8 +2,8 @@
 
 Use (inside a MegaBlock; shapes batch-first):
     attn = MovingAverageGatedAttention(config)
-    y = attn(x, mask=None, doc_ids=None, ema_boundary=None)   # x [B, L, D], L a multiple of chunk_size if chunking
-    y = attn(x_new, mask=m_new, cache=layer_cache)            # incremental decoding (LayerCache below)
+    y = attn(x, SeqContext(mask, doc_ids, ema_boundary))   # x [B, L, D], L a multiple of chunk_size if chunking
+    y = attn(x_new, SeqContext(mask=m_new), cache=layer_cache)  # incremental decoding (LayerCache below)
 
 One attention formula serves training and decoding: `_attend(q, k, v, valid, bias)` with `valid` the boolean
 "query i may look at key j" mask (causal, same chunk, real key, same document). Differences from transformers:
@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from megatrain.model.config import MegaConfig
+from megatrain.model.context import SeqContext
 from megatrain.model.ema import MultiDimDampedEMA
 from megatrain.model.layers import Dropout, activation, checkpointed, make_norm
 
@@ -200,15 +201,10 @@ class MovingAverageGatedAttention(nn.Module):
         return out
 
     # ---- the sub-layer ----------------------------------------------------------------------------------------
-    def forward(
-        self,
-        x: torch.Tensor,
-        mask: Optional[torch.Tensor] = None,
-        doc_ids: Optional[torch.Tensor] = None,
-        ema_boundary: Optional[Callable] = None,
-        cache: Optional[LayerCache] = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: SeqContext = SeqContext(),
+                cache: Optional[LayerCache] = None) -> torch.Tensor:
         cfg = self.config
+        mask, doc_ids, ema_boundary = ctx.mask, ctx.doc_ids, ctx.ema_boundary
         d, z, e = cfg.hidden_size, cfg.shared_representation_size, cfg.intermediate_size
         residual = x
         if cfg.normalize_before_mega:

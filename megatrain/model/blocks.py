@@ -2,17 +2,18 @@
 
 Use:
     block = MegaBlock(config)
-    y = block(x, mask=None, doc_ids=None, ema_boundary=None, cache=None)     # x [B, L, D]
+    y = block(x, SeqContext(mask, doc_ids, ema_boundary), cache=None)     # x [B, L, D]
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
 from megatrain.model.attention import LayerCache, MovingAverageGatedAttention
 from megatrain.model.config import MegaConfig
+from megatrain.model.context import SeqContext
 from megatrain.model.layers import Dropout, activation, checkpointed, make_norm
 
 
@@ -43,18 +44,12 @@ class MegaBlock(nn.Module):
         self.attn = MovingAverageGatedAttention(config)
         self.ffn = NormalizedFFN(config) if config.use_normalized_ffn else None
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        mask: Optional[torch.Tensor] = None,
-        doc_ids: Optional[torch.Tensor] = None,
-        ema_boundary: Optional[Callable] = None,
-        cache: Optional[LayerCache] = None,
-    ) -> torch.Tensor:
-        x = self.attn(x, mask=mask, doc_ids=doc_ids, ema_boundary=ema_boundary, cache=cache)
+    def forward(self, x: torch.Tensor, ctx: SeqContext = SeqContext(),
+                cache: Optional[LayerCache] = None) -> torch.Tensor:
+        x = self.attn(x, ctx, cache=cache)
         if self.ffn is None:
             return x
         # with gradient checkpointing the FFN is a nested checkpoint inside the layer's: while the layer is
         # recomputed in backward, the FFN keeps only its input
-        return checkpointed(self.ffn, x, mask, enabled=self.config.gradient_checkpointing and self.training
+        return checkpointed(self.ffn, x, ctx.mask, enabled=self.config.gradient_checkpointing and self.training
                             and torch.is_grad_enabled())

@@ -27,6 +27,7 @@ from torch import nn
 from megatrain.model.attention import LayerCache, MovingAverageGatedAttention, RotaryRelativeBias, SimpleRelativeBias
 from megatrain.model.blocks import MegaBlock
 from megatrain.model.config import MegaConfig
+from megatrain.model.context import SeqContext
 from megatrain.model.layers import checkpointed
 from megatrain.ops.lm_loss import lm_head_ce_sum
 
@@ -180,9 +181,10 @@ class MegaModel(nn.Module):
                 doc_ids = torch.cat([doc_ids, doc_ids[:, -1:].expand(-1, pad)], dim=1)
 
         h = self.embeddings(input_ids, token_type_ids)
+        ctx = SeqContext(attention_mask, doc_ids, ema_boundary)
         use_ckpt = cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            h = checkpointed(layer, h, attention_mask, doc_ids, ema_boundary, enabled=use_ckpt)
+            h = checkpointed(layer, h, ctx, enabled=use_ckpt)
         return h[:, :length] if pad else h
 
     def _forward_cached(self, input_ids, attention_mask, token_type_ids, cache: MegaCache) -> torch.Tensor:
@@ -201,8 +203,9 @@ class MegaModel(nn.Module):
                                       sl(token_type_ids, head, None), cache)
             return torch.cat([h1, h2], dim=1)
         h = self.embeddings(input_ids, token_type_ids)
+        ctx = SeqContext(attention_mask)
         for layer, lc in zip(self.layers, cache.layers):
-            h = layer(h, attention_mask, cache=lc)
+            h = layer(h, ctx, cache=lc)
         return h
 
 
