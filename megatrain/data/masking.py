@@ -16,7 +16,8 @@ import functools
 
 import numpy as np
 
-IGNORE_INDEX = -100
+from megatrain.ops.lm_loss import IGNORE_INDEX
+
 
 
 @dataclasses.dataclass

@@ -57,7 +57,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from megatrain.data.masking import IGNORE_INDEX, MaskingConfig, mask_tokens
+from megatrain.data.masking import MaskingConfig, mask_tokens
+from megatrain.ops.lm_loss import IGNORE_INDEX
 from megatrain.data.shards import DataError, Manifest, ShardInfo, read_shard, token_dtype
 
 log = logging.getLogger("megatrain.data")

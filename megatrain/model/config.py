@@ -5,7 +5,8 @@ Use:
     cfg.to_json_file("config.json"); cfg = MegaConfig.from_json_file("config.json")
     cfg = MegaConfig.from_dict(hf_config_json_dict)    # HF-generic keys (architectures, dtype...) are ignored
 
-Every field of transformers 4.57.6 `MegaConfig` (see docs/../shared/seeds/mega_doc_v4.md) is here with the same
+Every field of transformers 4.57.6 `MegaConfig` (transformers/models/deprecated/mega/configuration_mega.py in
+that release; https://huggingface.co/docs/transformers/v4.57.1/en/model_doc/mega) is here with the same
 default as transformers' *code* (note: `add_token_type_embeddings` defaults to False in the code, the docstring
 says True). megatrain extras:
   gradient_checkpointing  recompute each block in backward (identical gradients, less activation memory)

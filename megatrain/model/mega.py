@@ -29,9 +29,8 @@ from megatrain.model.blocks import MegaBlock
 from megatrain.model.config import MegaConfig
 from megatrain.model.context import SeqContext
 from megatrain.model.layers import checkpointed
-from megatrain.ops.lm_loss import lm_head_ce_sum
+from megatrain.ops.lm_loss import IGNORE_INDEX, lm_head_ce_sum
 
-IGNORE_INDEX = -100
 # positions per block of the fused LM-head loss (return_logits=False): one [block, V] buffer; at V=8K, 1024 is
 # as fast as 2048/4096 (single-thread CPU, 16K tokens) with a quarter of 4096's 128 MB
 LOSS_BLOCK_TOKENS = 1024

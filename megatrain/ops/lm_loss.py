@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the label of a position without loss: megatrain's one definition (as transformers')
 
 
 def lm_head_ce_sum_ref(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

@@ -24,7 +24,7 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict:
+def deepspeed_config(cfg, world_size: int) -> dict:
     """The DeepSpeed JSON for this run. The optimizer and LR schedule are ours (passed to deepspeed.initialize),
     so only batch, precision, clipping and ZeRO live here; ``cfg.deepspeed`` is merged on top."""
     dp_size = world_size // cfg.parallel.sequence_parallel_size

@@ -3,7 +3,7 @@
 Usage (rank 0 writes; other ranks pass ``enabled=False`` and every call is a no-op)::
 
     log = MetricsLogger(run_dir, enabled=rank == 0, tensorboard=True, resume_step=start_step)
-    log.log({"step": 1, "loss": 2.3, "lr": 1e-3, ...})
+    log.log(step_record(step, tokens, result, ...))     # the record of one optimizer step (see step_record)
     log.close()
 
 On resume, ``metrics.jsonl`` is cut back to the steps the checkpoint covers, so the file always holds one
@@ -12,10 +12,14 @@ trajectory: lines written by a killed run after its last checkpoint are dropped,
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Optional
+
+import torch
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -50,6 +54,40 @@ def model_flops_per_token(num_params: int, num_layers: int, attn_span: int, qk_d
     matmuls (2 x 2 x span x (qk + v) forward, x3 for fwd + bwd, halved when causal)."""
     attn = 12.0 * num_layers * attn_span * (qk_dim + v_dim) * (0.5 if causal else 1.0)
     return 6.0 * num_params + attn
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step (megatrain.train.trainer.train_step) reports."""
+    loss: float                  # mean token loss over micro-batches and DP replicas
+    lr: float                    # the rate this step's update used
+    grad_norm: Optional[float]
+    applied: bool                # False: non-finite loss/gradient, the update was skipped
+    skipped_steps: int           # the engine's running count
+    seconds: float
+    sp_comm_bytes: Optional[int] = None  # EMA boundary bytes this rank sent (sequence parallelism only)
+
+
+def _finite_or_none(v: Optional[float]) -> Optional[float]:
+    return v if v is not None and math.isfinite(v) else None
+
+
+def step_record(step: int, tokens: int, res: StepResult, tokens_per_step: int, world_size: int,
+                flops_per_token: Optional[float], peak_tflops: Optional[float]) -> dict:
+    """The metrics.jsonl line of one step. Non-finite values are logged as null (strict JSON), the step marked."""
+    rec = {"step": step, "loss": _finite_or_none(res.loss), "lr": res.lr, "grad_norm": _finite_or_none(res.grad_norm),
+           "tokens": tokens, "tokens_per_s": tokens_per_step / res.seconds, "skipped_steps": res.skipped_steps}
+    if not res.applied:
+        rec["nonfinite"] = True
+    if res.sp_comm_bytes is not None:  # independent of seq_len
+        rec["sp_comm_bytes"] = res.sp_comm_bytes
+    if flops_per_token:
+        rec["tflops"] = flops_per_token * tokens_per_step / res.seconds / world_size / 1e12
+        if peak_tflops:
+            rec["mfu"] = rec["tflops"] / peak_tflops
+    if torch.cuda.is_available():
+        rec["mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    return rec
 
 
 class MetricsLogger:
@@ -96,6 +134,19 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def run_flops(cfg, model) -> tuple:
+    """(training FLOPs per token, peak TFLOP/s per device or None) of a run config and its built model."""
+    m = cfg.model
+    span = m.chunk_size if m.use_chunking else cfg.data.seq_len
+    n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: full size, not the shard
+    fpt = model_flops_per_token(n, m.num_hidden_layers, span, m.shared_representation_size,
+                                m.intermediate_size, causal=cfg.train.objective == "clm")
+    peak = cfg.logging.peak_tflops
+    if peak is None and torch.cuda.is_available():
+        peak = peak_tflops_guess(torch.cuda.get_device_name())
+    return fpt, peak
 
 
 def peak_tflops_guess(device_name: Optional[str]) -> Optional[float]:

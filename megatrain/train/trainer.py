@@ -5,7 +5,8 @@ Usage (this is what ``launch/pretrain.py`` calls; any launcher works, see megatr
     deepspeed --num_gpus 2 launch/pretrain.py --config configs/tiny.yaml train.max_steps=10
     python -m megatrain.train.trainer --config configs/tiny.yaml run_dir=runs/x     # one plain process
 
-Per optimizer step, on every rank:
+Read top-down: the building blocks, ``build_job`` (everything a run holds), ``train_step`` (one optimizer step),
+``train`` (the loop), ``main`` (the entry point). Per optimizer step (``train_step``), on every rank:
   for each micro-batch: next window (this DP rank's stream) -> this rank's SP slice -> forward with
   ``ema_boundary`` (SP > 1) and ``doc_ids`` -> per-rank loss = slice token-loss *sum* / window label tokens
   (summed over the SP group) -> ``engine.backward``.  Then ``engine.step``: DeepSpeed sums gradients over the SP
@@ -21,17 +22,21 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
-from megatrain.config import Config, ConfigError, deepspeed_config, load_config
+from megatrain.config import Config, ConfigError, load_config
+from megatrain.data import ShardStream
 from megatrain.data.shards import DataError
+from megatrain.model import build_model
 from megatrain.parallel.env import discover, init_process_group
 from megatrain.parallel.groups import ParallelGroups
+from megatrain.parallel.sequence import COMM_STATS, make_ema_boundary, reduce_sp_loss, reset_comm_stats, sp_slice
+from megatrain.parallel.zero import clip_in_optimizer, deepspeed_config
 from megatrain.train.checkpoint import Checkpointer
-from megatrain.train.metrics import MetricsLogger, model_flops_per_token, peak_tflops_guess
+from megatrain.train.metrics import MetricsLogger, StepResult, run_flops, step_record
 from megatrain.train.optim import build_optimizer, build_scheduler
 
 
@@ -40,14 +45,7 @@ class NonFiniteAbort(RuntimeError):
 
 
 # ---- building blocks ----
-def build_model(cfg: Config) -> torch.nn.Module:
-    from megatrain.model import MegaForCausalLM, MegaForMaskedLM
-    cls = MegaForCausalLM if cfg.train.objective == "clm" else MegaForMaskedLM
-    return cls(cfg.model)
-
-
 def build_stream(cfg: Config, dp_rank: int, dp_size: int):
-    from megatrain.data import ShardStream
     d = cfg.data
     return ShardStream(d.shards, seq_len=d.seq_len, seed=cfg.train.seed, dp_rank=dp_rank, dp_size=dp_size,
                        num_workers=d.num_workers, objective=cfg.train.objective, vocab_size=cfg.model.vocab_size,
@@ -88,25 +86,45 @@ class Counters:
 
 
 # ---- the job ----
-def train(cfg: Config) -> Counters:
-    """Run the configured job on an initialised process group. Returns the final counters."""
+@dataclass
+class Job:
+    """Everything one run holds, built once by build_job."""
+    cfg: Config
+    groups: ParallelGroups
+    engine: object                      # the DeepSpeed engine (model + optimizer + LR schedule)
+    stream: object                      # this DP rank's ShardStream
+    data: Iterator[dict]                # micro-batches of windows from the stream
+    ckpt: Checkpointer
+    log: MetricsLogger
+    stop: "StopFlag"
+    counters: Counters
+    layout: dict                        # world/SP/DP sizes, saved with every checkpoint
+    tokens_per_step: int                # tokens of one optimizer step, whole job
+    flops_per_token: Optional[float]
+    peak_tflops: Optional[float]
+
+
+def build_job(cfg: Config) -> Job:
+    """Validate, make the groups, open the data (first: a config/shard mismatch fails before any heavy work), build
+    model + DeepSpeed engine, resume if a checkpoint says so, open the logs. Collective: every rank calls it."""
     world, rank = dist.get_world_size(), dist.get_rank()
     cfg.validate(world_size=world)
     sp = cfg.parallel.sequence_parallel_size
     dp = world // sp
     groups = ParallelGroups(dp_size=dp, sp_size=sp)
     t = cfg.train
-
-    try:  # the data is checked before the model and engine are built
+    try:
         stream = build_stream(cfg, groups.dp_rank, dp)
     except ValueError as e:  # DataError included: a mismatch between config and shards
         raise ConfigError(f"data.shards={cfg.data.shards!r}: {e}") from e
 
     ds_config = deepspeed_config(cfg, world)
     torch.manual_seed(t.seed)  # identical initial weights everywhere (DeepSpeed also broadcasts them)
-    model = build_model(cfg)
+    model = build_model(cfg.model)
     groups.zero3_partition(model, ds_config)
-    optimizer = build_optimizer(model, t, guard=cfg.clip_in_optimizer)
+    optimizer = build_optimizer(model, t, guard=clip_in_optimizer(cfg))
+    # imported here, not at the top: importing deepspeed logs an accelerator warning and takes ~2 s, and a run
+    # with bad input must have been refused (main) before either happens
     import deepspeed
     # the schedule is built by DeepSpeed on the optimizer it finally steps (ZeRO-3 regroups the parameters)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
@@ -118,97 +136,86 @@ def train(cfg: Config) -> Counters:
     ckpt = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint.keep_last, rank)
     layout = {"world_size": world, "sp_size": sp, "dp_size": dp}
     state = ckpt.resume(engine, cfg.checkpoint.resume, expect=layout)
-    c = Counters()
+    counters = Counters()
     if state is not None:
         stream.load_state_dict(state["loader"])
-        c = Counters(**state["counters"])
-
+        counters = Counters(**state["counters"])
     if rank == 0:
         os.makedirs(cfg.run_dir, exist_ok=True)
         cfg.save(os.path.join(cfg.run_dir, "config.yaml"))
     log = MetricsLogger(cfg.run_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
-                        resume_step=c.step, print_every=cfg.logging.every_steps)
-    flops_per_token, peak = _flops(cfg, model)
-    stop = StopFlag()
-    data = batches(stream, cfg.data.micro_batch_size, engine.device)
-    tokens_per_step = cfg.data.seq_len * cfg.data.micro_batch_size * t.grad_accum_steps * dp
-    mlm = t.objective == "mlm"
+                        resume_step=counters.step, print_every=cfg.logging.every_steps)
+    flops_per_token, peak = run_flops(cfg, model)
+    return Job(cfg=cfg, groups=groups, engine=engine, stream=stream,
+               data=batches(stream, cfg.data.micro_batch_size, engine.device), ckpt=ckpt, log=log, stop=StopFlag(),
+               counters=counters, layout=layout,
+               tokens_per_step=cfg.data.seq_len * cfg.data.micro_batch_size * t.grad_accum_steps * dp,
+               flops_per_token=flops_per_token, peak_tflops=peak)
 
-    from megatrain.parallel.sequence import COMM_STATS, make_ema_boundary, reduce_sp_loss, reset_comm_stats, sp_slice
+
+def train_step(job: Job) -> StepResult:
+    """One optimizer step: grad_accum_steps micro-batches, each sliced for this SP rank, forward with the EMA
+    boundary, the SP loss reduction, backward; the engine steps at the accumulation boundary."""
+    cfg, engine, groups = job.cfg, job.engine, job.groups
+    sp, accum = cfg.parallel.sequence_parallel_size, cfg.train.grad_accum_steps
+    causal = cfg.train.objective == "clm"
+    t0 = time.time()
+    reset_comm_stats()
+    lr = engine.get_lr()[0]  # the rate this step's update uses (the schedule advances inside step())
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    for _ in range(accum):
+        piece = sp_slice(next(job.data), groups.sp_rank, sp)
+        doc_ids = piece["doc_ids"] if cfg.data.reset_at_doc_boundaries else None
+        boundary = make_ema_boundary(groups.sp_group, doc_ids=doc_ids) if sp > 1 else None
+        out = engine(input_ids=piece["input_ids"], labels=piece["labels"], doc_ids=doc_ids,
+                     ema_boundary=boundary, loss_reduction="sum",
+                     # the loss only: no [B, L, V] logits tensor (~1 GB per 32K tokens at V=8K).
+                     # Not under ZeRO-3: the blockwise loss reaches the (tied) head weight outside a
+                     # module forward, where ZeRO-3 has not gathered it.
+                     return_logits=cfg.parallel.zero_stage == 3,
+                     **({"labels_shifted": True} if causal else {}))
+        # W = 1: DeepSpeed sums the SP ranks' gradients (its divisor is DP, not DP x SP)
+        loss = reduce_sp_loss(out.loss, out.num_loss_tokens, groups.sp_group, grad_average_size=1)
+        engine.backward(loss.backward_loss)
+        engine.step()  # an optimizer step only at the accumulation boundary
+        loss_sum += loss.mean_loss.detach().double().cpu()
+    # the logged loss is the mean over micro-batches and DP replicas (identical on SP ranks)
+    dist.all_reduce(loss_sum, group=groups.dp_group)
+    step_loss = float(loss_sum) / (accum * groups.dp_size)
+    gn = engine.get_global_grad_norm()
+    return StepResult(loss=step_loss, lr=lr, grad_norm=float(gn) if gn is not None else None,
+                      applied=engine.was_step_applied() and math.isfinite(step_loss),
+                      skipped_steps=int(engine.skipped_steps), seconds=max(time.time() - t0, 1e-9),
+                      sp_comm_bytes=COMM_STATS.total_bytes if sp > 1 else None)
+
+
+def train(cfg: Config) -> Counters:
+    """Run the configured job on an initialised process group. Returns the final counters."""
+    job = build_job(cfg)
+    c, t = job.counters, cfg.train
     try:
         while c.step < t.max_steps:
-            t0 = time.time()
-            reset_comm_stats()
-            lr = engine.get_lr()[0]  # the rate this step's update uses (the schedule advances inside step())
-            loss_sum = torch.zeros((), dtype=torch.float64)
-            for _ in range(t.grad_accum_steps):
-                piece = sp_slice(next(data), groups.sp_rank, sp)
-                doc_ids = piece["doc_ids"] if cfg.data.reset_at_doc_boundaries else None
-                boundary = make_ema_boundary(groups.sp_group, doc_ids=doc_ids) if sp > 1 else None
-                out = engine(input_ids=piece["input_ids"], labels=piece["labels"], doc_ids=doc_ids,
-                             ema_boundary=boundary, loss_reduction="sum",
-                             # the loss only: no [B, L, V] logits tensor (~1 GB per 32K tokens at V=8K).
-                             # Not under ZeRO-3: the blockwise loss reaches the (tied) head weight outside a
-                             # module forward, where ZeRO-3 has not gathered it.
-                             return_logits=cfg.parallel.zero_stage == 3,
-                             **({} if mlm else {"labels_shifted": True}))
-                # W = 1: DeepSpeed sums the SP ranks' gradients (its divisor is DP, not DP x SP)
-                loss = reduce_sp_loss(out.loss, out.num_loss_tokens, groups.sp_group, grad_average_size=1)
-                engine.backward(loss.backward_loss)
-                engine.step()  # an optimizer step only at the accumulation boundary
-                loss_sum += loss.mean_loss.detach().double().cpu()
-            # the logged loss is the mean over micro-batches and DP replicas (identical on SP ranks)
-            dist.all_reduce(loss_sum, group=groups.dp_group)
-            step_loss = float(loss_sum) / (t.grad_accum_steps * dp)
+            res = train_step(job)
             c.step += 1
-            c.tokens += tokens_per_step
-            applied = engine.was_step_applied() and math.isfinite(step_loss)
-            c.consecutive_nonfinite = 0 if applied else c.consecutive_nonfinite + 1
-            dt = max(time.time() - t0, 1e-9)
-            gn = engine.get_global_grad_norm()
-            gn = float(gn) if gn is not None else None
-            # non-finite values are logged as null (strict JSON), with the step marked
-            rec = {"step": c.step, "loss": step_loss if math.isfinite(step_loss) else None, "lr": lr,
-                   "grad_norm": gn if gn is not None and math.isfinite(gn) else None, "tokens": c.tokens,
-                   "tokens_per_s": tokens_per_step / dt, "skipped_steps": int(engine.skipped_steps)}
-            if not applied:
-                rec["nonfinite"] = True
-            if sp > 1:  # bytes this rank sent for EMA boundary states (independent of seq_len)
-                rec["sp_comm_bytes"] = COMM_STATS.total_bytes
-            if flops_per_token:
-                rec["tflops"] = flops_per_token * tokens_per_step / dt / world / 1e12
-                if peak:
-                    rec["mfu"] = rec["tflops"] / peak
-            if torch.cuda.is_available():
-                rec["mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
-            log.log(rec)
+            c.tokens += job.tokens_per_step
+            c.consecutive_nonfinite = 0 if res.applied else c.consecutive_nonfinite + 1
+            job.log.log(step_record(c.step, c.tokens, res, job.tokens_per_step, dist.get_world_size(),
+                                    job.flops_per_token, job.peak_tflops))
             if c.consecutive_nonfinite >= t.max_consecutive_nonfinite:
                 raise NonFiniteAbort(f"aborting at step {c.step}: {c.consecutive_nonfinite} consecutive steps with "
-                                     f"non-finite loss/gradient (loss={step_loss}, grad_norm={gn}); limit is "
-                                     f"train.max_consecutive_nonfinite={t.max_consecutive_nonfinite}")
-            stopping = stop.agreed()
+                                     f"non-finite loss/gradient (loss={res.loss}, grad_norm={res.grad_norm}); "
+                                     f"limit is train.max_consecutive_nonfinite={t.max_consecutive_nonfinite}")
+            stopping = job.stop.agreed()
             if c.step % cfg.checkpoint.every_steps == 0 or c.step == t.max_steps or stopping:
-                ckpt.save(engine, c.step, {"loader": stream.state_dict(), "counters": vars(c).copy(), **layout},
-                          cfg)
+                job.ckpt.save(job.engine, c.step, {"loader": job.stream.state_dict(), "counters": vars(c).copy(),
+                                                   **job.layout}, cfg)
             if stopping:
-                if rank == 0:
+                if dist.get_rank() == 0:
                     print(f"stop signal: checkpoint at step {c.step} saved, exiting", flush=True)
                 break
     finally:
-        log.close()
+        job.log.close()
     return c
-
-
-def _flops(cfg: Config, model) -> tuple:
-    m = cfg.model
-    span = m.chunk_size if m.use_chunking else cfg.data.seq_len
-    n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: full size, not the shard
-    fpt = model_flops_per_token(n, m.num_hidden_layers, span, m.shared_representation_size,
-                                m.intermediate_size, causal=cfg.train.objective == "clm")
-    peak = cfg.logging.peak_tflops
-    if peak is None and torch.cuda.is_available():
-        peak = peak_tflops_guess(torch.cuda.get_device_name())
-    return fpt, peak
 
 
 # ---- entry point ----

@@ -14,7 +14,8 @@ import torch
 
 from megatrain.data import DataError, Manifest, ShardStream
 from megatrain.data.shards import encode_sample
-from tests.data.conftest import VOCAB
+from megatrain.ops.lm_loss import IGNORE_INDEX
+from tests.data.synthetic import VOCAB
 
 L = 16
 
@@ -60,11 +61,11 @@ def test_corrupt_tar_named_or_skipped_and_counted(copy):
     good = ShardStream(root, seq_len=L, seed=0, dp_size=2, dp_rank=0, skip_corrupt=True)
     other = ShardStream(root, seq_len=L, seed=0, dp_size=2, dp_rank=1, skip_corrupt=True)
     samples = list(good) + list(other)
-    assert all((s["labels"][s["input_ids"] == 3] == -100).all() for s in samples)  # no loss on the filler
+    assert all((s["labels"][s["input_ids"] == 3] == IGNORE_INDEX).all() for s in samples)  # no loss on the filler
     seen = torch.cat([s["input_ids"] for s in samples])
     assert len(seen) == 2 * len(good) * L  # still equal, planned counts
     assert good.skipped + other.skipped == bad.docs  # counted once across ranks
-    assert (seen == 3).sum() >= bad.tokens  # the lost span is <pad> (labels -100)
+    assert (seen == 3).sum() >= bad.tokens  # the lost span is <pad> (labels IGNORE_INDEX)
     seen_set = set(seen.tolist())
     for k in (3, 9):  # the count survives a resume without double counting
         s1 = ShardStream(root, seq_len=L, seed=0, num_workers=2, skip_corrupt=True)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from megatrain.data import ShardStream
-from tests.data.conftest import SPECIALS
+from megatrain.ops.lm_loss import IGNORE_INDEX
+from tests.tiny_data import SPECIALS
 
 L = 16
 EOD = SPECIALS["eod"]
@@ -142,7 +143,7 @@ def test_mlm_masking(synthetic):
     inputs = torch.stack([s["input_ids"] for s in a])
     labels = torch.stack([s["labels"] for s in a])
     orig = torch.stack([s["input_ids"] for s in clm])
-    selected = labels != -100
+    selected = labels != IGNORE_INDEX
     assert torch.equal(labels[selected], orig[selected])
     assert torch.equal(inputs[~selected], orig[~selected])
     assert not selected[orig == EOD].any(), "special tokens must never be masked"

@@ -4,7 +4,7 @@ import torch
 
 import megatrain.model.mega as mega_mod
 from megatrain.model import MegaForCausalLM
-from megatrain.ops.lm_loss import lm_head_ce_sum, lm_head_ce_sum_ref
+from megatrain.ops.lm_loss import IGNORE_INDEX, lm_head_ce_sum, lm_head_ce_sum_ref
 
 from .util import randomize_, tiny_config
 
@@ -17,7 +17,7 @@ def _inputs(n, d, v, dtype, seed=0, ignore_every=0, bias=True):
     b = torch.randn(v, generator=g, dtype=dtype).requires_grad_() if bias else None
     t = torch.randint(0, v, (n,), generator=g)
     if ignore_every:
-        t[::ignore_every] = -100
+        t[::ignore_every] = IGNORE_INDEX
     return h, w, b, t
 
 
@@ -58,11 +58,11 @@ def test_fp32_matches_reference(n, d, v, block):
 
 def test_ignored_rows_get_zero_gradient_and_all_ignored_is_zero():
     h, w, b, t = _inputs(20, 8, 30, torch.float64)
-    t[4:13] = -100  # a whole block of 4 (rows 4..7, 8..11) and parts of the neighbours
+    t[4:13] = IGNORE_INDEX  # a whole block of 4 (rows 4..7, 8..11) and parts of the neighbours
     got = _loss_and_grads(lm_head_ce_sum, h, w, b, t, 1.0, block=4)
     _assert_close(got, _loss_and_grads(lm_head_ce_sum_ref, h, w, b, t, 1.0), rtol=1e-12, atol=1e-12)
     assert (got[1][4:13] == 0).all() and (got[1][:4] != 0).any()
-    t[:] = -100
+    t[:] = IGNORE_INDEX
     loss, gh, gw, gb = _loss_and_grads(lm_head_ce_sum, h, w, b, t, 1.0, block=4)
     assert loss.item() == 0.0
     assert not gh.any() and not gw.any() and not gb.any()
@@ -122,8 +122,8 @@ def test_model_loss_only_path_equals_fp64_full_logits(kw, monkeypatch):
     model = randomize_(MegaForCausalLM(tiny_config(True, **kw))).double().train()
     x = torch.randint(0, 50, (2, 13))
     labels = x.clone()
-    labels[0, 3:9] = -100
-    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    labels[0, 3:9] = IGNORE_INDEX
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     res = []
     for return_logits in (True, False):
         model.zero_grad()

@@ -8,6 +8,7 @@ import torch
 
 from megatrain.model import MegaConfig, MegaForCausalLM, MegaForMaskedLM, MegaModel
 from megatrain.model.layers import BatchNorm, Dropout, RMSNorm
+from megatrain.ops.lm_loss import IGNORE_INDEX
 from tests.model.util import ids, randomize_, tiny_config
 
 TOL = 1e-5
@@ -190,24 +191,24 @@ def test_causal_loss_shifting_reduction_and_token_count():
     model = _model(True)
     x = ids(2, 10)
     labels = x.clone()
-    labels[0, 3] = -100
+    labels[0, 3] = IGNORE_INDEX
     out = model(x, labels=labels)
     logits = out.logits
     ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1))
     assert torch.allclose(out.loss, ref, atol=1e-6)
     assert out.num_loss_tokens.item() == 2 * 9 - 1
-    shifted = torch.cat([labels[:, 1:], torch.full((2, 1), -100)], dim=1)
+    shifted = torch.cat([labels[:, 1:], torch.full((2, 1), IGNORE_INDEX)], dim=1)
     out2 = model(x, labels=shifted, labels_shifted=True, loss_reduction="sum")
     assert torch.allclose(out2.loss, ref * 17, atol=1e-4)
     assert out2.num_loss_tokens.item() == 17
-    none = model(x, labels=torch.full_like(x, -100))
+    none = model(x, labels=torch.full_like(x, IGNORE_INDEX))
     assert none.loss.item() == 0.0 and none.num_loss_tokens.item() == 0
 
 
 def test_masked_lm_loss_only_on_labelled_positions():
     model = _model(False)
     x = ids(2, 10)
-    labels = torch.full_like(x, -100)
+    labels = torch.full_like(x, IGNORE_INDEX)
     labels[0, 2], labels[1, 7] = 5, 9
     out = model(x, labels=labels)
     ref = torch.nn.functional.cross_entropy(out.logits[[0, 1], [2, 7]], torch.tensor([5, 9]))
@@ -276,7 +277,7 @@ def test_blockwise_loss_equals_full_logits_loss(causal, monkeypatch):
     model = _model(causal).train()
     x = ids(2, 11)
     labels = x.clone()
-    labels[1, 4] = -100
+    labels[1, 4] = IGNORE_INDEX
     results = []
     for return_logits in (True, False):
         model.zero_grad()
@@ -300,7 +301,7 @@ def test_left_padding_training_gradients_are_finite(act):
     x = ids(2, 12)
     mask = torch.ones_like(x)
     mask[0, :6] = 0  # a whole padded chunk plus a partly padded one
-    labels = x.masked_fill(mask == 0, -100)
+    labels = x.masked_fill(mask == 0, IGNORE_INDEX)
     model(x, attention_mask=mask, labels=labels).loss.backward()
     for name, p in model.named_parameters():
         assert torch.isfinite(p.grad).all(), name

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatrain.parallel.groups import layout
-from tests.train.dist_util import run_ranks
+from tests.dist_util import run_ranks
 
 
 def test_layout_consecutive_sp_ranks():

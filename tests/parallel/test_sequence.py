@@ -7,8 +7,6 @@ model. Every worker also recomputes the unsplit reference itself, so one spawn c
 """
 from __future__ import annotations
 
-import os
-import sys
 
 import pytest
 import torch
@@ -18,9 +16,8 @@ from torch.utils.checkpoint import checkpoint
 from megatrain.parallel.sequence import (COMM_STATS, make_ema_boundary, reduce_sp_loss, reset_comm_stats,
                                          sum_grads_over, validate_sp)
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sp_* helpers, whatever the import mode
-import sp_ema_ref as ref  # noqa: E402
-from tests.train.dist_util import run_ranks  # noqa: E402
+from tests.dist_util import run_ranks
+from tests.parallel import sp_ema_ref as ref
 
 B, D, N = 2, 3, 2
 

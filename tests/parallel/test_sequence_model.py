@@ -7,8 +7,6 @@ slice with the EMA boundary; losses are summed and gradients all-reduced over th
 """
 from __future__ import annotations
 
-import os
-import sys
 
 import pytest
 import torch
@@ -17,11 +15,11 @@ import torch.distributed as dist
 from megatrain.data import sp_slice
 from megatrain.model import MegaConfig, MegaForCausalLM, MegaForMaskedLM
 from megatrain.model.ema import MultiDimDampedEMA
+from megatrain.ops.lm_loss import IGNORE_INDEX
 from megatrain.parallel.sequence import (COMM_STATS, make_ema_boundary, reduce_sp_loss, reset_comm_stats,
                                          sum_grads_over, validate_sp)
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sp_* helpers, whatever the import mode
-from tests.train.dist_util import run_ranks  # noqa: E402
+from tests.dist_util import run_ranks
 
 B, SLICE = 2, 8
 
@@ -78,11 +76,11 @@ def _batch(objective: str, L: int, vocab: int) -> dict:
     ids = torch.randint(2, vocab, (B, L), generator=g)
     if objective == "clm":
         # pre-shifted as the loader makes them: labels[t] is the token after t (the last one has none here)
-        labels = torch.cat([ids[:, 1:], torch.full((B, 1), -100)], dim=1)
+        labels = torch.cat([ids[:, 1:], torch.full((B, 1), IGNORE_INDEX)], dim=1)
     else:
         masked = torch.rand(B, L, generator=g) < 0.3
         masked[:, :SLICE] = False     # SP rank 0 has no loss tokens: it must still run every boundary backward
-        labels = torch.where(masked, ids, torch.full_like(ids, -100))
+        labels = torch.where(masked, ids, torch.full_like(ids, IGNORE_INDEX))
         ids = torch.where(masked, torch.ones_like(ids), ids)          # token 1 plays [MASK]
     return {"input_ids": ids, "labels": labels, "doc_ids": _packed_doc_ids(L, SLICE)}
 

@@ -10,7 +10,7 @@ import yaml
 
 from megatrain.config import Config, ConfigError, load_config
 from megatrain.parallel.zero import deepspeed_config
-from tests.train.conftest import ROOT, TINY
+from tests.tiny_data import ROOT, TINY
 
 OK = ["data.shards=x/index.json"]
 

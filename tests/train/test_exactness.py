@@ -11,8 +11,8 @@ import os
 import pytest
 
 from megatrain.train.metrics import read_metrics
-from tests.train.conftest import TINY
-from tests.train.dist_util import launch_pretrain, wait_all
+from tests.tiny_data import TINY
+from tests.dist_util import launch_pretrain, wait_all
 
 MLM = ["train.objective=mlm"]  # the objective alone switches the model to masked LM
 

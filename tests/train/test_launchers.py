@@ -13,8 +13,8 @@ import pytest
 
 from megatrain.parallel.env import find_launcher
 from megatrain.train.metrics import read_metrics
-from tests.train.conftest import TINY
-from tests.train.dist_util import PRETRAIN, ROOT, free_port, pretrain_env, wait_all
+from tests.tiny_data import TINY
+from tests.dist_util import PRETRAIN, ROOT, free_port, pretrain_env, wait_all
 
 LAUNCHERS = {
     "single": lambda port: [sys.executable, PRETRAIN],
@@ -145,7 +145,7 @@ def test_bad_config_is_one_line(tmp_path):
     p = subprocess.run([sys.executable, PRETRAIN, "--config", TINY, f"data.shards={tmp_path}/none/index.json"],
                        cwd=ROOT, env=pretrain_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "pretrain: error: data.shards=" in p.stderr and "no such file" in p.stderr
-    from tests.train.conftest import write_shards
+    from tests.tiny_data import write_shards
     shards = write_shards(str(tmp_path / "shards"))
     p = subprocess.run([sys.executable, PRETRAIN, "--config", TINY, f"data.shards={shards}",
                         "model.vocab_size=48", f"run_dir={tmp_path}/run"], cwd=ROOT, env=pretrain_env(),

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.train.dist_util import ROOT, pretrain_env
+from tests.dist_util import ROOT, pretrain_env
 
 
 @pytest.mark.slow

@@ -11,8 +11,8 @@ import pytest
 
 from megatrain.train.checkpoint import read_latest
 from megatrain.train.metrics import read_metrics
-from tests.train.conftest import TINY
-from tests.train.dist_util import launch_pretrain, tail_logs, wait_all
+from tests.tiny_data import TINY
+from tests.dist_util import launch_pretrain, tail_logs, wait_all
 
 # 2 ranks, SP 2, ZeRO 1: the checkpoint holds ZeRO optimizer shards and per-rank loader/RNG state
 COMMON = ["parallel.sequence_parallel_size=2", "parallel.zero_stage=1", "logging.tensorboard=false",

@@ -20,8 +20,8 @@ import time
 import pytest
 
 from megatrain.train.metrics import read_metrics
-from tests.train.conftest import TINY
-from tests.train.dist_util import PRETRAIN, ROOT, pretrain_env
+from tests.tiny_data import TINY
+from tests.dist_util import PRETRAIN, ROOT, pretrain_env
 
 CLUSTER = os.path.join(ROOT, "launch", "slurm", "local_cluster.sh")
 SBATCH = os.path.join(ROOT, "launch", "slurm", "pretrain.sbatch")

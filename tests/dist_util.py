@@ -1,4 +1,4 @@
-"""Multi-process helpers for the training tests (CPU, gloo).
+"""Multi-process helpers shared by the tests (CPU, gloo).
 
 * ``run_ranks(fn, world, *args)``: run ``fn(rank, world, *args)`` in ``world`` spawned processes whose environment
   looks like a launcher's (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), after
@@ -21,7 +21,8 @@ import torch.multiprocessing as mp
 
 from megatrain.parallel.env import free_port  # noqa: F401  (re-exported for the tests)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.tiny_data import ROOT
+
 PRETRAIN = os.path.join(ROOT, "launch", "pretrain.py")
 
 
