@@ -95,8 +95,12 @@ def flex_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
         # [B, n, Tk, E] -> [B*n, heads, Tk, E/heads]: head j holds columns [j*E/heads, (j+1)*E/heads)
         vh = v.to(cdt).reshape(bn, tk, heads, e // heads).transpose(1, 2)
 
+        # at least fp32 whatever the model dtype: the kernel's scores are fp32, and the bias gradient is a sum over every
+        # chunk of the batch (atomic adds in the compiled backward), which bf16 would round at each step
+        bias32 = bias.to(torch.promote_types(bias.dtype, torch.float32))
+
         def score_mod(score, bb, h, qi, ki):
-            return score + bias[qi, ki]
+            return score + bias32[qi, ki]
 
         run = _compiled_flex() if dev.type == "cuda" else flex_attention
         out = run(qh, kh, vh, score_mod=score_mod, block_mask=block_mask, scale=scale)
