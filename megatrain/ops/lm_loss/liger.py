@@ -26,7 +26,7 @@ from megatrain.ops.lm_loss.reference import IGNORE_INDEX
 @functools.lru_cache(maxsize=None)
 def liger_available() -> bool:
     try:
-        import liger_kernel.ops.fused_linear_cross_entropy  # noqa: F401
+        import liger_kernel.transformers.functional  # noqa: F401
     except Exception:  # not installed, or an install that fails at import
         return False
     return True
@@ -34,7 +34,7 @@ def liger_available() -> bool:
 
 def liger_ce_sum(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                  targets: torch.Tensor) -> torch.Tensor:
-    from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
     dev = h.device.type
     if torch.is_autocast_enabled(dev):
@@ -44,9 +44,6 @@ def liger_ce_sum(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     with torch.autocast(dev, enabled=False):
         hc, wc = h.to(cdt).contiguous(), weight.to(cdt)
         bc = None if bias is None else bias.to(cdt)
-        # positional (autograd.Function.apply takes no keywords): input, weight, target, bias, ce_weight,
-        # ignore_index, lse_square_scale, label_smoothing, reduction, softcap, return_z_loss, accum_dtype
-        out = LigerFusedLinearCrossEntropyFunction.apply(hc, wc, targets, bc, None, IGNORE_INDEX, 0.0, 0.0, "sum",
-                                                         None, False, torch.float32)
-    loss = out[0] if isinstance(out, tuple) else out
+        loss = liger_fused_linear_cross_entropy(hc, wc, targets, bias=bc, ignore_index=IGNORE_INDEX, reduction="sum",
+                                                accum_dtype=torch.float32)
     return loss.to(torch.promote_types(cdt, torch.float32))
