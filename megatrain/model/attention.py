@@ -5,8 +5,9 @@ Use (inside a MegaBlock; shapes batch-first):
     y = attn(x, SeqContext(mask, doc_ids, ema_boundary))   # x [B, L, D], L a multiple of chunk_size if chunking
     y = attn(x_new, SeqContext(mask=m_new), cache=layer_cache)  # incremental decoding (LayerCache below)
 
-One attention formula serves training and decoding: `_attend(q, k, v, valid, bias)` with `valid` the boolean
-"query i may look at key j" mask (causal, same chunk, real key, same document). Differences from transformers:
+One attention op serves training and decoding: megatrain.ops.attention.chunk_attention (the PyTorch path, or
+FlexAttention kernels per `config.kernel_backend`), masked by "query i may look at key j" (causal, same chunk,
+real key, same document). Differences from transformers:
 - A query with no valid key gets zero attention (HF's softmax turns it into NaN, which the next EMA spreads over
   the whole sample: left padding in a causal LM).
 - laplace/relu2 divide by the number of valid keys of the query (HF: i+1 when causal, real keys of the chunk
@@ -27,6 +28,8 @@ from megatrain.model.config import MegaConfig
 from megatrain.model.context import SeqContext
 from megatrain.model.ema import MultiDimDampedEMA
 from megatrain.model.layers import Dropout, activation, checkpointed, make_norm
+from megatrain.ops.attention import chunk_attention
+from megatrain.ops.backend import resolve_backend
 
 
 class SimpleRelativeBias(nn.Module):
@@ -98,7 +101,6 @@ class MovingAverageGatedAttention(nn.Module):
         self.chunk = config.chunk_size if config.use_chunking else None
         self.act = activation(config.activation)
         self.attn_act_name = config.attention_activation
-        self.attn_act = None if config.attention_activation == "softmax" else activation(config.attention_activation)
         self.scaling = z**-0.5
 
         self.norm = make_norm(config)
@@ -116,38 +118,12 @@ class MovingAverageGatedAttention(nn.Module):
         self.hidden_dropout = Dropout(config.hidden_dropout_prob, featurewise)
         self.attention_dropout = Dropout(config.attention_probs_dropout_prob)
 
-    # ---- attention core ---------------------------------------------------------------------------------------
-    def _attend(self, q, k, v, valid: Optional[torch.Tensor], bias: torch.Tensor, may_be_empty: bool) -> torch.Tensor:
-        """q [B, n, Tq, Z], k [B, n, Tk, Z], v [B, n, Tk, E], valid [B, n, Tq, Tk] bool or None -> [B, n, Tq, E].
-
-        may_be_empty: some query may have no valid key (padding); otherwise its own key is always valid."""
-        if self.attn_act_name == "softmax" and not may_be_empty:
-            # every query has a valid key: PyTorch's fused attention (no [.., Tq, Tk] probabilities kept for
-            # backward; flash / memory-efficient kernels). The mask folds into the additive bias.
-            attn_bias = bias if valid is None else bias.masked_fill(~valid, float("-inf"))
-            p = self.attention_dropout.p if self.training else 0.0
-            return F.scaled_dot_product_attention(q, k, self.hidden_dropout(v), attn_mask=attn_bias.to(q.dtype),
-                                                  dropout_p=p, scale=self.scaling)
-        if self.attn_act_name == "softmax":
-            scores = torch.matmul(q * self.scaling, k.transpose(-1, -2)) + bias
-            if valid is not None:
-                invalid = ~valid
-                scores = scores.masked_fill(invalid, float("-inf"))
-            weights = torch.softmax(scores, dim=-1)
-            if valid is not None and may_be_empty:
-                # rows without any valid key are all-NaN after softmax: make them zero. (Their gradient is zero
-                # too: every entry of such a row was masked above, and masked_fill's backward zeroes it.)
-                weights = weights.masked_fill(invalid, 0.0)
-        else:
-            if valid is None:
-                lengths = k.shape[-2]
-            else:
-                lengths = valid.sum(-1, keepdim=True).clamp(min=1).to(q.dtype)
-            weights = self.attn_act(torch.matmul(q, k.transpose(-1, -2)) / lengths + bias)
-            if valid is not None:
-                weights = weights * valid.to(weights.dtype)
-        weights = self.attention_dropout(weights)
-        return torch.matmul(weights, self.hidden_dropout(v))
+    # ---- attention core (megatrain.ops.attention) ---------------------------------------------------------------
+    def _attend(self, q, k, v, bias, **mask) -> torch.Tensor:
+        """q [B, n, Tq, Z], k [B, n, Tk, Z], v [B, n, Tk, E] -> [B, n, Tq, E]; mask: chunk_attention's mask args."""
+        return chunk_attention(q, k, self.hidden_dropout(v), bias, scale=self.scaling, activation=self.attn_act_name,
+                               dropout_p=self.attention_dropout.p if self.training else 0.0,
+                               backend=resolve_backend(self.config.kernel_backend, q), **mask)
 
     def _full_attention(self, q, k, v, mask, doc_ids):
         """Training / scoring path over a whole (chunk-aligned) sequence."""
@@ -159,19 +135,9 @@ class MovingAverageGatedAttention(nn.Module):
         q, k, v = (t.reshape(b, n, c, t.shape[-1]) for t in (q, k, v))
         pos = torch.arange(c, device=q.device)
         bias = self.rel_pos(pos, pos).to(q.dtype)
-        valid = None
-        if self.causal:
-            valid = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()[None, None]
-        if mask is not None:
-            key_ok = mask.reshape(b, n, 1, c).bool()
-            valid = key_ok if valid is None else valid & key_ok
-        if doc_ids is not None:
-            d = doc_ids.reshape(b, n, c)
-            same = d[..., :, None] == d[..., None, :]
-            valid = same if valid is None else valid & same
-        if valid is not None:
-            valid = valid.expand(b, n, c, c)
-        return self._attend(q, k, v, valid, bias, may_be_empty=mask is not None).reshape(b, length, -1)
+        key_mask = None if mask is None else mask.reshape(b, n, c).bool()
+        doc = None if doc_ids is None else doc_ids.reshape(b, n, c)
+        return self._attend(q, k, v, bias, causal=self.causal, key_mask=key_mask, doc_ids=doc).reshape(b, length, -1)
 
     def _cached_attention(self, q, k, v, mask, cache: LayerCache):
         """Decoding path: new tokens at positions [P, P+T) attend to cached keys of their chunk and to each other."""
@@ -191,8 +157,7 @@ class MovingAverageGatedAttention(nn.Module):
             bias = self.rel_pos(qpos % self.chunk, kpos % self.chunk)
         else:
             bias = self.rel_pos(qpos, kpos)
-        out = self._attend(q[:, None], k[:, None], v[:, None], valid[:, None], bias.to(q.dtype),
-                           may_be_empty=True)[:, 0]
+        out = self._attend(q[:, None], k[:, None], v[:, None], bias.to(q.dtype), valid=valid[:, None])[:, 0]
         # keep only the keys the next token can see: its chunk (everything without chunking)
         keep_from = 0 if self.chunk is None else ((p0 + t) // self.chunk) * self.chunk
         first = max(keep_from - (p0 + t - s), 0)

@@ -30,16 +30,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megatrain.model.config import MegaConfig
+from megatrain.ops.attention.activations import laplace, relu2
 
 
 def _gelu_accurate(x: torch.Tensor) -> torch.Tensor:
     # tanh approximation of GELU as used by MEGA/fairseq ("gelu_accurate")
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
-
-
-def _laplace(x: torch.Tensor, mu: float = 0.707107, sigma: float = 0.282095) -> torch.Tensor:
-    # MEGA's Laplace attention activation: a bounded, smooth stand-in for relu^2 (constants from the paper)
-    return 0.5 * (1.0 + torch.erf((x - mu) / (sigma * math.sqrt(2.0))))
 
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -48,8 +44,8 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "linear": lambda x: x,
     "gelu": F.gelu,
     "gelu_accurate": _gelu_accurate,
-    "laplace": _laplace,
-    "relu2": lambda x: torch.square(F.relu(x)),
+    "laplace": laplace,
+    "relu2": relu2,
 }
 
 

@@ -280,7 +280,8 @@ class _MegaLM(nn.Module):
         else:
             # the dense+tanh is [N, D] (cheap, ordinary autograd); the head + CE is fused and blockwise
             hd = torch.tanh(self.dense(h)) if self.dense is not None else h
-            loss = lm_head_ce_sum(hd, self.lm_head.weight, self.lm_head.bias, labels, LOSS_BLOCK_TOKENS).float()
+            loss = lm_head_ce_sum(hd, self.lm_head.weight, self.lm_head.bias, labels, LOSS_BLOCK_TOKENS,
+                                  backend=self.config.kernel_backend).float()
         # mean over counted tokens; 0 (not NaN) when every label is ignored
         out.loss = loss if loss_reduction == "sum" else loss / n.clamp(min=1)
         out.num_loss_tokens = n

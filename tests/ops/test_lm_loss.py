@@ -1,12 +1,18 @@
-"""Fused blockwise LM head + cross-entropy (megatrain.ops.lm_loss) against plain F.linear + F.cross_entropy."""
+"""Fused LM head + cross-entropy (megatrain.ops.lm_loss), both paths (blockwise PyTorch, Liger's Triton kernel under
+the Triton interpreter) against plain F.linear + F.cross_entropy, loss and every gradient.
+
+Run: PYTHONPATH=. python -m pytest -q tests/ops/test_lm_loss.py
+"""
+import functools
+
 import pytest
 import torch
 
 import megatrain.model.mega as mega_mod
+import megatrain.ops.lm_loss as lm_loss_mod
 from megatrain.model import MegaForCausalLM
-from megatrain.ops.lm_loss import IGNORE_INDEX, lm_head_ce_sum, lm_head_ce_sum_ref
-
-from .util import randomize_, tiny_config
+from megatrain.ops.lm_loss import IGNORE_INDEX, lm_head_ce_sum, lm_head_ce_sum_ref, loss_backend
+from tests.model.util import randomize_, tiny_config
 
 
 def _inputs(n, d, v, dtype, seed=0, ignore_every=0, bias=True):
@@ -140,3 +146,60 @@ def test_model_loss_only_path_equals_fp64_full_logits(kw, monkeypatch):
     assert g0.keys() == g1.keys()
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-10, atol=1e-10, msg=name)
+
+
+# ---- the Liger (Triton) path, run by the Triton interpreter on CPU ---------------------------------------------
+@pytest.fixture
+def liger(triton_interpreter):
+    # (tests/ops/conftest.py) TRITON_INTERPRET must also be set when liger_kernel is first imported: Triton picks
+    # interpreted kernels at decoration time; nothing imports it on CPU without the variable (loss_backend
+    # resolves "torch" first)
+    assert lm_loss_mod.liger_available(), "liger-kernel is a dev dependency: pip install -e '.[dev]'"
+    return functools.partial(lm_head_ce_sum, backend="triton")
+
+
+@pytest.mark.parametrize("n,d,v,block", SHAPES[:4])
+@pytest.mark.parametrize("bias", [True, False])
+def test_liger_fp32_matches_reference(n, d, v, block, bias, liger):
+    h, w, b, t = _inputs(n, d, v, torch.float32, ignore_every=3, bias=bias)
+    got = _loss_and_grads(liger, h, w, b, t, 0.37)
+    want = _loss_and_grads(lm_head_ce_sum_ref, h, w, b, t, 0.37)
+    assert got[0].dtype == torch.float32
+    _assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_liger_ignored_rows_tied_weight_and_all_ignored(liger):
+    h, w, b, t = _inputs(23, 8, 19, torch.float32, ignore_every=4)
+    ids = torch.randint(0, 19, (23,), generator=torch.Generator().manual_seed(1))
+
+    def total(fn):
+        return fn(h + torch.nn.functional.embedding(ids, w), w, b, t)
+
+    got = torch.autograd.grad(total(liger), (h, w, b))
+    want = torch.autograd.grad(total(lm_head_ce_sum_ref), (h, w, b))
+    _assert_close(got, want, rtol=1e-5, atol=1e-4)
+    t[:] = -100
+    loss, gh, gw, gb = _loss_and_grads(liger, h, w, b, t, 1.0)
+    assert loss.item() == 0.0 and not gh.any() and not gw.any() and not gb.any()
+
+
+def test_liger_bf16_autocast_close_to_fp32(liger):
+    h, w, b, t = _inputs(70, 16, 40, torch.float32, ignore_every=6)
+    want = _loss_and_grads(lm_head_ce_sum_ref, h, w * 0.1, b, t, 1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _loss_and_grads(liger, h, w * 0.1, b, t, 1.0)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+    for a, e in zip(got, want):
+        assert (a - e).abs().max() <= 0.02 * e.abs().max() + 1e-3
+
+
+def test_backend_choice_and_loud_failure(monkeypatch):
+    h = torch.zeros(2, 3)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert loss_backend("auto", h) == "torch" and loss_backend("torch", h) == "torch"
+    with pytest.raises(ValueError, match="kernel_backend='triton'"):
+        loss_backend("triton", h)  # CPU without the interpreter
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(lm_loss_mod, "liger_available", lambda: False)
+    with pytest.raises(ValueError, match="needs liger-kernel"):
+        lm_head_ce_sum(h, torch.zeros(4, 3), None, torch.zeros(2, dtype=torch.long), backend="triton")

@@ -1,9 +1,9 @@
-"""Fused blockwise LM head + cross-entropy (sum over non-ignored positions).
+"""The PyTorch path of the fused LM head + cross-entropy: blockwise, gradients computed in the forward.
 
-    loss = lm_head_ce_sum(h, weight, bias, targets, block)   # h [N, D], weight [V, D], bias [V] or None,
-                                                              # targets [N] int (-100 = ignored) -> fp32 scalar
-                                                              # (fp64 for fp64 inputs)
-    lm_head_ce_sum_ref(h, weight, bias, targets)              # the same with F.linear + F.cross_entropy (oracle)
+    loss = blockwise_ce_sum(h, weight, bias, targets, block)  # h [N, D], weight [V, D], bias [V] or None,
+                                                               # targets [N] int (-100 = ignored) -> fp32 scalar
+                                                               # (fp64 for fp64 inputs); called by
+                                                               # megatrain.ops.lm_loss.lm_head_ce_sum
 
 Why: plain autograd (or a checkpointed F.linear + F.cross_entropy per block, as before) keeps or rebuilds, per
 block, the logits, their log-softmax and a zero-filled logits gradient -- three [block, V] tensors and passes
@@ -23,17 +23,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-IGNORE_INDEX = -100  # the label of a position without loss: megatrain's one definition (as transformers')
-
-
-def lm_head_ce_sum_ref(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                       targets: torch.Tensor) -> torch.Tensor:
-    """Oracle: sum of CE(h @ W^T + b, targets) over targets != -100, in fp32 (plain autograd, [N, V] logits)."""
-    logits = F.linear(h, weight, bias)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least, fp64 stays fp64
-    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+from megatrain.ops.lm_loss.reference import IGNORE_INDEX
 
 
 def _dtypes(h: torch.Tensor, weight: torch.Tensor):
@@ -122,19 +113,9 @@ class _LMHeadCESum(torch.autograd.Function):
         return out + (None, None, None)
 
 
-def lm_head_ce_sum(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
-                   block: int = 1024) -> torch.Tensor:
-    """Sum over targets != -100 of cross-entropy(h @ weight^T + bias, targets), computed `block` rows at a time
-    (see the module doc); an fp32 scalar (fp64 for fp64 inputs). h [N, D] or [..., D] (flattened together with
-    targets), weight [V, D]."""
-    if block < 1:
-        raise ValueError(f"block={block}: expected >= 1")
-    d = h.shape[-1]
-    h2, t2 = h.reshape(-1, d).contiguous(), targets.reshape(-1)
-    if t2.shape[0] != h2.shape[0]:
-        raise ValueError(f"targets {tuple(targets.shape)} do not match h {tuple(h.shape)}")
-    if h2.shape[0] == 0:
-        return (h2.sum() * 0 + weight.sum() * 0).float()
-    want_grad = torch.is_grad_enabled() and (h2.requires_grad or weight.requires_grad
+def blockwise_ce_sum(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+                     block: int) -> torch.Tensor:
+    """h [N, D] contiguous, targets [N], N >= 1 (the dispatcher checks and flattens)."""
+    want_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad
                                              or (bias is not None and bias.requires_grad))
-    return _LMHeadCESum.apply(h2, weight, bias, t2, block, want_grad)
+    return _LMHeadCESum.apply(h, weight, bias, targets, block, want_grad)
