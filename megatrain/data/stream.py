@@ -75,7 +75,7 @@ import numpy as np
 import torch
 
 from megatrain.data.masking import IGNORE_INDEX, MaskingConfig, mask_tokens
-from megatrain.data.shards import DataError, Manifest, ShardInfo, read_shard, token_dtype
+from megatrain.data.shards import DataError, Manifest, ShardInfo, check_local_shards, read_shard, token_dtype
 
 log = logging.getLogger("megatrain.data")
 STATE_VERSION = 2
@@ -226,31 +226,6 @@ def _worker_main(layout: _Layout, n_windows: int, lanes: int, start: int, stride
         out.put(("error", f"{type(e).__name__}: {e}", isinstance(e, DataError)))
 
 
-def check_local_shards(manifest: Manifest, skip_corrupt: bool = False) -> None:
-    """Before any read: every local shard exists, is readable and has the byte size the manifest records.
-
-    A stat per shard, no read. Remote shards (pipe:, ://) and entries without a recorded size (manifests from
-    before sizes were recorded, streams built from urls) are checked when read instead."""
-    for i, info in enumerate(manifest.shards):
-        url = manifest.shard_url(i)
-        if "://" in url or url.startswith("pipe:"):
-            continue
-        try:
-            size = os.path.getsize(url)
-        except FileNotFoundError:
-            raise DataError(f"shard {url}: file not found (listed in the manifest)") from None
-        except OSError as e:
-            raise DataError(f"shard {url}: unreadable ({e.strerror})") from None
-        if not os.access(url, os.R_OK):
-            raise DataError(f"shard {url}: permission denied (not readable)")
-        if info.bytes and size != info.bytes:
-            msg = (f"shard {url}: {size} bytes on disk but the manifest records {info.bytes} bytes "
-                   f"(truncated or rewritten after the build)")
-            if not skip_corrupt:
-                raise DataError(msg)
-            log.warning("%s; with skip_corrupt its unreadable samples will be skipped", msg)
-
-
 def _scan(urls: list[str], vocab_size: int, skip_corrupt: bool) -> list[ShardInfo]:
     """Count docs/tokens of shards given without a manifest (reads every shard once)."""
     infos = []
@@ -285,7 +260,9 @@ class ShardStream(torch.utils.data.IterableDataset):
                                       skip_corrupt)
         if not self.manifest.shards:
             raise ValueError("ShardStream: no shards given")
-        check_local_shards(self.manifest, skip_corrupt)  # a truncated shard is found now, not hours into the run
+        # a truncated shard is found now, not when the stream reaches it (hours into the run)
+        check_local_shards(self.manifest, on_mismatch=(lambda m: log.warning(
+            "%s; with skip_corrupt its unreadable samples will be skipped", m)) if skip_corrupt else None)
         if objective == "mlm" and "mask" not in self.manifest.special_tokens:
             raise ValueError("objective='mlm' needs a mask token: pass mask_token_id= or use a manifest")
         self.vocab_size = self.manifest.vocab_size
