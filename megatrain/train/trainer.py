@@ -241,6 +241,8 @@ def main(argv=None) -> int:
         if env.rank == 0 or every_rank:
             where = f"rank {env.rank}: " if every_rank and env.world_size > 1 else ""
             print(f"pretrain: error: {where}{e}", file=sys.stderr, flush=True)
+        else:  # launchers kill the other ranks when one fails: let rank 0 print its line first
+            time.sleep(3)
 
     with contextlib.redirect_stderr(io.StringIO()) if env.rank else contextlib.nullcontext():
         args = parse_args(argv)  # argparse's usage error (exit 2) from rank 0 only
