@@ -6,7 +6,10 @@ One sample per non-empty document (format: megatrain/data/shards.py). A document
 one sample, in a shard of its own (documents are never split; the loader packs them into windows).
 Empty documents are dropped; invalid UTF-8 is replaced (default) or the document rejected (--invalid-utf8 reject);
 both are counted, printed and stored in index.json "stats". Output bytes depend only on the inputs and tokenizer
-(fixed tar metadata); re-running into the same folder replaces the earlier build. Prints the raw-text MB/s.
+(fixed tar metadata). --out must be new, empty or an earlier build (replaced whole); the build is written to a
+temporary sibling folder and renamed at the end, so a failed or killed build leaves nothing half-written.
+Bad input (missing tokenizer, no or only empty documents, a size like "lots", bad numbers): one line, exit 2.
+Prints the raw-text MB/s.
 --workers sets sentencepiece's encoding threads (documents are encoded in batches of --batch-mb MB).
 """
 from __future__ import annotations
@@ -26,7 +29,8 @@ if __package__ in (None, ""):  # run as a script from a checkout
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from megatrain.data.shards import doc_key, token_dtype, write_token_shards  # noqa: E402
+from megatrain.cli import ArgumentParser, output_folder, run  # noqa: E402
+from megatrain.data.shards import MANIFEST_NAME, doc_key, token_dtype, write_token_shards  # noqa: E402
 from megatrain.data.text import TextConfig, expand_inputs, iter_documents  # noqa: E402
 from megatrain.data.tokenizer import load_tokenizer, special_token_ids, tokenizer_sha256  # noqa: E402
 
@@ -35,13 +39,13 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "M
 
 def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
-    if not m or m.group(2).upper() not in _UNITS:
-        raise ValueError(f"--shard-size {text!r}: expected a size such as 256MB, 1GB, 500KB or a byte count")
+    if not m or m.group(2).upper() not in _UNITS or float(m.group(1)) * _UNITS[m.group(2).upper()] < 1:
+        raise ValueError(f"--shard-size {text!r}: expected a positive size such as 256MB, 1GB, 500KB or a byte count")
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="files, globs or folders")
     p.add_argument("--tokenizer", required=True, help="folder with tokenizer.model")
     p.add_argument("--out", required=True, help="output folder for shard-*.tar and index.json")
@@ -125,20 +129,35 @@ def _cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _earlier_build(names: list[str]) -> bool:
+    """An --out folder this tool wrote before: index.json plus shard files only."""
+    return MANIFEST_NAME in names and all(n == MANIFEST_NAME or n.startswith("shard-") for n in names)
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
-    shard_bytes = parse_size(a.shard_size)
+    shard_bytes = parse_size(a.shard_size)  # every check before any work
     if a.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {a.workers}")
+        raise ValueError(f"--workers {a.workers}: expected a positive number of threads")
+    if not a.batch_mb > 0:
+        raise ValueError(f"--batch-mb {a.batch_mb}: expected a positive size in MB")
     text_cfg = TextConfig(text_field=a.text_field, invalid_utf8=a.invalid_utf8)
     files = expand_inputs(a.input)
-    sp = load_tokenizer(a.tokenizer)
+    try:
+        sp = load_tokenizer(a.tokenizer)
+        specials = special_token_ids(sp)
+    except ValueError as e:
+        raise ValueError(f"--tokenizer {a.tokenizer}: {e}") from None
     vocab = sp.vocab_size()
     stats: dict = {"empty": 0, "invalid_utf8": 0}
     t0, cpu0 = time.time(), _cpu_seconds()
-    docs = _encoded_docs(files, text_cfg, sp, a.workers, int(a.batch_mb * 1e6), stats, token_dtype(vocab))
-    man = write_token_shards(a.out, docs, shard_bytes, vocab, special_token_ids(sp),
-                             tokenizer_sha256=tokenizer_sha256(a.tokenizer), stats=stats)
+    with output_folder(a.out, "--out", replaceable=_earlier_build) as tmp:
+        docs = _encoded_docs(files, text_cfg, sp, a.workers, int(a.batch_mb * 1e6), stats, token_dtype(vocab))
+        man = write_token_shards(tmp, docs, shard_bytes, vocab, specials,
+                                 tokenizer_sha256=tokenizer_sha256(a.tokenizer), stats=stats)
+        if not man.shards:
+            raise ValueError(f"--input {' '.join(a.input)}: no non-empty document in {len(files)} files "
+                             f"({stats['empty']} empty, {stats['invalid_utf8']} rejected as invalid UTF-8)")
     dt, cpu = max(time.time() - t0, 1e-9), max(_cpu_seconds() - cpu0, 1e-9)
     mb = stats.get("bytes_in", 0) / 1e6
     print(f"wrote {len(man.shards)} shards, {man.docs} documents, {man.tokens} tokens to {a.out}")
@@ -150,4 +169,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main, "build_shards"))

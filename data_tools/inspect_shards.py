@@ -4,10 +4,11 @@ Run:
     python data_tools/inspect_shards.py shards/ [--tokenizer tok/] [--chars 400]
 Reads and validates every sample (errors name the shard and key) and checks the counts against index.json.
 With --tokenizer, also checks that it is the tokenizer the shards were built with and prints decoded text.
+Missing or truncated shard files (sizes recorded in index.json) are reported before reading; bad input or bad data:
+one line on stderr naming the file (and sample), exit 2.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -17,7 +18,8 @@ if __package__ in (None, ""):  # run as a script from a checkout
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from megatrain.data.shards import DataError, Manifest, read_shard  # noqa: E402
+from megatrain.cli import ArgumentParser, run  # noqa: E402
+from megatrain.data.shards import DataError, Manifest, check_local_shards, read_shard  # noqa: E402
 
 
 def length_histogram(lengths: list[int]) -> list[tuple[str, int]]:
@@ -29,12 +31,15 @@ def length_histogram(lengths: list[int]) -> list[tuple[str, int]]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("shards", help="folder with index.json (or the index.json path)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder: verify it and decode a sample")
     p.add_argument("--chars", type=int, default=400, help="characters of decoded text to print")
     a = p.parse_args(argv)
+    if a.chars < 0:
+        raise ValueError(f"--chars {a.chars}: expected a number >= 0")
     man = Manifest.load(a.shards)
+    check_local_shards(man)  # a missing or truncated file: named now, with its expected size
     sp = None
     if a.tokenizer:
         from megatrain.data.tokenizer import load_tokenizer, tokenizer_sha256
@@ -73,4 +78,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main, "inspect_shards"))

@@ -41,6 +41,7 @@ class DataCfg:
     seq_len: int = 4096
     micro_batch_size: int = 1
     num_workers: int = 0
+    lanes: Optional[int] = None           # global window order (megatrain/data/stream.py); None: its default
     reset_at_doc_boundaries: bool = True  # pass doc_ids so EMA state and attention reset inside packed windows
     mask_token_id: Optional[int] = None   # mlm; None = the manifest's mask token
     skip_corrupt: bool = False
@@ -145,6 +146,7 @@ class Config:
                f"must be in [0, train.max_steps={t.max_steps}]")
         _check(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 = off)")
         _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+        _check(d.lanes is None or d.lanes >= 1, "data.lanes", d.lanes, "must be >= 1 (or null: the stream's default)")
         _check(bool(d.shards), "data.shards", d.shards, "must name a manifest, a directory, a glob or a list")
         for key, (value, why) in OBJECTIVE_MODEL_FIELDS[t.objective].items():  # set by from_dict; a later edit?
             _check(getattr(m, key) == value, f"model.{key}", getattr(m, key),

@@ -16,6 +16,8 @@ Manifest (index.json), written last by data_tools/build_shards.py:
      "special_tokens": {"unk": 0, "bos": 1, "eos": 2, "eod": 2, "pad": 3, "mask": 4},
      "tokenizer_sha256": "...", "shards": [{"url": "shard-000000.tar", "docs": 12, "tokens": 34567, "bytes": 69632}],
      "docs": total, "tokens": total, "stats": {...build counters...}}
+"bytes" is the shard file's size, checked before training (check_local_shards); 0 or absent (older manifests):
+not checked until read.
 Shard urls are relative to the manifest's folder unless they contain "://" or start with "pipe:" or "/".
 """
 from __future__ import annotations
@@ -141,6 +143,32 @@ class Manifest:
                        stats=d.get("stats", {}), root=os.path.dirname(os.path.abspath(path)))
         except KeyError as e:
             raise DataError(f"manifest {path}: missing key {e}") from None
+
+
+def check_local_shards(manifest: Manifest, on_mismatch=None) -> None:
+    """Before any read: every local shard exists, is readable and has the byte size the manifest records.
+
+    A stat per shard, no read. Remote shards (pipe:, ://) and entries without a recorded size (manifests from
+    before sizes were recorded, streams built from urls) are checked when read instead. A size mismatch raises
+    DataError, or goes to ``on_mismatch(message)`` when given (skip_corrupt); a missing file always raises."""
+    for i, info in enumerate(manifest.shards):
+        url = manifest.shard_url(i)
+        if "://" in url or url.startswith("pipe:"):
+            continue
+        try:
+            size = os.path.getsize(url)
+        except FileNotFoundError:
+            raise DataError(f"shard {url}: file not found (listed in the manifest)") from None
+        except OSError as e:
+            raise DataError(f"shard {url}: unreadable ({e.strerror})") from None
+        if not os.access(url, os.R_OK):
+            raise DataError(f"shard {url}: permission denied (not readable)")
+        if info.bytes and size != info.bytes:
+            msg = (f"shard {url}: {size} bytes on disk but the manifest records {info.bytes} bytes "
+                   f"(truncated or rewritten after the build)")
+            if on_mismatch is None:
+                raise DataError(msg)
+            on_mismatch(msg)
 
 
 # ---------------------------------------------------------------------------------------------- writing

@@ -1,68 +1,86 @@
-"""ShardStream: tokenized shards -> packed token windows for one data-parallel rank; exactly once, resumable.
+"""ShardStream: tokenized shards -> packed token windows for one data-parallel rank; exactly once, resumable, elastic.
 
 Use:
     from megatrain.data import ShardStream
     stream = ShardStream("shards/index.json", seq_len=4096, seed=0, dp_rank=r, dp_size=n, num_workers=2)
     loader = torch.utils.data.DataLoader(stream, batch_size=micro_batch, num_workers=0)   # or iterate directly
     for batch in loader: batch["input_ids"], batch["labels"], batch["doc_ids"]            # LongTensor [B, seq_len]
-    state = stream.state_dict()          # after k samples were handed out
-    stream2.load_state_dict(state)       # a fresh stream then yields samples k+1, k+2, ... bitwise identical
+    state = stream.state_dict()          # after k samples were handed out (on every rank: k equal)
+    stream2.load_state_dict(state)       # any dp_size / dp_rank / num_workers: continues the same global order
 
-The global token stream of epoch e (the same on every rank):
+The token stream of epoch e (the same on every rank):
   * shard order: a permutation of the manifest's shards drawn from (seed, e);
   * inside a shard: its documents in a random order drawn from (seed, e, shard index);
   * each document is followed by the end-of-document token (manifest special_tokens["eod"]);
-  * the stream is cut into windows of ``seq_len`` tokens; window w holds stream tokens [w*L, w*L + L) and also
-    reads token w*L + L for its last label, so consecutive windows share exactly that one lookahead token.
+  * the stream is cut into N = (stream_tokens - 1) // L windows of ``seq_len`` = L tokens; window w holds stream
+    tokens [w*L, w*L + L) and also reads token w*L + L for its last label (consecutive windows share that token).
+  The stream's last < L + 1 tokens are in no window. N is the same every epoch (only the order changes).
 Samples: ``input_ids`` = window tokens; clm ``labels[t]`` = the token after input t (pre-shifted);
 mlm ``labels`` = original ids at masked positions (masking.py, seeded by (seed, e, w)), -100 elsewhere;
 ``doc_ids[t]`` = ordinal of the document token t belongs to (its EOD included) in epoch e's stream.
 
-Splitting (exactly once, equal counts): with N = (stream_tokens - 1) // L windows, every rank gets
-n = N // dp_size windows, rank r the contiguous range [r*n, (r+1)*n). The final remainder that no rank sees is the
-last N - n*dp_size windows plus the stream's last < L + 1 tokens (at most (dp_size + 1) * L tokens per epoch).
-All ranks therefore yield exactly ``len(stream)`` windows per epoch, whatever the shard sizes: no collective hangs.
+Global order (independent of the layout: DP size, micro-batch, accumulation, SP size, workers):
+  * ``lanes`` = C cuts epoch e's windows into C contiguous lanes (the first N % C one window longer); global
+    window i of epoch e (0 <= i < N) is window ``lane_start[i % C] + i // C``: lanes interleaved round-robin, so a
+    global batch mixes C distant places of the stream (C is part of the data order, like the seed);
+  * epochs follow each other: global position p = e * N + i, an unbounded sequence.
+Split (the rule the trainer's resume relies on): from the position P the stream started or resumed at, DP rank r of
+D hands out positions P + r, P + r + D, P + r + 2D, ...  A trainer that takes micro_batch x grad_accum = M windows
+per rank per step therefore consumes, at global step s (counted from P), exactly the positions
+[P + s*G, P + (s+1)*G) with G = D * M, whatever the (D, micro_batch, grad_accum) split of G.
+SP ranks of one DP replica build the stream with the same dp_rank and slice the window (sp.py): SP does not matter.
 
 Workers: ShardStream does its own worker split; use it with DataLoader(num_workers=0) (or iterate it directly).
-A rank's range is cut into max(1, num_workers) contiguous parts; with num_workers >= 1 each part is produced by a
-background process (fork), and samples are taken round-robin (part 0, 1, ..., W-1, 0, 1, ...). num_workers=0 and 1
-give the same sequence; other worker counts give the same windows in a different order.
+With num_workers = W >= 1, worker j (a forked process) produces the rank's k-th window for every k = j (mod W) and
+the consumer takes them in k order: every worker count (0, 1, 2, ...) gives the same sequence.
+Reading: each lane is read sequentially (a shard is decoded once per lane reader and dropped when the lane moves
+past it). A rank reads the lanes its positions fall in: when D divides C, rank r reads C/D lanes and no shard is
+decoded by two ranks; when D > C, D/C ranks share a lane (each decodes it, uses 1/(D/C) of its windows). Memory:
+a worker holds about one decoded shard per lane it reads (shards are kept at their stored uint16/uint32 width).
 
-Resume: the state is (epoch, samples handed out this epoch, and the settings that define the order). Loading it
-into a stream built with the same manifest/seq_len/seed/dp_size/num_workers/objective continues bitwise. A
-different dp_size or num_workers is accepted only at an epoch boundary (state saved before the first or after the
-last window of an epoch); in the middle of an epoch it is refused with a ValueError (the remaining windows are not
-re-partitioned). Resuming reads only from the shard holding the next window on (positions come from the manifest).
-Memory: each worker holds the shards its current window touches, decoded at their stored width (uint16/uint32).
+Resume: the state is layout-free: the global position (windows consumed by all ranks together since epoch 0 =
+this rank's count x D + start; every rank consumes the same count, so every rank's state is identical) plus the
+settings that define the order (data fingerprint, seq_len, seed, objective, lanes), which must match. Loading it
+into a stream with any dp_size / dp_rank / num_workers continues at that position: across the old and new layout
+every window of the epoch is handed out exactly once. Version-1 states (per-rank order) load only at an epoch
+boundary. Resuming reads only from the shards holding the next windows (positions come from the manifest).
 
-One ``for`` loop over the stream runs to the end of the current epoch, and the next loop starts the next epoch
-(``loop=True``: never stops). ``len(stream)`` = windows per epoch for this rank.
+One ``for`` loop over the stream (``loop=False``) hands out K = (epoch_end - P) // D windows per rank, the same K
+on every rank (collectives never hang): it ends at the last whole round of D before the end of the current epoch;
+the < D windows left over open the next loop, which runs to the end of the next epoch. ``loop=True``: never stops.
+``len(stream)`` = N // D (a loop's length from an epoch start). ``stream.epoch`` = epoch of the latest window.
 
 ``vocab_size=`` (the model's) may exceed the manifest's vocabulary (padded embeddings), never be smaller.
-Bad data: errors name the shard and sample key (shards.DataError). With ``skip_corrupt=True`` a bad sample (or the
-unreadable rest of a truncated shard) is dropped, logged, and counted in ``stream.skipped``; its tokens are replaced
-by <pad> at the end of that shard's span (labels -100), so every rank still sees the planned token layout.
-A shard holding more docs/tokens than its manifest entry is always an error (shard and manifest do not match).
+Bad data: local shards are checked against the manifest's recorded byte sizes when the stream is built (a stat
+each, no read): a missing or truncated shard is a DataError naming it before any window is produced (with
+``skip_corrupt`` a size mismatch is a warning). Remote (pipe:, ://) shards and manifests without sizes are checked
+when read. Read errors name the shard and sample key (shards.DataError). With ``skip_corrupt=True`` a bad sample
+(or the unreadable rest of a truncated shard) is dropped, logged, and counted in ``stream.skipped`` (by the rank
+whose window holds the shard's first token); its tokens are replaced by <pad> at the end of that shard's span
+(labels -100), so every rank still sees the planned token layout. A shard holding more docs/tokens than its
+manifest entry is always an error (shard and manifest do not match).
 """
 from __future__ import annotations
 
 import bisect
 import dataclasses
+import itertools
 import logging
 import multiprocessing
 import os
 import queue as queue_mod
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 
 from megatrain.data.masking import MaskingConfig, mask_tokens
+from megatrain.data.shards import DataError, Manifest, ShardInfo, check_local_shards, read_shard, token_dtype
 from megatrain.ops.lm_loss import IGNORE_INDEX
-from megatrain.data.shards import DataError, Manifest, ShardInfo, read_shard, token_dtype
 
 log = logging.getLogger("megatrain.data")
-STATE_VERSION = 1
+STATE_VERSION = 2
+DEFAULT_LANES = 8  # part of the data order (like the seed); see "Global order" above
 OBJECTIVES = ("clm", "mlm")
 
 
@@ -96,21 +114,15 @@ class _EpochPlan:
         self.doc_base = np.concatenate([[0], np.cumsum(docs)]).tolist()       # first doc ordinal of each shard
 
 
-class _WindowReader:
-    """Random access to windows of one epoch, reading each shard once for sequential access.
+class _EpochReader:
+    """Windows of one epoch; one shard cache per lane, so each lane reads its shards once, sequentially."""
 
-    Skipped samples are counted only by the reader whose token range [own_lo, own_hi) holds the shard's first
-    token, so a shard read by two workers (it straddles their ranges) is counted once.
-    """
-
-    def __init__(self, layout: _Layout, epoch: int, own_lo: int, own_hi: int):
+    def __init__(self, layout: _Layout, epoch: int):
         self.layout, self.epoch = layout, epoch
         self.plan = _EpochPlan(layout, epoch)
-        self.own_lo, self.own_hi = own_lo, own_hi
-        self.cache: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}
-        self.skipped = 0
+        self.caches: dict[int, dict[int, tuple[np.ndarray, np.ndarray, int, int]]] = {}
 
-    def _load(self, k: int) -> tuple[np.ndarray, np.ndarray, int]:
+    def _load(self, k: int) -> tuple[np.ndarray, np.ndarray, int, int]:
         lay, i = self.layout, int(self.plan.order[k])
         url, want_docs, want_tokens = lay.urls[i], lay.docs[i], lay.tokens[i]
         docs = [t for _, t in read_shard(url, lay.vocab_size, lay.skip_corrupt,
@@ -121,8 +133,6 @@ class _WindowReader:
                 (not lay.skip_corrupt and len(docs) != want_docs):
             raise DataError(f"shard {url}: holds {len(docs)} docs / {got_tokens} tokens but the manifest says "
                             f"{want_docs} / {want_tokens} (shard and manifest do not match)")
-        if len(docs) < want_docs and self.own_lo <= self.plan.starts[k] < self.own_hi:
-            self.skipped += want_docs - len(docs)
         perm = np.random.default_rng([lay.seed, self.epoch, i, 0xD0C]).permutation(len(docs))
         span = want_tokens + want_docs
         flat = np.full(span, lay.special("pad"), dtype=token_dtype(lay.vocab_size))  # stored width, not int64
@@ -134,22 +144,26 @@ class _WindowReader:
             flat[pos:pos + len(doc)] = doc
             flat[pos + len(doc)] = eod
             pos += len(doc) + 1
-        return flat, doc_starts, pos  # pos = end of real tokens; beyond it: <pad> filling skipped samples
+        # pos = end of real tokens; beyond it: <pad> filling skipped samples (want_docs - len(docs) of them)
+        return flat, doc_starts, pos, want_docs - len(docs)
 
-    def window(self, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(tokens [L+1], doc ids [L+1], real-token mask [L+1]) of window w."""
+    def window(self, w: int, lane: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """(tokens [L+1], doc ids [L+1], real-token mask [L+1], skipped samples counted by this window)."""
         L, plan = self.layout.seq_len, self.plan
         a, b = w * L, w * L + L + 1
         k = bisect.bisect_right(plan.starts, a) - 1
-        for old in [c for c in self.cache if c < k]:
-            del self.cache[old]
-        toks, ids, real = [], [], []
+        cache = self.caches.setdefault(lane, {})
+        for old in [c for c in cache if c < k]:  # a lane only moves forward
+            del cache[old]
+        toks, ids, real, skipped = [], [], [], 0
         while a < b:
             lo, hi = plan.starts[k], plan.starts[k + 1]
             if hi > lo:
-                if k not in self.cache:
-                    self.cache[k] = self._load(k)
-                flat, doc_starts, n_real = self.cache[k]
+                if k not in cache:
+                    cache[k] = self._load(k)
+                flat, doc_starts, n_real, missing = cache[k]
+                if w * L <= lo < w * L + L:  # the window holding a shard's first token counts its skips: once
+                    skipped += missing
                 s, e = a - lo, min(b, hi) - lo
                 toks.append(flat[s:e])
                 local = np.arange(s, e)
@@ -160,11 +174,12 @@ class _WindowReader:
                 real.append(local < n_real)
                 a = min(b, hi)
             k += 1
-        return np.concatenate(toks).astype(np.int64), np.concatenate(ids).astype(np.int64), np.concatenate(real)
+        return (np.concatenate(toks).astype(np.int64), np.concatenate(ids).astype(np.int64),
+                np.concatenate(real), skipped)
 
-    def sample(self, w: int) -> dict[str, np.ndarray]:
+    def sample(self, w: int, lane: int) -> tuple[dict[str, np.ndarray], int]:
         lay, L = self.layout, self.layout.seq_len
-        tokens, ids, real = self.window(w)
+        tokens, ids, real, skipped = self.window(w, lane)
         if lay.objective == "clm":
             labels = tokens[1:].copy()
             labels[~(real[1:] & real[:L])] = IGNORE_INDEX
@@ -173,35 +188,40 @@ class _WindowReader:
             rng = np.random.default_rng([lay.seed, self.epoch, w, 0x4D4C4D])
             inputs, labels = mask_tokens(tokens[:L], rng, lay.masking, lay.vocab_size, lay.special("mask"),
                                          [v for _, v in lay.specials])
-        return {"input_ids": np.ascontiguousarray(inputs), "labels": labels, "doc_ids": ids[:L].copy()}
+        return {"input_ids": np.ascontiguousarray(inputs), "labels": labels, "doc_ids": ids[:L].copy()}, skipped
 
 
-def _split(n: int, parts: int) -> list[tuple[int, int]]:
-    """Contiguous parts of range(n); the first n % parts parts are one longer."""
-    base, extra = divmod(n, parts)
-    out, lo = [], 0
-    for j in range(parts):
-        hi = lo + base + (j < extra)
-        out.append((lo, hi))
-        lo = hi
-    return out
+def lane_window(i: int, n_windows: int, lanes: int) -> tuple[int, int]:
+    """(window, lane) of global window i of an epoch of ``n_windows``: lane i % C, its (i // C)-th window.
+
+    Lane l starts at l * (N // C) + min(l, N % C) (the first N % C lanes are one longer), so the map is a bijection
+    of range(N): the last, partial round i >= (N // C) * C only reaches the longer lanes."""
+    base, extra = divmod(n_windows, lanes)
+    lane = i % lanes
+    return lane * base + min(lane, extra) + i // lanes, lane
 
 
-def _round_robin(sizes: Sequence[int]) -> Iterator[int]:
-    for t in range(max(sizes, default=0)):
-        for j, s in enumerate(sizes):
-            if s > t:
-                yield j
+def _produce(layout: _Layout, n_windows: int, lanes: int, positions: Iterable[int]):
+    """(sample, skipped) for each global position (epoch * N + i), reading each lane sequentially."""
+    readers: dict[int, _EpochReader] = {}
+    for p in positions:
+        epoch, i = divmod(p, n_windows)
+        if epoch not in readers:
+            readers.clear()  # positions only increase: earlier epochs are done
+            readers[epoch] = _EpochReader(layout, epoch)
+        yield readers[epoch].sample(*lane_window(i, n_windows, lanes))
 
 
-def _worker_main(layout: _Layout, epoch: int, w_lo: int, w_hi: int, own: tuple[int, int], out) -> None:
-    """Background process: put ("ok", sample, new_skips) for windows w_lo..w_hi-1, then ("done",)."""
+def _positions(start: int, stride: int, count: int | None) -> Iterable[int]:
+    return itertools.count(start, stride) if count is None else range(start, start + stride * count, stride)
+
+
+def _worker_main(layout: _Layout, n_windows: int, lanes: int, start: int, stride: int, count: int | None,
+                 out) -> None:
+    """Background process: put ("ok", sample, skipped) for its positions, then ("done",)."""
     try:
-        reader = _WindowReader(layout, epoch, *own)
-        for w in range(w_lo, w_hi):
-            before = reader.skipped
-            s = reader.sample(w)
-            out.put(("ok", s, reader.skipped - before))
+        for s, skipped in _produce(layout, n_windows, lanes, _positions(start, stride, count)):
+            out.put(("ok", s, skipped))
         out.put(("done",))
     except Exception as e:  # noqa: BLE001 - forwarded to the consumer, which re-raises it
         out.put(("error", f"{type(e).__name__}: {e}", isinstance(e, DataError)))
@@ -225,7 +245,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                  num_workers: int = 0, objective: str = "clm", vocab_size: int | None = None,
                  mask_token_id: int | None = None, skip_corrupt: bool = False, eod_token_id: int | None = None,
                  pad_token_id: int | None = None, masking: MaskingConfig | None = None, loop: bool = False,
-                 worker_timeout_s: float = 600.0):
+                 worker_timeout_s: float = 600.0, lanes: int = DEFAULT_LANES):
         super().__init__()
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
@@ -235,17 +255,22 @@ class ShardStream(torch.utils.data.IterableDataset):
             raise ValueError(f"need 0 <= dp_rank < dp_size, got dp_rank={dp_rank}, dp_size={dp_size}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if lanes < 1:
+            raise ValueError(f"lanes must be >= 1, got {lanes}")
         self.manifest = self._resolve(urls_or_manifest, vocab_size, mask_token_id, eod_token_id, pad_token_id,
                                       skip_corrupt)
         if not self.manifest.shards:
             raise ValueError("ShardStream: no shards given")
+        # a truncated shard is found now, not when the stream reaches it (hours into the run)
+        check_local_shards(self.manifest, on_mismatch=(lambda m: log.warning(
+            "%s; with skip_corrupt its unreadable samples will be skipped", m)) if skip_corrupt else None)
         if objective == "mlm" and "mask" not in self.manifest.special_tokens:
             raise ValueError("objective='mlm' needs a mask token: pass mask_token_id= or use a manifest")
         self.vocab_size = self.manifest.vocab_size
         self.special_tokens = dict(self.manifest.special_tokens)
         self.seq_len, self.seed, self.objective = seq_len, seed, objective
         self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, num_workers
-        self.loop, self.worker_timeout_s = loop, worker_timeout_s
+        self.loop, self.worker_timeout_s, self.lanes = loop, worker_timeout_s, lanes
         self.layout = _Layout(
             urls=tuple(self.manifest.shard_url(i) for i in range(len(self.manifest.shards))),
             docs=tuple(s.docs for s in self.manifest.shards), tokens=tuple(s.tokens for s in self.manifest.shards),
@@ -253,11 +278,17 @@ class ShardStream(torch.utils.data.IterableDataset):
             seed=seed, objective=objective, masking=masking or MaskingConfig(), skip_corrupt=skip_corrupt)
         # Every epoch has the same total (only the order changes), so the window count is fixed.
         total = self.manifest.tokens + self.manifest.docs
-        self.windows_per_epoch = max(0, (total - 1) // seq_len) // dp_size
+        self.global_windows = max(0, (total - 1) // seq_len)   # N: windows per epoch, all ranks together
+        self.windows_per_epoch = self.global_windows // dp_size
         if self.windows_per_epoch == 0:
             raise ValueError(f"ShardStream: {total} tokens (with EODs) give no window of seq_len={seq_len} "
                              f"per rank for dp_size={dp_size}; need more data or a smaller seq_len")
-        self.epoch, self.consumed, self.skipped = 0, 0, 0
+        self.position, self.skipped = 0, 0  # global windows consumed (all ranks) since epoch 0; see module doc
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the latest window handed out (0 before the first)."""
+        return max(0, self.position - 1) // self.global_windows
 
     @staticmethod
     def _resolve(src, vocab_size, mask_token_id, eod_token_id, pad_token_id, skip_corrupt) -> Manifest:
@@ -299,50 +330,40 @@ class ShardStream(torch.utils.data.IterableDataset):
             # Every DataLoader worker would replay the whole stream: duplicated windows, wrong resume state.
             raise ValueError("ShardStream does its own worker split: wrap it in DataLoader(num_workers=0) and pass "
                              "num_workers= to ShardStream instead")
-        while True:
-            if self.consumed >= self.windows_per_epoch:
-                self.epoch, self.consumed = self.epoch + 1, 0
-            yield from self._iter_epoch()
-            if not self.loop:
-                return
+        if self.loop:
+            yield from self._run(None)  # one unbounded run: workers are not restarted at epoch boundaries
+            return
+        N, D, p = self.global_windows, self.dp_size, self.position
+        end = (p // N + 1) * N
+        if end - p < D:  # only the epoch's leftover (< one round) remains: this loop also runs the next epoch
+            end += N
+        yield from self._run((end - p) // D)
 
-    def _parts(self) -> list[tuple[int, int]]:
-        """Global window ranges of this rank's logical workers."""
-        lo = self.dp_rank * self.windows_per_epoch
-        return [(lo + a, lo + b) for a, b in _split(self.windows_per_epoch, max(1, self.num_workers))]
-
-    def _iter_epoch(self) -> Iterator[dict[str, torch.Tensor]]:
-        parts = self._parts()
-        sizes = [b - a for a, b in parts]
-        schedule = _round_robin(sizes)
-        done = [0] * len(parts)
-        for _ in range(self.consumed):  # replay the schedule up to the resume point
-            done[next(schedule)] += 1
-        L = self.seq_len
-        # Each worker counts skipped samples of the shards that start in its not-yet-produced token range
-        # (shards starting earlier were counted before a resume, or by the previous worker/rank).
-        starts = [(a + d, b, ((a + d) * L, b * L)) for (a, b), d in zip(parts, done)]
-        if self.num_workers == 0:
-            reader = _WindowReader(self.layout, self.epoch, *starts[0][2])
-            for w in range(starts[0][0], starts[0][1]):
-                before = reader.skipped
-                s = reader.sample(w)
-                self.skipped += reader.skipped - before
-                self.consumed += 1
+    def _run(self, count: int | None) -> Iterator[dict[str, torch.Tensor]]:
+        """Hand out this rank's next ``count`` windows (None: unbounded): positions start + r + k*D."""
+        N, D, W = self.global_windows, self.dp_size, self.num_workers
+        first = self.position + self.dp_rank
+        if W == 0:
+            for s, skipped in _produce(self.layout, N, self.lanes, _positions(first, D, count)):
+                self.skipped += skipped
+                self.position += D  # every rank hands out its k-th window of the round: D consumed in all
                 yield {k: torch.from_numpy(v) for k, v in s.items()}
             return
         ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-        queues = [ctx.Queue(maxsize=4) for _ in starts]
-        procs = [ctx.Process(target=_worker_main, args=(self.layout, self.epoch, lo, hi, own, q), daemon=True)
-                 for (lo, hi, own), q in zip(starts, queues)]
+        queues = [ctx.Queue(maxsize=4) for _ in range(W)]
+        # worker j: the rank's windows k = j, j + W, j + 2W, ...
+        counts = [None if count is None else len(range(j, count, W)) for j in range(W)]
+        procs = [ctx.Process(target=_worker_main, daemon=True,
+                             args=(self.layout, N, self.lanes, first + j * D, W * D, counts[j], q))
+                 for j, q in enumerate(queues)]
         for p in procs:
             p.start()
         try:
-            for j in schedule:
-                msg = self._receive(queues[j], procs[j], j)
+            for k in (itertools.count() if count is None else range(count)):
+                msg = self._receive(queues[k % W], procs[k % W], k % W)
                 self.skipped += msg[2]
-                self.consumed += 1
-                yield {k: torch.from_numpy(v) for k, v in msg[1].items()}
+                self.position += D
+                yield {key: torch.from_numpy(v) for key, v in msg[1].items()}
         finally:
             for p, q in zip(procs, queues):
                 if p.is_alive():
@@ -371,31 +392,38 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     # ------------------------------------------------------------------------------------------ resume
     def _settings(self) -> dict:
+        """What decides the global order: must match to resume (the layout does not)."""
         return {"data": self.manifest.fingerprint(), "seq_len": self.seq_len, "seed": self.seed,
-                "objective": self.objective, "dp_size": self.dp_size, "dp_rank": self.dp_rank,
-                "workers": max(1, self.num_workers)}
+                "objective": self.objective, "lanes": self.lanes}
 
     def state_dict(self) -> dict:
-        return {"version": STATE_VERSION, "epoch": self.epoch, "consumed": self.consumed, "skipped": self.skipped,
-                "windows": self.windows_per_epoch, **self._settings()}
+        """Layout-free: identical on every DP rank (all ranks hand out the same number of windows)."""
+        N = self.global_windows
+        return {"version": STATE_VERSION, "position": self.position, "epoch": self.position // N,
+                "offset": self.position % N, "windows_per_epoch": N, "skipped": self.skipped, **self._settings()}
 
     def load_state_dict(self, state: dict) -> None:
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        """Continue at the state's global position, in this stream's layout (any dp_size/dp_rank/num_workers)."""
+        if not isinstance(state, dict) or state.get("version") not in (1, STATE_VERSION):
             raise ValueError(f"ShardStream state: unsupported version {state.get('version') if isinstance(state, dict) else state!r}")
         mine = self._settings()
-        for key in ("data", "seq_len", "seed", "objective"):
+        for key in ("data", "seq_len", "seed", "objective") + (("lanes",) if state["version"] >= 2 else ()):
             if state.get(key) != mine[key]:
                 raise ValueError(f"ShardStream state: {key}={state.get(key)!r} differs from this stream's "
                                  f"{mine[key]!r}; resuming would not continue the same token stream")
-        epoch, consumed = int(state["epoch"]), int(state["consumed"])
-        if consumed >= int(state.get("windows", -1)) >= 0:  # saved after the last window: next epoch, from 0
-            epoch, consumed = epoch + 1, 0
-        if consumed:
-            for key in ("dp_size", "workers", "dp_rank"):
-                if state.get(key) != mine[key]:
-                    raise ValueError(f"ShardStream state: {key} changed from {state.get(key)} to {mine[key]} in the "
-                                     f"middle of epoch {epoch} (after {consumed} windows); re-partitioning is only "
-                                     f"supported at an epoch boundary: resume with {key}={state.get(key)}")
-        if consumed > self.windows_per_epoch:
-            raise ValueError(f"ShardStream state: consumed={consumed} exceeds {self.windows_per_epoch} windows per epoch")
-        self.epoch, self.consumed, self.skipped = epoch, consumed, int(state.get("skipped", 0))
+        N = self.global_windows
+        if state["version"] == 1:  # per-rank order: only an epoch boundary maps onto the global order
+            epoch, consumed, per_rank = int(state["epoch"]), int(state["consumed"]), int(state.get("windows", -1))
+            if consumed >= per_rank >= 0:
+                epoch, consumed = epoch + 1, 0
+            if consumed:
+                raise ValueError(f"ShardStream state: a version-1 state saved in the middle of epoch {epoch} (after "
+                                 f"{consumed} windows per rank) cannot continue in the version-2 global order; "
+                                 f"resume from a checkpoint at an epoch boundary")
+            position = epoch * N
+        else:
+            position = int(state["position"])
+            if int(state.get("windows_per_epoch", N)) != N or position < 0:
+                raise ValueError(f"ShardStream state: position={position}, windows_per_epoch="
+                                 f"{state.get('windows_per_epoch')} do not fit this stream's {N} windows per epoch")
+        self.position, self.skipped = position, int(state.get("skipped", 0))

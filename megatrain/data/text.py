@@ -19,6 +19,7 @@ import glob
 import gzip
 import json
 import os
+import zlib
 from typing import Iterable, Iterator
 
 
@@ -105,5 +106,5 @@ def iter_documents(files: list[str], cfg: TextConfig, stats: dict) -> Iterator[t
                         stats["empty"] = stats.get("empty", 0) + 1
                         continue
                     yield path, i, text
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, zlib.error) as e:  # zlib: a corrupt .gz
             raise ValueError(f"input {path!r}: unreadable ({e})") from None

@@ -16,6 +16,8 @@ Read top-down: the building blocks, ``build_job`` (everything a run holds), ``tr
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import math
 import os
 import signal
@@ -49,7 +51,8 @@ def build_stream(cfg: Config, dp_rank: int, dp_size: int):
     d = cfg.data
     return ShardStream(d.shards, seq_len=d.seq_len, seed=cfg.train.seed, dp_rank=dp_rank, dp_size=dp_size,
                        num_workers=d.num_workers, objective=cfg.train.objective, vocab_size=cfg.model.vocab_size,
-                       mask_token_id=d.mask_token_id, skip_corrupt=d.skip_corrupt, loop=True)
+                       mask_token_id=d.mask_token_id, skip_corrupt=d.skip_corrupt, loop=True,
+                       **({} if d.lanes is None else {"lanes": d.lanes}))
 
 
 def batches(stream, batch_size: int, device) -> Iterator[dict]:
@@ -229,13 +232,30 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    """Exit 0 done, 2 bad input (config, data found before any work), 1 a failure while training.
+
+    Every rank finds the same bad input, so only rank 0 prints its one line; the rank comes from the launcher's
+    environment (discover), known before any process group exists, and the other ranks exit 2 silently."""
+    try:
+        env = discover()
+    except ValueError as e:  # a broken launcher environment: no rank to go by, each process says it
+        print(f"pretrain: error: {e}", file=sys.stderr)
+        return 2
+
+    def say(e: Exception, every_rank: bool = False) -> None:
+        if env.rank == 0 or every_rank:
+            where = f"rank {env.rank}: " if every_rank and env.world_size > 1 else ""
+            print(f"pretrain: error: {where}{e}", file=sys.stderr, flush=True)
+        else:  # launchers kill the other ranks when one fails: let rank 0 print its line first
+            time.sleep(3)
+
+    with contextlib.redirect_stderr(io.StringIO()) if env.rank else contextlib.nullcontext():
+        args = parse_args(argv)  # argparse's usage error (exit 2) from rank 0 only
     try:
         cfg = load_config(args.config, args.overrides)
-        env = discover()
         cfg.validate(world_size=env.world_size, check_files=True)  # bad input fails here, before any work
     except (ConfigError, ValueError) as e:  # bad input: one clear line, no traceback
-        print(f"pretrain: error: {e}", file=sys.stderr)
+        say(e)
         return 2
     backend = init_process_group(env, cfg.parallel.backend)
     if env.rank == 0:
@@ -244,8 +264,14 @@ def main(argv=None) -> int:
               flush=True)
     try:
         train(cfg)
-    except (NonFiniteAbort, DataError, ConfigError) as e:
-        print(f"pretrain: error: {e}", file=sys.stderr)
+    except ConfigError as e:  # config vs data/checkpoint, found before the first step: the same on every rank
+        say(e)
+        return 2
+    except NonFiniteAbort as e:  # decided on all-reduced values: the same on every rank
+        say(e)
+        return 1
+    except DataError as e:  # a shard read mid-run fails on the rank(s) reading it
+        say(e, every_rank=True)
         return 1
     finally:
         dist.destroy_process_group()

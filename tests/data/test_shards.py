@@ -2,6 +2,7 @@
 
 Run: PYTHONPATH=. python -m pytest -q tests/data/test_shards.py
 """
+import dataclasses
 import io
 import json
 import os
@@ -58,8 +59,9 @@ def test_corrupt_tar_named_or_skipped_and_counted(copy):
         f.write(b"this is not a tar file" * 100)
     with pytest.raises(DataError, match=bad.url):
         _all(ShardStream(root, seq_len=L, seed=0))
-    good = ShardStream(root, seq_len=L, seed=0, dp_size=2, dp_rank=0, skip_corrupt=True)
-    other = ShardStream(root, seq_len=L, seed=0, dp_size=2, dp_rank=1, skip_corrupt=True)
+    # lanes=1: the windows a loop leaves for the next one are at the stream's end, not inside the bad span
+    good = ShardStream(root, seq_len=L, seed=0, dp_size=2, dp_rank=0, skip_corrupt=True, lanes=1)
+    other = ShardStream(root, seq_len=L, seed=0, dp_size=2, dp_rank=1, skip_corrupt=True, lanes=1)
     samples = list(good) + list(other)
     assert all((s["labels"][s["input_ids"] == 3] == IGNORE_INDEX).all() for s in samples)  # no loss on the filler
     seen = torch.cat([s["input_ids"] for s in samples])
@@ -146,3 +148,40 @@ def test_urls_and_pipe_match_manifest(synthetic):
     assert len(braced) == len(ref) and all(torch.equal(a, b) for a, b in zip(ref, braced))
     with pytest.raises(ValueError, match="eod_token_id"):
         ShardStream(urls, seq_len=L, vocab_size=m.vocab_size)
+
+
+def test_truncated_local_shard_found_before_the_first_window(copy):
+    root, _ = copy
+    man = Manifest.load(root)
+    bad = man.shards[4]
+    path = os.path.join(root, bad.url)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:len(data) - 1000])
+    # the constructor (built before the model in the trainer) fails; no window was read
+    with pytest.raises(DataError, match=rf"{bad.url}: {len(data) - 1000} bytes on disk but the manifest records "
+                                        rf"{bad.bytes} bytes"):
+        ShardStream(root, seq_len=L, seed=0)
+    os.remove(os.path.join(root, man.shards[0].url))
+    with pytest.raises(DataError, match=f"{man.shards[0].url}: file not found"):
+        ShardStream(root, seq_len=L, seed=0, skip_corrupt=True)  # a missing shard is never skippable
+
+
+def test_manifest_without_sizes_and_pipe_urls_are_checked_when_read(copy):
+    root, _ = copy
+    index = os.path.join(root, "index.json")
+    d = json.load(open(index))
+    for s in d["shards"]:
+        del s["bytes"]  # a manifest written before sizes were recorded
+    json.dump(d, open(index, "w"))
+    path = os.path.join(root, d["shards"][1]["url"])
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:len(data) // 2])
+    s = ShardStream(root, seq_len=L, seed=0, lanes=1)  # builds: nothing to compare against
+    with pytest.raises(DataError, match=d["shards"][1]["url"]):
+        _all(s)
+    m = Manifest.load(root)
+    piped = [f"pipe:cat {m.shard_url(i)}" for i in range(len(m.shards))]
+    m.shards = [dataclasses.replace(info, url=u, bytes=info.bytes or 10 ** 9) for info, u in zip(m.shards, piped)]
+    s = ShardStream(m, seq_len=L, seed=0, lanes=1)  # remote: no stat, the read-time check stays
+    with pytest.raises(DataError, match="shard-000001.tar: holds 2 docs"):
+        _all(s)

@@ -1,4 +1,5 @@
 """ShardStream: packing, exactly-once DP/worker split, equal counts, exact resume, epochs, MLM.
+(Elastic resume across layouts: test_elastic.py.)
 
 Run: PYTHONPATH=. python -m pytest -q tests/data/test_stream.py
 """
@@ -31,8 +32,9 @@ def baseline(synthetic):
     return windows(ShardStream(man, seq_len=L, seed=7))
 
 
-def test_packing_covers_every_token_once_in_document_order(synthetic, baseline):
-    _, docs = synthetic
+def test_packing_covers_every_token_once_in_document_order(synthetic):
+    man, docs = synthetic
+    baseline = windows(ShardStream(man, seq_len=L, seed=7, lanes=1))  # one lane: windows in stream order
     stream = torch.cat([s["input_ids"] for s in baseline]).numpy()
     ids = torch.cat([s["doc_ids"] for s in baseline]).numpy()
     total = sum(len(d) + 1 for d in docs)
@@ -73,14 +75,8 @@ def test_exactly_once_and_equal_counts(synthetic, baseline, dp_size, num_workers
     assert all(len(ShardStream(man, seq_len=L, seed=7, dp_rank=r, dp_size=dp_size)) == n for r in range(dp_size))
     union = sorted(itertools.chain.from_iterable(as_rows(w) for w in per_rank))
     assert union == sorted(as_rows(baseline[:n * dp_size]))
-    if num_workers <= 1:  # one logical worker: the rank's contiguous range in stream order
-        for r, w in enumerate(per_rank):
-            assert as_rows(w) == as_rows(baseline[r * n:(r + 1) * n])
-    else:  # round-robin over contiguous parts
-        first = baseline[(dp_size - 1) * n:]
-        half = (n + 1) // 2
-        assert as_rows(per_rank[-1][0::2]) == as_rows(first[:half])
-        assert as_rows(per_rank[-1][1::2]) == as_rows(first[half:n])
+    for r, w in enumerate(per_rank):  # global window i goes to rank i mod D, in order, whatever the workers
+        assert as_rows(w) == as_rows(baseline[r::dp_size][:n])
 
 
 @pytest.mark.parametrize("num_workers,objective", [(0, "clm"), (2, "clm"), (2, "mlm")])
@@ -116,20 +112,20 @@ def test_epochs_reshuffle_and_state_rules(synthetic):
     it = iter(half)
     next(it)
     state = half.state_dict()
-    for kwargs, word in (({"dp_size": 3}, "dp_size"), ({"dp_size": 2, "num_workers": 1}, "workers"),
-                         ({"dp_size": 2, "num_workers": 2, "dp_rank": 1}, "dp_rank")):
+    assert state["position"] == 2 and state["epoch"] == 0 and "dp_size" not in state  # layout-free
+    for kwargs, word in (({"seed": 4}, "seed"), ({"lanes": 3}, "lanes"), ({"objective": "mlm"}, "objective")):
         with pytest.raises(ValueError, match=word):
-            ShardStream(man, seq_len=L, seed=3, **kwargs).load_state_dict(state)
-    with pytest.raises(ValueError, match="seed"):
-        ShardStream(man, seq_len=L, seed=4, dp_size=2, num_workers=2).load_state_dict(state)
-    # At an epoch boundary a different dp_size is fine: the next epoch is partitioned afresh.
-    done = ShardStream(man, seq_len=L, seed=3, dp_size=2)
-    windows(done)
-    fresh = ShardStream(man, seq_len=L, seed=3, dp_size=3, dp_rank=2)
-    fresh.load_state_dict(done.state_dict())  # saved after the last window of epoch 0
-    reference = ShardStream(man, seq_len=L, seed=3, dp_size=3, dp_rank=2)
-    windows(reference)  # epoch 0
-    assert as_rows(windows(fresh)) == as_rows(windows(reference))  # both epoch 1
+            ShardStream(man, seq_len=L, **{"seed": 3, **kwargs}).load_state_dict(state)
+    with pytest.raises(ValueError, match="windows_per_epoch"):
+        ShardStream(man, seq_len=L, seed=3).load_state_dict({**state, "windows_per_epoch": 5})
+    # Version-1 states (per-rank order) still load at an epoch boundary, and only there.
+    v1 = {"version": 1, "epoch": 0, "consumed": 4, "windows": 4, "skipped": 0, "dp_size": 2, "dp_rank": 1,
+          "workers": 1, **{k: state[k] for k in ("data", "seq_len", "seed", "objective")}}
+    s1 = ShardStream(man, seq_len=L, seed=3)
+    s1.load_state_dict(v1)
+    assert s1.position == len(s1)
+    with pytest.raises(ValueError, match="version-1 state saved in the middle of epoch 0"):
+        s1.load_state_dict({**v1, "consumed": 2})
 
 
 def test_mlm_masking(synthetic):
@@ -172,6 +168,8 @@ def test_refuses_dataloader_workers(synthetic):
 
 def test_bad_arguments(synthetic):
     man, _ = synthetic
+    with pytest.raises(ValueError, match="lanes"):
+        ShardStream(man, seq_len=L, lanes=0)
     with pytest.raises(ValueError, match="objective"):
         ShardStream(man, seq_len=L, objective="t5")
     with pytest.raises(ValueError, match="dp_rank"):

@@ -111,7 +111,7 @@ def test_build_shards_end_to_end(tokenizer_dir, corpus_dir, tmp_path, capsys):
 
     # Windows of one epoch decode back to the original documents.
     sp = load_tokenizer(tokenizer_dir)
-    stream = ShardStream(str(out), seq_len=512, seed=0)
+    stream = ShardStream(str(out), seq_len=512, seed=0, lanes=1)  # one lane: windows in stream order
     assert stream.vocab_size == 400 and stream.special_tokens["eod"] == 2
     flat = torch.cat([s["input_ids"] for s in stream]).tolist()
     texts = {open(os.path.join(corpus_dir, f)).read() for f in os.listdir(corpus_dir)}

@@ -150,5 +150,5 @@ def test_bad_config_is_one_line(tmp_path):
     p = subprocess.run([sys.executable, PRETRAIN, "--config", TINY, f"data.shards={shards}",
                         "model.vocab_size=48", f"run_dir={tmp_path}/run"], cwd=ROOT, env=pretrain_env(),
                        capture_output=True, text=True, timeout=120)  # shards built for vocab 64
-    assert p.returncode == 1 and "pretrain: error: data.shards=" in p.stderr and "vocab_size=48" in p.stderr
+    assert p.returncode == 2 and "pretrain: error: data.shards=" in p.stderr and "vocab_size=48" in p.stderr
     assert "Traceback" not in p.stderr

@@ -1,0 +1,198 @@
+"""Bad input at every entry point, as a user types it: one line on stderr naming the key/file/value and what is
+expected, exit code 2, no traceback, nothing half-written, printed once under a multi-rank launcher.
+
+Run: PYTHONPATH=. python -m pytest -q tests/test_bad_input.py            (the deepspeed cases are marked slow)
+Each case is a row of CASES: (id, command, strings the error must contain, paths that must not exist after).
+Commands and paths are templates filled from the `world` fixture: {py} this interpreter, {tools} data_tools/,
+{pretrain} launch/pretrain.py, {sbatch} launch/slurm/pretrain.sbatch, {tiny} configs/tiny.yaml, {w} the shared
+fixture folder (inputs, a tokenizer, shards, a truncated copy), {out} a fresh folder per case for outputs.
+"""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.train.conftest import TINY, write_shards
+from tests.train.dist_util import PRETRAIN, ROOT, free_port, pretrain_env
+
+TOOLS = os.path.join(ROOT, "data_tools")
+SBATCH = os.path.join(ROOT, "launch", "slurm", "pretrain.sbatch")
+NOT_SP = ("data.seq_len",)  # SP 3 on 2 ranks must blame the world size, not the sequence length
+
+DEMO = "{py} {tools}/demo_corpus.py"
+TOK = "{py} {tools}/train_tokenizer.py"
+BUILD = "{py} {tools}/build_shards.py --tokenizer {w}/tok"
+INSPECT = "{py} {tools}/inspect_shards.py"
+PRE = "{py} {pretrain} --config {tiny} data.shards={w}/shards/index.json run_dir={out}/run"
+
+# (id, command, must appear in the error line, must not exist afterwards)
+CASES = [
+    # ---- data_tools/demo_corpus.py
+    ("demo-limit-zero", DEMO + " --out {out}/c --limit 0", ["--limit 0", "positive"], ["{out}/c"]),
+    ("demo-limit-lots", DEMO + " --out {out}/c --limit lots", ["--limit", "'lots'"], ["{out}/c"]),
+    ("demo-no-out", DEMO, ["--out"], []),
+    ("demo-out-is-file", DEMO + " --out {w}/afile.txt --limit 1", ["afile.txt", "not a folder"], []),
+    ("demo-out-not-empty", DEMO + " --out {w}/full --limit 1", ["full", "not empty"], []),
+    # ---- data_tools/train_tokenizer.py
+    ("tok-vocab-zero", TOK + " --input {w}/text --vocab-size 0 --out {out}/t", ["--vocab-size 0", "300"],
+     ["{out}/t"]),
+    ("tok-vocab-lots", TOK + " --input {w}/text --vocab-size lots --out {out}/t", ["--vocab-size", "'lots'"],
+     ["{out}/t"]),
+    ("tok-vocab-too-big", TOK + " --input {w}/text --vocab-size 60000 --out {out}/t",
+     ["--vocab-size 60000", "does not fit"], ["{out}/t"]),
+    ("tok-missing-input", TOK + " --input {w}/nowhere.txt --vocab-size 300 --out {out}/t", ["nowhere.txt"],
+     ["{out}/t"]),
+    ("tok-glob-no-match", TOK + " --input {w}/*.none --vocab-size 300 --out {out}/t", ["*.none", "matches no files"],
+     ["{out}/t"]),
+    ("tok-empty-input", TOK + " --input {w}/empty.txt --vocab-size 300 --out {out}/t", ["empty.txt", "no text"],
+     ["{out}/t"]),
+    ("tok-corrupt-gz", TOK + " --input {w}/corrupt.txt.gz --vocab-size 300 --out {out}/t", ["corrupt.txt.gz"],
+     ["{out}/t"]),
+    ("tok-bad-json", TOK + " --input {w}/bad.jsonl --vocab-size 300 --out {out}/t", ["bad.jsonl:1", "invalid JSON"],
+     ["{out}/t"]),
+    ("tok-no-field", TOK + " --input {w}/other.jsonl --vocab-size 300 --out {out}/t", ["other.jsonl:1", "'text'"],
+     ["{out}/t"]),
+    ("tok-negative-threads", TOK + " --input {w}/text --vocab-size 300 --threads -1 --out {out}/t",
+     ["--threads -1"], ["{out}/t"]),
+    ("tok-out-not-empty", TOK + " --input {w}/text --vocab-size 300 --out {w}/full", ["full", "not empty"], []),
+    # ---- data_tools/build_shards.py
+    ("build-missing-tokenizer", "{py} {tools}/build_shards.py --tokenizer {w}/no_tok --input {w}/text --out {out}/s",
+     ["--tokenizer", "no_tok", "tokenizer.model"], ["{out}/s"]),
+    ("build-not-a-tokenizer", "{py} {tools}/build_shards.py --tokenizer {w}/fake_tok --input {w}/text --out {out}/s",
+     ["fake_tok", "not a sentencepiece model"], ["{out}/s"]),
+    ("build-shard-size-lots", BUILD + " --input {w}/text --out {out}/s --shard-size lots",
+     ["--shard-size 'lots'", "256MB"], ["{out}/s"]),
+    ("build-shard-size-zero", BUILD + " --input {w}/text --out {out}/s --shard-size 0KB", ["--shard-size '0KB'"],
+     ["{out}/s"]),
+    ("build-negative-workers", BUILD + " --input {w}/text --out {out}/s --workers -2", ["--workers -2"], ["{out}/s"]),
+    ("build-workers-lots", BUILD + " --input {w}/text --out {out}/s --workers lots", ["--workers", "'lots'"],
+     ["{out}/s"]),
+    ("build-batch-mb-zero", BUILD + " --input {w}/text --out {out}/s --batch-mb 0", ["--batch-mb 0"], ["{out}/s"]),
+    ("build-missing-input", BUILD + " --input {w}/nowhere.txt --out {out}/s", ["nowhere.txt"], ["{out}/s"]),
+    ("build-empty-input", BUILD + " --input {w}/empty.txt --out {out}/s", ["empty.txt", "no non-empty document"],
+     ["{out}/s"]),
+    ("build-out-not-empty", BUILD + " --input {w}/text --out {w}/full", ["full", "not empty"], []),
+    ("build-out-is-file", BUILD + " --input {w}/text --out {w}/afile.txt", ["afile.txt", "not a folder"], []),
+    ("build-bad-utf8-choice", BUILD + " --input {w}/text --out {out}/s --invalid-utf8 ignore",
+     ["--invalid-utf8", "'ignore'"], ["{out}/s"]),
+    # ---- data_tools/inspect_shards.py
+    ("inspect-missing", INSPECT + " {w}/nowhere", ["nowhere", "not found"], []),
+    ("inspect-not-json", INSPECT + " {w}/notjson", ["notjson", "unreadable"], []),
+    ("inspect-wrong-format", INSPECT + " {w}/wrongformat", ["wrongformat", "not a megatrain-shards manifest"], []),
+    ("inspect-truncated", INSPECT + " {w}/truncated", ["shard-000001.tar", "bytes on disk but the manifest records"],
+     []),
+    ("inspect-missing-tokenizer", INSPECT + " {w}/shards --tokenizer {w}/no_tok", ["no_tok", "tokenizer.model"], []),
+    ("inspect-negative-chars", INSPECT + " {w}/shards --chars -1", ["--chars -1"], []),
+    # ---- launch/pretrain.py, one process
+    ("pretrain-no-config", "{py} {pretrain}", ["--config"], []),
+    ("pretrain-missing-config", "{py} {pretrain} --config {w}/nowhere.yaml", ["nowhere.yaml"], []),
+    ("pretrain-unknown-key", PRE + " train.lrr=1", ["unknown config key 'train.lrr'"], ["{out}/run"]),
+    ("pretrain-steps-lots", PRE + " train.max_steps=lots", ["train.max_steps", "'lots'"], ["{out}/run"]),
+    ("pretrain-lanes-zero", PRE + " data.lanes=0", ["data.lanes=0"], ["{out}/run"]),
+    ("pretrain-missing-shards", PRE + " data.shards={w}/none/index.json", ["data.shards=", "no such file"],
+     ["{out}/run"]),
+    ("pretrain-vocab-mismatch", PRE + " model.vocab_size=48", ["data.shards=", "vocab_size=48"], ["{out}/run"]),
+    ("pretrain-truncated-shard", PRE + " data.shards={w}/truncated/index.json",
+     ["shard-000001.tar", "bytes on disk but the manifest records"], ["{out}/run"]),
+    ("pretrain-sp3-on-2-ranks", "env RANK=0 WORLD_SIZE=2 " + PRE + " parallel.sequence_parallel_size=3",
+     ["parallel.sequence_parallel_size=3", "world size 2"], ["{out}/run"]),
+    # ---- launch/slurm/pretrain.sbatch outside Slurm
+    ("sbatch-no-config", "bash {sbatch}", ["no CONFIG given", "usage"], []),
+    ("sbatch-missing-config", "bash {sbatch} {w}/nowhere.yaml", ["nowhere.yaml", "not found"], []),
+    ("sbatch-outside-slurm", "bash {sbatch} {tiny}", ["SLURM_JOB_ID is not set", "sbatch"], []),
+]
+
+# ---- launch/export_hf.py: the lead adds the exporter's cases here (same row format; {w}/... fixtures as needed)
+EXPORT_CASES: list = []
+
+# Under a launcher with 2 ranks every rank hits the error: it must be printed once (rank 0).
+LAUNCHER_CASES = [
+    ("deepspeed-unknown-key", PRE + " train.lrr=1", ["unknown config key 'train.lrr'"], ["{out}/run"]),
+    ("deepspeed-sp3-on-2-ranks", PRE + " parallel.sequence_parallel_size=3",
+     ["parallel.sequence_parallel_size=3", "world size 2"], ["{out}/run"]),
+]
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """Inputs for every case: text, odd files, a tokenizer, shards, a truncated copy, bad manifests."""
+    w = tmp_path_factory.mktemp("bad_input")
+    (w / "text").mkdir()
+    rng = __import__("random").Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "épsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda"]
+    for i in range(4):
+        (w / "text" / f"doc{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(3000)) + "\n12345 !?\n")
+    (w / "empty.txt").write_text("")
+    (w / "corrupt.txt.gz").write_bytes(b"\x1f\x8b\x08\x00 not really gzip" * 10)
+    (w / "bad.jsonl").write_text("{not json\n")
+    (w / "other.jsonl").write_text('{"body": "x"}\n')
+    (w / "afile.txt").write_text("a file, not a folder\n")
+    (w / "full").mkdir()
+    (w / "full" / "keep.txt").write_text("user data\n")
+    (w / "fake_tok").mkdir()
+    (w / "fake_tok" / "tokenizer.model").write_bytes(b"not a model")
+    p = subprocess.run([sys.executable, os.path.join(TOOLS, "train_tokenizer.py"), "--input", str(w / "text"),
+                        "--vocab-size", "300", "--out", str(w / "tok")], capture_output=True, text=True,
+                       env=pretrain_env(), timeout=300)
+    assert p.returncode == 0, p.stderr
+    write_shards(str(w / "shards"))  # the tiny training shards (vocab 64): not built with w/tok
+    shutil.copytree(w / "shards", w / "truncated")
+    shard = w / "truncated" / "shard-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:-700])
+    (w / "notjson").mkdir()
+    (w / "notjson" / "index.json").write_text("{")
+    (w / "wrongformat").mkdir()
+    (w / "wrongformat" / "index.json").write_text('{"format": "something-else"}')
+    return w
+
+
+def _run(case, world, tmp_path, prefix=()):
+    name, template, expect, absent = case
+    fill = dict(py=sys.executable, tools=TOOLS, pretrain=PRETRAIN, sbatch=SBATCH, tiny=TINY, w=world, out=tmp_path)
+    cmd = list(prefix) + [part.format(**fill) for part in template.split()]
+    env = pretrain_env()
+    for k in [k for k in env if k.startswith("SLURM_") or k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")]:
+        del env[k]
+    snapshot = sorted(os.listdir(world / "full"))
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, f"{name}: exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+    assert "Traceback" not in p.stderr, f"{name}:\n{p.stderr[-3000:]}"
+    lines = [ln for ln in p.stderr.splitlines() if "error:" in ln]
+    assert lines, f"{name}: no error line\n{p.stderr[-2000:]}"
+    for s in expect:
+        assert s.format(**fill) in lines[-1], f"{name}: {s!r} not in {lines[-1]!r}"
+    for path in absent:
+        assert not os.path.exists(path.format(**fill)), f"{name}: {path} was written"
+    assert sorted(os.listdir(world / "full")) == snapshot, f"{name}: a non-empty output folder was touched"
+    leftovers = [n for d in (tmp_path, world) for n in os.listdir(d) if ".tmp-" in n]
+    assert not leftovers, f"{name}: temporary output left behind: {leftovers}"
+    return p, lines
+
+
+@pytest.mark.parametrize("case", CASES + EXPORT_CASES, ids=[c[0] for c in CASES + EXPORT_CASES])
+def test_bad_input_is_one_line_exit_2(case, world, tmp_path):
+    p, lines = _run(case, world, tmp_path)
+    assert len(lines) == 1, f"{case[0]}: {len(lines)} error lines:\n{p.stderr[-3000:]}"
+    if "sp3" in case[0]:
+        assert not any(s in lines[0] for s in NOT_SP), lines[0]
+
+
+def test_table_is_big_enough():
+    assert len(CASES) + len(LAUNCHER_CASES) >= 35
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", LAUNCHER_CASES, ids=[c[0] for c in LAUNCHER_CASES])
+def test_bad_input_printed_once_under_deepspeed(case, world, tmp_path):
+    from megatrain.parallel.env import find_launcher
+    launcher = find_launcher("deepspeed")
+    assert launcher, "the deepspeed launcher is a dev dependency"
+    template = case[1].replace("{py} ", "", 1)  # the launcher starts the interpreter
+    p, lines = _run((case[0], template, case[2], case[3]), world, tmp_path,
+                    prefix=[launcher, "--num_gpus", "2", "--master_port", str(free_port())])
+    mine = [ln for ln in lines if "pretrain: error:" in ln]
+    assert len(mine) == 1, f"{case[0]}: printed {len(mine)} times:\n{p.stderr[-3000:]}"
+    if "sp3" in case[0]:
+        assert not any(s in mine[0] for s in NOT_SP), mine[0]
