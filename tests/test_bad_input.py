@@ -14,8 +14,8 @@ import sys
 
 import pytest
 
-from tests.train.conftest import TINY, write_shards
-from tests.train.dist_util import PRETRAIN, ROOT, free_port, pretrain_env
+from tests.tiny_data import TINY, write_shards
+from tests.dist_util import PRETRAIN, ROOT, free_port, pretrain_env
 
 TOOLS = os.path.join(ROOT, "data_tools")
 SBATCH = os.path.join(ROOT, "launch", "slurm", "pretrain.sbatch")
