@@ -1,0 +1,339 @@
+"""MEGA's damped EMA as our own Triton kernel, forward and backward (a torch.autograd.Function).
+
+    from megatrain.ops.ema.triton_kernel import ema_scan_triton
+    out, state = ema_scan_triton(u, a, c, logq, resets, h_in, chunk)   # contract of reference.ema_scan_ref,
+                                                                        # without truncation (ops.ema.ema_scan
+                                                                        # builds truncation from two scans)
+Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1; how CI tests it):
+    TRITON_INTERPRET=1 PYTHONPATH=. python -m pytest -q tests/ops/test_ema_ops.py
+
+Recurrence (per channel d, EMA dimension n; keep_t = 0 where a document starts at t, h_{-1} = h_in):
+    h_t = a u_t + q keep_t h_{t-1},    out_t = sum_n c h_t          (a = p*beta, c = gamma/sqrt(N), q = exp(logq))
+
+Why an in-register recurrence inside a chunk, not a Toeplitz tl.dot: the state is diagonal (every (d, n) decays on
+its own), so the intra-chunk operator is a different C x C Toeplitz matrix per channel applied to one vector --
+a batched mat-vec, which tensor cores cannot take, at C/2 times the FLOPs of the recurrence (C*N per channel per
+chunk vs C^2/2). The op is memory-bound either way; the recurrence reads u once per pass and keeps the [BD, N]
+state in registers (the shape Mamba's selective scan uses). Parallelism over the sequence comes from chunks:
+
+Forward (3 launches): (1) every (row, channel block, chunk) runs its chunk from zero state and writes the end
+state [B, NC, D, N]; (2) one program per (row, channel block) walks the NC chunk states left to right,
+E_k = q^len keep_k E_{k-1} + S_{k-1} (0 across a chunk with a reset), overwriting them with the state entering each
+chunk, and writes state_out; (3) every chunk reruns its recurrence from its entering state and writes out.
+
+Backward needs no forward state. With gout = d(loss)/d(out) and the adjoint g_t = d(loss)/d(h_t):
+    g_t = c gout_t + q keep_{t+1} g_{t+1} (+ gstate at t = L-1)        d u_t = sum_n a g_t       d a = sum_t u_t g_t
+    d c = sum_t gout_t h_t = a sum_t u_t s_t + h_in q keep_0 s_0,        s_t = gout_t + q keep_{t+1} s_{t+1}
+    d q = sum_t g_t keep_t h_{t-1} = a sum_t u_t r_t + h_in r_{-1},      r_t = keep_{t+1} (g_{t+1} + q r_{t+1})
+(h_{t-1} = sum_{j<t} q^(t-1-j) a u_j: exchanging the sums turns the forward state into the right-to-left sums s, r,
+so one right-to-left pass gives every gradient.) The carries (G = q keep g, R = r, S = q keep s) cross a chunk of
+`len` positions linearly: G -> q^len G, S -> q^len S, R -> q^len R + len q^(len-1) G (all 0 across a reset). Same
+three launches mirrored: local carries from zero, a right-to-left scan of chunk carries, then the exact pass that
+writes d u and per-chunk partial sums of u*g, u*s, u*r (summed in PyTorch: deterministic, no atomics).
+
+Precision: u may be bf16/fp16/fp32 (loaded and converted in registers), a/c/logq fp32, all math and every stored
+state fp32; fp64 inputs run in fp64 (tests). Memory: u-sized out/grads plus [B, L/C, D, N] chunk states (forward
+1, backward 3) -- linear in L, never [L, D, N].
+"""
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from megatrain.ops.backend import triton_interpreted
+
+_BLOCK_D = 32        # channels per program (the state tile is [_BLOCK_D, next_pow2(N)])
+_NUM_WARPS = 2       # the per-step work is one [32, 16] tile: few warps per program, many programs per SM
+
+
+def _chunk_end_state(U, A, LOGQ, KEEP, S, L, D, N, NC,
+                     CHUNK: tl.constexpr, HAS_RESETS: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr):
+    """(1) S[b, k] = state after chunk k from zero entering state."""
+    k, dblk, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    offs_d = dblk * BD + tl.arange(0, BD)
+    offs_n = tl.arange(0, BN)
+    dmask = offs_d < D
+    m2 = dmask[:, None] & (offs_n < N)[None, :]
+    coef = offs_d[:, None] * N + offs_n[None, :]
+    a = tl.load(A + coef, mask=m2, other=0.0)
+    q = tl.exp(tl.load(LOGQ + coef, mask=m2, other=0.0))
+    h = tl.zeros_like(a)
+    for i in range(CHUNK):
+        t = k * CHUNK + i
+        valid = t < L
+        # the vector form of `valid`: the interpreter mis-types a scalar bool & a vector bool
+        load_mask = dmask & (offs_d * 0 + t < L)
+        x = tl.load(U + (b * L + t) * D + offs_d, mask=load_mask, other=0.0).to(a.dtype)
+        if HAS_RESETS:
+            decay = q * tl.load(KEEP + b * L + t, mask=valid, other=1.0)
+        else:
+            decay = q
+        h = tl.where(valid, decay * h + a * x[:, None], h)
+    tl.store(S + ((b * NC + k) * D + offs_d[:, None]) * N + offs_n[None, :], h, mask=m2)
+
+
+def _scan_chunk_states(S, H_IN, CHUNK_KEEP, LOGQ, STATE, L, D, N, NC,
+                       CHUNK: tl.constexpr, HAS_HIN: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr):
+    """(2) S[b, k] <- state entering chunk k (h_in for k = 0); STATE = state after the last position."""
+    dblk, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    offs_d = dblk * BD + tl.arange(0, BD)
+    offs_n = tl.arange(0, BN)
+    m2 = (offs_d < D)[:, None] & (offs_n < N)[None, :]
+    coef = offs_d[:, None] * N + offs_n[None, :]
+    logq = tl.load(LOGQ + coef, mask=m2, other=0.0)
+    if HAS_HIN:
+        h = tl.load(H_IN + b * D * N + coef, mask=m2, other=0.0)
+    else:
+        h = tl.zeros_like(logq)
+    for k in range(NC):
+        ptr = S + (b * NC + k) * D * N + coef
+        local = tl.load(ptr, mask=m2, other=0.0)
+        tl.store(ptr, h, mask=m2)
+        length = tl.minimum(L - k * CHUNK, CHUNK)
+        keep = tl.load(CHUNK_KEEP + b * NC + k)
+        h = tl.exp(logq * length) * keep * h + local
+    tl.store(STATE + b * D * N + coef, h, mask=m2)
+
+
+def _chunk_output(U, A, C, LOGQ, KEEP, E, OUT, L, D, N, NC,
+                  CHUNK: tl.constexpr, HAS_RESETS: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr):
+    """(3) out[b, t] = sum_n c h_t, rerunning chunk k from its entering state E[b, k]."""
+    k, dblk, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    offs_d = dblk * BD + tl.arange(0, BD)
+    offs_n = tl.arange(0, BN)
+    dmask = offs_d < D
+    m2 = dmask[:, None] & (offs_n < N)[None, :]
+    coef = offs_d[:, None] * N + offs_n[None, :]
+    a = tl.load(A + coef, mask=m2, other=0.0)
+    c = tl.load(C + coef, mask=m2, other=0.0)
+    q = tl.exp(tl.load(LOGQ + coef, mask=m2, other=0.0))
+    h = tl.load(E + (b * NC + k) * D * N + coef, mask=m2, other=0.0)
+    for i in range(CHUNK):
+        t = k * CHUNK + i
+        valid = t < L
+        load_mask = dmask & (offs_d * 0 + t < L)
+        x = tl.load(U + (b * L + t) * D + offs_d, mask=load_mask, other=0.0).to(a.dtype)
+        if HAS_RESETS:
+            decay = q * tl.load(KEEP + b * L + t, mask=valid, other=1.0)
+        else:
+            decay = q
+        h = decay * h + a * x[:, None]
+        tl.store(OUT + (b * L + t) * D + offs_d, tl.sum(c * h, axis=1), mask=load_mask)
+
+
+def _chunk_carries(GOUT, C, LOGQ, KEEP, GC, RC, SC, L, D, N, NC,
+                   CHUNK: tl.constexpr, HAS_RESETS: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr):
+    """(1') Carries (G, R, S) leaving chunk k to the left, from zero carries entering it from the right."""
+    k, dblk, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    offs_d = dblk * BD + tl.arange(0, BD)
+    offs_n = tl.arange(0, BN)
+    dmask = offs_d < D
+    m2 = dmask[:, None] & (offs_n < N)[None, :]
+    coef = offs_d[:, None] * N + offs_n[None, :]
+    c = tl.load(C + coef, mask=m2, other=0.0)
+    q = tl.exp(tl.load(LOGQ + coef, mask=m2, other=0.0))
+    g_carry = tl.zeros_like(c)
+    r_carry = tl.zeros_like(c)
+    s_carry = tl.zeros_like(c)
+    for j in range(CHUNK):
+        t = k * CHUNK + CHUNK - 1 - j
+        valid = t < L
+        load_mask = dmask & (offs_d * 0 + t < L)
+        go = tl.load(GOUT + (b * L + t) * D + offs_d, mask=load_mask, other=0.0).to(c.dtype)[:, None]
+        g = c * go + g_carry
+        s = go + s_carry
+        if HAS_RESETS:
+            keep = tl.load(KEEP + b * L + t, mask=valid, other=1.0)
+        else:
+            keep = 1.0
+        r_carry = tl.where(valid, keep * (g + q * r_carry), r_carry)
+        g_carry = tl.where(valid, keep * q * g, g_carry)
+        s_carry = tl.where(valid, keep * q * s, s_carry)
+    base = (b * NC + k) * D * N + coef
+    tl.store(GC + base, g_carry, mask=m2)
+    tl.store(RC + base, r_carry, mask=m2)
+    tl.store(SC + base, s_carry, mask=m2)
+
+
+def _scan_chunk_carries(GC, RC, SC, GSTATE, CHUNK_KEEP, LOGQ, G_END, R_END, S_END, L, D, N, NC,
+                        CHUNK: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr):
+    """(2') GC/RC/SC[b, k] <- carries entering chunk k from the right (gstate into the last position);
+    *_END = carries leaving position 0 (d h_in = G_END; R_END, S_END feed d logq, d c)."""
+    dblk, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    offs_d = dblk * BD + tl.arange(0, BD)
+    offs_n = tl.arange(0, BN)
+    m2 = (offs_d < D)[:, None] & (offs_n < N)[None, :]
+    coef = offs_d[:, None] * N + offs_n[None, :]
+    logq = tl.load(LOGQ + coef, mask=m2, other=0.0)
+    g_carry = tl.load(GSTATE + b * D * N + coef, mask=m2, other=0.0)
+    r_carry = tl.zeros_like(logq)
+    s_carry = tl.zeros_like(logq)
+    for j in range(NC):
+        k = NC - 1 - j
+        base = (b * NC + k) * D * N + coef
+        g_local = tl.load(GC + base, mask=m2, other=0.0)
+        r_local = tl.load(RC + base, mask=m2, other=0.0)
+        s_local = tl.load(SC + base, mask=m2, other=0.0)
+        tl.store(GC + base, g_carry, mask=m2)
+        tl.store(RC + base, r_carry, mask=m2)
+        tl.store(SC + base, s_carry, mask=m2)
+        length = tl.minimum(L - k * CHUNK, CHUNK)
+        keep = tl.load(CHUNK_KEEP + b * NC + k)
+        across = tl.exp(logq * length) * keep
+        # R picks up every g in the chunk: sum_i q^i q^(len-1-i) G = len q^(len-1) G
+        r_carry = across * r_carry + keep * length * tl.exp(logq * (length - 1)) * g_carry + r_local
+        g_carry = across * g_carry + g_local
+        s_carry = across * s_carry + s_local
+    tl.store(G_END + b * D * N + coef, g_carry, mask=m2)
+    tl.store(R_END + b * D * N + coef, r_carry, mask=m2)
+    tl.store(S_END + b * D * N + coef, s_carry, mask=m2)
+
+
+def _chunk_grads(U, GOUT, A, C, LOGQ, KEEP, GC, RC, SC, GU, L, D, N, NC,
+                 CHUNK: tl.constexpr, HAS_RESETS: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr):
+    """(3') d u, and GC/RC/SC[b, k] <- chunk k's partial sums of u*g, u*r, u*s."""
+    k, dblk, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    offs_d = dblk * BD + tl.arange(0, BD)
+    offs_n = tl.arange(0, BN)
+    dmask = offs_d < D
+    m2 = dmask[:, None] & (offs_n < N)[None, :]
+    coef = offs_d[:, None] * N + offs_n[None, :]
+    a = tl.load(A + coef, mask=m2, other=0.0)
+    c = tl.load(C + coef, mask=m2, other=0.0)
+    q = tl.exp(tl.load(LOGQ + coef, mask=m2, other=0.0))
+    base = (b * NC + k) * D * N + coef
+    g_carry = tl.load(GC + base, mask=m2, other=0.0)
+    r_carry = tl.load(RC + base, mask=m2, other=0.0)
+    s_carry = tl.load(SC + base, mask=m2, other=0.0)
+    sum_ug = tl.zeros_like(a)
+    sum_ur = tl.zeros_like(a)
+    sum_us = tl.zeros_like(a)
+    for j in range(CHUNK):
+        t = k * CHUNK + CHUNK - 1 - j
+        valid = t < L
+        load_mask = dmask & (offs_d * 0 + t < L)
+        go = tl.load(GOUT + (b * L + t) * D + offs_d, mask=load_mask, other=0.0).to(a.dtype)[:, None]
+        x = tl.load(U + (b * L + t) * D + offs_d, mask=load_mask, other=0.0).to(a.dtype)[:, None]
+        g = c * go + g_carry
+        s = go + s_carry
+        tl.store(GU + (b * L + t) * D + offs_d, tl.sum(a * g, axis=1), mask=load_mask)
+        sum_ug += x * g          # x = 0 past the end: padded positions add nothing
+        sum_ur += x * r_carry
+        sum_us += x * s
+        if HAS_RESETS:
+            keep = tl.load(KEEP + b * L + t, mask=valid, other=1.0)
+        else:
+            keep = 1.0
+        r_carry = tl.where(valid, keep * (g + q * r_carry), r_carry)
+        g_carry = tl.where(valid, keep * q * g, g_carry)
+        s_carry = tl.where(valid, keep * q * s, s_carry)
+    tl.store(GC + base, sum_ug, mask=m2)
+    tl.store(RC + base, sum_ur, mask=m2)
+    tl.store(SC + base, sum_us, mask=m2)
+
+
+_KERNEL_FUNCTIONS = dict(chunk_end_state=_chunk_end_state, scan_chunk_states=_scan_chunk_states,
+                         chunk_output=_chunk_output, chunk_carries=_chunk_carries,
+                         scan_chunk_carries=_scan_chunk_carries, chunk_grads=_chunk_grads)
+
+
+@functools.lru_cache(maxsize=2)
+def _kernels(interpreted: bool) -> SimpleNamespace:
+    # triton.jit decides between compiler and interpreter from TRITON_INTERPRET when it wraps a function, so the
+    # kernels are wrapped per mode on first use, not at import: importing this module never fixes the mode.
+    del interpreted  # the cache key; triton reads the environment itself
+    return SimpleNamespace(**{name: triton.jit(fn) for name, fn in _KERNEL_FUNCTIONS.items()})
+
+
+class _Plan:
+    """Launch geometry and the per-row/per-chunk keep factors, shared by forward and backward."""
+
+    def __init__(self, u: Tensor, n: int, chunk: int):
+        self.bsz, self.length, self.dim = u.shape
+        self.device = u.device
+        self.n = n
+        self.chunk = chunk
+        self.nc = triton.cdiv(self.length, chunk)
+        self.bn = triton.next_power_of_2(n)
+        self.bd = min(_BLOCK_D, triton.next_power_of_2(self.dim))
+        self.chunk_grid = (self.nc, triton.cdiv(self.dim, self.bd), self.bsz)
+        self.row_grid = (triton.cdiv(self.dim, self.bd), self.bsz)
+        self.kernels = _kernels(triton_interpreted())
+
+    def chunk_keep(self, keep: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+        """[B, NC]: 1 where chunk k has no document start (an entering state crosses it), else 0."""
+        if keep is None:
+            return torch.ones(self.bsz, self.nc, dtype=dtype, device=self.device)
+        padded = F.pad(keep, (0, self.nc * self.chunk - self.length), value=1.0)
+        return padded.view(self.bsz, self.nc, self.chunk).amin(-1).contiguous()
+
+    def consts(self, has_resets: bool) -> dict:
+        return dict(CHUNK=self.chunk, HAS_RESETS=has_resets, BD=self.bd, BN=self.bn, num_warps=_NUM_WARPS)
+
+
+class _EmaScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u: Tensor, a: Tensor, c: Tensor, logq: Tensor, keep: Optional[Tensor],
+                h_in: Optional[Tensor], chunk: int):
+        plan = _Plan(u, a.shape[1], chunk)
+        dims = (plan.length, plan.dim, plan.n, plan.nc)
+        k, kw = plan.kernels, plan.consts(keep is not None)
+        keep_arg = keep if keep is not None else a      # never read without HAS_RESETS
+        states = torch.empty(plan.bsz, plan.nc, plan.dim, plan.n, dtype=a.dtype, device=u.device)
+        k.chunk_end_state[plan.chunk_grid](u, a, logq, keep_arg, states, *dims, **kw)
+        chunk_keep = plan.chunk_keep(keep, a.dtype)
+        state_out = torch.empty(plan.bsz, plan.dim, plan.n, dtype=a.dtype, device=u.device)
+        k.scan_chunk_states[plan.row_grid](states, h_in if h_in is not None else a, chunk_keep, logq, state_out,
+                                           *dims, CHUNK=chunk, HAS_HIN=h_in is not None, BD=plan.bd, BN=plan.bn,
+                                           num_warps=_NUM_WARPS)
+        out = torch.empty(plan.bsz, plan.length, plan.dim, dtype=a.dtype, device=u.device)
+        k.chunk_output[plan.chunk_grid](u, a, c, logq, keep_arg, states, out, *dims, **kw)
+        ctx.save_for_backward(u, a, c, logq, keep, h_in, chunk_keep)
+        ctx.plan = plan
+        return out, state_out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, grad_state: Tensor):
+        u, a, c, logq, keep, h_in, chunk_keep = ctx.saved_tensors
+        plan = ctx.plan
+        dims = (plan.length, plan.dim, plan.n, plan.nc)
+        k, kw = plan.kernels, plan.consts(keep is not None)
+        keep_arg = keep if keep is not None else a
+        grad_out = grad_out.to(a.dtype).contiguous()
+        grad_state = grad_state.to(a.dtype).contiguous()
+        g_c, r_c, s_c = (torch.empty(plan.bsz, plan.nc, plan.dim, plan.n, dtype=a.dtype, device=u.device)
+                         for _ in range(3))
+        k.chunk_carries[plan.chunk_grid](grad_out, c, logq, keep_arg, g_c, r_c, s_c, *dims, **kw)
+        g_end, r_end, s_end = (torch.empty(plan.bsz, plan.dim, plan.n, dtype=a.dtype, device=u.device)
+                               for _ in range(3))
+        k.scan_chunk_carries[plan.row_grid](g_c, r_c, s_c, grad_state, chunk_keep, logq, g_end, r_end, s_end,
+                                            *dims, CHUNK=plan.chunk, BD=plan.bd, BN=plan.bn, num_warps=_NUM_WARPS)
+        grad_u = torch.empty_like(u)
+        k.chunk_grads[plan.chunk_grid](u, grad_out, a, c, logq, keep_arg, g_c, r_c, s_c, grad_u, *dims, **kw)
+        grad_a = g_c.sum((0, 1))
+        grad_c = a * s_c.sum((0, 1))
+        grad_q = a * r_c.sum((0, 1))
+        grad_h_in = None
+        if h_in is not None:
+            grad_c = grad_c + (h_in * s_end).sum(0)
+            grad_q = grad_q + (h_in * r_end).sum(0)
+            grad_h_in = g_end
+        return grad_u, grad_a, grad_c, grad_q * torch.exp(logq), None, grad_h_in, None
+
+
+def ema_scan_triton(u: Tensor, a: Tensor, c: Tensor, logq: Tensor, resets: Optional[Tensor] = None,
+                    h_in: Optional[Tensor] = None, chunk: int = 128) -> tuple[Tensor, Tensor]:
+    """u [B, L, D] any float dtype; a/c/logq [D, N] in the math dtype (fp32, or fp64); resets [B, L] bool;
+    h_in [B, D, N] -> (out [B, L, D], state [B, D, N]) in the math dtype."""
+    dtype = a.dtype
+    keep = None if resets is None else (~resets).to(dtype).contiguous()
+    h_in = None if h_in is None else h_in.to(dtype).contiguous()
+    return _EmaScan.apply(u.contiguous(), a.contiguous(), c.to(dtype).contiguous(), logq.to(dtype).contiguous(),
+                          keep, h_in, chunk)
