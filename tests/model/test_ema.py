@@ -251,8 +251,8 @@ def test_doc_resets_equal_separate_documents(bidirectional, lengths, block):
 
 @pytest.mark.parametrize("block,group", [(16, 64), (64, 64), (32, 1)])
 def test_doc_resets_many_short_documents_grads_match_ref(block, group, monkeypatch):
-    import megatrain.model.ema as ema_module
-    monkeypatch.setattr(ema_module, "_FINE_GROUP_BLOCKS", group)  # group 1: boundary blocks redone one by one
+    import megatrain.ops.ema.torch_blocked as blocked
+    monkeypatch.setattr(blocked, "_FINE_GROUP_BLOCKS", group)  # group 1: boundary blocks redone one by one
     ema = make_ema(block=block)
     x = torch.randn(2, 150, 6, dtype=torch.float64, requires_grad=True)
     doc_ids = torch.randint(0, 3, (2, 150)).cumsum(1)  # a new document at about 2 of every 3 positions
