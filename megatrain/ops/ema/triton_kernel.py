@@ -64,7 +64,7 @@ def _chunk_end_state(U, A, LOGQ, KEEP, S, L, D, N, NC,
     coef = offs_d[:, None] * N + offs_n[None, :]
     a = tl.load(A + coef, mask=m2, other=0.0)
     q = tl.exp(tl.load(LOGQ + coef, mask=m2, other=0.0))
-    h = tl.zeros_like(a)
+    h = tl.zeros((BD, BN), dtype=a.dtype)
     for i in range(CHUNK):
         t = k * CHUNK + i
         valid = t < L
@@ -91,7 +91,7 @@ def _scan_chunk_states(S, H_IN, CHUNK_KEEP, LOGQ, STATE, L, D, N, NC,
     if HAS_HIN:
         h = tl.load(H_IN + b * D * N + coef, mask=m2, other=0.0)
     else:
-        h = tl.zeros_like(logq)
+        h = tl.zeros((BD, BN), dtype=logq.dtype)
     for k in range(NC):
         ptr = S + (b * NC + k) * D * N + coef
         local = tl.load(ptr, mask=m2, other=0.0)
@@ -139,9 +139,9 @@ def _chunk_carries(GOUT, C, LOGQ, KEEP, GC, RC, SC, L, D, N, NC,
     coef = offs_d[:, None] * N + offs_n[None, :]
     c = tl.load(C + coef, mask=m2, other=0.0)
     q = tl.exp(tl.load(LOGQ + coef, mask=m2, other=0.0))
-    g_carry = tl.zeros_like(c)
-    r_carry = tl.zeros_like(c)
-    s_carry = tl.zeros_like(c)
+    g_carry = tl.zeros((BD, BN), dtype=c.dtype)
+    r_carry = tl.zeros((BD, BN), dtype=c.dtype)
+    s_carry = tl.zeros((BD, BN), dtype=c.dtype)
     for j in range(CHUNK):
         t = k * CHUNK + CHUNK - 1 - j
         valid = t < L
@@ -173,8 +173,8 @@ def _scan_chunk_carries(GC, RC, SC, GSTATE, CHUNK_KEEP, LOGQ, G_END, R_END, S_EN
     coef = offs_d[:, None] * N + offs_n[None, :]
     logq = tl.load(LOGQ + coef, mask=m2, other=0.0)
     g_carry = tl.load(GSTATE + b * D * N + coef, mask=m2, other=0.0)
-    r_carry = tl.zeros_like(logq)
-    s_carry = tl.zeros_like(logq)
+    r_carry = tl.zeros((BD, BN), dtype=logq.dtype)
+    s_carry = tl.zeros((BD, BN), dtype=logq.dtype)
     for j in range(NC):
         k = NC - 1 - j
         base = (b * NC + k) * D * N + coef
@@ -197,7 +197,8 @@ def _scan_chunk_carries(GC, RC, SC, GSTATE, CHUNK_KEEP, LOGQ, G_END, R_END, S_EN
 
 
 def _chunk_grads(U, GOUT, A, C, LOGQ, KEEP, GC, RC, SC, GU, L, D, N, NC,
-                 CHUNK: tl.constexpr, HAS_RESETS: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr):
+                 CHUNK: tl.constexpr, HAS_RESETS: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+                 GU_BF16: tl.constexpr):
     """(3') d u, and GC/RC/SC[b, k] <- chunk k's partial sums of u*g, u*r, u*s."""
     k, dblk, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs_d = dblk * BD + tl.arange(0, BD)
@@ -212,9 +213,9 @@ def _chunk_grads(U, GOUT, A, C, LOGQ, KEEP, GC, RC, SC, GU, L, D, N, NC,
     g_carry = tl.load(GC + base, mask=m2, other=0.0)
     r_carry = tl.load(RC + base, mask=m2, other=0.0)
     s_carry = tl.load(SC + base, mask=m2, other=0.0)
-    sum_ug = tl.zeros_like(a)
-    sum_ur = tl.zeros_like(a)
-    sum_us = tl.zeros_like(a)
+    sum_ug = tl.zeros((BD, BN), dtype=a.dtype)
+    sum_ur = tl.zeros((BD, BN), dtype=a.dtype)
+    sum_us = tl.zeros((BD, BN), dtype=a.dtype)
     for j in range(CHUNK):
         t = k * CHUNK + CHUNK - 1 - j
         valid = t < L
@@ -223,7 +224,15 @@ def _chunk_grads(U, GOUT, A, C, LOGQ, KEEP, GC, RC, SC, GU, L, D, N, NC,
         x = tl.load(U + (b * L + t) * D + offs_d, mask=load_mask, other=0.0).to(a.dtype)[:, None]
         g = c * go + g_carry
         s = go + s_carry
-        tl.store(GU + (b * L + t) * D + offs_d, tl.sum(a * g, axis=1), mask=load_mask)
+        grad_u = tl.sum(a * g, axis=1)
+        if GU_BF16:
+            # round to nearest even by hand: the interpreter truncates fp32 -> bf16 casts (the GPU rounds), and
+            # truncation alone would double the gradient's rounding error
+            bits = grad_u.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            rounded = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            grad_u = tl.where(grad_u == grad_u, rounded, grad_u.to(tl.bfloat16))     # NaN stays NaN
+        tl.store(GU + (b * L + t) * D + offs_d, grad_u, mask=load_mask)
         sum_ug += x * g          # x = 0 past the end: padded positions add nothing
         sum_ur += x * r_carry
         sum_us += x * s
@@ -316,7 +325,8 @@ class _EmaScan(torch.autograd.Function):
         k.scan_chunk_carries[plan.row_grid](g_c, r_c, s_c, grad_state, chunk_keep, logq, g_end, r_end, s_end,
                                             *dims, CHUNK=plan.chunk, BD=plan.bd, BN=plan.bn, num_warps=_NUM_WARPS)
         grad_u = torch.empty_like(u)
-        k.chunk_grads[plan.chunk_grid](u, grad_out, a, c, logq, keep_arg, g_c, r_c, s_c, grad_u, *dims, **kw)
+        k.chunk_grads[plan.chunk_grid](u, grad_out, a, c, logq, keep_arg, g_c, r_c, s_c, grad_u, *dims,
+                                       GU_BF16=u.dtype == torch.bfloat16, **kw)
         grad_a = g_c.sum((0, 1))
         grad_c = a * s_c.sum((0, 1))
         grad_q = a * r_c.sum((0, 1))
