@@ -220,16 +220,19 @@ from megatrain.ops.ema import triton_kernel as tk
 
 kernels = tk._kernels(False)
 ints = {"L", "D", "N", "NC"}
-for name, fn in vars(kernels).items():
+variants = [("forward_chunk", dict(FINAL=False)), ("forward_chunk", dict(FINAL=True)),
+            ("backward_chunk", dict(FINAL=False, GU_BF16=False)), ("backward_chunk", dict(FINAL=True, GU_BF16=True)),
+            ("scan_chunks", dict(BACKWARD=False, HAS_INIT=True)), ("scan_chunks", dict(BACKWARD=True, HAS_INIT=True))]
+for name, flags in variants:
+    fn = getattr(kernels, name)
     params = list(inspect.signature(fn.fn).parameters)
-    consts = {"CHUNK": 64, "BD": 32, "BN": 16, "HAS_RESETS": True, "HAS_HIN": True, "GU_BF16": True}
-    consts = {k: v for k, v in consts.items() if k in params}
+    consts = {k: v for k, v in dict(CHUNK=64, BD=32, BN=16, HAS_RESETS=True, **flags).items() if k in params}
     sig = {p: "constexpr" if p in consts else "i32" if p in ints else "*bf16" if p in ("U", "GU") else "*fp32"
            for p in params}
     src = ASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in consts.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=tk._NUM_WARPS))
     assert compiled.asm["cubin"], name
-    print("compiled", name)
+    print("compiled", name, flags)
 """
 
 

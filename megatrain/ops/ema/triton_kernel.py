@@ -53,9 +53,10 @@ _BLOCK_D = 32        # channels per program (the state tile is [_BLOCK_D, next_p
 _NUM_WARPS = 2       # the per-step work is one [32, 16] tile: few warps per program, many programs per SM
 
 
-def _chunk_end_state(U, A, LOGQ, KEEP, S, L, D, N, NC,
-                     CHUNK: tl.constexpr, HAS_RESETS: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr):
-    """(1) S[b, k] = state after chunk k from zero entering state."""
+def _forward_chunk(U, A, C, LOGQ, KEEP, STATES, OUT, L, D, N, NC, CHUNK: tl.constexpr, HAS_RESETS: tl.constexpr,
+                   BD: tl.constexpr, BN: tl.constexpr, FINAL: tl.constexpr):
+    """Chunk k of row b, channels dblk*BD... . FINAL=False (launch 1): from zero state, STATES[b, k] <- the state
+    after the chunk. FINAL=True (launch 3): from STATES[b, k] (the entering state), write out = sum_n c h_t."""
     k, dblk, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs_d = dblk * BD + tl.arange(0, BD)
     offs_n = tl.arange(0, BN)
@@ -63,8 +64,13 @@ def _chunk_end_state(U, A, LOGQ, KEEP, S, L, D, N, NC,
     m2 = dmask[:, None] & (offs_n < N)[None, :]
     coef = offs_d[:, None] * N + offs_n[None, :]
     a = tl.load(A + coef, mask=m2, other=0.0)
+    c = tl.load(C + coef, mask=m2, other=0.0)
     q = tl.exp(tl.load(LOGQ + coef, mask=m2, other=0.0))
-    h = tl.zeros((BD, BN), dtype=a.dtype)
+    state_ptr = STATES + (b * NC + k) * D * N + coef
+    if FINAL:
+        h = tl.load(state_ptr, mask=m2, other=0.0)
+    else:
+        h = tl.zeros((BD, BN), dtype=a.dtype)
     for i in range(CHUNK):
         t = k * CHUNK + i
         valid = t < L
@@ -76,143 +82,36 @@ def _chunk_end_state(U, A, LOGQ, KEEP, S, L, D, N, NC,
         else:
             decay = q
         h = tl.where(valid, decay * h + a * x[:, None], h)
-    tl.store(S + ((b * NC + k) * D + offs_d[:, None]) * N + offs_n[None, :], h, mask=m2)
+        if FINAL:
+            tl.store(OUT + (b * L + t) * D + offs_d, tl.sum(c * h, axis=1), mask=load_mask)
+    if not FINAL:
+        tl.store(state_ptr, h, mask=m2)
 
 
-def _scan_chunk_states(S, H_IN, CHUNK_KEEP, LOGQ, STATE, L, D, N, NC,
-                       CHUNK: tl.constexpr, HAS_HIN: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr):
-    """(2) S[b, k] <- state entering chunk k (h_in for k = 0); STATE = state after the last position."""
-    dblk, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+def _backward_chunk(U, GOUT, A, C, LOGQ, KEEP, GC, RC, SC, GU, L, D, N, NC, CHUNK: tl.constexpr,
+                    HAS_RESETS: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, FINAL: tl.constexpr,
+                    GU_BF16: tl.constexpr):
+    """Chunk k of row b, right to left. FINAL=False (launch 1'): from zero carries, GC/RC/SC[b, k] <- the carries
+    (G, R, S) leaving the chunk to the left. FINAL=True (launch 3'): from the carries entering it from the right
+    (GC/RC/SC[b, k]), write d u and replace them by the chunk's partial sums of u*g, u*r, u*s."""
+    k, dblk, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs_d = dblk * BD + tl.arange(0, BD)
     offs_n = tl.arange(0, BN)
-    m2 = (offs_d < D)[:, None] & (offs_n < N)[None, :]
+    dmask = offs_d < D
+    m2 = dmask[:, None] & (offs_n < N)[None, :]
     coef = offs_d[:, None] * N + offs_n[None, :]
-    logq = tl.load(LOGQ + coef, mask=m2, other=0.0)
-    if HAS_HIN:
-        h = tl.load(H_IN + b * D * N + coef, mask=m2, other=0.0)
+    a = tl.load(A + coef, mask=m2, other=0.0)
+    c = tl.load(C + coef, mask=m2, other=0.0)
+    q = tl.exp(tl.load(LOGQ + coef, mask=m2, other=0.0))
+    base = (b * NC + k) * D * N + coef
+    if FINAL:
+        g_carry = tl.load(GC + base, mask=m2, other=0.0)
+        r_carry = tl.load(RC + base, mask=m2, other=0.0)
+        s_carry = tl.load(SC + base, mask=m2, other=0.0)
     else:
-        h = tl.zeros((BD, BN), dtype=logq.dtype)
-    for k in range(NC):
-        ptr = S + (b * NC + k) * D * N + coef
-        local = tl.load(ptr, mask=m2, other=0.0)
-        tl.store(ptr, h, mask=m2)
-        length = tl.minimum(L - k * CHUNK, CHUNK)
-        keep = tl.load(CHUNK_KEEP + b * NC + k)
-        h = tl.exp(logq * length) * keep * h + local
-    tl.store(STATE + b * D * N + coef, h, mask=m2)
-
-
-def _chunk_output(U, A, C, LOGQ, KEEP, E, OUT, L, D, N, NC,
-                  CHUNK: tl.constexpr, HAS_RESETS: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr):
-    """(3) out[b, t] = sum_n c h_t, rerunning chunk k from its entering state E[b, k]."""
-    k, dblk, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    offs_d = dblk * BD + tl.arange(0, BD)
-    offs_n = tl.arange(0, BN)
-    dmask = offs_d < D
-    m2 = dmask[:, None] & (offs_n < N)[None, :]
-    coef = offs_d[:, None] * N + offs_n[None, :]
-    a = tl.load(A + coef, mask=m2, other=0.0)
-    c = tl.load(C + coef, mask=m2, other=0.0)
-    q = tl.exp(tl.load(LOGQ + coef, mask=m2, other=0.0))
-    h = tl.load(E + (b * NC + k) * D * N + coef, mask=m2, other=0.0)
-    for i in range(CHUNK):
-        t = k * CHUNK + i
-        valid = t < L
-        load_mask = dmask & (offs_d * 0 + t < L)
-        x = tl.load(U + (b * L + t) * D + offs_d, mask=load_mask, other=0.0).to(a.dtype)
-        if HAS_RESETS:
-            decay = q * tl.load(KEEP + b * L + t, mask=valid, other=1.0)
-        else:
-            decay = q
-        h = decay * h + a * x[:, None]
-        tl.store(OUT + (b * L + t) * D + offs_d, tl.sum(c * h, axis=1), mask=load_mask)
-
-
-def _chunk_carries(GOUT, C, LOGQ, KEEP, GC, RC, SC, L, D, N, NC,
-                   CHUNK: tl.constexpr, HAS_RESETS: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr):
-    """(1') Carries (G, R, S) leaving chunk k to the left, from zero carries entering it from the right."""
-    k, dblk, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    offs_d = dblk * BD + tl.arange(0, BD)
-    offs_n = tl.arange(0, BN)
-    dmask = offs_d < D
-    m2 = dmask[:, None] & (offs_n < N)[None, :]
-    coef = offs_d[:, None] * N + offs_n[None, :]
-    c = tl.load(C + coef, mask=m2, other=0.0)
-    q = tl.exp(tl.load(LOGQ + coef, mask=m2, other=0.0))
-    g_carry = tl.zeros((BD, BN), dtype=c.dtype)
-    r_carry = tl.zeros((BD, BN), dtype=c.dtype)
-    s_carry = tl.zeros((BD, BN), dtype=c.dtype)
-    for j in range(CHUNK):
-        t = k * CHUNK + CHUNK - 1 - j
-        valid = t < L
-        load_mask = dmask & (offs_d * 0 + t < L)
-        go = tl.load(GOUT + (b * L + t) * D + offs_d, mask=load_mask, other=0.0).to(c.dtype)[:, None]
-        g = c * go + g_carry
-        s = go + s_carry
-        if HAS_RESETS:
-            keep = tl.load(KEEP + b * L + t, mask=valid, other=1.0)
-        else:
-            keep = 1.0
-        r_carry = tl.where(valid, keep * (g + q * r_carry), r_carry)
-        g_carry = tl.where(valid, keep * q * g, g_carry)
-        s_carry = tl.where(valid, keep * q * s, s_carry)
-    base = (b * NC + k) * D * N + coef
-    tl.store(GC + base, g_carry, mask=m2)
-    tl.store(RC + base, r_carry, mask=m2)
-    tl.store(SC + base, s_carry, mask=m2)
-
-
-def _scan_chunk_carries(GC, RC, SC, GSTATE, CHUNK_KEEP, LOGQ, G_END, R_END, S_END, L, D, N, NC,
-                        CHUNK: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr):
-    """(2') GC/RC/SC[b, k] <- carries entering chunk k from the right (gstate into the last position);
-    *_END = carries leaving position 0 (d h_in = G_END; R_END, S_END feed d logq, d c)."""
-    dblk, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    offs_d = dblk * BD + tl.arange(0, BD)
-    offs_n = tl.arange(0, BN)
-    m2 = (offs_d < D)[:, None] & (offs_n < N)[None, :]
-    coef = offs_d[:, None] * N + offs_n[None, :]
-    logq = tl.load(LOGQ + coef, mask=m2, other=0.0)
-    g_carry = tl.load(GSTATE + b * D * N + coef, mask=m2, other=0.0)
-    r_carry = tl.zeros((BD, BN), dtype=logq.dtype)
-    s_carry = tl.zeros((BD, BN), dtype=logq.dtype)
-    for j in range(NC):
-        k = NC - 1 - j
-        base = (b * NC + k) * D * N + coef
-        g_local = tl.load(GC + base, mask=m2, other=0.0)
-        r_local = tl.load(RC + base, mask=m2, other=0.0)
-        s_local = tl.load(SC + base, mask=m2, other=0.0)
-        tl.store(GC + base, g_carry, mask=m2)
-        tl.store(RC + base, r_carry, mask=m2)
-        tl.store(SC + base, s_carry, mask=m2)
-        length = tl.minimum(L - k * CHUNK, CHUNK)
-        keep = tl.load(CHUNK_KEEP + b * NC + k)
-        across = tl.exp(logq * length) * keep
-        # R picks up every g in the chunk: sum_i q^i q^(len-1-i) G = len q^(len-1) G
-        r_carry = across * r_carry + keep * length * tl.exp(logq * (length - 1)) * g_carry + r_local
-        g_carry = across * g_carry + g_local
-        s_carry = across * s_carry + s_local
-    tl.store(G_END + b * D * N + coef, g_carry, mask=m2)
-    tl.store(R_END + b * D * N + coef, r_carry, mask=m2)
-    tl.store(S_END + b * D * N + coef, s_carry, mask=m2)
-
-
-def _chunk_grads(U, GOUT, A, C, LOGQ, KEEP, GC, RC, SC, GU, L, D, N, NC,
-                 CHUNK: tl.constexpr, HAS_RESETS: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
-                 GU_BF16: tl.constexpr):
-    """(3') d u, and GC/RC/SC[b, k] <- chunk k's partial sums of u*g, u*r, u*s."""
-    k, dblk, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    offs_d = dblk * BD + tl.arange(0, BD)
-    offs_n = tl.arange(0, BN)
-    dmask = offs_d < D
-    m2 = dmask[:, None] & (offs_n < N)[None, :]
-    coef = offs_d[:, None] * N + offs_n[None, :]
-    a = tl.load(A + coef, mask=m2, other=0.0)
-    c = tl.load(C + coef, mask=m2, other=0.0)
-    q = tl.exp(tl.load(LOGQ + coef, mask=m2, other=0.0))
-    base = (b * NC + k) * D * N + coef
-    g_carry = tl.load(GC + base, mask=m2, other=0.0)
-    r_carry = tl.load(RC + base, mask=m2, other=0.0)
-    s_carry = tl.load(SC + base, mask=m2, other=0.0)
+        g_carry = tl.zeros((BD, BN), dtype=a.dtype)
+        r_carry = tl.zeros((BD, BN), dtype=a.dtype)
+        s_carry = tl.zeros((BD, BN), dtype=a.dtype)
     sum_ug = tl.zeros((BD, BN), dtype=a.dtype)
     sum_ur = tl.zeros((BD, BN), dtype=a.dtype)
     sum_us = tl.zeros((BD, BN), dtype=a.dtype)
@@ -221,21 +120,22 @@ def _chunk_grads(U, GOUT, A, C, LOGQ, KEEP, GC, RC, SC, GU, L, D, N, NC,
         valid = t < L
         load_mask = dmask & (offs_d * 0 + t < L)
         go = tl.load(GOUT + (b * L + t) * D + offs_d, mask=load_mask, other=0.0).to(a.dtype)[:, None]
-        x = tl.load(U + (b * L + t) * D + offs_d, mask=load_mask, other=0.0).to(a.dtype)[:, None]
         g = c * go + g_carry
         s = go + s_carry
-        grad_u = tl.sum(a * g, axis=1)
-        if GU_BF16:
-            # round to nearest even by hand: the interpreter truncates fp32 -> bf16 casts (the GPU rounds), and
-            # truncation alone would double the gradient's rounding error
-            bits = grad_u.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-            rounded = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-            grad_u = tl.where(grad_u == grad_u, rounded, grad_u.to(tl.bfloat16))     # NaN stays NaN
-        tl.store(GU + (b * L + t) * D + offs_d, grad_u, mask=load_mask)
-        sum_ug += x * g          # x = 0 past the end: padded positions add nothing
-        sum_ur += x * r_carry
-        sum_us += x * s
+        if FINAL:
+            grad_u = tl.sum(a * g, axis=1)
+            if GU_BF16:
+                # round to nearest even by hand: the interpreter truncates fp32 -> bf16 casts (the GPU rounds),
+                # and truncation alone would double the gradient's rounding error
+                bits = grad_u.to(tl.uint32, bitcast=True)
+                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+                rounded = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+                grad_u = tl.where(grad_u == grad_u, rounded, grad_u.to(tl.bfloat16))     # NaN stays NaN
+            tl.store(GU + (b * L + t) * D + offs_d, grad_u, mask=load_mask)
+            x = tl.load(U + (b * L + t) * D + offs_d, mask=load_mask, other=0.0).to(a.dtype)[:, None]
+            sum_ug += x * g          # x = 0 past the end: padded positions add nothing
+            sum_ur += x * r_carry
+            sum_us += x * s
         if HAS_RESETS:
             keep = tl.load(KEEP + b * L + t, mask=valid, other=1.0)
         else:
@@ -243,14 +143,60 @@ def _chunk_grads(U, GOUT, A, C, LOGQ, KEEP, GC, RC, SC, GU, L, D, N, NC,
         r_carry = tl.where(valid, keep * (g + q * r_carry), r_carry)
         g_carry = tl.where(valid, keep * q * g, g_carry)
         s_carry = tl.where(valid, keep * q * s, s_carry)
-    tl.store(GC + base, sum_ug, mask=m2)
-    tl.store(RC + base, sum_ur, mask=m2)
-    tl.store(SC + base, sum_us, mask=m2)
+    if FINAL:
+        g_carry, r_carry, s_carry = sum_ug, sum_ur, sum_us
+    tl.store(GC + base, g_carry, mask=m2)
+    tl.store(RC + base, r_carry, mask=m2)
+    tl.store(SC + base, s_carry, mask=m2)
 
 
-_KERNEL_FUNCTIONS = dict(chunk_end_state=_chunk_end_state, scan_chunk_states=_scan_chunk_states,
-                         chunk_output=_chunk_output, chunk_carries=_chunk_carries,
-                         scan_chunk_carries=_scan_chunk_carries, chunk_grads=_chunk_grads)
+def _scan_chunks(LOC, LOC_R, LOC_S, INIT, CHUNK_KEEP, LOGQ, END, END_R, END_S, L, D, N, NC,
+                 CHUNK: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, HAS_INIT: tl.constexpr,
+                 BACKWARD: tl.constexpr):
+    """One program per (channel block, row) walks the chunks; every LOC*[b, k] is replaced by what enters chunk k.
+    Forward (launch 2; LOC = chunk end states from zero, INIT = h_in): h_k = q^len keep_k h_{k-1} + LOC[b, k-1],
+    END = state after the last position. Backward (launch 2', right to left; LOC* = local carries G, R, S,
+    INIT = d state into the last position): G, S -> q^len keep G, S; R -> q^len keep R + keep len q^(len-1) G;
+    END* = the carries leaving position 0 (d h_in = END; END_R, END_S feed d logq, d c)."""
+    dblk, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    offs_d = dblk * BD + tl.arange(0, BD)
+    offs_n = tl.arange(0, BN)
+    m2 = (offs_d < D)[:, None] & (offs_n < N)[None, :]
+    coef = offs_d[:, None] * N + offs_n[None, :]
+    logq = tl.load(LOGQ + coef, mask=m2, other=0.0)
+    if HAS_INIT:
+        carry = tl.load(INIT + b * D * N + coef, mask=m2, other=0.0)
+    else:
+        carry = tl.zeros((BD, BN), dtype=logq.dtype)
+    r_carry = tl.zeros((BD, BN), dtype=logq.dtype)
+    s_carry = tl.zeros((BD, BN), dtype=logq.dtype)
+    for j in range(NC):
+        if BACKWARD:
+            k = NC - 1 - j
+        else:
+            k = j
+        base = (b * NC + k) * D * N + coef
+        local = tl.load(LOC + base, mask=m2, other=0.0)
+        tl.store(LOC + base, carry, mask=m2)
+        length = tl.minimum(L - k * CHUNK, CHUNK)
+        keep = tl.load(CHUNK_KEEP + b * NC + k)
+        across = tl.exp(logq * length) * keep
+        if BACKWARD:
+            r_local = tl.load(LOC_R + base, mask=m2, other=0.0)
+            s_local = tl.load(LOC_S + base, mask=m2, other=0.0)
+            tl.store(LOC_R + base, r_carry, mask=m2)
+            tl.store(LOC_S + base, s_carry, mask=m2)
+            # R picks up every g in the chunk: sum_i q^i q^(len-1-i) G = len q^(len-1) G
+            r_carry = across * r_carry + keep * length * tl.exp(logq * (length - 1)) * carry + r_local
+            s_carry = across * s_carry + s_local
+        carry = across * carry + local
+    tl.store(END + b * D * N + coef, carry, mask=m2)
+    if BACKWARD:
+        tl.store(END_R + b * D * N + coef, r_carry, mask=m2)
+        tl.store(END_S + b * D * N + coef, s_carry, mask=m2)
+
+
+_KERNEL_FUNCTIONS = dict(forward_chunk=_forward_chunk, backward_chunk=_backward_chunk, scan_chunks=_scan_chunks)
 
 
 @functools.lru_cache(maxsize=2)
@@ -283,8 +229,13 @@ class _Plan:
         padded = F.pad(keep, (0, self.nc * self.chunk - self.length), value=1.0)
         return padded.view(self.bsz, self.nc, self.chunk).amin(-1).contiguous()
 
-    def consts(self, has_resets: bool) -> dict:
-        return dict(CHUNK=self.chunk, HAS_RESETS=has_resets, BD=self.bd, BN=self.bn, num_warps=_NUM_WARPS)
+    def dims(self) -> tuple[int, int, int, int]:
+        return self.length, self.dim, self.n, self.nc
+
+    def consts(self, has_resets: Optional[bool]) -> dict:
+        """Compile-time constants of a launch; has_resets None for the scans (their keep is per chunk)."""
+        common = dict(CHUNK=self.chunk, BD=self.bd, BN=self.bn, num_warps=_NUM_WARPS)
+        return common if has_resets is None else dict(HAS_RESETS=has_resets, **common)
 
 
 class _EmaScan(torch.autograd.Function):
@@ -292,18 +243,17 @@ class _EmaScan(torch.autograd.Function):
     def forward(ctx, u: Tensor, a: Tensor, c: Tensor, logq: Tensor, keep: Optional[Tensor],
                 h_in: Optional[Tensor], chunk: int):
         plan = _Plan(u, a.shape[1], chunk)
-        dims = (plan.length, plan.dim, plan.n, plan.nc)
-        k, kw = plan.kernels, plan.consts(keep is not None)
+        k, dims, kw = plan.kernels, plan.dims(), plan.consts(keep is not None)
         keep_arg = keep if keep is not None else a      # never read without HAS_RESETS
+        out = torch.empty(plan.bsz, plan.length, plan.dim, dtype=a.dtype, device=u.device)
         states = torch.empty(plan.bsz, plan.nc, plan.dim, plan.n, dtype=a.dtype, device=u.device)
-        k.chunk_end_state[plan.chunk_grid](u, a, logq, keep_arg, states, *dims, **kw)
+        k.forward_chunk[plan.chunk_grid](u, a, c, logq, keep_arg, states, out, *dims, FINAL=False, **kw)
         chunk_keep = plan.chunk_keep(keep, a.dtype)
         state_out = torch.empty(plan.bsz, plan.dim, plan.n, dtype=a.dtype, device=u.device)
-        k.scan_chunk_states[plan.row_grid](states, h_in if h_in is not None else a, chunk_keep, logq, state_out,
-                                           *dims, CHUNK=chunk, HAS_HIN=h_in is not None, BD=plan.bd, BN=plan.bn,
-                                           num_warps=_NUM_WARPS)
-        out = torch.empty(plan.bsz, plan.length, plan.dim, dtype=a.dtype, device=u.device)
-        k.chunk_output[plan.chunk_grid](u, a, c, logq, keep_arg, states, out, *dims, **kw)
+        k.scan_chunks[plan.row_grid](states, states, states, h_in if h_in is not None else a, chunk_keep, logq,
+                                     state_out, state_out, state_out, *dims, HAS_INIT=h_in is not None,
+                                     BACKWARD=False, **plan.consts(None))
+        k.forward_chunk[plan.chunk_grid](u, a, c, logq, keep_arg, states, out, *dims, FINAL=True, **kw)
         ctx.save_for_backward(u, a, c, logq, keep, h_in, chunk_keep)
         ctx.plan = plan
         return out, state_out
@@ -312,30 +262,27 @@ class _EmaScan(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor, grad_state: Tensor):
         u, a, c, logq, keep, h_in, chunk_keep = ctx.saved_tensors
         plan = ctx.plan
-        dims = (plan.length, plan.dim, plan.n, plan.nc)
-        k, kw = plan.kernels, plan.consts(keep is not None)
+        k, dims, kw = plan.kernels, plan.dims(), plan.consts(keep is not None)
         keep_arg = keep if keep is not None else a
         grad_out = grad_out.to(a.dtype).contiguous()
         grad_state = grad_state.to(a.dtype).contiguous()
-        g_c, r_c, s_c = (torch.empty(plan.bsz, plan.nc, plan.dim, plan.n, dtype=a.dtype, device=u.device)
-                         for _ in range(3))
-        k.chunk_carries[plan.chunk_grid](grad_out, c, logq, keep_arg, g_c, r_c, s_c, *dims, **kw)
-        g_end, r_end, s_end = (torch.empty(plan.bsz, plan.dim, plan.n, dtype=a.dtype, device=u.device)
-                               for _ in range(3))
-        k.scan_chunk_carries[plan.row_grid](g_c, r_c, s_c, grad_state, chunk_keep, logq, g_end, r_end, s_end,
-                                            *dims, CHUNK=plan.chunk, BD=plan.bd, BN=plan.bn, num_warps=_NUM_WARPS)
         grad_u = torch.empty_like(u)
-        k.chunk_grads[plan.chunk_grid](u, grad_out, a, c, logq, keep_arg, g_c, r_c, s_c, grad_u, *dims,
-                                       GU_BF16=u.dtype == torch.bfloat16, **kw)
-        grad_a = g_c.sum((0, 1))
-        grad_c = a * s_c.sum((0, 1))
-        grad_q = a * r_c.sum((0, 1))
-        grad_h_in = None
+        carries = [torch.empty(plan.bsz, plan.nc, plan.dim, plan.n, dtype=a.dtype, device=u.device)
+                   for _ in range(3)]
+        args = (u, grad_out, a, c, logq, keep_arg, *carries, grad_u, *dims)
+        k.backward_chunk[plan.chunk_grid](*args, FINAL=False, GU_BF16=False, **kw)
+        ends = [torch.empty(plan.bsz, plan.dim, plan.n, dtype=a.dtype, device=u.device) for _ in range(3)]
+        k.scan_chunks[plan.row_grid](*carries, grad_state, chunk_keep, logq, *ends, *dims, HAS_INIT=True,
+                                     BACKWARD=True, **plan.consts(None))
+        k.backward_chunk[plan.chunk_grid](*args, FINAL=True, GU_BF16=u.dtype == torch.bfloat16, **kw)
+        sum_ug, sum_ur, sum_us = (t.sum((0, 1)) for t in carries)
+        g_end, r_end, s_end = ends
+        grad_c, grad_q, grad_h_in = a * sum_us, a * sum_ur, None
         if h_in is not None:
             grad_c = grad_c + (h_in * s_end).sum(0)
             grad_q = grad_q + (h_in * r_end).sum(0)
             grad_h_in = g_end
-        return grad_u, grad_a, grad_c, grad_q * torch.exp(logq), None, grad_h_in, None
+        return grad_u, sum_ug, grad_c, grad_q * torch.exp(logq), None, grad_h_in, None
 
 
 def ema_scan_triton(u: Tensor, a: Tensor, c: Tensor, logq: Tensor, resets: Optional[Tensor] = None,
