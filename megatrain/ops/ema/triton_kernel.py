@@ -37,8 +37,6 @@ state fp32; fp64 inputs run in fp64 (tests). Memory: u-sized out/grads plus [B, 
 """
 from __future__ import annotations
 
-import functools
-from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -46,6 +44,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.interpreter import InterpretedFunction
 
 from megatrain.ops.backend import triton_interpreted
 
@@ -53,12 +52,10 @@ _BLOCK_D = 32        # channels per program (the state tile is [_BLOCK_D, next_p
 _NUM_WARPS = 2       # the per-step work is one [32, 16] tile: few warps per program, many programs per SM
 
 
-def _forward_chunk(U, A, C, LOGQ, KEEP, STATES, OUT, L, D, N, NC, CHUNK: tl.constexpr, HAS_RESETS: tl.constexpr,
-                   BD: tl.constexpr, BN: tl.constexpr, FINAL: tl.constexpr):
-    """Chunk k of row b, channels dblk*BD... . FINAL=False (launch 1): from zero state, STATES[b, k] <- the state
-    after the chunk. FINAL=True (launch 3): from STATES[b, k] (the entering state), write out = sum_n c h_t."""
-    k, dblk, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    offs_d = dblk * BD + tl.arange(0, BD)
+@triton.jit
+def _chunk_setup(A, C, LOGQ, D, N, BD: tl.constexpr, BN: tl.constexpr):
+    """This program's channels (axis 1 of the grid) and their coefficients a, c, q = exp(logq), [BD, BN]."""
+    offs_d = tl.program_id(1) * BD + tl.arange(0, BD)
     offs_n = tl.arange(0, BN)
     dmask = offs_d < D
     m2 = dmask[:, None] & (offs_n < N)[None, :]
@@ -66,6 +63,16 @@ def _forward_chunk(U, A, C, LOGQ, KEEP, STATES, OUT, L, D, N, NC, CHUNK: tl.cons
     a = tl.load(A + coef, mask=m2, other=0.0)
     c = tl.load(C + coef, mask=m2, other=0.0)
     q = tl.exp(tl.load(LOGQ + coef, mask=m2, other=0.0))
+    return offs_d, dmask, m2, coef, a, c, q
+
+
+@triton.jit
+def _forward_chunk(U, A, C, LOGQ, KEEP, STATES, OUT, L, D, N, NC, CHUNK: tl.constexpr, HAS_RESETS: tl.constexpr,
+                   BD: tl.constexpr, BN: tl.constexpr, FINAL: tl.constexpr):
+    """Chunk k of row b, channels dblk*BD... . FINAL=False (launch 1): from zero state, STATES[b, k] <- the state
+    after the chunk. FINAL=True (launch 3): from STATES[b, k] (the entering state), write out = sum_n c h_t."""
+    k, b = tl.program_id(0), tl.program_id(2).to(tl.int64)
+    offs_d, dmask, m2, coef, a, c, q = _chunk_setup(A, C, LOGQ, D, N, BD, BN)
     state_ptr = STATES + (b * NC + k) * D * N + coef
     if FINAL:
         h = tl.load(state_ptr, mask=m2, other=0.0)
@@ -88,21 +95,15 @@ def _forward_chunk(U, A, C, LOGQ, KEEP, STATES, OUT, L, D, N, NC, CHUNK: tl.cons
         tl.store(state_ptr, h, mask=m2)
 
 
+@triton.jit
 def _backward_chunk(U, GOUT, A, C, LOGQ, KEEP, GC, RC, SC, GU, L, D, N, NC, CHUNK: tl.constexpr,
                     HAS_RESETS: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, FINAL: tl.constexpr,
                     GU_BF16: tl.constexpr):
     """Chunk k of row b, right to left. FINAL=False (launch 1'): from zero carries, GC/RC/SC[b, k] <- the carries
     (G, R, S) leaving the chunk to the left. FINAL=True (launch 3'): from the carries entering it from the right
     (GC/RC/SC[b, k]), write d u and replace them by the chunk's partial sums of u*g, u*r, u*s."""
-    k, dblk, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    offs_d = dblk * BD + tl.arange(0, BD)
-    offs_n = tl.arange(0, BN)
-    dmask = offs_d < D
-    m2 = dmask[:, None] & (offs_n < N)[None, :]
-    coef = offs_d[:, None] * N + offs_n[None, :]
-    a = tl.load(A + coef, mask=m2, other=0.0)
-    c = tl.load(C + coef, mask=m2, other=0.0)
-    q = tl.exp(tl.load(LOGQ + coef, mask=m2, other=0.0))
+    k, b = tl.program_id(0), tl.program_id(2).to(tl.int64)
+    offs_d, dmask, m2, coef, a, c, q = _chunk_setup(A, C, LOGQ, D, N, BD, BN)
     base = (b * NC + k) * D * N + coef
     if FINAL:
         g_carry = tl.load(GC + base, mask=m2, other=0.0)
@@ -150,6 +151,7 @@ def _backward_chunk(U, GOUT, A, C, LOGQ, KEEP, GC, RC, SC, GU, L, D, N, NC, CHUN
     tl.store(SC + base, s_carry, mask=m2)
 
 
+@triton.jit
 def _scan_chunks(LOC, LOC_R, LOC_S, INIT, CHUNK_KEEP, LOGQ, END, END_R, END_S, L, D, N, NC,
                  CHUNK: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, HAS_INIT: tl.constexpr,
                  BACKWARD: tl.constexpr):
@@ -196,17 +198,6 @@ def _scan_chunks(LOC, LOC_R, LOC_S, INIT, CHUNK_KEEP, LOGQ, END, END_R, END_S, L
         tl.store(END_S + b * D * N + coef, s_carry, mask=m2)
 
 
-_KERNEL_FUNCTIONS = dict(forward_chunk=_forward_chunk, backward_chunk=_backward_chunk, scan_chunks=_scan_chunks)
-
-
-@functools.lru_cache(maxsize=2)
-def _kernels(interpreted: bool) -> SimpleNamespace:
-    # triton.jit decides between compiler and interpreter from TRITON_INTERPRET when it wraps a function, so the
-    # kernels are wrapped per mode on first use, not at import: importing this module never fixes the mode.
-    del interpreted  # the cache key; triton reads the environment itself
-    return SimpleNamespace(**{name: triton.jit(fn) for name, fn in _KERNEL_FUNCTIONS.items()})
-
-
 class _Plan:
     """Launch geometry and the per-row/per-chunk keep factors, shared by forward and backward."""
 
@@ -214,13 +205,13 @@ class _Plan:
         self.bsz, self.length, self.dim = u.shape
         self.device = u.device
         self.n = n
-        self.chunk = chunk
-        self.nc = triton.cdiv(self.length, chunk)
+        # a sequence shorter than the chunk runs a shorter loop; powers of two bound the compiled variants
+        self.chunk = min(chunk, triton.next_power_of_2(self.length))
+        self.nc = triton.cdiv(self.length, self.chunk)
         self.bn = triton.next_power_of_2(n)
         self.bd = min(_BLOCK_D, triton.next_power_of_2(self.dim))
         self.chunk_grid = (self.nc, triton.cdiv(self.dim, self.bd), self.bsz)
         self.row_grid = (triton.cdiv(self.dim, self.bd), self.bsz)
-        self.kernels = _kernels(triton_interpreted())
 
     def chunk_keep(self, keep: Optional[Tensor], dtype: torch.dtype) -> Tensor:
         """[B, NC]: 1 where chunk k has no document start (an entering state crosses it), else 0."""
@@ -243,17 +234,17 @@ class _EmaScan(torch.autograd.Function):
     def forward(ctx, u: Tensor, a: Tensor, c: Tensor, logq: Tensor, keep: Optional[Tensor],
                 h_in: Optional[Tensor], chunk: int):
         plan = _Plan(u, a.shape[1], chunk)
-        k, dims, kw = plan.kernels, plan.dims(), plan.consts(keep is not None)
+        dims, kw = plan.dims(), plan.consts(keep is not None)
         keep_arg = keep if keep is not None else a      # never read without HAS_RESETS
         out = torch.empty(plan.bsz, plan.length, plan.dim, dtype=a.dtype, device=u.device)
         states = torch.empty(plan.bsz, plan.nc, plan.dim, plan.n, dtype=a.dtype, device=u.device)
-        k.forward_chunk[plan.chunk_grid](u, a, c, logq, keep_arg, states, out, *dims, FINAL=False, **kw)
+        _forward_chunk[plan.chunk_grid](u, a, c, logq, keep_arg, states, out, *dims, FINAL=False, **kw)
         chunk_keep = plan.chunk_keep(keep, a.dtype)
         state_out = torch.empty(plan.bsz, plan.dim, plan.n, dtype=a.dtype, device=u.device)
-        k.scan_chunks[plan.row_grid](states, states, states, h_in if h_in is not None else a, chunk_keep, logq,
+        _scan_chunks[plan.row_grid](states, states, states, h_in if h_in is not None else a, chunk_keep, logq,
                                      state_out, state_out, state_out, *dims, HAS_INIT=h_in is not None,
                                      BACKWARD=False, **plan.consts(None))
-        k.forward_chunk[plan.chunk_grid](u, a, c, logq, keep_arg, states, out, *dims, FINAL=True, **kw)
+        _forward_chunk[plan.chunk_grid](u, a, c, logq, keep_arg, states, out, *dims, FINAL=True, **kw)
         ctx.save_for_backward(u, a, c, logq, keep, h_in, chunk_keep)
         ctx.plan = plan
         return out, state_out
@@ -262,7 +253,7 @@ class _EmaScan(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor, grad_state: Tensor):
         u, a, c, logq, keep, h_in, chunk_keep = ctx.saved_tensors
         plan = ctx.plan
-        k, dims, kw = plan.kernels, plan.dims(), plan.consts(keep is not None)
+        dims, kw = plan.dims(), plan.consts(keep is not None)
         keep_arg = keep if keep is not None else a
         grad_out = grad_out.to(a.dtype).contiguous()
         grad_state = grad_state.to(a.dtype).contiguous()
@@ -270,11 +261,11 @@ class _EmaScan(torch.autograd.Function):
         carries = [torch.empty(plan.bsz, plan.nc, plan.dim, plan.n, dtype=a.dtype, device=u.device)
                    for _ in range(3)]
         args = (u, grad_out, a, c, logq, keep_arg, *carries, grad_u, *dims)
-        k.backward_chunk[plan.chunk_grid](*args, FINAL=False, GU_BF16=False, **kw)
+        _backward_chunk[plan.chunk_grid](*args, FINAL=False, GU_BF16=False, **kw)
         ends = [torch.empty(plan.bsz, plan.dim, plan.n, dtype=a.dtype, device=u.device) for _ in range(3)]
-        k.scan_chunks[plan.row_grid](*carries, grad_state, chunk_keep, logq, *ends, *dims, HAS_INIT=True,
+        _scan_chunks[plan.row_grid](*carries, grad_state, chunk_keep, logq, *ends, *dims, HAS_INIT=True,
                                      BACKWARD=True, **plan.consts(None))
-        k.backward_chunk[plan.chunk_grid](*args, FINAL=True, GU_BF16=u.dtype == torch.bfloat16, **kw)
+        _backward_chunk[plan.chunk_grid](*args, FINAL=True, GU_BF16=u.dtype == torch.bfloat16, **kw)
         sum_ug, sum_ur, sum_us = (t.sum((0, 1)) for t in carries)
         g_end, r_end, s_end = ends
         grad_c, grad_q, grad_h_in = a * sum_us, a * sum_ur, None
@@ -289,6 +280,10 @@ def ema_scan_triton(u: Tensor, a: Tensor, c: Tensor, logq: Tensor, resets: Optio
                     h_in: Optional[Tensor] = None, chunk: int = 128) -> tuple[Tensor, Tensor]:
     """u [B, L, D] any float dtype; a/c/logq [D, N] in the math dtype (fp32, or fp64); resets [B, L] bool;
     h_in [B, D, N] -> (out [B, L, D], state [B, D, N]) in the math dtype."""
+    if triton_interpreted() != isinstance(_forward_chunk, InterpretedFunction):
+        # triton (tl.sum, ...) and these kernels are built for interpreter or compiler when first imported
+        raise ValueError("megatrain.ops.ema.triton_kernel: TRITON_INTERPRET must be set before triton is imported "
+                         f"(it is {'1' if triton_interpreted() else 'unset'} now, was not at import)")
     dtype = a.dtype
     keep = None if resets is None else (~resets).to(dtype).contiguous()
     h_in = None if h_in is None else h_in.to(dtype).contiguous()
