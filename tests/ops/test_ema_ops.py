@@ -7,10 +7,10 @@ the whole MultiDimDampedEMA module on both backends. Interpreter shapes stay tin
 """
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatrain.model.ema import MultiDimDampedEMA
 from megatrain.ops.ema import crossing_decay, ema_scan, ema_scan_ref, incoming_contribution
+from tests.probes import MaxNumel
 
 NAMES = ["out", "state", "u", "a", "c", "logq", "h_in"]
 
@@ -109,20 +109,6 @@ def test_boundary_helpers_match_reference(block):
     out, state = ema_scan_ref(zeros, a, c, logq, resets, h_in)          # what h_in alone does
     torch.testing.assert_close(incoming_contribution(h_in, c, logq, 23, resets, block), out, rtol=0, atol=1e-12)
     torch.testing.assert_close(crossing_decay(logq, 2, 23, resets) * h_in, state, rtol=0, atol=1e-12)
-
-
-class MaxNumel(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.max_numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else [out]):
-            # floating only: the interpreter moves kernel arguments as uint8 copies of their storage
-            if isinstance(t, torch.Tensor) and t.is_floating_point():
-                self.max_numel = max(self.max_numel, t.numel())
-        return out
 
 
 def test_triton_memory_linear_without_length_dim_ndim_tensor(triton_interpreter):
