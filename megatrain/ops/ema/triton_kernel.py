@@ -4,8 +4,10 @@
     out, state = ema_scan_triton(u, a, c, logq, resets, h_in, chunk)   # contract of reference.ema_scan_ref,
                                                                         # without truncation (ops.ema.ema_scan
                                                                         # builds truncation from two scans)
-Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1; how CI tests it):
-    TRITON_INTERPRET=1 PYTHONPATH=. python -m pytest -q tests/ops/test_ema_ops.py
+Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (how CI tests it). TRITON_INTERPRET=1 must be
+set before triton is imported (triton builds tl.sum and every @triton.jit function for one mode at import);
+tests/ops/conftest.py does that for the tests:
+    PYTHONPATH=. python -m pytest -q tests/ops/test_ema_ops.py
 
 Recurrence (per channel d, EMA dimension n; keep_t = 0 where a document starts at t, h_{-1} = h_in):
     h_t = a u_t + q keep_t h_{t-1},    out_t = sum_n c h_t          (a = p*beta, c = gamma/sqrt(N), q = exp(logq))
