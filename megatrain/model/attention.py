@@ -87,7 +87,8 @@ class LayerCache:
 
 def _build_ema(config: MegaConfig) -> MultiDimDampedEMA:
     ema = MultiDimDampedEMA(config.hidden_size, config.ema_projection_size, config.bidirectional,
-                            truncation=config.truncation, block_size=config.ema_block_size)
+                            truncation=config.truncation, block_size=config.ema_block_size,
+                            kernel_backend=config.kernel_backend)
     ema.reset_parameters(config.ema_delta_alpha_range, config.ema_beta_range, config.ema_gamma_omega_range)
     return ema
 

@@ -6,9 +6,9 @@ copied weights), and with itself split into pieces (state hand-off, simulated se
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatrain.model.ema import MultiDimDampedEMA, ema_ref
+from tests.probes import MaxNumel
 
 PARAMS = ["damping_factor", "decay_factor", "ema_expansion_matrix", "kernel_projection_matrix", "residual_weight"]
 
@@ -251,8 +251,8 @@ def test_doc_resets_equal_separate_documents(bidirectional, lengths, block):
 
 @pytest.mark.parametrize("block,group", [(16, 64), (64, 64), (32, 1)])
 def test_doc_resets_many_short_documents_grads_match_ref(block, group, monkeypatch):
-    import megatrain.model.ema as ema_module
-    monkeypatch.setattr(ema_module, "_FINE_GROUP_BLOCKS", group)  # group 1: boundary blocks redone one by one
+    import megatrain.ops.ema.torch_blocked as blocked
+    monkeypatch.setattr(blocked, "_FINE_GROUP_BLOCKS", group)  # group 1: boundary blocks redone one by one
     ema = make_ema(block=block)
     x = torch.randn(2, 150, 6, dtype=torch.float64, requires_grad=True)
     doc_ids = torch.randint(0, 3, (2, 150)).cumsum(1)  # a new document at about 2 of every 3 positions
@@ -294,19 +294,6 @@ def test_saturated_decay_stays_finite():
     y.sum().backward()
     assert torch.isfinite(y).all() and torch.isfinite(state).all() and torch.isfinite(x.grad).all()
     torch.testing.assert_close(y, ema_ref(x, ema)[0], rtol=1e-6, atol=1e-6)
-
-
-class MaxNumel(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.max_numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else [out]):
-            if isinstance(t, torch.Tensor):
-                self.max_numel = max(self.max_numel, t.numel())
-        return out
 
 
 @pytest.mark.parametrize("with_docs", [False, True])
