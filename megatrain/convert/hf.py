@@ -92,6 +92,11 @@ def _rename(key: str, task: str, to_hf: bool) -> str:
     raise ValueError(f"no key-map rule for {side} key {key!r}")
 
 
+def to_hf_key(key: str, task: str) -> str:
+    """transformers' name of the megatrain parameter/buffer `key` of a `task` model (the remote code uses it)."""
+    return _rename(key, task, to_hf=True)
+
+
 def hf_to_megatrain_state_dict(sd: dict[str, torch.Tensor], task: str) -> dict[str, torch.Tensor]:
     dummy = _compile(_HF_DUMMY_BUFFER)
     return {_rename(k, task, to_hf=False): v for k, v in sd.items() if not dummy.match(k)}
