@@ -26,10 +26,11 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from megatrain.config import Config, ConfigError, deepspeed_config, load_config
+from megatrain.config import Config, ConfigError, load_config
 from megatrain.data.shards import DataError
 from megatrain.parallel.env import discover, init_process_group
 from megatrain.parallel.groups import ParallelGroups
+from megatrain.parallel.zero import clip_in_optimizer, deepspeed_config
 from megatrain.train.checkpoint import Checkpointer
 from megatrain.train.metrics import MetricsLogger, model_flops_per_token, peak_tflops_guess
 from megatrain.train.optim import build_optimizer, build_scheduler
@@ -106,7 +107,7 @@ def train(cfg: Config) -> Counters:
     torch.manual_seed(t.seed)  # identical initial weights everywhere (DeepSpeed also broadcasts them)
     model = build_model(cfg)
     groups.zero3_partition(model, ds_config)
-    optimizer = build_optimizer(model, t, guard=cfg.clip_in_optimizer)
+    optimizer = build_optimizer(model, t, guard=clip_in_optimizer(cfg))
     import deepspeed
     # the schedule is built by DeepSpeed on the optimizer it finally steps (ZeRO-3 regroups the parameters)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
