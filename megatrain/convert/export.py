@@ -220,6 +220,7 @@ def verify(out: str, model, tok_dir: Optional[str], dtype: str = "fp32", tol: fl
     """Reload `out` with transformers here (remote code; natively too where 4.x has MEGA and the config allows)
     and compare with megatrain's forward; the tokenizer's ids with sentencepiece's. Returns the problems."""
     import transformers
+    transformers.logging.set_verbosity_error()  # its notes about native MEGA classes are not results
     task = "causal" if model.config.is_decoder else "masked"
     auto = transformers.AutoModelForCausalLM if task == "causal" else transformers.AutoModelForMaskedLM
     ref = model.to(DTYPES[dtype]).float().eval()  # bf16 exports: megatrain on the same rounded weights

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from megatrain.config import Config, ConfigError, load_config
+from megatrain.convert.hf import init_from_hf  # [issue 10] model.init_from
 from megatrain.data.shards import DataError
 from megatrain.parallel.env import discover, init_process_group
 from megatrain.parallel.groups import ParallelGroups
@@ -106,6 +107,7 @@ def train(cfg: Config) -> Counters:
     ds_config = deepspeed_config(cfg, world)
     torch.manual_seed(t.seed)  # identical initial weights everywhere (DeepSpeed also broadcasts them)
     model = build_model(cfg)
+    if cfg.model.init_from: init_from_hf(model, cfg.model.init_from)  # [issue 10] HF folder -> weights; lead: move into build
     groups.zero3_partition(model, ds_config)
     optimizer = build_optimizer(model, t, guard=clip_in_optimizer(cfg))
     import deepspeed
