@@ -13,6 +13,8 @@ import argparse
 import os
 import sys
 
+# DeepSpeed's shard-merging progress bars are not messages: stderr carries only the result or one error line
+os.environ.setdefault("TQDM_DISABLE", "1")
 if __package__ in (None, ""):  # run as a script from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -40,7 +40,7 @@ res["heads"] = {}
 for auto, labels in heads.items():
     h = getattr(transformers, auto).from_pretrained(out_dir, trust_remote_code=True)
     h.train()
-    inp = x.unsqueeze(1).expand(-1, 2, -1).contiguous() if "MultipleChoice" in auto else x
+    inp = torch.stack([x, x.roll(3, dims=1)], dim=1) if "MultipleChoice" in auto else x  # 2 different choices
     o = h(input_ids=inp, **labels)
     o.loss.backward()
     emb = h.get_input_embeddings().weight
