@@ -289,7 +289,7 @@ def export(checkpoint: str, out: str, tokenizer: Optional[str] = None, no_tokeni
     try:
         model, cfg = load_model(ckpt.tag_dir)
     except (ValueError, FileNotFoundError) as e:
-        raise ExportError(f"CHECKPOINT {ckpt.tag_dir}: {e}") from None
+        raise ExportError(f"CHECKPOINT {e}") from None  # the message names the folder
     tok_dir = None
     if not no_tokenizer:
         tok_dir = tokenizer or find_tokenizer(cfg, ckpt.run_dir)

@@ -141,12 +141,12 @@ def test_bad_inputs(run, hf_dir, tmp_path):
     shutil.copytree(tag, other)
     cfg = (other / "config.yaml").read_text().replace("hidden_size: 32", "hidden_size: 48")
     (other / "config.yaml").write_text(cfg)
-    _one_line_exit2(export_cli(other, out), "weights do not match the config")
+    _one_line_exit2(export_cli(other, out), "config expects")
     _one_line_exit2(export_cli(run_dir, hf_dir), "not empty", "--overwrite")
     from megatrain.data.tokenizer import TokenizerConfig, train_tokenizer
     from tests.convert.run_fixture import TEXT
-    train_tokenizer(TEXT * 10, TokenizerConfig(vocab_size=300, num_threads=1), str(tmp_path / "tok300"))
-    _one_line_exit2(export_cli(run_dir, out, "--tokenizer", tmp_path / "tok300"), "300 pieces", "vocab_size is 320")
+    train_tokenizer([open(os.path.join(os.path.dirname(run_dir), "corpus", n)).read() for n in sorted(os.listdir(os.path.join(os.path.dirname(run_dir), "corpus")))], TokenizerConfig(vocab_size=400, num_threads=1), str(tmp_path / "tok300"))
+    _one_line_exit2(export_cli(run_dir, out, "--tokenizer", tmp_path / "tok300"), "400 pieces", "vocab_size is 320")
     _one_line_exit2(export_cli(run_dir, out, "--push-to-hub", "me/x", env=_env(HF_TOKEN="", HF_HUB_OFFLINE="1")),
                     "--push-to-hub me/x")
     assert not out.exists()
@@ -157,11 +157,9 @@ def test_verify_catches_planted_mismatches(run, hf_dir, tmp_path):
     run_dir, tok = run
     bad_tok = tmp_path / "tok"
     shutil.copytree(tok, bad_tok)
-    tj = json.loads((bad_tok / "tokenizer.json").read_text())
-    vocab = tj["model"]["vocab"]
-    a, b = sorted(k for k in vocab if len(k) > 2)[:2]  # swap two multi-character pieces: same vocab size
-    vocab[a], vocab[b] = vocab[b], vocab[a]
-    (bad_tok / "tokenizer.json").write_text(json.dumps(tj))
+    tc = json.loads((bad_tok / "tokenizer_config.json").read_text())
+    tc["add_bos_token"] = True  # planted: the HF tokenizer now prepends <s>, sentencepiece does not
+    (bad_tok / "tokenizer_config.json").write_text(json.dumps(tc))
     out = tmp_path / "out"
     p = export_cli(run_dir, out, "--tokenizer", bad_tok, "--verify")
     assert p.returncode == 1 and "--verify failed: tokenizer ids differ" in p.stderr, p.stderr[-2000:]
