@@ -31,8 +31,18 @@ class ConfigError(ValueError):
     """A bad configuration value: the message names the offending key."""
 
 
-# The model section *is* the model's MegaConfig (HF field names/defaults + megatrain extras): one definition.
-ModelCfg = MegaConfig
+@dataclass
+class ModelCfg(MegaConfig):
+    """The model section: the model's MegaConfig (HF field names/defaults + megatrain extras), plus where the
+    run's weights start from. `init_from` is a run setting, not part of the model: to_dict() (what the model and
+    its HF config.json see) leaves it out; the run config (Config.to_dict) keeps it."""
+
+    init_from: Optional[str] = None   # a transformers MEGA folder (native 4.57 or our export) to continue from
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d.pop("init_from", None)
+        return d
 
 
 @dataclass
@@ -173,6 +183,12 @@ class Config:
             for src in [d.shards] if isinstance(d.shards, str) else d.shards:
                 if isinstance(src, str) and "://" not in src and not any(ch in src for ch in "*?[{"):
                     _check(os.path.exists(src), "data.shards", src, "no such file or directory")
+        if check_files and m.init_from:  # the folder must match the model section (read config.json only)
+            from megatrain.convert.hf import check_init_from
+            try:
+                check_init_from(m.init_from, m)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if c.resume not in ("auto", "none"):
             _check(os.path.isdir(c.resume), "checkpoint.resume", c.resume,
                    "must be auto, none, or an existing checkpoint directory")

@@ -32,5 +32,6 @@ def load_model(path: str):
         sd = torch.load(os.path.join(path, "mp_rank_00_model_states.pt"), map_location="cpu",
                         weights_only=False)["module"]
     model = build_model(cfg.model)
-    model.load_state_dict({k: v.float() for k, v in sd.items()})
+    from megatrain.convert.hf import load_checked  # names and shapes checked: one clear error on a mismatch
+    load_checked(model, {k: v.float() for k, v in sd.items()}, path)
     return model.eval(), cfg

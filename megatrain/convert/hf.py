@@ -1,10 +1,14 @@
-"""Hugging Face transformers <-> megatrain for MEGA checkpoints (transformers 4.57.x `MegaForCausalLM/MaskedLM`).
+"""Hugging Face transformers <-> megatrain for MEGA checkpoints (transformers 4.57.x MEGA, every head).
 
 Use:
     from megatrain.convert.hf import load_hf, save_hf
     model = load_hf("hf_dir")                 # config.json + model.safetensors (or pytorch_model.bin); eval mode
-    model = load_hf("hf_dir", task="causal")  # override the CausalLM/MaskedLM choice ("causal" | "masked")
-    save_hf(model, "out_dir")                 # loads with transformers.AutoModelFor{CausalLM,MaskedLM}
+    model = load_hf("hf_dir", task="causal")  # override the head chosen from `architectures` (TASKS below)
+    save_hf(model, "out_dir")                 # loads with transformers' AutoModelFor<task> (native 4.57 classes)
+
+Tasks (megatrain class <- transformers architecture): causal (MegaForCausalLM), masked (MegaForMaskedLM),
+sequence-classification, token-classification, question-answering, multiple-choice (megatrain/model/heads.py;
+the label count is len(id2label) of config.json, problem_type is kept).
 
 The module trees differ; `KEY_TABLE` is the one renaming table, read left-to-right by save_hf and right-to-left by
 load_hf. Rules are tried in order, the first whole-key match wins.
@@ -24,6 +28,8 @@ from typing import Optional, Union
 import torch
 
 from megatrain.model.config import MegaConfig
+from megatrain.model.heads import (MegaForMultipleChoice, MegaForQuestionAnswering, MegaForSequenceClassification,
+                                   MegaForTokenClassification)
 from megatrain.model.mega import MegaForCausalLM, MegaForMaskedLM
 
 # (megatrain key, transformers key). {i} = layer index, {leaf} = the rest of the key, {head} = lm_head | mlm_head.
@@ -40,15 +46,31 @@ KEY_TABLE: list[tuple[str, str]] = [
     ("mega.layers.{i}.ffn.{leaf}", "mega.layers.{i}.nffn.{leaf}"),
     ("dense.{leaf}", "dense.{leaf}"),
     ("lm_head.{leaf}", "{head}.{leaf}"),
+    # the downstream heads (megatrain/model/heads.py): same module names, except the pooler of multiple choice,
+    # which transformers keeps inside its backbone
+    ("classifier.{leaf}", "classifier.{leaf}"),
+    ("qa_outputs.{leaf}", "qa_outputs.{leaf}"),
+    ("pooler.{leaf}", "mega.pooler.{leaf}"),
 ]
 # transformers' rotary bias registers a persistent dummy buffer (used only for its device/dtype): dropped on load,
 # written as 0.0 on save so from_pretrained reports no missing keys.
 _HF_DUMMY_BUFFER = "mega.layers.{i}.mega_layer.rel_pos_bias._float_tensor"
 
-_ARCHS = {"causal": "MegaForCausalLM", "masked": "MegaForMaskedLM"}
-_CLASSES = {"causal": MegaForCausalLM, "masked": MegaForMaskedLM}
-_HEADS = {"causal": "lm_head", "masked": "mlm_head"}
+_CLASSES = {"causal": MegaForCausalLM, "masked": MegaForMaskedLM,
+            "sequence-classification": MegaForSequenceClassification,
+            "token-classification": MegaForTokenClassification,
+            "question-answering": MegaForQuestionAnswering, "multiple-choice": MegaForMultipleChoice}
+TASKS = tuple(_CLASSES)
+# transformers' class names are megatrain's
+_ARCHS = {task: cls.__name__ for task, cls in _CLASSES.items()}
+_HEADS = {"causal": "lm_head", "masked": "mlm_head"}  # the vocabulary head's name on the HF side
+_LM_TASKS = ("causal", "masked")
 _MEGATRAIN_ONLY_FIELDS = ("gradient_checkpointing", "hf_rmsnorm_noop", "ema_block_size", "kernel_backend")
+# config.json keys of the classification heads (label names, problem type): the model class reads them
+_HF_ONLY_FIELDS = ("id2label", "label2id", "num_labels", "problem_type")
+# model_type of an export that transformers' own MEGA would compute differently (native_problem): no native
+# class is registered for it, so only trust_remote_code=True loads it
+REMOTE_ONLY_MODEL_TYPE = "megatrain_mega"
 
 
 def _compile(pattern: str) -> re.Pattern:
@@ -58,13 +80,21 @@ def _compile(pattern: str) -> re.Pattern:
 
 def _rename(key: str, task: str, to_hf: bool) -> str:
     for ours, theirs in KEY_TABLE:
-        theirs = theirs.replace("{head}", _HEADS[task])
+        if "{head}" in theirs:
+            if task not in _HEADS:
+                continue
+            theirs = theirs.replace("{head}", _HEADS[task])
         src, dst = (ours, theirs) if to_hf else (theirs, ours)
         m = _compile(src).match(key)
         if m:
             return dst.format(**m.groupdict())
     side = "megatrain" if to_hf else "transformers"
     raise ValueError(f"no key-map rule for {side} key {key!r}")
+
+
+def to_hf_key(key: str, task: str) -> str:
+    """transformers' name of the megatrain parameter/buffer `key` of a `task` model (the remote code uses it)."""
+    return _rename(key, task, to_hf=True)
 
 
 def hf_to_megatrain_state_dict(sd: dict[str, torch.Tensor], task: str) -> dict[str, torch.Tensor]:
@@ -84,7 +114,7 @@ def _task_of(model) -> str:
     for task, cls in _CLASSES.items():
         if isinstance(model, cls):
             return task
-    raise ValueError(f"save_hf needs a MegaForCausalLM or MegaForMaskedLM, got {type(model).__name__}")
+    raise ValueError(f"save_hf needs one of {sorted(_ARCHS.values())}, got {type(model).__name__}")
 
 
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -102,42 +132,92 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     raise ValueError(f"{path}: no model.safetensors or pytorch_model.bin")
 
 
-def load_hf(path: Union[str, os.PathLike], task: Optional[str] = None,
-            dtype: Optional[torch.dtype] = None) -> Union[MegaForCausalLM, MegaForMaskedLM]:
-    """Load a transformers MEGA folder as a megatrain model (eval mode).
-
-    task: None = from `architectures` (MegaForCausalLM / MegaForMaskedLM), else from `is_decoder`;
-          "causal" / "masked" overrides.
-    """
+def read_hf_config(path: Union[str, os.PathLike]) -> tuple[MegaConfig, dict]:
+    """(MegaConfig, the raw config.json dict) of a transformers MEGA folder (native 4.57 or megatrain's export)."""
     path = os.fspath(path)
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise ValueError(f"{path}: no config.json")
-    with open(cfg_path) as f:
-        d = json.load(f)
-    if task is None:
-        archs = d.get("architectures") or []
-        found = [t for t, a in _ARCHS.items() if a in archs]
-        if len(found) > 1:
-            raise ValueError(f"{cfg_path}: architectures={archs} is ambiguous; pass task='causal' or 'masked'")
-        task = found[0] if found else ("causal" if d.get("is_decoder") else "masked")
-    if task not in _CLASSES:
-        raise ValueError(f"task={task!r}: expected 'causal' or 'masked'")
-    if d.get("normalization_type") == "rmsnorm":
-        d["hf_rmsnorm_noop"] = True  # what transformers computes (see module docstring)
     try:
-        config = MegaConfig.from_dict(d)
+        with open(cfg_path) as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    return config_from_hf_dict(d, cfg_path), d
+
+
+def config_from_hf_dict(d: dict, where: str = "config.json") -> MegaConfig:
+    """MegaConfig from a config.json dict: HF-generic keys ignored; an rmsnorm checkpoint without megatrain's
+    hf_rmsnorm_noop is transformers' (its norm only multiplies by the weight, see the module docstring)."""
+    d = {k: v for k, v in d.items() if k not in _HF_ONLY_FIELDS}
+    if d.get("model_type") == REMOTE_ONLY_MODEL_TYPE:
+        d["model_type"] = "mega"
+    if d.get("normalization_type") == "rmsnorm" and "hf_rmsnorm_noop" not in d:
+        d["hf_rmsnorm_noop"] = True
+    try:
+        return MegaConfig.from_dict(d)
     except ValueError as e:
-        raise ValueError(f"{cfg_path}: {e}") from None
+        raise ValueError(f"{where}: {e}") from None
+
+
+def task_of_config(d: dict, where: str = "config.json") -> str:
+    """The task a config.json describes: from `architectures`, else from is_decoder (causal or masked)."""
+    archs = d.get("architectures") or []
+    found = [t for t, a in _ARCHS.items() if a in archs]
+    if len(found) > 1:
+        raise ValueError(f"{where}: architectures={archs} is ambiguous; pass task= one of {found}")
+    if found:
+        return found[0]
+    return "causal" if d.get("is_decoder") else "masked"
+
+
+def num_labels_of(d: dict) -> int:
+    """transformers' label count: len(id2label), 2 when the config names none."""
+    return len(d["id2label"]) if d.get("id2label") else int(d.get("num_labels", 2))
+
+
+def build_for_task(task: str, config: MegaConfig, hf_dict: Optional[dict] = None):
+    """The megatrain model of `task` for `config` (heads get their label count/problem type from hf_dict)."""
+    if task not in _CLASSES:
+        raise ValueError(f"task={task!r}: expected one of {', '.join(TASKS)}")
+    cls = _CLASSES[task]
+    if task in _LM_TASKS:
+        return cls(config)
+    d = hf_dict or {}
+    kw = {"problem_type": d.get("problem_type")} if task == "sequence-classification" else {}
+    return cls(config, num_labels=num_labels_of(d), **kw)
+
+
+def load_hf(path: Union[str, os.PathLike], task: Optional[str] = None, dtype: Optional[torch.dtype] = None):
+    """Load a transformers MEGA folder as a megatrain model (eval mode).
+
+    task: None = from `architectures` (any of the six transformers MEGA heads), else from `is_decoder`
+          (causal or masked); one of TASKS overrides.
+    """
+    path = os.fspath(path)
+    config, d = read_hf_config(path)
+    cfg_path = os.path.join(path, "config.json")
+    if task is None:
+        task = task_of_config(d, cfg_path)
+    if task not in _CLASSES:
+        raise ValueError(f"task={task!r}: expected one of {', '.join(TASKS)}")
     if task == "causal" and not config.is_decoder:
         raise ValueError(f"{cfg_path}: a causal LM needs is_decoder=true (got false); "
                          "fix config.json or load with task='masked'")
     if task == "masked" and config.is_decoder:
         raise ValueError(f"{cfg_path}: is_decoder=true but task is 'masked'; load with task='causal'")
-    model = _CLASSES[task](config)
+    model = build_for_task(task, config, d)
     sd = hf_to_megatrain_state_dict(_read_state_dict(path), task)
+    load_checked(model, sd, path)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+def load_checked(model, sd: dict[str, torch.Tensor], where: str) -> None:
+    """model.load_state_dict(sd) (megatrain names) after checking names and shapes: one clear error if not."""
     emb = "mega.embeddings.word_embeddings.weight"
-    if config.tie_word_embeddings and emb in sd:
+    if getattr(model, "lm_head", None) is not None and model.config.tie_word_embeddings and emb in sd:
         # transformers re-ties after loading: the input embedding is the output weight
         sd["lm_head.weight"] = sd[emb]
     expected = model.state_dict()
@@ -145,43 +225,102 @@ def load_hf(path: Union[str, os.PathLike], task: Optional[str] = None,
     unexpected = sorted(set(sd) - set(expected))
     if missing or unexpected:
         what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
-        raise ValueError(f"{path}: weights do not match the config ({what}; "
+        raise ValueError(f"{where}: weights do not match the config ({what}; "
                          f"{len(missing)} missing, {len(unexpected)} unexpected)")
     for k, v in sd.items():
         if tuple(v.shape) != tuple(expected[k].shape):
-            raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, config expects {tuple(expected[k].shape)}")
+            raise ValueError(f"{where}: {k} has shape {tuple(v.shape)}, config expects {tuple(expected[k].shape)}")
     model.load_state_dict(sd, strict=True)
-    if dtype is not None:
-        model.to(dtype)
-    return model.eval()
 
 
-def hf_config_dict(config: MegaConfig, task: str) -> dict:
+def native_problem(config: MegaConfig) -> Optional[str]:
+    """Why transformers 4.57's own MEGA would compute something else for this config (None: it computes the same).
+    Such configs are exported for the remote code only (model_type REMOTE_ONLY_MODEL_TYPE)."""
+    if config.normalization_type == "rmsnorm" and not config.hf_rmsnorm_noop:
+        return ("normalization_type='rmsnorm' normalizes in megatrain but transformers' MegaRMSNorm does not "
+                "(it only multiplies by the weight)")
+    if config.is_decoder and config.truncation is not None:
+        return (f"truncation={config.truncation} in a causal model: transformers' default cached forward "
+                "ignores it")
+    return None
+
+
+def hf_config_dict(config: MegaConfig, task: str, model=None) -> dict:
     d = {k: v for k, v in config.to_dict().items() if k not in _MEGATRAIN_ONLY_FIELDS}
+    if config.normalization_type == "rmsnorm":
+        d["hf_rmsnorm_noop"] = config.hf_rmsnorm_noop  # which rmsnorm (see config_from_hf_dict)
     d.update(model_type="mega", architectures=[_ARCHS[task]], num_attention_heads=1)
+    if task not in _LM_TASKS and model is not None:
+        d["id2label"] = getattr(model, "id2label", None) or {str(i): f"LABEL_{i}" for i in range(model.num_labels)}
+        d["label2id"] = {v: int(k) for k, v in d["id2label"].items()}
+        if getattr(model, "problem_type", None):
+            d["problem_type"] = model.problem_type
     return d
 
 
-def save_hf(model, out_dir: Union[str, os.PathLike]) -> str:
-    """Write config.json + model.safetensors that transformers 4.57.x loads with the same logits. Returns out_dir."""
+def save_hf(model, out_dir: Union[str, os.PathLike], native: bool = True) -> str:
+    """Write config.json + model.safetensors that transformers 4.57.x loads with the same logits. Returns out_dir.
+
+    native=False (the remote-code export, megatrain/convert/remote_code.py): a config transformers would
+    compute differently is written with model_type REMOTE_ONLY_MODEL_TYPE instead of refused."""
     from safetensors.torch import save_file
 
     task = _task_of(model)
     config: MegaConfig = model.config
-    if config.normalization_type == "rmsnorm" and not config.hf_rmsnorm_noop:
-        raise ValueError(
-            "save_hf: normalization_type='rmsnorm' normalizes in megatrain but transformers' MegaRMSNorm does not "
-            "(it only multiplies by the weight), so a native HF export would compute something else; "
-            "refusing (use another norm, or the remote-code export)"
-        )
+    why = native_problem(config)
+    if why and native:
+        raise ValueError(f"save_hf: {why}, so a native HF export would compute something else; "
+                         "refusing (use the remote-code export: launch/export_hf.py)")
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and "lm_head.weight" in sd:
         # tied: transformers re-creates the head weight from the embedding; safetensors refuses shared storage
         sd.pop("lm_head.weight")
     hf_sd = megatrain_to_hf_state_dict(sd, task, config)
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
+    d = hf_config_dict(config, task, model)
+    if why:
+        d["model_type"] = REMOTE_ONLY_MODEL_TYPE
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf_config_dict(config, task), f, indent=2, sort_keys=True)
+        json.dump(d, f, indent=2, sort_keys=True)
     save_file(hf_sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     return out_dir
+
+
+# the fields a weight folder must agree on with a run to continue its pretraining (model.init_from)
+ARCHITECTURE_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "ema_projection_size", "bidirectional",
+    "shared_representation_size", "use_chunking", "chunk_size", "truncation", "normalize_before_mega",
+    "normalization_type", "norm_affine", "activation", "attention_activation", "use_normalized_ffn",
+    "nffn_hidden_size", "normalize_before_ffn", "max_positions", "add_token_type_embeddings", "type_vocab_size",
+    "relative_positional_bias", "add_lm_hidden_dense_layer", "is_decoder", "tie_word_embeddings", "hf_rmsnorm_noop")
+
+
+def check_init_from(path: str, run_model: MegaConfig, key: str = "model.init_from") -> tuple[MegaConfig, dict]:
+    """The folder's (MegaConfig, config.json dict) if it can start a run with model config `run_model`, else one
+    ValueError naming `key`, the field and both values."""
+    try:
+        theirs, d = read_hf_config(path)
+    except ValueError as e:
+        raise ValueError(f"{key}={path}: {e}") from None
+    for name in ARCHITECTURE_FIELDS:
+        a, b = getattr(theirs, name), getattr(run_model, name)
+        if a != b:
+            raise ValueError(f"{key}={path}: its config.json has {name}={a!r} but the run has model.{name}={b!r}; "
+                             "the run's model section must match the folder")
+    return theirs, d
+
+
+def init_from_hf(model, path: str) -> None:
+    """Load a transformers MEGA folder's weights (native 4.57 or megatrain's export, any head: the backbone and,
+    for a language model of the same kind, its head) into a freshly built run model, after check_init_from."""
+    _, d = check_init_from(path, model.config)
+    task = _task_of(model)
+    hf_sd = _read_state_dict(path)
+    src_task = task_of_config(d)
+    sd = hf_to_megatrain_state_dict({k: v for k, v in hf_sd.items()
+                                     if src_task in _LM_TASKS or k.startswith("mega.")}, task)
+    if src_task not in _LM_TASKS:  # a fine-tuned head: keep the run's freshly initialised LM head
+        own = model.state_dict()
+        sd.update({k: v for k, v in own.items() if not k.startswith("mega.")})
+    load_checked(model, sd, f"model.init_from={path}")

@@ -8,7 +8,7 @@ Tests: PYTHONPATH=. python -m pytest -q tests/model tests/convert
 
 Files: config.py (MegaConfig), layers.py (activations, dropout, norms), ema.py (damped EMA), attention.py
 (moving-average gated attention), blocks.py (NFFN + one layer), mega.py (backbone, LM heads, loss),
-generate.py (incremental decoding). HF checkpoints: megatrain.convert.hf.
+generate.py (incremental decoding), heads.py (the four fine-tuning heads of transformers' MEGA). HF checkpoints: megatrain.convert.hf.
 
 Same numbers as transformers 4.57.6 on everything it computes correctly (tests/convert/test_hf_parity.py);
 different where it does not (tests/convert/test_hf_known_bugs.py, tests/model/test_mega.py):
@@ -23,6 +23,10 @@ different where it does not (tests/convert/test_hf_known_bugs.py, tests/model/te
 - generation works, with chunking, carrying EMA state + current-chunk K/V (HF lost generate() in 4.50).
 """
 from megatrain.model.config import MegaConfig
+from megatrain.model.heads import (HeadOutput, MegaForMultipleChoice, MegaForQuestionAnswering,
+                                   MegaForSequenceClassification, MegaForTokenClassification)
 from megatrain.model.mega import MegaCache, MegaForCausalLM, MegaForMaskedLM, MegaModel, MegaOutput, build_model
 
-__all__ = ["MegaConfig", "MegaModel", "MegaForCausalLM", "MegaForMaskedLM", "MegaOutput", "MegaCache", "build_model"]
+__all__ = ["MegaConfig", "MegaModel", "MegaForCausalLM", "MegaForMaskedLM", "MegaOutput", "MegaCache", "build_model",
+           "MegaForSequenceClassification", "MegaForTokenClassification", "MegaForQuestionAnswering",
+           "MegaForMultipleChoice", "HeadOutput"]

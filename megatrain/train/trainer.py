@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from megatrain.config import Config, ConfigError, load_config
+from megatrain.convert.hf import init_from_hf
 from megatrain.data import ShardStream
 from megatrain.data.shards import DataError
 from megatrain.model import build_model
@@ -124,6 +125,8 @@ def build_job(cfg: Config) -> Job:
     ds_config = deepspeed_config(cfg, world)
     torch.manual_seed(t.seed)  # identical initial weights everywhere (DeepSpeed also broadcasts them)
     model = build_model(cfg.model)
+    if cfg.model.init_from:  # continue pretraining from a transformers MEGA folder (checked in validate)
+        init_from_hf(model, cfg.model.init_from)
     groups.zero3_partition(model, ds_config)
     optimizer = build_optimizer(model, t, guard=clip_in_optimizer(cfg))
     # imported here, not at the top: importing deepspeed logs an accelerator warning and takes ~2 s, and a run

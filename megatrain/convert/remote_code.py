@@ -1,0 +1,222 @@
+"""Ship megatrain's own model code with an export: the import closure, flattened, with relative imports.
+
+    from megatrain.convert.remote_code import write_remote_code
+    files = write_remote_code("hf_out/")     # configuration_mega.py, modeling_mega.py + megatrain_model_mega.py ...
+Tests: PYTHONPATH=. python -m pytest -q tests/convert/test_remote_code.py
+
+transformers' remote-code loader imports a folder's files as one flat package and follows only relative imports
+(`from .name import x`) between files of that folder. So, starting from the wrapper modules
+(megatrain/convert/hf_remote/), every megatrain module they import (found with `ast`, at any depth: lazy imports
+inside functions too) is copied as `megatrain_a_b_c.py` for `megatrain.a.b.c` (a package's __init__.py as the
+package's name), and each megatrain import is rewritten to a relative one:
+    from megatrain.a.b import X       ->  from .megatrain_a_b import X
+    from megatrain.a import b         ->  from . import megatrain_a_b as b   (b a module; plus a `from .` line the
+                                                                             loader can see, in an `if False:`)
+    from .c import X (inside megatrain) -> resolved first, then as above
+Imports of third-party packages other than torch/transformers/numpy/safetensors/huggingface_hub/tokenizers
+(e.g. triton, imported by kernel files) are wrapped in `try: ... except ImportError: raise`: the same behaviour,
+but transformers' import check (which skips try blocks) does not refuse to load the folder where the package
+is absent; such kernels are only used where they run (megatrain/ops/backend.py).
+Anything that cannot be rewritten fails loudly (RemoteCodeError): `import megatrain.x` used as an attribute
+chain, `megatrain` names left in the code, dynamic imports of megatrain modules, two modules flattening to one
+name, an import statement sharing a line with other code.
+"""
+from __future__ import annotations
+
+import ast
+import os
+import re
+import sys
+from typing import Optional
+
+PACKAGE = "megatrain"
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # holds megatrain/
+# the wrapper modules and their file names in the export (auto_map refers to these)
+ROOTS = {"megatrain.convert.hf_remote.configuration_mega": "configuration_mega",
+         "megatrain.convert.hf_remote.modeling_mega": "modeling_mega"}
+# packages any transformers environment has: imported as they are
+REQUIRED = {"torch", "transformers", "numpy", "safetensors", "huggingface_hub", "tokenizers"}
+HEADER = "# Copied from megatrain ({src}) by megatrain/convert/remote_code.py: do not edit, re-export instead.\n"
+
+
+_LOOKS_LIKE_IMPORT = re.compile(r"^\s*(from\s+\S+\s+import|import\s+\S+\s*$)")
+
+
+class RemoteCodeError(ValueError):
+    """A megatrain module the packager cannot ship as remote code (the message names file and line)."""
+
+
+def module_file(name: str) -> Optional[str]:
+    """Source file of megatrain module `name` (a package: its __init__.py), or None if no such module."""
+    base = os.path.join(ROOT, *name.split("."))
+    for path in (base + ".py", os.path.join(base, "__init__.py")):
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def flat_name(name: str) -> str:
+    return ROOTS.get(name) or name.replace(".", "_")
+
+
+def _is_package(name: str) -> bool:
+    f = module_file(name)
+    return f is not None and os.path.basename(f) == "__init__.py"
+
+
+def _absolute(node: ast.ImportFrom, current: str) -> str:
+    if not node.level:
+        return node.module or ""
+    pkg = current if _is_package(current) else current.rsplit(".", 1)[0]
+    parts = pkg.split(".")
+    if node.level - 1 >= len(parts):
+        raise RemoteCodeError(f"{module_file(current)}:{node.lineno}: relative import beyond the {PACKAGE} package")
+    base = parts[:len(parts) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _ours(name: str) -> bool:
+    return name == PACKAGE or name.startswith(PACKAGE + ".")
+
+
+def _third_party_optional(top: str) -> bool:
+    return top not in REQUIRED and top not in sys.stdlib_module_names and top != "__future__"
+
+
+def _rewrite(name: str, source: str) -> tuple[str, set[str]]:
+    """(the rewritten source of module `name`, the megatrain modules it imports)."""
+    where = module_file(name)
+    tree = ast.parse(source, where)
+    lines = source.splitlines(keepends=True)
+    edits: list[tuple[int, int, list[str]]] = []  # (first line, last line) 1-based -> replacement lines
+    deps: set[str] = set()
+    hidden: set[str] = set()  # `from . import m` targets: listed again for transformers' loader
+
+    def whole_lines(node) -> str:
+        first, last = lines[node.lineno - 1], lines[node.end_lineno - 1]
+        if first[:node.col_offset].strip() or last[node.end_col_offset:].strip().split("#")[0].strip():
+            raise RemoteCodeError(f"{where}:{node.lineno}: an import sharing its line with other code "
+                                  "cannot be rewritten; put it on its own line")
+        return first[:node.col_offset]
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            mods = [a.name for a in node.names]
+            if any(_ours(m) for m in mods):
+                raise RemoteCodeError(f"{where}:{node.lineno}: `import {', '.join(mods)}` cannot be shipped as "
+                                      f"remote code; use `from {PACKAGE}.x import y`")
+            if any(_third_party_optional(m.split(".")[0]) for m in mods):
+                ind = whole_lines(node)
+                body = "".join(lines[node.lineno - 1:node.end_lineno]).strip()
+                edits.append((node.lineno, node.end_lineno, _guarded(ind, body)))
+        elif isinstance(node, ast.ImportFrom):
+            target = _absolute(node, name)
+            if not _ours(target):
+                if node.level == 0 and _third_party_optional(target.split(".")[0]):
+                    ind = whole_lines(node)
+                    body = "".join(lines[node.lineno - 1:node.end_lineno]).strip()
+                    edits.append((node.lineno, node.end_lineno, _guarded(ind, body)))
+                continue
+            ind = whole_lines(node)
+            new = []
+            if module_file(target) is None:
+                raise RemoteCodeError(f"{where}:{node.lineno}: no module {target!r}")
+            attrs = []
+            for a in node.names:
+                if a.name == "*":
+                    raise RemoteCodeError(f"{where}:{node.lineno}: `from {target} import *` cannot be shipped")
+                sub = f"{target}.{a.name}"
+                if module_file(sub) is not None:  # a submodule: import the flat module under the same name
+                    deps.add(sub)
+                    hidden.add(flat_name(sub))
+                    new.append(f"{ind}from . import {flat_name(sub)} as {a.asname or a.name}\n")
+                else:
+                    attrs.append(a.name if not a.asname else f"{a.name} as {a.asname}")
+            if attrs:
+                deps.add(target)
+                new.insert(0, f"{ind}from .{flat_name(target)} import {', '.join(attrs)}\n")
+            edits.append((node.lineno, node.end_lineno, new))
+        elif isinstance(node, ast.Call):
+            fn = node.func
+            fname = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", "")
+            if fname in ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant) \
+                    and isinstance(node.args[0].value, str) and _ours(node.args[0].value):
+                raise RemoteCodeError(f"{where}:{node.lineno}: dynamic import of {node.args[0].value!r} "
+                                      "cannot be shipped as remote code")
+    for first, last, new in sorted(edits, reverse=True):
+        lines[first - 1:last] = new
+    out = "".join(lines)
+    out += _listing(sorted(hidden))
+    check = ast.parse(out, where)
+    for n in ast.walk(check):
+        if isinstance(n, ast.Name) and n.id == PACKAGE:
+            raise RemoteCodeError(f"{where}:{n.lineno}: uses the name {PACKAGE!r}, which remote code does not have")
+    # transformers 4.x finds a file's imports with line regexes, docstrings included: a usage line such as
+    # "    from megatrain.model import X" in a docstring would make it demand a `megatrain` package
+    real = {ln for n in ast.walk(check) if isinstance(n, (ast.Import, ast.ImportFrom))
+            for ln in range(n.lineno, n.end_lineno + 1)}
+    out_lines = out.splitlines(keepends=True)
+    for i, ln in enumerate(out_lines, 1):
+        if i not in real and _LOOKS_LIKE_IMPORT.match(ln):
+            stripped = ln.lstrip()
+            out_lines[i - 1] = ln[:len(ln) - len(stripped)] + ">>> " + stripped
+    out = "".join(out_lines)
+    return HEADER.format(src=os.path.relpath(where, ROOT)) + out, deps
+
+
+def _listing(flat_names: list) -> str:
+    if not flat_names:
+        return ""
+    return ("\n\nif False:  # transformers' remote-code loader finds a folder's files by `from .x import` lines\n"
+            + "".join(f"    from .{h} import __name__ as _unused  # noqa: F401\n" for h in flat_names))
+
+
+def _guarded(ind: str, stmt: str) -> list[str]:
+    body = "\n".join(ind + "    " + ln.strip() for ln in stmt.splitlines())
+    return [f"{ind}try:  # optional outside the import check (see megatrain/convert/remote_code.py)\n",
+            body + "\n", f"{ind}except ImportError:\n", f"{ind}    raise\n"]
+
+
+def closure(roots=tuple(ROOTS)) -> dict[str, str]:
+    """{megatrain module name: rewritten source} for the roots and every megatrain module they import."""
+    out: dict[str, str] = {}
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        if name in out:
+            continue
+        path = module_file(name)
+        if path is None:
+            raise RemoteCodeError(f"no megatrain module {name!r}")
+        with open(path, encoding="utf-8") as f:
+            out[name], deps = _rewrite(name, f.read())
+        todo.extend(sorted(deps - set(out)))
+    flat: dict[str, str] = {}
+    for name in out:
+        if flat_name(name) in flat:
+            raise RemoteCodeError(f"{name} and {flat[flat_name(name)]} both flatten to {flat_name(name)}.py")
+        flat[flat_name(name)] = name
+    for root in roots:
+        # transformers copies a local folder's files only as far as the loaded file's *direct* relative imports
+        # reach: each root names the whole closure
+        others = sorted(flat_name(n) for n in out if n != root)
+        out[root] += _listing(others)
+    return out
+
+
+def write_remote_code(out_dir: str) -> list[str]:
+    """Write the flattened closure into out_dir; returns the file names written."""
+    files = []
+    for name, src in sorted(closure().items()):
+        fname = flat_name(name) + ".py"
+        with open(os.path.join(out_dir, fname), "w", encoding="utf-8") as f:
+            f.write(src)
+        files.append(fname)
+    return files
+
+
+def auto_map(config_class: str = "MegaConfig") -> dict:
+    from megatrain.convert.hf_remote.modeling_mega import AUTO_CLASSES
+    m = {"AutoConfig": f"{ROOTS['megatrain.convert.hf_remote.configuration_mega']}.{config_class}"}
+    m.update({auto: f"{ROOTS['megatrain.convert.hf_remote.modeling_mega']}.{cls}" for auto, cls in AUTO_CLASSES.items()})
+    return m

@@ -1,0 +1,51 @@
+"""Run by the export tests with a given interpreter (transformers 4.57 here, or the cached 5.x venv):
+
+    python tests/convert/remote_check.py HF_DIR REF.pt OUT.json [--native]
+
+Loads HF_DIR with the Auto classes (trust_remote_code=True; --native: also without it), and writes JSON with the
+max logit difference to REF.pt's megatrain logits (an input length that is not a multiple of chunk_size), the
+greedy ids of generate(), and for each downstream head: output shape, loss, and whether the backward reached the
+backbone. No megatrain import: this is what a downstream user has.
+"""
+import json
+import sys
+import warnings
+
+import torch
+import transformers
+
+warnings.filterwarnings("ignore")
+transformers.logging.set_verbosity_error()
+out_dir, ref_path, res_path = sys.argv[1:4]
+ref = torch.load(ref_path)
+x, want = ref["x"], ref["logits"]
+res = {"version": transformers.__version__}
+m = transformers.AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True).eval()
+with torch.no_grad():
+    res["remote_diff"] = (m(x).logits - want).abs().max().item()
+    res["generate"] = m.generate(ref["prompt"], max_new_tokens=ref["new"], do_sample=False).tolist()
+    res["lengths_ok"] = all(m(x[:, :n]).logits.shape[1] == n for n in (1, 3, 9, 17))
+if "--native" in sys.argv:
+    n = transformers.AutoModelForCausalLM.from_pretrained(out_dir).eval()
+    res["native_class"] = type(n).__module__
+    L = ref["chunk"] * 2
+    with torch.no_grad():
+        res["native_diff"] = (n(x[:, :L], use_cache=False).logits - want[:, :L]).abs().max().item()
+heads = {"AutoModelForSequenceClassification": dict(labels=torch.tensor([0, 1])),
+         "AutoModelForTokenClassification": dict(labels=torch.zeros_like(x)),
+         "AutoModelForQuestionAnswering": dict(start_positions=torch.tensor([1, 2]),
+                                               end_positions=torch.tensor([3, 4])),
+         "AutoModelForMultipleChoice": dict(labels=torch.tensor([1, 0]))}
+res["heads"] = {}
+for auto, labels in heads.items():
+    h = getattr(transformers, auto).from_pretrained(out_dir, trust_remote_code=True)
+    h.train()
+    inp = torch.stack([x, x.roll(3, dims=1)], dim=1) if "MultipleChoice" in auto else x  # 2 different choices
+    o = h(input_ids=inp, **labels)
+    o.loss.backward()
+    emb = h.get_input_embeddings().weight
+    logits = o.logits if getattr(o, "logits", None) is not None else o.start_logits
+    res["heads"][auto] = {"class": type(h).__name__, "shape": list(logits.shape), "loss": o.loss.item(),
+                          "backbone_grad": bool(emb.grad is not None and emb.grad.abs().sum() > 0)}
+with open(res_path, "w") as f:
+    json.dump(res, f)
