@@ -18,12 +18,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import random
 import signal
 import sys
 import time
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -152,8 +154,12 @@ def build_job(cfg: Config) -> Job:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=lambda opt: build_scheduler(opt, t),
                                            config=ds_config, mpu=groups)
-    # dropout differs per rank (different tokens); the stream's own randomness (MLM masking) is seeded by it
+    # dropout differs per rank (different tokens); the stream's own randomness (MLM masking) is seeded by it.
+    # Python's and numpy's global generators too: unseeded, they start from OS entropy, and the RNG states a
+    # checkpoint holds would differ between two identical runs (nothing of ours draws from them today).
     torch.manual_seed(t.seed + 1 + rank)
+    random.seed(t.seed + 1 + rank)
+    np.random.seed(t.seed + 1 + rank)
 
     state = ckpt.load(engine, plan)
     counters = Counters()
