@@ -17,7 +17,7 @@ import torch
 
 import pytest
 
-from megatrain.train.checkpoint import MANIFEST, read_latest, tag_for
+from megatrain.train.checkpoint import read_latest, tag_for
 from megatrain.train.metrics import read_metrics
 from tests.tiny_data import TINY
 from tests.dist_util import launch_pretrain, tail_logs, wait_all
@@ -29,6 +29,11 @@ COMMON = ["parallel.sequence_parallel_size=2", "parallel.zero_stage=1", "logging
 
 def args_for(d, shards, *extra):
     return ["--config", TINY, f"data.shards={shards}", f"run_dir={d}", *COMMON, *extra]
+
+
+def args_1(d, shards, *extra):
+    """One rank: no sequence parallelism."""
+    return [a for a in args_for(d, shards, *extra) if not a.startswith("parallel.sequence_parallel_size")]
 
 
 def last_step(d) -> int:
@@ -136,10 +141,10 @@ def test_longer_schedule_on_resume(tmp_path, tiny_shards):
     common = ["train.warmup_steps=3", "parallel.zero_stage=1", "checkpoint.every_steps=100"]
     short, full = tmp_path / "short", tmp_path / "full"
     short.mkdir(), full.mkdir()
-    ref_procs = launch_pretrain(args_for(full, tiny_shards, *common, "train.max_steps=6"), 1, str(full))
-    wait_all(launch_pretrain(args_for(short, tiny_shards, *common, "train.max_steps=3"), 1, str(short)), 300,
+    ref_procs = launch_pretrain(args_1(full, tiny_shards, *common, "train.max_steps=6"), 1, str(full))
+    wait_all(launch_pretrain(args_1(short, tiny_shards, *common, "train.max_steps=3"), 1, str(short)), 300,
              str(short))
-    wait_all(launch_pretrain(args_for(short, tiny_shards, *common, "train.max_steps=6"), 1, str(short)), 300,
+    wait_all(launch_pretrain(args_1(short, tiny_shards, *common, "train.max_steps=6"), 1, str(short)), 300,
              str(short))
     wait_all(ref_procs, 300, str(full))
     got, ref = (read_metrics(os.path.join(d, "metrics.jsonl")) for d in (short, full))
@@ -158,14 +163,14 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, tiny_shards):
     one line and exit 1."""
     d = tmp_path / "run"
     d.mkdir()
-    args = args_for(d, tiny_shards, "train.max_steps=4", "checkpoint.every_steps=2", "parallel.zero_stage=1")
+    args = args_1(d, tiny_shards, "train.max_steps=4", "checkpoint.every_steps=2", "parallel.zero_stage=1")
     wait_all(launch_pretrain(args, 1, str(d)), 300, str(d))
     first = read_metrics(os.path.join(d, "metrics.jsonl"))
     shard = d / "checkpoints" / tag_for(4) / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     with open(shard, "r+b") as f:
         f.truncate(1000)
-    wait_all(launch_pretrain(args_for(d, tiny_shards, "train.max_steps=5", "checkpoint.every_steps=2",
-                                      "parallel.zero_stage=1"), 1, str(d)), 300, str(d))
+    wait_all(launch_pretrain(args_1(d, tiny_shards, "train.max_steps=5", "checkpoint.every_steps=2",
+                                    "parallel.zero_stage=1"), 1, str(d)), 300, str(d))
     log = open(d / "rank0.log").read()
     assert (f"resume: warning: checkpoint {d}/checkpoints/{tag_for(4)} skipped: "
             f"zero_pp_rank_0_mp_rank_00_optim_states.pt has 1000 bytes") in log
@@ -176,7 +181,7 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, tiny_shards):
     assert read_latest(str(d / "checkpoints")) == tag_for(5)
     for t in os.listdir(d / "checkpoints"):  # nothing complete left
         if t.startswith("step"):
-            os.remove(d / "checkpoints" / t / MANIFEST)
+            os.remove(d / "checkpoints" / t / "mp_rank_00_model_states.pt")
     procs = launch_pretrain(args, 1, str(d))
     procs[0].wait(timeout=200)
     err = [line for line in open(d / "rank0.log").read().splitlines() if line.startswith("pretrain: error:")]
@@ -198,8 +203,7 @@ def test_elastic_resume_on_another_world_and_sp_size(tmp_path, tiny_shards):
     shutil.copytree(ref / "checkpoints" / tag_for(3), run / "checkpoints" / tag_for(3))
     (run / "checkpoints" / "latest").write_text(tag_for(3))
     shutil.copy(ref / "metrics.jsonl", run / "metrics.jsonl")
-    one_rank = [a for a in args_for(run, tiny_shards, *common) if not a.startswith("parallel.sequence_parallel")]
-    wait_all(launch_pretrain(one_rank, 1, str(run)), 300, str(run))
+    wait_all(launch_pretrain(args_1(run, tiny_shards, *common), 1, str(run)), 300, str(run))
     log = open(run / "rank0.log").read()
     assert "layout world_size 2 -> 1, sp_size 2 -> 1 (model/optimizer via DeepSpeed universal checkpoint" in log
     assert "RNG states not carried over" in log
@@ -220,15 +224,12 @@ def test_elastic_resume_dp2_to_1_rank_with_accumulation(tmp_path, tiny_shards):
               "checkpoint.keep_last=5"]
     ref, run = tmp_path / "ref", tmp_path / "run"
     ref.mkdir(), run.mkdir()
-    dp2 = [a for a in args_for(ref, tiny_shards, *common) if not a.startswith("parallel.sequence_parallel")]
-    wait_all(launch_pretrain(dp2, 2, str(ref)), 300, str(ref))
+    wait_all(launch_pretrain(args_1(ref, tiny_shards, *common), 2, str(ref)), 300, str(ref))
     (run / "checkpoints").mkdir()
     shutil.copytree(ref / "checkpoints" / tag_for(3), run / "checkpoints" / tag_for(3))
     (run / "checkpoints" / "latest").write_text(tag_for(3))
     shutil.copy(ref / "metrics.jsonl", run / "metrics.jsonl")
-    one = [a for a in args_for(run, tiny_shards, *common, "train.grad_accum_steps=2")
-           if not a.startswith("parallel.sequence_parallel")]
-    wait_all(launch_pretrain(one, 1, str(run)), 300, str(run))
+    wait_all(launch_pretrain(args_1(run, tiny_shards, *common, "train.grad_accum_steps=2"), 1, str(run)), 300, str(run))
     got, want = (read_metrics(os.path.join(d, "metrics.jsonl")) for d in (run, ref))
     assert [r["step"] for r in got] == list(range(1, 7))
     for g, w in zip(got[3:], want[3:]):
