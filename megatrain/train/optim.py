@@ -8,6 +8,9 @@ Usage::
 * AdamW with two parameter groups: matrices decay; biases, norm scales, EMA coefficients (every tensor with
   fewer than 2 dims, plus the EMA's [K, N, 1] factors) do not.
 * LR: linear warmup to ``lr``, then cosine / linear / constant down to ``lr * min_lr_ratio`` at ``max_steps``.
+  The schedule is a function of (position, config): its only state is the position (updates applied; a skipped
+  non-finite step holds it), so a run resumed with another ``train.max_steps`` / ``lr`` / warmup uses the new
+  schedule from its very first step (``ConfigSchedule.load_state_dict`` + ``sync``).
 * ``GuardedAdamW``: without ZeRO, DeepSpeed steps a plain torch optimizer and neither skips non-finite gradients
   nor reports a gradient norm. The guard takes the (already all-reduced) gradients' global norm, skips the update
   when it is not finite (``overflow``: the engine then counts a skipped step and holds the LR schedule, exactly as it
@@ -84,5 +87,40 @@ def lr_factor(step: int, t: TrainCfg) -> float:
     return t.min_lr_ratio + (1 - t.min_lr_ratio) * shape
 
 
-def build_scheduler(opt: torch.optim.Optimizer, t: TrainCfg) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, t))
+SCHEDULE_KEYS = ("lr", "min_lr_ratio", "lr_schedule", "warmup_steps", "max_steps")  # the TrainCfg fields it reads
+
+
+class ConfigSchedule(torch.optim.lr_scheduler.LambdaLR):
+    """``lr = t.lr * lr_factor(position, t)``. A checkpoint keeps only the position; everything else comes from
+    the config of the run that loads it."""
+
+    def __init__(self, opt: torch.optim.Optimizer, t: TrainCfg):
+        self._cfg = t
+        super().__init__(opt, lambda step: lr_factor(step, t))
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.last_epoch, "_step_count": self._step_count}
+
+    def load_state_dict(self, state: dict) -> None:
+        # older checkpoints hold LambdaLR's whole __dict__ (base_lrs, _last_lr of the old config): take the position
+        self.last_epoch, self._step_count = state["last_epoch"], state.get("_step_count", self._step_count)
+        self.sync()
+
+    def sync(self) -> None:
+        """Set every group's rate from (position, config). Call after the optimizer's state is loaded too: loading
+        it restores the saved ``lr`` of each param group (ZeRO loads its optimizer after the schedule)."""
+        self.base_lrs = [self._cfg.lr for _ in self.optimizer.param_groups]
+        # the same expression LambdaLR.get_lr evaluates, so a resumed rate is bitwise the uninterrupted one
+        self._last_lr = [base * lr_factor(self.last_epoch, self._cfg) for base in self.base_lrs]
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr):
+            group["initial_lr"], group["lr"] = self._cfg.lr, lr
+
+
+def build_scheduler(opt: torch.optim.Optimizer, t: TrainCfg) -> ConfigSchedule:
+    return ConfigSchedule(opt, t)
+
+
+def schedule_changes(old: TrainCfg, new: TrainCfg) -> list:
+    """``["train.max_steps 3 -> 7", ...]``: the schedule fields that differ between a checkpoint's run and this one."""
+    return [f"train.{k} {getattr(old, k)} -> {getattr(new, k)}" for k in SCHEDULE_KEYS
+            if getattr(old, k) != getattr(new, k)]

@@ -20,12 +20,14 @@ import contextlib
 import io
 import math
 import os
+import random
 import signal
 import sys
 import time
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -38,9 +40,9 @@ from megatrain.parallel.env import discover, init_process_group
 from megatrain.parallel.groups import ParallelGroups
 from megatrain.parallel.sequence import COMM_STATS, make_ema_boundary, reduce_sp_loss, reset_comm_stats, sp_slice
 from megatrain.parallel.zero import clip_in_optimizer, deepspeed_config
-from megatrain.train.checkpoint import Checkpointer
+from megatrain.train.checkpoint import Checkpointer, CheckpointError, ResumePlan
 from megatrain.train.metrics import MetricsLogger, StepResult, run_flops, step_record
-from megatrain.train.optim import build_optimizer, build_scheduler
+from megatrain.train.optim import build_optimizer, build_scheduler, schedule_changes
 
 
 class NonFiniteAbort(RuntimeError):
@@ -80,6 +82,22 @@ class StopFlag:
         t = torch.tensor([1.0 if self.raised else 0.0])
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
+
+
+def resume_line(plan: ResumePlan, layout: dict, cfg: Config) -> str:
+    """One line: where the run resumes from and what differs from the run that wrote the checkpoint."""
+    parts = [f"resume: from {plan.tag_dir}"]
+    saved_cfg = os.path.join(plan.tag_dir, "config.yaml")
+    if os.path.exists(saved_cfg):
+        changes = schedule_changes(load_config(saved_cfg).train, cfg.train)
+        if changes:
+            parts.append(", ".join(changes) + " (schedule recomputed from the config)")
+    if plan.layout_changed:
+        was = ", ".join(f"{k} {plan.saved.get(k)} -> {v}" for k, v in layout.items() if plan.saved.get(k) != v)
+        how = "DeepSpeed universal checkpoint" if plan.universal else "unchanged ZeRO shards"
+        parts.append(f"layout {was} (model/optimizer via {how}; loader state of rank 0; RNG states not carried "
+                     f"over)")
+    return "; ".join(parts)
 
 
 @dataclass
@@ -123,6 +141,12 @@ def build_job(cfg: Config) -> Job:
         raise ConfigError(f"data.shards={cfg.data.shards!r}: {e}") from e
 
     ds_config = deepspeed_config(cfg, world)
+    ckpt = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint.keep_last, rank)
+    layout = {"world_size": world, "sp_size": sp, "dp_size": dp, "zero_stage": cfg.parallel.zero_stage}
+    plan = ckpt.plan(cfg.checkpoint.resume, layout)  # which checkpoint, and whether its layout is this run's
+    if plan is not None and plan.universal:
+        ckpt.convert(plan)  # ZeRO shards of another world size: DeepSpeed's universal checkpoint
+        ds_config["checkpoint"] = {"load_universal": True}
     torch.manual_seed(t.seed)  # identical initial weights everywhere (DeepSpeed also broadcasts them)
     model = build_model(cfg.model)
     if cfg.model.init_from:  # continue pretraining from a transformers MEGA folder (checked in validate)
@@ -136,16 +160,25 @@ def build_job(cfg: Config) -> Job:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=lambda opt: build_scheduler(opt, t),
                                            config=ds_config, mpu=groups)
-    # dropout differs per rank (different tokens); the stream's own randomness (MLM masking) is seeded by it
+    # dropout differs per rank (different tokens); the stream's own randomness (MLM masking) is seeded by it.
+    # Python's and numpy's global generators too: unseeded, they start from OS entropy, and the RNG states a
+    # checkpoint holds would differ between two identical runs (nothing of ours draws from them today).
     torch.manual_seed(t.seed + 1 + rank)
+    random.seed(t.seed + 1 + rank)
+    np.random.seed(t.seed + 1 + rank)
 
-    ckpt = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint.keep_last, rank)
-    layout = {"world_size": world, "sp_size": sp, "dp_size": dp}
-    state = ckpt.resume(engine, cfg.checkpoint.resume, expect=layout)
+    state = ckpt.load(engine, plan)
     counters = Counters()
     if state is not None:
-        stream.load_state_dict(state["loader"])
+        try:
+            stream.load_state_dict(state["loader"])
+        except ValueError as e:
+            raise CheckpointError(f"checkpoint {plan.tag_dir}: {e}") from e
         counters = Counters(**state["counters"])
+        # the LR is a function of (position, config): the optimizer's load restored the old run's rates
+        engine.lr_scheduler.sync()
+        if rank == 0:
+            print(resume_line(plan, layout, cfg), flush=True)
     if rank == 0:
         os.makedirs(cfg.run_dir, exist_ok=True)
         cfg.save(os.path.join(cfg.run_dir, "config.yaml"))

@@ -1,5 +1,6 @@
-"""Checkpoint bookkeeping without processes: the atomic `latest` pointer, retention, resume resolution, and the
-metrics file cut back on resume. (Saving/loading through DeepSpeed is exercised in test_resume.py.)
+"""Checkpoint bookkeeping: the atomic `latest` pointer, retention, the manifest and what `resume=auto` takes when the
+newest checkpoint is incomplete, a failing save, and the metrics file cut back on resume. (Saving/loading through
+DeepSpeed is exercised in test_resume.py.)
 
 Run: PYTHONPATH=. python -m pytest -q tests/train/test_checkpoint.py
 """
@@ -8,7 +9,9 @@ import os
 
 import pytest
 
-from megatrain.train.checkpoint import Checkpointer, read_latest, tag_for, write_latest
+from megatrain.train.checkpoint import (MANIFEST, Checkpointer, CheckpointError, choose_auto, read_latest, tag_for,
+                                        verify, write_latest, write_manifest)
+from tests.dist_util import run_ranks
 from megatrain.train.metrics import MetricsLogger, read_metrics, truncate_metrics
 
 
@@ -36,16 +39,131 @@ def test_retention_keeps_last_n_and_latest(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [tag_for(8)]
 
 
+def fake_tag(d, step, files=("mp_rank_00_model_states.pt", "trainer_rank00000.pt", "config.yaml"), manifest=True):
+    """A tag folder with a few files of distinct sizes (and its manifest, written last as the Checkpointer does)."""
+    tag_dir = os.path.join(str(d), tag_for(step))
+    os.makedirs(tag_dir, exist_ok=True)
+    for i, f in enumerate(files):
+        with open(os.path.join(tag_dir, f), "wb") as fh:
+            fh.write(b"x" * (100 + i))
+    if manifest:
+        write_manifest(tag_dir, step, {"world_size": 1})
+    return tag_dir
+
+
 def test_resolve(tmp_path):
     ck = Checkpointer(str(tmp_path / "ckpt"), keep_last=2, rank=0)
     assert ck.resolve("auto") is None and ck.resolve("none") is None
-    os.makedirs(tmp_path / "ckpt" / tag_for(3))
+    fake_tag(tmp_path / "ckpt", 3)
     write_latest(str(tmp_path / "ckpt"), tag_for(3))
     assert ck.resolve("auto") == (str(tmp_path / "ckpt"), tag_for(3))
     assert ck.resolve("none") is None
     assert ck.resolve(str(tmp_path / "ckpt" / tag_for(3)) + "/") == (str(tmp_path / "ckpt"), tag_for(3))
-    with pytest.raises(FileNotFoundError, match="checkpoint.resume="):
+    with pytest.raises(CheckpointError, match="checkpoint.resume="):
         ck.resolve(str(tmp_path / "nope"))
+
+
+def test_manifest_catches_truncated_and_missing_files(tmp_path):
+    tag_dir = fake_tag(tmp_path, 4)
+    assert verify(tag_dir) is None
+    os.makedirs(os.path.join(tag_dir, "universal"))  # derived on demand, not part of the checkpoint
+    (tmp_path / tag_for(4) / "universal" / "x.pt").write_bytes(b"1")
+    assert verify(tag_dir) is None
+    with open(os.path.join(tag_dir, "trainer_rank00000.pt"), "r+b") as f:
+        f.truncate(7)
+    assert verify(tag_dir) == "trainer_rank00000.pt has 7 bytes, the manifest says 101 (truncated or rewritten)"
+    os.remove(os.path.join(tag_dir, "config.yaml"))
+    assert verify(tag_dir) == "config.yaml is missing"
+    os.remove(os.path.join(tag_dir, MANIFEST))
+    assert "no manifest.json" in verify(tag_dir)
+
+
+def test_auto_takes_the_newest_complete_checkpoint(tmp_path, capsys):
+    d = str(tmp_path)
+    for s in (2, 4, 6):
+        fake_tag(d, s)
+    write_latest(d, tag_for(6))
+    fake_tag(d, 8, manifest=False)  # a save interrupted after `latest` moved to 6: ignored without a word
+    assert choose_auto(d) == (tag_for(6), [])
+    os.remove(os.path.join(d, tag_for(6), "trainer_rank00000.pt"))
+    with open(os.path.join(d, tag_for(4), "mp_rank_00_model_states.pt"), "r+b") as f:
+        f.truncate(10)
+    tag, warnings = choose_auto(d)
+    assert tag == tag_for(2)
+    assert warnings == [f"checkpoint {d}/{tag_for(6)} skipped: trainer_rank00000.pt is missing",
+                        f"checkpoint {d}/{tag_for(4)} skipped: mp_rank_00_model_states.pt has 10 bytes, the manifest "
+                        f"says 100 (truncated or rewritten)"]
+    ck = Checkpointer(d, keep_last=2, rank=0)
+    assert ck.resolve("auto") == (d, tag_for(2))
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[0].startswith("resume: warning: checkpoint") and "is missing" in err[0]
+    os.remove(os.path.join(d, tag_for(2), MANIFEST))
+    with pytest.raises(CheckpointError, match=r"no complete checkpoint in .*step00000006.*step00000002 skipped: no "
+                                              r"manifest.json.*checkpoint.resume=none"):
+        choose_auto(d)
+    with pytest.raises(CheckpointError, match="incomplete checkpoint: trainer_rank00000.pt is missing"):
+        ck.resolve(os.path.join(d, tag_for(6)))  # an explicit path is taken as it is, or refused
+
+
+def test_auto_without_latest(tmp_path):
+    d = str(tmp_path)
+    fake_tag(d, 4, manifest=False)  # killed during the first save: fresh start
+    assert choose_auto(d) == (None, [])
+    fake_tag(d, 2)  # complete, but the kill came before `latest` moved: take it
+    assert choose_auto(d) == (tag_for(2), [])
+    write_latest(d, tag_for(9))  # a pointer to nothing: say so, fall back
+    tag, warnings = choose_auto(d)
+    assert tag == tag_for(2) and "names 'step00000009', which is not a checkpoint folder" in warnings[0]
+
+
+def test_legacy_checkpoint_without_manifest_is_taken_with_a_warning(tmp_path):
+    d = str(tmp_path)
+    fake_tag(d, 4, manifest=False)
+    write_latest(d, tag_for(4))
+    tag, warnings = choose_auto(d)
+    assert tag == tag_for(4) and "written before manifests existed" in warnings[0]
+
+
+class _FakeEngine:
+    """Writes one model file like DeepSpeed's save_checkpoint would; ``fail_on`` ranks raise ENOSPC instead."""
+
+    def __init__(self, rank, fail):
+        self.rank, self.fail = rank, fail
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        if self.fail:
+            raise OSError(28, "No space left on device")
+        with open(os.path.join(save_dir, tag, f"zero_pp_rank_{self.rank}_optim_states.pt"), "wb") as f:
+            f.write(b"w" * 1000)
+
+
+class _Cfg:
+    def save(self, path):
+        with open(path, "w") as f:
+            f.write("run_dir: x\n")
+
+
+def _save_twice(rank, world, d):
+    """Step 2 saves; at step 4 rank 1's write fails (disk full): every rank gets the same one-line error."""
+    ck = Checkpointer(d, keep_last=2, rank=rank)
+    state = {"loader": {}, "counters": {}, "world_size": world, "sp_size": 1, "dp_size": world, "zero_stage": 2}
+    ck.save(_FakeEngine(rank, fail=False), 2, state, _Cfg())
+    try:
+        ck.save(_FakeEngine(rank, fail=rank == 1), 4, state, _Cfg())
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.slow
+def test_failed_save_is_one_error_and_keeps_the_previous_checkpoint(tmp_path):
+    d = str(tmp_path / "ckpt")
+    errors = run_ranks(_save_twice, 2, d)
+    assert errors[0] == errors[1] and errors[0] == (
+        f"checkpoint save at step 4 into {d} failed on rank 1: OSError: [Errno 28] No space left on device; "
+        f"{d}/latest still names step00000002")
+    assert read_latest(d) == tag_for(2) and verify(os.path.join(d, tag_for(2))) is None
+    assert choose_auto(d) == (tag_for(2), [])  # the half-written step 4 is newer than `latest`: ignored
 
 
 def test_metrics_truncated_on_resume(tmp_path):

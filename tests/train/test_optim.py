@@ -9,7 +9,8 @@ import torch
 
 from megatrain.config import TrainCfg
 from megatrain.model import MegaConfig, MegaForCausalLM
-from megatrain.train.optim import GuardedAdamW, build_optimizer, lr_factor, param_groups
+from megatrain.train.optim import (GuardedAdamW, build_optimizer, build_scheduler, lr_factor, param_groups,
+                                   schedule_changes)
 
 
 def test_warmup_then_cosine_linear_constant():
@@ -75,3 +76,39 @@ def test_build_optimizer_guards_only_when_asked():
     m = torch.nn.Linear(2, 2)
     assert build_optimizer(m, TrainCfg(grad_clip=0.5), guard=True).max_norm == 0.5
     assert build_optimizer(m, TrainCfg(grad_clip=0.5), guard=False).max_norm is None
+
+
+def test_schedule_is_position_plus_config():
+    """A checkpoint keeps only the schedule's position: loading it under another config gives that config's rate
+    at once, bitwise the rate an uninterrupted run with that config has at the same position."""
+    old, new = TrainCfg(max_steps=3, warmup_steps=1, lr=1e-3), TrainCfg(max_steps=7, warmup_steps=1, lr=2e-3)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=old.lr)
+    sched = build_scheduler(opt, old)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    saved = sched.state_dict()
+    assert saved == {"last_epoch": 3, "_step_count": 4}
+    ref_opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=new.lr)
+    ref = build_scheduler(ref_opt, new)
+    for _ in range(3):
+        ref_opt.step()
+        ref.step()
+    opt2 = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=new.lr)
+    opt2.load_state_dict(opt.state_dict())  # what a checkpoint load does: the old run's rate comes back ...
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] != ref_opt.param_groups[0]["lr"]
+    resumed = build_scheduler(opt2, new)
+    resumed.load_state_dict(saved)  # ... and the schedule replaces it with the new config's
+    assert opt2.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"] == new.lr * lr_factor(3, new)
+    assert resumed.get_last_lr() == ref.get_last_lr()
+    for _ in range(2):
+        opt2.step(), resumed.step(), ref_opt.step(), ref.step()
+        assert opt2.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"]
+
+
+def test_schedule_changes_names_each_field():
+    assert schedule_changes(TrainCfg(max_steps=3), TrainCfg(max_steps=7)) == ["train.max_steps 3 -> 7"]
+    assert schedule_changes(TrainCfg(lr=1e-3, seed=1), TrainCfg(lr=1e-3, seed=2)) == []
+    assert schedule_changes(TrainCfg(lr_schedule="cosine", warmup_steps=0),
+                            TrainCfg(lr_schedule="linear", warmup_steps=2)) == \
+        ["train.lr_schedule cosine -> linear", "train.warmup_steps 0 -> 2"]

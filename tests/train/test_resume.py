@@ -1,15 +1,23 @@
-"""Faults: kill -9 at several steps + ``checkpoint.resume=auto`` gives the uninterrupted loss trajectory bitwise;
-SIGTERM checkpoints and exits 0; non-finite steps are skipped, counted, and abort the run after K in a row.
+"""Faults and resume: kill -9 at random moments + ``checkpoint.resume=auto`` gives the uninterrupted run bitwise
+(every tensor of the final checkpoint: weights, Adam moments, counters, loader and RNG states); a longer schedule on
+resume is used from the first resumed step; a corrupt newest checkpoint falls back to the previous one; resume on a
+different layout (world size, SP size) continues the trajectory; SIGTERM checkpoints and exits 0; non-finite steps
+are skipped, counted, and abort the run after K in a row.
 
 Run: PYTHONPATH=. python -m pytest -q tests/train/test_resume.py
 """
 import os
+import random
+import shutil
 import signal
 import time
 
+import numpy as np
+import torch
+
 import pytest
 
-from megatrain.train.checkpoint import read_latest
+from megatrain.train.checkpoint import read_latest, tag_for
 from megatrain.train.metrics import read_metrics
 from tests.tiny_data import TINY
 from tests.dist_util import launch_pretrain, tail_logs, wait_all
@@ -21,6 +29,11 @@ COMMON = ["parallel.sequence_parallel_size=2", "parallel.zero_stage=1", "logging
 
 def args_for(d, shards, *extra):
     return ["--config", TINY, f"data.shards={shards}", f"run_dir={d}", *COMMON, *extra]
+
+
+def args_1(d, shards, *extra):
+    """One rank: no sequence parallelism."""
+    return [a for a in args_for(d, shards, *extra) if not a.startswith("parallel.sequence_parallel_size")]
 
 
 def last_step(d) -> int:
@@ -43,35 +56,184 @@ def run_until(procs, d, step, timeout=240):
         time.sleep(0.02)
 
 
+def differences(a, b, path="") -> list:
+    """Paths where two loaded checkpoint objects differ (tensors bitwise, arrays, plain values)."""
+    if isinstance(a, torch.Tensor):
+        same = isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        return [] if same else [path]
+    if isinstance(a, np.ndarray):
+        return [] if np.array_equal(a, b) else [path]
+    if isinstance(a, dict):
+        if not isinstance(b, dict) or set(a) != set(b):
+            return [f"{path} (keys)"]
+        return [d for k in a for d in differences(a[k], b[k], f"{path}/{k}")]
+    if isinstance(a, (list, tuple)):
+        if type(a) is not type(b) or len(a) != len(b):
+            return [f"{path} (length)"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}[{i}]")]
+    if isinstance(a, (int, float, str, bool, type(None))):
+        return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+    return [] if repr(a) == repr(b) else [f"{path}: {a!r} != {b!r}"]  # e.g. DeepSpeed's loss-scaler object
+
+
+def checkpoint_differences(dir_a, dir_b, tag) -> list:
+    files = sorted(f for f in os.listdir(os.path.join(dir_a, tag)) if f.endswith(".pt"))
+    assert files == sorted(f for f in os.listdir(os.path.join(dir_b, tag)) if f.endswith(".pt"))
+    assert any("optim_states" in f for f in files)  # the ZeRO shards (Adam moments, fp32 master weights) are there
+    return [f"{f}{d}" for f in files for d in differences(
+        torch.load(os.path.join(dir_a, tag, f), weights_only=False),
+        torch.load(os.path.join(dir_b, tag, f), weights_only=False))]
+
+
+def kill_all(procs):
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    for p in procs:
+        p.wait()
+    assert all(p.returncode == -signal.SIGKILL for p in procs)
+
+
 @pytest.mark.slow
-def test_kill9_and_resume_is_bitwise(tmp_path, tiny_shards):
-    steps = ["train.max_steps=24", "checkpoint.every_steps=4", "train.warmup_steps=3"]
+def test_kill9_at_random_moments_is_bitwise(tmp_path, tiny_shards):
+    """2 ranks, SP 2, ZeRO-2: killed before the first checkpoint, in the middle of a checkpoint save, and at a
+    random moment of a step; each time resumed with resume=auto. The final checkpoint equals the uninterrupted
+    run's tensor by tensor, and so do the logged losses and grad norms."""
+    steps = ["train.max_steps=12", "checkpoint.every_steps=4", "train.warmup_steps=3", "parallel.zero_stage=2"]
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     ref_dir.mkdir(), run_dir.mkdir()
-    wait_all(launch_pretrain(args_for(ref_dir, tiny_shards, *steps), 2, str(ref_dir)), 300, str(ref_dir))
-    ref = read_metrics(os.path.join(ref_dir, "metrics.jsonl"))
+    ref_procs = launch_pretrain(args_for(ref_dir, tiny_shards, *steps), 2, str(ref_dir))
+    rng = random.Random(int(os.environ.get("MEGATRAIN_KILL_SEED", "0")))
+    ckpt = run_dir / "checkpoints"
 
-    killed_at = []
-    for target in (6, 15):  # kill -9 somewhere after these steps, possibly in the middle of a checkpoint save
-        procs = launch_pretrain(args_for(run_dir, tiny_shards, *steps), 2, str(run_dir))
-        run_until(procs, str(run_dir), target)
-        for p in procs:
-            p.send_signal(signal.SIGKILL)
-        for p in procs:
-            p.wait()
-        killed_at.append(last_step(run_dir))
-        assert all(p.returncode == -signal.SIGKILL for p in procs)
-    wait_all(launch_pretrain(args_for(run_dir, tiny_shards, *steps), 2, str(run_dir)), 300, str(run_dir))
-    got = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    def relaunch():
+        return launch_pretrain(args_for(run_dir, tiny_shards, *steps), 2, str(run_dir))
 
-    assert killed_at[0] < 24 and killed_at[1] < 24
-    assert [r["step"] for r in got] == list(range(1, 25))  # lines after the last checkpoint were replaced
-    assert [r["loss"] for r in got] == [r["loss"] for r in ref]  # bitwise: == on floats
-    assert [r["grad_norm"] for r in got] == [r["grad_norm"] for r in ref]
-    assert [r["tokens"] for r in got] == [r["tokens"] for r in ref]
-    ckpts = sorted(x for x in os.listdir(run_dir / "checkpoints") if x.startswith("step"))
-    assert ckpts == ["step00000020", "step00000024"]  # keep_last=2
-    assert read_latest(str(run_dir / "checkpoints")) == "step00000024"
+    procs = relaunch()  # 1. before the first checkpoint (step 4)
+    run_until(procs, str(run_dir), 2)
+    kill_all(procs)
+    assert read_latest(str(ckpt)) is None if ckpt.exists() else True
+    procs = relaunch()  # 2. during the save of step 8: its folder exists, its manifest does not yet
+    t0 = time.time()
+    while not (ckpt / tag_for(8)).exists():
+        assert all(p.poll() is None for p in procs) and time.time() - t0 < 240, tail_logs(str(run_dir))
+        time.sleep(0.002)
+    kill_all(procs)
+    procs = relaunch()  # 3. a random moment of a step after the one just resumed from
+    run_until(procs, str(run_dir), rng.randint(5, 10))
+    time.sleep(rng.uniform(0.0, 0.5))
+    kill_all(procs)
+    wait_all(relaunch(), 300, str(run_dir))
+    wait_all(ref_procs, 300, str(ref_dir))
+
+    got, ref = (read_metrics(os.path.join(d, "metrics.jsonl")) for d in (run_dir, ref_dir))
+    assert [r["step"] for r in got] == list(range(1, 13))  # lines after the last checkpoint were replaced
+    assert [(r["loss"], r["grad_norm"], r["lr"], r["tokens"]) for r in got] == \
+        [(r["loss"], r["grad_norm"], r["lr"], r["tokens"]) for r in ref]  # bitwise: == on floats
+    assert read_latest(str(ckpt)) == tag_for(12)
+    assert checkpoint_differences(str(ref_dir / "checkpoints"), str(ckpt), tag_for(12)) == []
+    assert sorted(x for x in os.listdir(ckpt) if x.startswith("step")) == [tag_for(8), tag_for(12)]  # keep_last=2
+
+
+@pytest.mark.slow
+def test_longer_schedule_on_resume(tmp_path, tiny_shards):
+    """Stop at step 3 (the end of a 3-step run), resume with train.max_steps=6: steps 4..6 equal a run configured
+    for 6 steps from the start (warmup 3 makes the first 3 steps identical), and the log says what changed."""
+    common = ["train.warmup_steps=3", "parallel.zero_stage=1", "checkpoint.every_steps=100"]
+    short, full = tmp_path / "short", tmp_path / "full"
+    short.mkdir(), full.mkdir()
+    ref_procs = launch_pretrain(args_1(full, tiny_shards, *common, "train.max_steps=6"), 1, str(full))
+    wait_all(launch_pretrain(args_1(short, tiny_shards, *common, "train.max_steps=3"), 1, str(short)), 300,
+             str(short))
+    wait_all(launch_pretrain(args_1(short, tiny_shards, *common, "train.max_steps=6"), 1, str(short)), 300,
+             str(short))
+    wait_all(ref_procs, 300, str(full))
+    got, ref = (read_metrics(os.path.join(d, "metrics.jsonl")) for d in (short, full))
+    assert [(r["step"], r["lr"], r["loss"], r["grad_norm"]) for r in got] == \
+        [(r["step"], r["lr"], r["loss"], r["grad_norm"]) for r in ref]
+    assert got[3]["lr"] == pytest.approx(3e-3)  # not the old schedule's final 3e-4
+    log = open(short / "rank0.log").read()
+    assert log.count("train.max_steps 3 -> 6 (schedule recomputed from the config)") == 1
+    assert checkpoint_differences(str(full / "checkpoints"), str(short / "checkpoints"), tag_for(6)) == []
+
+
+@pytest.mark.slow
+def test_corrupt_newest_checkpoint_falls_back(tmp_path, tiny_shards):
+    """Truncate a file of the newest checkpoint: resume=auto warns, naming the file, and resumes from the previous
+    one (the redone steps equal the first attempt's bitwise); with no complete checkpoint left the run stops with
+    one line and exit 1."""
+    d = tmp_path / "run"
+    d.mkdir()
+    args = args_1(d, tiny_shards, "train.max_steps=4", "checkpoint.every_steps=2", "parallel.zero_stage=1")
+    wait_all(launch_pretrain(args, 1, str(d)), 300, str(d))
+    first = read_metrics(os.path.join(d, "metrics.jsonl"))
+    shard = d / "checkpoints" / tag_for(4) / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    with open(shard, "r+b") as f:
+        f.truncate(1000)
+    wait_all(launch_pretrain(args_1(d, tiny_shards, "train.max_steps=5", "checkpoint.every_steps=2",
+                                    "parallel.zero_stage=1"), 1, str(d)), 300, str(d))
+    log = open(d / "rank0.log").read()
+    assert (f"resume: warning: checkpoint {d}/checkpoints/{tag_for(4)} skipped: "
+            f"zero_pp_rank_0_mp_rank_00_optim_states.pt has 1000 bytes") in log
+    assert f"resume: from {d}/checkpoints/{tag_for(2)}" in log
+    again = read_metrics(os.path.join(d, "metrics.jsonl"))
+    assert [r["step"] for r in again] == [1, 2, 3, 4, 5]
+    assert [r["loss"] for r in again[:4]] == [r["loss"] for r in first]  # step 4's lr: same schedule position
+    assert read_latest(str(d / "checkpoints")) == tag_for(5)
+    for t in os.listdir(d / "checkpoints"):  # nothing complete left
+        if t.startswith("step"):
+            os.remove(d / "checkpoints" / t / "mp_rank_00_model_states.pt")
+    procs = launch_pretrain(args, 1, str(d))
+    procs[0].wait(timeout=200)
+    err = [line for line in open(d / "rank0.log").read().splitlines() if line.startswith("pretrain: error:")]
+    assert procs[0].returncode == 1 and len(err) == 1
+    assert "no complete checkpoint in" in err[0] and "checkpoint.resume=none" in err[0]
+
+
+@pytest.mark.slow
+def test_elastic_resume_on_another_world_and_sp_size(tmp_path, tiny_shards):
+    """2 ranks (SP 2, ZeRO-2, so the ZeRO shards are split two ways) -> stop at step 3 -> resume on 1 rank (SP 1):
+    DeepSpeed's universal checkpoint carries the weights and Adam moments over; steps 4..6 equal the uninterrupted
+    2-rank run (≤ 1e-5 relative; SP 1 vs 2 sums in another order)."""
+    common = ["train.max_steps=6", "train.warmup_steps=2", "checkpoint.every_steps=3", "parallel.zero_stage=2",
+              "checkpoint.keep_last=5"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    ref.mkdir(), run.mkdir()
+    wait_all(launch_pretrain(args_for(ref, tiny_shards, *common), 2, str(ref)), 300, str(ref))
+    (run / "checkpoints").mkdir()
+    shutil.copytree(ref / "checkpoints" / tag_for(3), run / "checkpoints" / tag_for(3))
+    (run / "checkpoints" / "latest").write_text(tag_for(3))
+    shutil.copy(ref / "metrics.jsonl", run / "metrics.jsonl")
+    wait_all(launch_pretrain(args_1(run, tiny_shards, *common), 1, str(run)), 300, str(run))
+    log = open(run / "rank0.log").read()
+    assert "layout world_size 2 -> 1, sp_size 2 -> 1 (model/optimizer via DeepSpeed universal checkpoint" in log
+    assert "RNG states not carried over" in log
+    got, want = (read_metrics(os.path.join(d, "metrics.jsonl")) for d in (run, ref))
+    assert [r["step"] for r in got] == list(range(1, 7))
+    for g, w in zip(got[3:], want[3:]):
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-5) and g["lr"] == w["lr"]
+    assert os.path.isdir(run / "checkpoints" / tag_for(3) / "universal")  # converted once, kept with its tag
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="needs the layout-free stream (branch data): today a DP change mid-epoch "
+                                        "is refused by ShardStream.load_state_dict")
+def test_elastic_resume_dp2_to_1_rank_with_accumulation(tmp_path, tiny_shards):
+    """DP 2 -> stop at step 3 -> 1 rank with grad_accum_steps=2 (same global batch): steps 4.. equal the
+    uninterrupted DP 2 run (≤ 1e-5 rel)."""
+    common = ["train.max_steps=6", "train.warmup_steps=2", "checkpoint.every_steps=3", "parallel.zero_stage=2",
+              "checkpoint.keep_last=5"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    ref.mkdir(), run.mkdir()
+    wait_all(launch_pretrain(args_1(ref, tiny_shards, *common), 2, str(ref)), 300, str(ref))
+    (run / "checkpoints").mkdir()
+    shutil.copytree(ref / "checkpoints" / tag_for(3), run / "checkpoints" / tag_for(3))
+    (run / "checkpoints" / "latest").write_text(tag_for(3))
+    shutil.copy(ref / "metrics.jsonl", run / "metrics.jsonl")
+    wait_all(launch_pretrain(args_1(run, tiny_shards, *common, "train.grad_accum_steps=2"), 1, str(run)), 300, str(run))
+    got, want = (read_metrics(os.path.join(d, "metrics.jsonl")) for d in (run, ref))
+    assert [r["step"] for r in got] == list(range(1, 7))
+    for g, w in zip(got[3:], want[3:]):
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-5) and g["lr"] == w["lr"]
 
 
 @pytest.mark.slow
