@@ -215,8 +215,6 @@ def test_elastic_resume_on_another_world_and_sp_size(tmp_path, tiny_shards):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="needs the layout-free stream (branch data): today a DP change mid-epoch "
-                                        "is refused by ShardStream.load_state_dict")
 def test_elastic_resume_dp2_to_1_rank_with_accumulation(tmp_path, tiny_shards):
     """DP 2 -> stop at step 3 -> 1 rank with grad_accum_steps=2 (same global batch): steps 4.. equal the
     uninterrupted DP 2 run (≤ 1e-5 rel)."""
