@@ -11,7 +11,9 @@ Read top-down: the building blocks, ``build_job`` (everything a run holds), ``tr
   ``ema_boundary`` (SP > 1) and ``doc_ids`` -> per-rank loss = slice token-loss *sum* / window label tokens
   (summed over the SP group) -> ``engine.backward``.  Then ``engine.step``: DeepSpeed sums gradients over the SP
   ranks and averages over DP (see megatrain/parallel/groups.py), so the update equals the SP=1 update exactly.
-  Then metrics, checkpoint every N steps, and a checkpoint + clean exit on SIGTERM/SIGUSR1.
+  Then metrics, checkpoint every N steps, and a checkpoint + exit on SIGTERM/SIGUSR1: exit 0 when the run is done,
+  ``EXIT_REQUEUE`` (75) when steps are still to do, so a launcher can run it again (launch/slurm/pretrain.sbatch
+  requeues the job on 75; checkpoint.resume=auto continues from ``latest``).
 """
 from __future__ import annotations
 
@@ -40,6 +42,10 @@ from megatrain.train.metrics import MetricsLogger, StepResult, run_flops, step_r
 from megatrain.train.optim import build_optimizer, build_scheduler
 
 
+# sysexits' EX_TEMPFAIL ("try again later"): a stop signal arrived with steps still to do; the checkpoint is saved.
+EXIT_REQUEUE = 75
+
+
 class NonFiniteAbort(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
@@ -61,15 +67,23 @@ def batches(stream, batch_size: int, device) -> Iterator[dict]:
 
 
 class StopFlag:
-    """SIGTERM/SIGUSR1 (Slurm preemption): finish the current step, checkpoint, exit 0."""
+    """SIGTERM/SIGUSR1 (Slurm preemption / time-limit warning): finish the current step, checkpoint, exit.
+    The handlers are process-wide and installed once, as early as main() can (before the slow start-up: the
+    default action of SIGUSR1 would kill the process); a signal that came during start-up stops after step 1."""
+    _raised = False
 
     def __init__(self):
-        self.raised = False
         for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
+            if signal.getsignal(sig) is not StopFlag._handler:
+                signal.signal(sig, StopFlag._handler)
 
-    def _handler(self, signum, frame):
-        self.raised = True
+    @staticmethod
+    def _handler(signum, frame):
+        StopFlag._raised = True
+
+    @property
+    def raised(self) -> bool:
+        return StopFlag._raised
 
     def agreed(self) -> bool:
         # A signal may reach only some ranks: stop together, or the collectives of the next step would hang.
@@ -211,7 +225,10 @@ def train(cfg: Config) -> Counters:
                                                    **job.layout}, cfg)
             if stopping:
                 if dist.get_rank() == 0:
-                    print(f"stop signal: checkpoint at step {c.step} saved, exiting", flush=True)
+                    todo = t.max_steps - c.step
+                    print(f"megatrain: stop signal: checkpoint at step {c.step} saved; " +
+                          (f"{todo} steps to do: exiting {EXIT_REQUEUE} to be run again (resume=auto continues)"
+                           if todo > 0 else "the run is complete"), flush=True)
                 break
     finally:
         job.log.close()
@@ -237,19 +254,20 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError) as e:  # bad input: one clear line, no traceback
         print(f"pretrain: error: {e}", file=sys.stderr)
         return 2
+    StopFlag()  # before the slow start-up: a preemption signal then stops cleanly instead of killing the process
     backend = init_process_group(env, cfg.parallel.backend)
     if env.rank == 0:
         print(f"megatrain: launcher={env.launcher} world={env.world_size} backend={backend} "
               f"sp={cfg.parallel.sequence_parallel_size} zero={cfg.parallel.zero_stage} run_dir={cfg.run_dir}",
               flush=True)
     try:
-        train(cfg)
+        counters = train(cfg)
     except (NonFiniteAbort, DataError, ConfigError) as e:
         print(f"pretrain: error: {e}", file=sys.stderr)
         return 1
     finally:
         dist.destroy_process_group()
-    return 0
+    return EXIT_REQUEUE if counters.step < cfg.train.max_steps else 0
 
 
 if __name__ == "__main__":
