@@ -158,6 +158,10 @@ def init_process_group(env: DistEnv, backend: str = "auto", timeout_s: float = 6
     import torch
 
     env.export()
+    if not torch.cuda.is_available():
+        # a machine without CUDA runs on CPU (gloo): say so rather than let DeepSpeed guess, which it does at import
+        # with a warning ("Setting accelerator to CPU ... unable to detect it") on every rank
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":

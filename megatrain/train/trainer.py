@@ -38,7 +38,7 @@ from megatrain.parallel.groups import ParallelGroups
 from megatrain.parallel.sequence import COMM_STATS, make_ema_boundary, reduce_sp_loss, reset_comm_stats, sp_slice
 from megatrain.parallel.zero import clip_in_optimizer, deepspeed_config
 from megatrain.train.checkpoint import Checkpointer
-from megatrain.train.metrics import MetricsLogger, StepResult, run_flops, step_record
+from megatrain.train.metrics import MetricsLogger, StepResult, outputs_line, run_flops, step_record
 from megatrain.train.optim import build_optimizer, build_scheduler
 
 
@@ -158,7 +158,7 @@ def build_job(cfg: Config) -> Job:
         os.makedirs(cfg.run_dir, exist_ok=True)
         cfg.save(os.path.join(cfg.run_dir, "config.yaml"))
     log = MetricsLogger(cfg.run_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
-                        resume_step=counters.step, print_every=cfg.logging.every_steps)
+                        resume_step=counters.step, print_every=cfg.logging.every_steps, total_steps=t.max_steps)
     flops_per_token, peak = run_flops(cfg, model)
     return Job(cfg=cfg, groups=groups, engine=engine, stream=stream,
                data=batches(stream, cfg.data.micro_batch_size, engine.device), ckpt=ckpt, log=log, stop=StopFlag(),
@@ -232,6 +232,8 @@ def train(cfg: Config) -> Counters:
                 break
     finally:
         job.log.close()
+    if dist.get_rank() == 0:
+        print(outputs_line(cfg, c.step), flush=True)
     return c
 
 
