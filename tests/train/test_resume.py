@@ -1,5 +1,6 @@
 """Faults: kill -9 at several steps + ``checkpoint.resume=auto`` gives the uninterrupted loss trajectory bitwise;
-SIGTERM checkpoints and exits 75 (EXIT_REQUEUE) with steps to do, 0 when the run is done; non-finite steps are skipped, counted, and abort the run after K in a row.
+SIGTERM checkpoints and exits 75 (EXIT_REQUEUE) with steps to do, 0 when the run is done; non-finite steps are
+skipped, counted, and abort the run after K in a row.
 
 Run: PYTHONPATH=. python -m pytest -q tests/train/test_resume.py
 """
