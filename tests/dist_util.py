@@ -88,8 +88,9 @@ def launch_pretrain(args: list, world: int, log_dir: str, port: int | None = Non
     return procs
 
 
-def wait_all(procs: list, timeout: float, log_dir: str) -> None:
-    """Wait for every rank; on timeout kill them (by pid) and fail; on a non-zero exit fail with the logs."""
+def wait_all(procs: list, timeout: float, log_dir: str, expect: int = 0) -> None:
+    """Wait for every rank; on timeout kill them (by pid) and fail; on an exit code other than ``expect`` fail with
+    the logs."""
     try:
         for p in procs:
             p.wait(timeout=timeout)
@@ -98,7 +99,7 @@ def wait_all(procs: list, timeout: float, log_dir: str) -> None:
             p.kill()
         raise AssertionError(f"pretrain ranks timed out after {timeout}s:\n{tail_logs(log_dir)}")
     codes = [p.returncode for p in procs]
-    if any(codes):
+    if any(c != expect for c in codes):
         raise AssertionError(f"pretrain ranks exited with {codes}:\n{tail_logs(log_dir)}")
 
 

@@ -10,15 +10,19 @@
 #
 # Everything lives under $MEGATRAIN_SLURM_DIR (default /tmp/megatrain-slurm): slurm.conf, its own munge key and
 # socket, state, logs and pid files. /etc/slurm, /etc/munge and any system munged/slurm daemons are left alone;
-# clients find this cluster through SLURM_CONF. `start` is idempotent: a healthy cluster from an earlier start is
-# reused, a half-dead one is stopped and started afresh (job state cleared).
+# clients find this cluster through SLURM_CONF. `start` is idempotent: a healthy cluster from an earlier start with
+# the same slurm.conf is reused; a half-dead or differently configured one is stopped and started afresh (job state
+# cleared). Jobs may be requeued (JobRequeue=1; launch/slurm/pretrain.sbatch requeues itself on preemption), and a
+# requeued job may start again after cred_expire seconds (Slurm's default is 120: too slow for tests) at the next
+# scheduling pass (every 2 s here, not 60).
 # Settings (env): MEGATRAIN_SLURM_DIR, MEGATRAIN_SLURM_PORT (slurmctld port, default 16817; slurmd uses +1),
-# MEGATRAIN_SLURM_TIMEOUT (seconds to wait for the idle node, default 60).
+# MEGATRAIN_SLURM_TIMEOUT (seconds to wait for the idle node, default 60), MEGATRAIN_SLURM_CRED_EXPIRE (default 5).
 set -euo pipefail
 
 DIR=${MEGATRAIN_SLURM_DIR:-/tmp/megatrain-slurm}
 PORT=${MEGATRAIN_SLURM_PORT:-16817}
 TIMEOUT=${MEGATRAIN_SLURM_TIMEOUT:-60}
+CRED_EXPIRE=${MEGATRAIN_SLURM_CRED_EXPIRE:-5}  # also the wait before a requeued job may start again (minimum 5)
 CONF=$DIR/slurm.conf
 SOCKET=$DIR/munge/munge.socket
 export SLURM_CONF=$CONF
@@ -83,17 +87,6 @@ start() {
     ((${#missing[@]} == 0)) || die "not installed: ${missing[*]} (apt-get install -y slurm-wlm munge)"
     [[ $(id -u) == 0 ]] || die "must run as root (slurmd launches the job's tasks)"
 
-    if healthy; then
-        log "already running (SLURM_CONF=$CONF)"
-        echo "SLURM_CONF=$CONF"
-        return 0
-    fi
-    stop  # whatever an earlier, now unhealthy start left behind
-
-    mkdir -p "$DIR"/{munge,state,spool,log,run}
-    chmod 0755 "$DIR" "$DIR/munge"
-    rm -f "$DIR"/log/*.log "$DIR/munge/munged.log"
-
     # The node as slurmd sees it; a node declared with more CPUs/memory than it has would be drained.
     local node cpus sockets cores threads mem hw
     node=$(hostname -s)
@@ -104,19 +97,10 @@ start() {
     [[ -n $cpus && -n $mem ]] || die "could not parse 'slurmd -C': $hw"
     mem=$((mem * 95 / 100))  # leave slack: slurmd drains a node whose memory reads below the configured value
 
-    # Our own munge key and daemon (the system /etc/munge key and socket are not touched).
-    if [[ ! -s $DIR/munge/munge.key ]]; then
-        dd if=/dev/urandom of="$DIR/munge/munge.key" bs=1024 count=1 status=none
-    fi
-    chmod 0400 "$DIR/munge/munge.key"
-    munged --force --socket="$SOCKET" --key-file="$DIR/munge/munge.key" --pid-file="$DIR/munge/munged.pid" \
-        --log-file="$DIR/munge/munged.log" --seed-file="$DIR/munge/munged.seed" \
-        || { tail_logs; die "munged failed to start"; }
-    munge -n -S "$SOCKET" | unmunge -S "$SOCKET" >/dev/null || { tail_logs; die "munge round trip failed"; }
-
     local nodeline="NodeName=$node CPUs=$cpus SocketsPerBoard=${sockets:-1} CoresPerSocket=${cores:-$cpus}"
     nodeline+=" ThreadsPerCore=${threads:-1} RealMemory=$mem State=UNKNOWN"
-    cat >"$CONF" <<EOF
+    local conf
+    conf=$(cat <<EOF
 # Written by launch/slurm/local_cluster.sh: a one-node test cluster on $node.
 ClusterName=megatrain-local
 SlurmctldHost=$node
@@ -126,13 +110,15 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$SOCKET
+AuthInfo=socket=$SOCKET,cred_expire=$CRED_EXPIRE
+JobRequeue=1
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2,bf_interval=2
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
@@ -151,6 +137,30 @@ SlurmdDebug=info
 $nodeline
 PartitionName=local Nodes=$node Default=YES MaxTime=INFINITE State=UP
 EOF
+)
+
+    if healthy && [[ -f $CONF && $(cat "$CONF") == "$conf" ]]; then
+        log "already running (SLURM_CONF=$CONF)"
+        echo "SLURM_CONF=$CONF"
+        return 0
+    fi
+    stop  # whatever an earlier, now unhealthy or differently configured start left behind
+
+    mkdir -p "$DIR"/{munge,state,spool,log,run}
+    chmod 0755 "$DIR" "$DIR/munge"
+    rm -f "$DIR"/log/*.log "$DIR/munge/munged.log"
+
+    # Our own munge key and daemon (the system /etc/munge key and socket are not touched).
+    if [[ ! -s $DIR/munge/munge.key ]]; then
+        dd if=/dev/urandom of="$DIR/munge/munge.key" bs=1024 count=1 status=none
+    fi
+    chmod 0400 "$DIR/munge/munge.key"
+    munged --force --socket="$SOCKET" --key-file="$DIR/munge/munge.key" --pid-file="$DIR/munge/munged.pid" \
+        --log-file="$DIR/munge/munged.log" --seed-file="$DIR/munge/munged.seed" \
+        || { tail_logs; die "munged failed to start"; }
+    munge -n -S "$SOCKET" | unmunge -S "$SOCKET" >/dev/null || { tail_logs; die "munge round trip failed"; }
+
+    printf '%s\n' "$conf" >"$CONF"
 
     slurmctld -c -f "$CONF" || { tail_logs; die "slurmctld failed to start"; }
     slurmd -f "$CONF" || { tail_logs; die "slurmd failed to start"; }

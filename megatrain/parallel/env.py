@@ -19,6 +19,7 @@ import re
 import shutil
 import socket
 import sysconfig
+import warnings
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -158,6 +159,14 @@ def init_process_group(env: DistEnv, backend: str = "auto", timeout_s: float = 6
     import torch
 
     env.export()
+    if not torch.cuda.is_available():
+        # a machine without CUDA runs on CPU (gloo): say so rather than let DeepSpeed guess, which it does at import
+        # with a warning ("Setting accelerator to CPU ... unable to detect it") on every rank
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # torch >= 2.10 deprecates two collectives DeepSpeed 0.19's ZeRO-3 still calls (megatrain uses their successors
+    # where torch has them: parallel/sequence.py); a warning per process that no user can act on
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is "
+                            r"deprecated", FutureWarning)
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":

@@ -38,8 +38,6 @@ def deepspeed_config(cfg, world_size: int) -> dict:
         "gradient_clipping": 0.0 if clip_in_optimizer(cfg) else t.grad_clip,
         "bf16": {"enabled": t.precision == "bf16"},
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
-        # our AdamW is a plain torch optimizer: ZeRO handles it fine but warns without this
-        "zero_allow_untested_optimizer": True,
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }

@@ -2,9 +2,15 @@
 
 Usage (rank 0 writes; other ranks pass ``enabled=False`` and every call is a no-op)::
 
-    log = MetricsLogger(run_dir, enabled=rank == 0, tensorboard=True, resume_step=start_step)
+    log = MetricsLogger(run_dir, enabled=rank == 0, tensorboard=True, resume_step=start_step, total_steps=100)
     log.log(step_record(step, tokens, result, ...))     # the record of one optimizer step (see step_record)
     log.close()
+    print(outputs_line(cfg, step))                      # where the run's outputs are
+
+The console gets one plain line every ``print_every`` steps (readable in a log file too: no carriage returns, no
+bar), e.g. ``step 40/100 (40%) | loss 3.2104 | lr 0.0003 | gnorm 0.412 | tok/s 5321 | skipped 0 | 00:31<00:46``:
+elapsed since this process started training < ETA (tqdm's format: remaining steps x the mean wall time per step
+since the first step of this process, checkpoint saves included).
 
 On resume, ``metrics.jsonl`` is cut back to the steps the checkpoint covers, so the file always holds one
 trajectory: lines written by a killed run after its last checkpoint are dropped, then re-made by the resumed run.
@@ -20,8 +26,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from tqdm import tqdm
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def truncate_metrics(path: str, last_step: int) -> None:
@@ -90,11 +98,20 @@ def step_record(step: int, tokens: int, res: StepResult, tokens_per_step: int, w
     return rec
 
 
+def eta_seconds(step: int, total: int, first_step: int, t_first: float, now: float, t_start: float) -> float:
+    """Seconds to ``total``: remaining steps x the mean wall time per step after ``first_step`` (the first step this
+    process logged, at ``t_first``, after starting at ``t_start``; a first step is slow, so it is used alone only
+    until a second one exists)."""
+    per_step = (now - t_first) / (step - first_step) if step > first_step else t_first - t_start
+    return max(0, total - step) * per_step
+
+
 class MetricsLogger:
     def __init__(self, run_dir: str, enabled: bool, tensorboard: bool = True, resume_step: int = 0,
-                 print_every: int = 1, stream=None):
-        self.enabled, self.print_every = enabled, print_every
+                 print_every: int = 1, stream=None, total_steps: Optional[int] = None):
+        self.enabled, self.print_every, self.total = enabled, print_every, total_steps
         self.stream = stream or sys.stdout
+        self._first = None  # (step, time) of the first step this process logged: the ETA's clock
         self._tb = None
         self._file = None
         if not enabled:
@@ -105,7 +122,7 @@ class MetricsLogger:
         self._file = open(path, "a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=resume_step + 1)
+            self._tb = SummaryWriter(os.path.join(run_dir, TENSORBOARD_DIR), purge_step=resume_step + 1)
         self._t0 = time.time()
 
     def log(self, rec: dict) -> None:
@@ -118,14 +135,26 @@ class MetricsLogger:
             for k, v in rec.items():
                 if k != "step" and isinstance(v, (int, float)) and v is not None:
                     self._tb.add_scalar(f"train/{k}", v, step)
-        if step % self.print_every == 0 or rec.get("final"):
-            loss, gn = rec.get("loss"), rec.get("grad_norm")
-            parts = [f"step {step}", f"loss {loss:.4f}" if loss is not None else "loss nan", f"lr {rec['lr']:.3g}",
-                     f"gnorm {gn:.3f}" if gn is not None else "gnorm nan",
-                     f"tok/s {rec['tokens_per_s']:.0f}", f"skipped {rec['skipped_steps']}"]
-            if rec.get("mfu") is not None:
-                parts.append(f"mfu {100 * rec['mfu']:.1f}%")
-            print(" | ".join(parts), file=self.stream, flush=True)
+        now = time.time()
+        if self._first is None:
+            self._first = (step, now)
+        if step % self.print_every == 0 or step == self.total:
+            print(self._line(rec, now), file=self.stream, flush=True)
+
+    def _line(self, rec: dict, now: float) -> str:
+        step, loss, gn = rec["step"], rec.get("loss"), rec.get("grad_norm")
+        head = f"step {step}"
+        if self.total:
+            head += f"/{self.total} ({100 * step / self.total:.0f}%)"
+        parts = [head, f"loss {loss:.4f}" if loss is not None else "loss nan", f"lr {rec['lr']:.3g}",
+                 f"gnorm {gn:.3f}" if gn is not None else "gnorm nan",
+                 f"tok/s {rec['tokens_per_s']:.0f}", f"skipped {rec['skipped_steps']}"]
+        if rec.get("mfu") is not None:
+            parts.append(f"mfu {100 * rec['mfu']:.1f}%")
+        if self.total:
+            eta = eta_seconds(step, self.total, *self._first, now, self._t0)
+            parts.append(f"{tqdm.format_interval(now - self._t0)}<{tqdm.format_interval(eta)}")
+        return " | ".join(parts)
 
     def close(self) -> None:
         if self._file is not None:
@@ -134,6 +163,19 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def outputs_line(cfg, step: int) -> str:
+    """The closing console line: how far the run got and where its outputs are."""
+    from megatrain.train.checkpoint import read_latest
+    total = cfg.train.max_steps
+    latest = read_latest(cfg.checkpoint_dir) if os.path.isdir(cfg.checkpoint_dir) else None
+    parts = [f"megatrain: {'done' if step >= total else 'stopped'} at step {step}/{total}",
+             f"run_dir {cfg.run_dir}", f"metrics {os.path.join(cfg.run_dir, METRICS_FILE)}",
+             f"checkpoint {os.path.join(cfg.checkpoint_dir, latest) if latest else 'none'}"]
+    if cfg.logging.tensorboard:
+        parts.append(f"tensorboard {os.path.join(cfg.run_dir, TENSORBOARD_DIR)}")
+    return " | ".join(parts)
 
 
 def run_flops(cfg, model) -> tuple:

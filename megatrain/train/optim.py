@@ -14,7 +14,9 @@ Usage::
 * ``GuardedAdamW``: without ZeRO, DeepSpeed steps a plain torch optimizer and neither skips non-finite gradients
   nor reports a gradient norm. The guard takes the (already all-reduced) gradients' global norm, skips the update
   when it is not finite (``overflow``: the engine then counts a skipped step and holds the LR schedule, exactly as it
-  does for its own ZeRO optimizers), else clips and steps. Under ZeRO it is a plain AdamW: ZeRO does all that.
+  does for its own ZeRO optimizers), else clips and steps. Under ZeRO / bf16 the optimizer is a plain
+  ``torch.optim.AdamW``: DeepSpeed's wrapper does all that, and AdamW is on ZeRO's list of tested optimizers (a
+  subclass is not: it would need ``zero_allow_untested_optimizer`` and DeepSpeed would warn on every start).
 """
 from __future__ import annotations
 
@@ -69,10 +71,10 @@ class GuardedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def build_optimizer(model: torch.nn.Module, t: TrainCfg, guard: bool) -> GuardedAdamW:
+def build_optimizer(model: torch.nn.Module, t: TrainCfg, guard: bool) -> torch.optim.AdamW:
     """``guard``: megatrain.parallel.zero.clip_in_optimizer (no ZeRO/bf16 wrapper will clip, skip or measure for us)."""
-    return GuardedAdamW(param_groups(model, t.weight_decay), max_norm=t.grad_clip if guard else None,
-                        lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+    groups, kw = param_groups(model, t.weight_decay), dict(lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+    return GuardedAdamW(groups, max_norm=t.grad_clip, **kw) if guard else torch.optim.AdamW(groups, **kw)
 
 
 def lr_factor(step: int, t: TrainCfg) -> float:

@@ -11,7 +11,9 @@ Read top-down: the building blocks, ``build_job`` (everything a run holds), ``tr
   ``ema_boundary`` (SP > 1) and ``doc_ids`` -> per-rank loss = slice token-loss *sum* / window label tokens
   (summed over the SP group) -> ``engine.backward``.  Then ``engine.step``: DeepSpeed sums gradients over the SP
   ranks and averages over DP (see megatrain/parallel/groups.py), so the update equals the SP=1 update exactly.
-  Then metrics, checkpoint every N steps, and a checkpoint + clean exit on SIGTERM/SIGUSR1.
+  Then metrics, checkpoint every N steps, and a checkpoint + exit on SIGTERM/SIGUSR1: exit 0 when the run is done,
+  ``EXIT_REQUEUE`` (75) when steps are still to do, so a launcher can run it again (launch/slurm/pretrain.sbatch
+  requeues the job on 75; checkpoint.resume=auto continues from ``latest``).
 """
 from __future__ import annotations
 
@@ -41,8 +43,12 @@ from megatrain.parallel.groups import ParallelGroups
 from megatrain.parallel.sequence import COMM_STATS, make_ema_boundary, reduce_sp_loss, reset_comm_stats, sp_slice
 from megatrain.parallel.zero import clip_in_optimizer, deepspeed_config
 from megatrain.train.checkpoint import Checkpointer, CheckpointError, ResumePlan
-from megatrain.train.metrics import MetricsLogger, StepResult, run_flops, step_record
+from megatrain.train.metrics import MetricsLogger, StepResult, outputs_line, run_flops, step_record
 from megatrain.train.optim import build_optimizer, build_scheduler, schedule_changes
+
+
+# sysexits' EX_TEMPFAIL ("try again later"): a stop signal arrived with steps still to do; the checkpoint is saved.
+EXIT_REQUEUE = 75
 
 
 class NonFiniteAbort(RuntimeError):
@@ -67,15 +73,23 @@ def batches(stream, batch_size: int, device) -> Iterator[dict]:
 
 
 class StopFlag:
-    """SIGTERM/SIGUSR1 (Slurm preemption): finish the current step, checkpoint, exit 0."""
+    """SIGTERM/SIGUSR1 (Slurm preemption / time-limit warning): finish the current step, checkpoint, exit.
+    The handlers are process-wide and installed once, as early as main() can (before the slow start-up: the
+    default action of SIGUSR1 would kill the process); a signal that came during start-up stops after step 1."""
+    _raised = False
 
     def __init__(self):
-        self.raised = False
         for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
+            if signal.getsignal(sig) is not StopFlag._handler:
+                signal.signal(sig, StopFlag._handler)
 
-    def _handler(self, signum, frame):
-        self.raised = True
+    @staticmethod
+    def _handler(signum, frame):
+        StopFlag._raised = True
+
+    @property
+    def raised(self) -> bool:
+        return StopFlag._raised
 
     def agreed(self) -> bool:
         # A signal may reach only some ranks: stop together, or the collectives of the next step would hang.
@@ -183,7 +197,7 @@ def build_job(cfg: Config) -> Job:
         os.makedirs(cfg.run_dir, exist_ok=True)
         cfg.save(os.path.join(cfg.run_dir, "config.yaml"))
     log = MetricsLogger(cfg.run_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
-                        resume_step=counters.step, print_every=cfg.logging.every_steps)
+                        resume_step=counters.step, print_every=cfg.logging.every_steps, total_steps=t.max_steps)
     flops_per_token, peak = run_flops(cfg, model)
     return Job(cfg=cfg, groups=groups, engine=engine, stream=stream,
                data=batches(stream, cfg.data.micro_batch_size, engine.device), ckpt=ckpt, log=log, stop=StopFlag(),
@@ -250,10 +264,15 @@ def train(cfg: Config) -> Counters:
                                                    **job.layout}, cfg)
             if stopping:
                 if dist.get_rank() == 0:
-                    print(f"stop signal: checkpoint at step {c.step} saved, exiting", flush=True)
+                    todo = t.max_steps - c.step
+                    print(f"megatrain: stop signal: checkpoint at step {c.step} saved; " +
+                          (f"{todo} steps to do: exiting {EXIT_REQUEUE} to be run again (resume=auto continues)"
+                           if todo > 0 else "the run is complete"), flush=True)
                 break
     finally:
         job.log.close()
+    if dist.get_rank() == 0:
+        print(outputs_line(cfg, c.step), flush=True)
     return c
 
 
@@ -293,13 +312,14 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError) as e:  # bad input: one clear line, no traceback
         say(e)
         return 2
+    StopFlag()  # before the slow start-up: a preemption signal then stops cleanly instead of killing the process
     backend = init_process_group(env, cfg.parallel.backend)
     if env.rank == 0:
         print(f"megatrain: launcher={env.launcher} world={env.world_size} backend={backend} "
               f"sp={cfg.parallel.sequence_parallel_size} zero={cfg.parallel.zero_stage} run_dir={cfg.run_dir}",
               flush=True)
     try:
-        train(cfg)
+        counters = train(cfg)
     except ConfigError as e:  # config vs data/checkpoint, found before the first step: the same on every rank
         say(e)
         return 2
@@ -311,7 +331,7 @@ def main(argv=None) -> int:
         return 1
     finally:
         dist.destroy_process_group()
-    return 0
+    return EXIT_REQUEUE if counters.step < cfg.train.max_steps else 0
 
 
 if __name__ == "__main__":

@@ -80,6 +80,8 @@ def _ds_worker(rank, world, dp, sp, stages):
     for stage in stages:
         run = Config()
         run.parallel.zero_stage, run.parallel.sequence_parallel_size, run.train.grad_clip = stage, sp, 0.0
+        # SGD (exact lr=1 arithmetic) is not on ZeRO's list of tested optimizers (the trainer's AdamW is)
+        run.deepspeed = {"zero_allow_untested_optimizer": True}
         cfg = deepspeed_config(run, world)  # the production JSON (batch sizes, ZeRO settings)
         model = _model()
         g.zero3_partition(model, cfg)  # ZeRO-3 must partition over DP x SP, like its gradients (see groups.py)

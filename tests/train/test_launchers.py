@@ -1,5 +1,8 @@
 """The same job under every launcher: the deepspeed launcher, torchrun, mpiexec (pip's mpich + mpi4py) and one
 plain process. Each 2-rank launch runs SP 2 (ZeRO 0) and must reproduce the plain single-process (ZeRO 1) losses.
+Multi-node on one machine: two launcher invocations, one per "node" (node rank 0 and 1, rendezvous on 127.0.0.1),
+with torchrun (--nnodes 2 --node_rank N) and with the deepspeed launcher (a two-host hostfile, --no_ssh
+--node_rank N: each node starts its own ranks, no pdsh/ssh) reproduce the same losses.
 The single run's outputs (metrics, TensorBoard, resolved config, checkpoint) are checked, and its ZeRO checkpoint
 is exported to a Hugging Face folder that transformers loads with the same logits.
 
@@ -89,6 +92,36 @@ def test_launcher(tmp_path, tiny_shards, single, name):
     assert [r["step"] for r in got] == [1, 2]
     for g, s in zip(got, single):
         assert g["loss"] == pytest.approx(s["loss"], rel=1e-6, abs=0)
+
+
+TWO_NODES = {  # one command per node; 1 process per node
+    "torchrun": lambda node, port, hostfile: ["torchrun", "--nnodes", "2", "--node_rank", str(node),
+                                              "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
+                                              "--master_port", str(port), PRETRAIN],
+    "deepspeed": lambda node, port, hostfile: ["deepspeed", "--hostfile", hostfile, "--no_ssh", "--node_rank",
+                                               str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
+                                               PRETRAIN],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(TWO_NODES))
+def test_two_nodes_on_one_machine(tmp_path, tiny_shards, single, name):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")  # names only label the nodes: nothing connects to them
+    env = pretrain_env()
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)  # the launchers must provide them
+    d, port = tmp_path / "run", free_port()
+    procs = [subprocess.Popen(TWO_NODES[name](node, port, str(hostfile)) + [
+        "--config", TINY, f"data.shards={tiny_shards}", f"run_dir={d}", "train.max_steps=2",
+        "parallel.sequence_parallel_size=2", "logging.tensorboard=false"], cwd=ROOT, env=env,
+        stdout=open(tmp_path / f"node{node}.log", "w"), stderr=subprocess.STDOUT) for node in (0, 1)]
+    wait_all(procs, 300, str(tmp_path))
+    assert "world=2" in (tmp_path / "node0.log").read_text()  # one job of 2 ranks, not two jobs of 1
+    got = read_metrics(os.path.join(d, "metrics.jsonl"))
+    assert [g["step"] for g in got] == [1, 2]
+    assert [g["loss"] for g in got] == pytest.approx([s["loss"] for s in single], rel=1e-6, abs=0)
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """Faults and resume: kill -9 at random moments + ``checkpoint.resume=auto`` gives the uninterrupted run bitwise
 (every tensor of the final checkpoint: weights, Adam moments, counters, loader and RNG states); a longer schedule on
 resume is used from the first resumed step; a corrupt newest checkpoint falls back to the previous one; resume on a
-different layout (world size, SP size) continues the trajectory; SIGTERM checkpoints and exits 0; non-finite steps
+different layout (world size, SP size) continues the trajectory; SIGTERM checkpoints and exits 75 (EXIT_REQUEUE) with steps to do, 0 when the run is done; non-finite steps
 are skipped, counted, and abort the run after K in a row.
 
 Run: PYTHONPATH=. python -m pytest -q tests/train/test_resume.py
@@ -19,6 +19,7 @@ import pytest
 
 from megatrain.train.checkpoint import read_latest, tag_for
 from megatrain.train.metrics import read_metrics
+from megatrain.train.trainer import EXIT_REQUEUE
 from tests.tiny_data import TINY
 from tests.dist_util import launch_pretrain, tail_logs, wait_all
 
@@ -235,18 +236,39 @@ def test_elastic_resume_dp2_to_1_rank_with_accumulation(tmp_path, tiny_shards):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_exits_zero(tmp_path, tiny_shards):
+def test_sigterm_saves_and_exits_for_requeue(tmp_path, tiny_shards):
     d = tmp_path / "run"
     d.mkdir()
     procs = launch_pretrain(args_for(d, tiny_shards, "train.max_steps=100000", "checkpoint.every_steps=1000"),
                             2, str(d))
     run_until(procs, str(d), 3)
     procs[1].send_signal(signal.SIGTERM)  # one rank only (as a scheduler might): both must stop together
-    wait_all(procs, 120, str(d))
+    wait_all(procs, 120, str(d), expect=EXIT_REQUEUE)  # steps still to do: run me again
     step = last_step(d)
     assert 3 <= step < 1000
     assert read_latest(str(d / "checkpoints")) == f"step{step:08d}"
-    assert "stop signal: checkpoint at step" in open(d / "rank0.log").read()
+    assert f"stop signal: checkpoint at step {step} saved; {100000 - step} steps to do: exiting 75" in \
+        open(d / "rank0.log").read()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("max_steps,code", [(1, 0), (2, EXIT_REQUEUE)])
+def test_signal_during_startup_stops_after_step_one(tmp_path, tiny_shards, max_steps, code):
+    """A signal that arrives while the job starts (after main() installed the handlers: the banner line) stops it
+    after step 1: a run that is then done exits 0 (a scheduler must not requeue it), one with steps to do 75."""
+    d = tmp_path / "run"
+    d.mkdir()
+    procs = launch_pretrain(["--config", TINY, f"data.shards={tiny_shards}", f"run_dir={d}",
+                             f"train.max_steps={max_steps}", "train.warmup_steps=0", "logging.tensorboard=false"],
+                            1, str(d))
+    t0 = time.time()
+    while "megatrain: launcher=" not in open(d / "rank0.log").read():
+        assert procs[0].poll() is None and time.time() - t0 < 120, tail_logs(d)
+        time.sleep(0.02)
+    procs[0].send_signal(signal.SIGUSR1)
+    wait_all(procs, 120, str(d), expect=code)
+    assert last_step(d) == 1 and read_latest(str(d / "checkpoints")) == "step00000001"
+    assert ("the run is complete" if code == 0 else "1 steps to do: exiting 75") in open(d / "rank0.log").read()
 
 
 @pytest.mark.slow
