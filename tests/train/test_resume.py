@@ -186,7 +186,7 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, tiny_shards):
     procs = launch_pretrain(args, 1, str(d))
     procs[0].wait(timeout=200)
     err = [line for line in open(d / "rank0.log").read().splitlines() if line.startswith("pretrain: error:")]
-    assert procs[0].returncode == 1 and len(err) == 1
+    assert procs[0].returncode == 2 and len(err) == 1  # like any bad input: exit 2
     assert "no complete checkpoint in" in err[0] and "checkpoint.resume=none" in err[0]
 
 
