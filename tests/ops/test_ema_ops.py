@@ -1,15 +1,19 @@
 """Tests of megatrain.ops.ema: PYTHONPATH=. python -m pytest -q tests/ops/test_ema_ops.py
+(on a GPU, the compiled kernel: MEGATRAIN_TEST_DEVICE=cuda python -m pytest -q tests/ops/test_ema_ops.py)
 
-Every path (blocked PyTorch, our Triton kernel under TRITON_INTERPRET=1 on CPU) against the naive recurrence
-(fp64): forward, the outgoing state and every gradient (u, a, c, logq, h_in), with ragged lengths, several block
-sizes, batch > 1, incoming states, document resets and truncation; fp32/bf16 inputs against PyTorch's own error;
-the whole MultiDimDampedEMA module on both backends. Interpreter shapes stay tiny (it runs Python per program).
+Every path (blocked PyTorch, our Triton kernel -- under TRITON_INTERPRET=1 on CPU, compiled on CUDA) against the
+naive recurrence (fp64, always on CPU: exact and cheap there): forward, the outgoing state and every gradient (u, a,
+c, logq, h_in), with ragged lengths, several block sizes, batch > 1, incoming states, document resets and
+truncation; fp32/bf16 inputs against PyTorch's own error; the whole MultiDimDampedEMA module on both backends.
+The kernel runs fp64 on CUDA too (Triton lowers fp64 exp to libdevice), so the fp64 tolerances hold on both
+devices. Inputs are drawn on CPU and moved, so both devices test the same values. Interpreter shapes stay tiny.
 """
 import pytest
 import torch
 
 from megatrain.model.ema import MultiDimDampedEMA
 from megatrain.ops.ema import crossing_decay, ema_scan, ema_scan_ref, incoming_contribution
+from tests.ops.util import DEVICE, cpu_only
 from tests.probes import MaxNumel
 
 NAMES = ["out", "state", "u", "a", "c", "logq", "h_in"]
@@ -38,16 +42,19 @@ def make_inputs(bsz, length, dim, ndim, resets=None, h_in=False, dtype=torch.flo
     return u, a, c, logq.to(dtype), r, h
 
 
-def run(fn, u, a, c, logq, resets, h_in, **kw):
-    """out, state and the gradients of a fixed random functional of both."""
-    leaves = [t.detach().clone().requires_grad_() for t in (u, a, c, logq)]
-    h = None if h_in is None else h_in.detach().clone().requires_grad_()
-    out, state = fn(*leaves, resets, h, **kw)
+def run(fn, u, a, c, logq, resets, h_in, device="cpu", **kw):
+    """out, state and the gradients of a fixed random functional of both, computed on `device` (CPU inputs are
+    moved there), returned on CPU."""
+    leaves = [t.detach().to(device).clone().requires_grad_() for t in (u, a, c, logq)]
+    h = None if h_in is None else h_in.detach().to(device).clone().requires_grad_()
+    r = None if resets is None else resets.to(device)
+    out, state = fn(*leaves, r, h, **kw)
     g = torch.Generator().manual_seed(1)
-    w = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
-    ws = torch.randn(state.shape, generator=g, dtype=torch.float64).to(state.dtype)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64).to(device=device, dtype=out.dtype)
+    ws = torch.randn(state.shape, generator=g, dtype=torch.float64).to(device=device, dtype=state.dtype)
     ((out * w).sum() + (state * ws).sum()).backward()
-    return [out.detach(), state.detach()] + [t.grad for t in leaves] + [None if h is None else h.grad]
+    got = [out.detach(), state.detach()] + [t.grad for t in leaves] + [None if h is None else h.grad]
+    return [None if t is None else t.cpu() for t in got]
 
 
 def assert_all_close(got, want, **tol):
@@ -68,7 +75,7 @@ def assert_all_close(got, want, **tol):
 ])
 def test_matches_reference_fp64(backend, bsz, length, dim, ndim, block, resets, h_in):
     inputs = make_inputs(bsz, length, dim, ndim, resets, h_in)
-    got = run(ema_scan, *inputs, block=block, backend=backend)
+    got = run(ema_scan, *inputs, device=DEVICE, block=block, backend=backend)
     want = run(ema_scan_ref, *inputs)
     assert_all_close(got, want, rtol=1e-9, atol=1e-10)
 
@@ -76,7 +83,7 @@ def test_matches_reference_fp64(backend, bsz, length, dim, ndim, block, resets, 
 @pytest.mark.parametrize("truncation,resets", [(5, "random"), (12, None), (60, "random")])
 def test_truncation_matches_reference_fp64(backend, truncation, resets):
     inputs = make_inputs(2, 41, 4, 3, resets)
-    got = run(ema_scan, *inputs, truncation=truncation, block=8, backend=backend)
+    got = run(ema_scan, *inputs, device=DEVICE, truncation=truncation, block=8, backend=backend)
     want = run(ema_scan_ref, *inputs, truncation=truncation)
     assert_all_close(got, want, rtol=1e-9, atol=1e-10)
 
@@ -88,8 +95,8 @@ def test_triton_error_at_most_twice_pytorch_error(dtype, triton_interpreter):
     u, a, c, logq, resets, h_in = make_inputs(2, 70, 8, 4, "random", True, dtype=torch.float32, seed=3)
     want = run(ema_scan_ref, u.double(), a.double(), c.double(), logq.double(), resets, h_in.double())
     low = (u.to(dtype), a, c, logq, resets, h_in)
-    kernel = run(ema_scan, *low, block=16, backend="triton")
-    torch_path = run(ema_scan, *low, block=16, backend="torch")
+    kernel = run(ema_scan, *low, device=DEVICE, block=16, backend="triton")
+    torch_path = run(ema_scan, *low, device=DEVICE, block=16, backend="torch")
     for name, k, t, w in zip(NAMES, kernel, torch_path, want):
         assert k.dtype == t.dtype, name              # out/state fp32; d u in u's dtype
         scale = w.abs().max().item()
@@ -115,7 +122,7 @@ def test_triton_memory_linear_without_length_dim_ndim_tensor(triton_interpreter)
     length, dim, ndim = 256, 4, 8
     u, a, c, logq, resets, h_in = make_inputs(1, length, dim, ndim, "random", True, dtype=torch.float32)
     with MaxNumel() as probe:
-        run(ema_scan, u, a, c, logq, resets, h_in, block=32, backend="triton")
+        run(ema_scan, u, a, c, logq, resets, h_in, device=DEVICE, block=32, backend="triton")
     assert probe.max_numel <= length * dim, probe.max_numel        # u-sized; chunk states are L/32 * D * N
 
 
@@ -153,18 +160,20 @@ PARAMS = ["damping_factor", "decay_factor", "ema_expansion_matrix", "kernel_proj
 
 
 def module_run(backend, bidirectional, truncation=None, with_state=False, with_boundary=False):
+    # parameters and inputs drawn on CPU, then moved to DEVICE; both backends run there (fp64)
     torch.manual_seed(0)
     ema = MultiDimDampedEMA(6, 4, bidirectional, truncation=truncation, block_size=8, kernel_backend=backend)
     ema = ema.double()
     with torch.no_grad():
         ema.decay_factor.normal_(0.0, 1.5)
         ema.damping_factor.normal_(0.0, 1.5)
+    ema = ema.to(DEVICE)
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 30, 6, generator=g, dtype=torch.float64).requires_grad_()
-    mask = (torch.rand(2, 30, generator=g) > 0.2).long()
-    doc_ids = torch.tensor([[0] * 12 + [1] * 18, [0] * 30])
+    x = torch.randn(2, 30, 6, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    mask = (torch.rand(2, 30, generator=g) > 0.2).long().to(DEVICE)
+    doc_ids = torch.tensor([[0] * 12 + [1] * 18, [0] * 30]).to(DEVICE)
     kwargs = dict(mask=mask, doc_ids=doc_ids)
-    fixed = torch.randn(2, 2, 6, 4, generator=g, dtype=torch.float64)
+    fixed = torch.randn(2, 2, 6, 4, generator=g, dtype=torch.float64).to(DEVICE)
     calls = []
     if with_state:
         kwargs["state"] = fixed[0].clone().requires_grad_()
@@ -176,7 +185,7 @@ def module_run(backend, bidirectional, truncation=None, with_state=False, with_b
             return fixed[0 if direction == "forward" else 1] + 0.5 * decay * state
         kwargs["boundary"] = boundary
     y, state = ema(x, **kwargs)
-    ((y * torch.randn(y.shape, generator=g, dtype=y.dtype)).sum() + (state ** 2).sum()).backward()
+    ((y * torch.randn(y.shape, generator=g, dtype=y.dtype).to(DEVICE)).sum() + (state ** 2).sum()).backward()
     extra = [kwargs["state"].grad] if with_state else []
     return [y.detach(), state.detach(), x.grad] + [getattr(ema, n).grad for n in PARAMS] + extra, calls
 
@@ -221,6 +230,7 @@ for name, flags in variants:
 """
 
 
+@cpu_only("compiles for sm_90 without a GPU; on CUDA the tests above compile and run every kernel")
 def test_kernels_compile_for_hopper_without_gpu():
     # the interpreter runs the kernels' Python; only the compiler sees typing/lowering errors: compile every
     # kernel for sm_90 (bf16 u, resets) in a fresh process (this one imported triton for the interpreter; the

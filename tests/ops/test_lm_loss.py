@@ -2,6 +2,9 @@
 the Triton interpreter) against plain F.linear + F.cross_entropy, loss and every gradient.
 
 Run: PYTHONPATH=. python -m pytest -q tests/ops/test_lm_loss.py
+With MEGATRAIN_TEST_DEVICE=cuda (tests/ops/util.py) the Liger tests run its compiled kernels on CUDA tensors
+(reference on the same device, fp32); the blockwise PyTorch tests stay on CPU (fp64 there is the tight check).
+liger-kernel missing: only the Liger tests fail, each with one line saying so.
 """
 import functools
 
@@ -13,18 +16,20 @@ import megatrain.ops.lm_loss as lm_loss_mod
 from megatrain.model import MegaForCausalLM
 from megatrain.ops.lm_loss import IGNORE_INDEX, lm_head_ce_sum, lm_head_ce_sum_ref, loss_backend
 from tests.model.util import randomize_, tiny_config
+from tests.ops.util import DEVICE
 
 
-def _inputs(n, d, v, dtype, seed=0, ignore_every=0, bias=True):
+def _inputs(n, d, v, dtype, seed=0, ignore_every=0, bias=True, device="cpu"):
+    """Drawn on CPU (the same values on every device), then moved to `device`."""
     g = torch.Generator().manual_seed(seed)
-    h = torch.randn(n, d, generator=g, dtype=dtype).requires_grad_()
+    h = torch.randn(n, d, generator=g, dtype=dtype).to(device).requires_grad_()
     # a large logit scale so the softmax is far from uniform and the max-subtraction matters
-    w = (3 * torch.randn(v, d, generator=g, dtype=dtype)).requires_grad_()
-    b = torch.randn(v, generator=g, dtype=dtype).requires_grad_() if bias else None
+    w = (3 * torch.randn(v, d, generator=g, dtype=dtype)).to(device).requires_grad_()
+    b = torch.randn(v, generator=g, dtype=dtype).to(device).requires_grad_() if bias else None
     t = torch.randint(0, v, (n,), generator=g)
     if ignore_every:
         t[::ignore_every] = IGNORE_INDEX
-    return h, w, b, t
+    return h, w, b, t.to(device)
 
 
 def _loss_and_grads(fn, h, w, b, t, scale, **kw):
@@ -148,20 +153,22 @@ def test_model_loss_only_path_equals_fp64_full_logits(kw, monkeypatch):
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-10, atol=1e-10, msg=name)
 
 
-# ---- the Liger (Triton) path, run by the Triton interpreter on CPU ---------------------------------------------
+# ---- the Liger (Triton) path: the Triton interpreter on CPU, compiled on CUDA -----------------------------------
 @pytest.fixture
 def liger(triton_interpreter):
     # (tests/ops/conftest.py) TRITON_INTERPRET must also be set when liger_kernel is first imported: Triton picks
     # interpreted kernels at decoration time; nothing imports it on CPU without the variable (loss_backend
     # resolves "torch" first)
-    assert lm_loss_mod.liger_available(), "liger-kernel is a dev dependency: pip install -e '.[dev]'"
+    if not lm_loss_mod.liger_available():
+        pytest.fail("liger-kernel is not importable: it is a dev dependency (pip install -e '.[dev]'; on the GPU "
+                    "machine bench/gpu/check.sh installs it from .whl/)", pytrace=False)
     return functools.partial(lm_head_ce_sum, backend="triton")
 
 
 @pytest.mark.parametrize("n,d,v,block", SHAPES[:4])
 @pytest.mark.parametrize("bias", [True, False])
 def test_liger_fp32_matches_reference(n, d, v, block, bias, liger):
-    h, w, b, t = _inputs(n, d, v, torch.float32, ignore_every=3, bias=bias)
+    h, w, b, t = _inputs(n, d, v, torch.float32, ignore_every=3, bias=bias, device=DEVICE)
     got = _loss_and_grads(liger, h, w, b, t, 0.37)
     want = _loss_and_grads(lm_head_ce_sum_ref, h, w, b, t, 0.37)
     assert got[0].dtype == torch.float32
@@ -169,8 +176,8 @@ def test_liger_fp32_matches_reference(n, d, v, block, bias, liger):
 
 
 def test_liger_ignored_rows_tied_weight_and_all_ignored(liger):
-    h, w, b, t = _inputs(23, 8, 19, torch.float32, ignore_every=4)
-    ids = torch.randint(0, 19, (23,), generator=torch.Generator().manual_seed(1))
+    h, w, b, t = _inputs(23, 8, 19, torch.float32, ignore_every=4, device=DEVICE)
+    ids = torch.randint(0, 19, (23,), generator=torch.Generator().manual_seed(1)).to(DEVICE)
 
     def total(fn):
         return fn(h + torch.nn.functional.embedding(ids, w), w, b, t)
@@ -184,9 +191,9 @@ def test_liger_ignored_rows_tied_weight_and_all_ignored(liger):
 
 
 def test_liger_bf16_autocast_close_to_fp32(liger):
-    h, w, b, t = _inputs(70, 16, 40, torch.float32, ignore_every=6)
+    h, w, b, t = _inputs(70, 16, 40, torch.float32, ignore_every=6, device=DEVICE)
     want = _loss_and_grads(lm_head_ce_sum_ref, h, w * 0.1, b, t, 1.0)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         got = _loss_and_grads(liger, h, w * 0.1, b, t, 1.0)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
     for a, e in zip(got, want):
