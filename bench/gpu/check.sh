@@ -11,8 +11,9 @@
 #    megatrain vs transformers 4.57.6 MEGA (same weights) vs same-size Llama SDPA -> model.json
 # 4. launch/pretrain.py for 20 steps on 1 GPU: DeepSpeed ZeRO-2, bf16, NCCL       -> pretrain_metrics.jsonl
 # 5. the longest context whose train step fits: megatrain (with activation offload) vs the Llama -> longest.json
-# Each stage has its own time limit, so one slow or failing stage cannot eat the others' time; the log says which
-# stage failed. Raw results go to bench/results/ and the table to BENCHMARKS.md (bench/gpu/report.py).
+# Each stage has its own time limit (together <= ~8 min), so one slow or failing stage cannot eat the others' time;
+# the log says which stage failed or ran out of time. STAGES="ops bench model pretrain longest" picks a subset (e.g.
+# to rerun only what failed, within the session's 15 minutes of device time). Raw results go to bench/results/ and the table to BENCHMARKS.md (bench/gpu/report.py).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-bench/results/gpu-local}
@@ -50,23 +51,25 @@ stage() {  # stage NAME SECONDS command...: run with a time limit, log its outpu
 # 1. ops tests on CUDA: the kernels compiled for the GPU, against their references. One pytest per op, each with its
 # own limit: a timeout in one (compiling FlexAttention's variants is the slow part) keeps the others' reports;
 # no -x, so one run shows every failure; --durations shows where the (compile) time went.
-for t in ema_ops:90 lm_loss:45 attention_ops:180; do
+want() { [[ " ${STAGES:-ops bench model pretrain longest} " == *" $1 "* ]]; }  # STAGES="model longest": a subset
+
+want ops && for t in ema_ops:60 lm_loss:30 attention_ops:90; do
     stage "ops-tests-${t%%:*}" "${t##*:}" env MEGATRAIN_TEST_DEVICE=cuda python3 -m pytest -q -rfEs --durations=8 \
         -p no:cacheprovider "tests/ops/test_${t%%:*}.py"
 done
 
 # 2. op micro-benchmarks (each prints JSON lines)
-stage ops-bench 90 bash -c "for b in bench/gpu/bench_ema.py bench/gpu/bench_attention.py bench/gpu/bench_lm_loss.py; do
+want bench && stage ops-bench 45 bash -c "for b in bench/gpu/bench_ema.py bench/gpu/bench_attention.py bench/gpu/bench_lm_loss.py; do
     [ -f \$b ] && python3 \$b; done > '$OUT/ops.json'"
 
 # 3. model benchmark
-stage model 180 python3 bench/gpu/bench_train_gpu.py --out "$OUT/model.json"
+want model && stage model 110 python3 bench/gpu/bench_train_gpu.py --out "$OUT/model.json"
 
 # 4. the real trainer: 20 steps, DeepSpeed ZeRO-2, bf16, NCCL, synthetic shards
-stage pretrain 120 bash bench/gpu/pretrain_smoke.sh "$OUT"
+want pretrain && stage pretrain 80 bash bench/gpu/pretrain_smoke.sh "$OUT"
 
 # 5. longest trainable context (doubling; stops at OOM or a 45 s step)
-stage longest 110 python3 bench/gpu/bench_train_gpu.py --longest --impls megatrain,llama --offload \
+want longest && stage longest 70 python3 bench/gpu/bench_train_gpu.py --longest --impls megatrain,llama --offload \
     --time-cap 45 --out "$OUT/longest.json"
 
 echo "=== done $(date -u +%T)" >>"$LOG"
