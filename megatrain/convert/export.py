@@ -186,8 +186,9 @@ Any input length works; generation carries the EMA state and the current chunk's
 """
 
 
-def write_folder(model, cfg, ckpt: Checkpoint, tmp: str, tok_dir: Optional[str], dtype: str) -> dict:
-    task = "causal" if model.config.is_decoder else "masked"
+def write_model_files(model, tmp: str, dtype: str = "fp32") -> Optional[str]:
+    """The model part of an export: config.json (+ auto_map, dtype), model.safetensors, generation_config.json
+    and the remote code. Returns why transformers 4.x must not load it natively (None: it may)."""
     why = native_problem(model.config)
     if dtype != "fp32":
         model = model.to(DTYPES[dtype])
@@ -204,6 +205,12 @@ def write_folder(model, cfg, ckpt: Checkpoint, tmp: str, tok_dir: Optional[str],
     with open(os.path.join(tmp, "generation_config.json"), "w") as f:
         json.dump(gen, f, indent=2, sort_keys=True)
     write_remote_code(tmp)
+    return why
+
+
+def write_folder(model, cfg, ckpt: Checkpoint, tmp: str, tok_dir: Optional[str], dtype: str) -> dict:
+    task = "causal" if model.config.is_decoder else "masked"
+    why = write_model_files(model, tmp, dtype)
     if tok_dir:
         for name in TOKENIZER_FILES:
             if os.path.isfile(os.path.join(tok_dir, name)):
