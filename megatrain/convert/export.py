@@ -225,7 +225,8 @@ def write_folder(model, cfg, ckpt: Checkpoint, tmp: str, tok_dir: Optional[str],
 
 def verify(out: str, model, tok_dir: Optional[str], dtype: str = "fp32", tol: float = 1e-5) -> list[str]:
     """Reload `out` with transformers here (remote code; natively too where 4.x has MEGA and the config allows)
-    and compare with megatrain's forward; the tokenizer's ids with sentencepiece's. Returns the problems."""
+    and compare with megatrain's forward; the folder's AutoTokenizer ids with those of the sentencepiece model in
+    `tok_dir` (the run's tokenizer) on PROBES. Returns the problems."""
     import transformers
     transformers.logging.set_verbosity_error()  # its notes about native MEGA classes are not results
     task = "causal" if model.config.is_decoder else "masked"
@@ -299,21 +300,24 @@ def export(checkpoint: str, out: str, tokenizer: Optional[str] = None, no_tokeni
         raise ExportError(f"CHECKPOINT {e}") from None  # the message names the folder
     tok_dir = None
     if not no_tokenizer:
-        tok_dir = tokenizer or find_tokenizer(cfg, ckpt.run_dir)
+        run_tok = find_tokenizer(cfg, ckpt.run_dir)
+        tok_dir = tokenizer or run_tok
         if tok_dir is None:
             raise ExportError("no tokenizer found (data.tokenizer is unset and no folder next to the shards has the "
                               "manifest's tokenizer); pass --tokenizer DIR, or --no-tokenizer to export without one")
         check_tokenizer(tok_dir, model.config.vocab_size)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp", dir=os.path.dirname(out))
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
     try:
         info = write_folder(model, cfg, ckpt, tmp, tok_dir, dtype)
         if do_verify:
-            problems = verify(tmp, model, tok_dir, dtype)
+            # the ids must be the run's: a --tokenizer other than the one the run was trained with is a mismatch
+            ref_tok = run_tok if run_tok and os.path.isfile(os.path.join(run_tok, "tokenizer.model")) else tok_dir
+            problems = verify(tmp, model, ref_tok if tok_dir else None, dtype)
             if problems:
                 raise ExportCheckFailed(f"--verify failed: {problems[0]}" + (f" (+{len(problems) - 1} more)"
                                                                         if len(problems) > 1 else ""))
         if os.path.exists(out):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old", dir=os.path.dirname(out))
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
             os.replace(out, os.path.join(old, "x"))
             os.replace(tmp, out)
             shutil.rmtree(old)
