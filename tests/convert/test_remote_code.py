@@ -88,6 +88,6 @@ def test_transformers_4_without_triton(folder, tmp_path):
 
 @pytest.mark.parametrize("without", [BLOCK, None], ids=["without_triton", "with_triton_if_installed"])
 def test_transformers_5(folder, tmp_path, without):
-    from tests.convert.tf5 import tf5_python
-    r = _check(tf5_python(), folder, tmp_path, *(["--without", without] if without else []))
+    from tests.convert.tf5 import tf5_python_for_test
+    r = _check(tf5_python_for_test(), folder, tmp_path, *(["--without", without] if without else []))
     assert r["version"].startswith("5.")
