@@ -168,7 +168,7 @@ transformers 4.x and 5.x (MEGA was removed from transformers in 5.0; this folder
 
 ```python
 from transformers import AutoTokenizer, {auto}
-tok = AutoTokenizer.from_pretrained("PATH_OR_REPO")
+tok = AutoTokenizer.from_pretrained("PATH_OR_REPO", trust_remote_code=True)  # 5.x reads config.json too
 model = {auto}.from_pretrained("PATH_OR_REPO", trust_remote_code=True)
 {"ids = model.generate(tok('Hello', return_tensors='pt').input_ids, max_new_tokens=20)" if task == "causal" else
  "logits = model(**tok('Hello <mask>', return_tensors='pt')).logits"}
@@ -254,12 +254,19 @@ def verify(out: str, model, tok_dir: Optional[str], dtype: str = "fp32", tol: fl
     if tok_dir:
         from megatrain.data.tokenizer import load_tokenizer
         sp = load_tokenizer(tok_dir)
-        tok = transformers.AutoTokenizer.from_pretrained(out)
-        for s in PROBES:
-            a, b = tok(s, add_special_tokens=False)["input_ids"], sp.encode(s)
-            if a != b:
-                problems.append(f"tokenizer ids differ from sentencepiece on {s!r}: {a[:8]}... vs {b[:8]}...")
-                break
+        # two readers of the folder: transformers 4.x's AutoTokenizer rebuilds the fast tokenizer from
+        # tokenizer.model (add_prefix_space set => from_slow), 5.x reads tokenizer.json as it is; check both
+        toks = [("AutoTokenizer", transformers.AutoTokenizer.from_pretrained(out))]
+        if os.path.isfile(os.path.join(out, "tokenizer.json")):
+            toks.append(("tokenizer.json", transformers.PreTrainedTokenizerFast(
+                tokenizer_file=os.path.join(out, "tokenizer.json"), split_special_tokens=True)))
+        for name, tok in toks:
+            for s in PROBES:
+                a, b = tok(s, add_special_tokens=False)["input_ids"], sp.encode(s)
+                if a != b:
+                    problems.append(f"tokenizer ids differ from sentencepiece ({name}) on {s!r}: {a[:8]}... vs "
+                                    f"{b[:8]}...")
+                    break
     return problems
 
 

@@ -5,7 +5,8 @@
 
 Loads HF_DIR with the Auto classes (trust_remote_code=True; --native: also without it), and writes JSON with the
 max logit difference to REF.pt's megatrain logits (an input length that is not a multiple of chunk_size), the
-greedy ids of generate(), and for each downstream head: output shape, loss, and whether the backward reached the
+greedy ids of generate(), whether the folder's AutoTokenizer gives REF.pt's ids on its probe strings (if it has
+them), and for each downstream head: output shape, loss, and whether the backward reached the
 backbone. No megatrain import: this is what a downstream user has. --without: those packages are not importable
 (as on a CPU machine without triton), from before anything is imported. --no-heads: skip the four heads.
 """
@@ -33,6 +34,10 @@ with torch.no_grad():
     res["remote_diff"] = (m(x).logits - want).abs().max().item()
     res["generate"] = m.generate(ref["prompt"], max_new_tokens=ref["new"], do_sample=False).tolist()
     res["lengths_ok"] = all(m(x[:, :n]).logits.shape[1] == n for n in (1, 3, 9, 17))
+if ref.get("probes"):  # the folder's tokenizer as this transformers reads it (5.x: tokenizer.json)
+    tok = transformers.AutoTokenizer.from_pretrained(out_dir, trust_remote_code=True)
+    res["tokenizer_ok"] = [tok(s, add_special_tokens=False)["input_ids"] == ids
+                           for s, ids in zip(ref["probes"], ref["probe_ids"])]
 if "--native" in sys.argv:
     n = transformers.AutoModelForCausalLM.from_pretrained(out_dir).eval()
     res["native_class"] = type(n).__module__
