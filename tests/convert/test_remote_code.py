@@ -1,6 +1,6 @@
 """The remote code shipped with every export (megatrain/convert/remote_code.py) on a tiny model, no training run.
 
-Run: PYTHONPATH=. python -m pytest -q tests/convert/test_remote_code.py      (~1 min; the loads are slow)
+Run: PYTHONPATH=. python -m pytest -q tests/convert/test_remote_code.py   (~45 s; the three loads are marked slow)
 
 The packaged closure holds the model's op sub-packages (ops/ema with its Triton kernel, ops/attention with the
 FlexAttention path, ops/lm_loss with Liger), no file names a package transformers' import check would demand
@@ -80,12 +80,14 @@ def _check(py, folder, tmp_path, *extra):
     return r
 
 
+@pytest.mark.slow
 def test_transformers_4_without_triton(folder, tmp_path):
     r = _check(sys.executable, folder, tmp_path, "--without", BLOCK, "--native")
     assert r["version"].startswith("4.57") and r["without"] == BLOCK.split(",")
     assert r["native_diff"] <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("without", [BLOCK, None], ids=["without_triton", "with_triton_if_installed"])
 def test_transformers_5(folder, tmp_path, without):
     from tests.convert.tf5 import tf5_python_for_test
