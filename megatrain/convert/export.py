@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from megatrain.convert.hf import REMOTE_ONLY_MODEL_TYPE, hf_config_dict, native_problem, save_hf
+from megatrain.convert.hf import REMOTE_ONLY_MODEL_TYPE, native_problem, save_hf
 from megatrain.convert.remote_code import auto_map, write_remote_code
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
