@@ -10,7 +10,8 @@
 4. pretraining: `deepspeed --num_gpus 2 launch/pretrain.py --config configs/demo.yaml`: 2 CPU ranks, sequence
    parallelism 2 (each rank holds half of every window; EMA states cross the boundary), ZeRO-1. The loss is
    printed every 10 steps; re-running resumes from the latest checkpoint.         -> runs/quickstart/train/
-5. export to a Hugging Face folder (transformers loads it)                         -> runs/quickstart/hf/
+5. export to a Hugging Face folder, --verify: reloaded with transformers, logits and tokenizer ids checked
+   against megatrain's (loads in transformers 4.x and 5.x with trust_remote_code=True) -> runs/quickstart/hf/
 6. a generated sample from the trained model (megatrain.generate)
 """
 from __future__ import annotations
@@ -75,9 +76,10 @@ def main(argv=None) -> int:
            [py, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port])
     step(f"4. pretraining: 2 ranks, sequence parallel 2, {max_steps} steps", trained_steps(ckpts) >= max_steps,
          cmd + ["launch/pretrain.py", "--config", CONFIG, *overrides])
-    step("5. export to Hugging Face format", os.path.exists(os.path.join(hf_dir, "config.json"))
+    # --overwrite: an export older than the latest checkpoint (training resumed) is replaced
+    step("5. export to Hugging Face format (verified)", os.path.exists(os.path.join(hf_dir, "config.json"))
          and os.path.getmtime(os.path.join(hf_dir, "config.json")) > os.path.getmtime(os.path.join(ckpts, "latest")),
-         [py, "launch/export_hf.py", ckpts, hf_dir])
+         [py, "launch/export_hf.py", ckpts, hf_dir, "--verify", "--overwrite"])
 
     print("\n== 6. sample", flush=True)
     import torch

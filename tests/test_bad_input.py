@@ -4,8 +4,9 @@ expected, exit code 2, no traceback, nothing half-written, printed once under a 
 Run: PYTHONPATH=. python -m pytest -q tests/test_bad_input.py            (the deepspeed cases are marked slow)
 Each case is a row of CASES: (id, command, strings the error must contain, paths that must not exist after).
 Commands and paths are templates filled from the `world` fixture: {py} this interpreter, {tools} data_tools/,
-{pretrain} launch/pretrain.py, {sbatch} launch/slurm/pretrain.sbatch, {tiny} configs/tiny.yaml, {w} the shared
-fixture folder (inputs, a tokenizer, shards, a truncated copy), {out} a fresh folder per case for outputs.
+{pretrain} launch/pretrain.py, {sbatch} launch/slurm/pretrain.sbatch, {export} launch/export_hf.py, {tiny}
+configs/tiny.yaml, {w} the shared fixture folder (inputs, a tokenizer, shards, a truncated copy; {w}/export: a
+checkpoint, made only for the export cases), {out} a fresh folder per case for outputs.
 """
 import os
 import shutil
@@ -19,6 +20,7 @@ from tests.dist_util import PRETRAIN, ROOT, free_port, pretrain_env
 
 TOOLS = os.path.join(ROOT, "data_tools")
 SBATCH = os.path.join(ROOT, "launch", "slurm", "pretrain.sbatch")
+EXPORT = os.path.join(ROOT, "launch", "export_hf.py")
 NOT_SP = ("data.seq_len",)  # SP 3 on 2 ranks must blame the world size, not the sequence length
 
 DEMO = "{py} {tools}/demo_corpus.py"
@@ -104,8 +106,31 @@ CASES = [
     ("sbatch-outside-slurm", "bash {sbatch} {tiny}", ["SLURM_JOB_ID is not set", "sbatch"], []),
 ]
 
-# ---- launch/export_hf.py: the lead adds the exporter's cases here (same row format; {w}/... fixtures as needed)
-EXPORT_CASES: list = []
+# ---- launch/export_hf.py, on {w}/export (the `export_world` fixture: a 1-step single-process ZeRO-3 run of the
+# tiny config, vocab 64, whose shards name no tokenizer; a partial and a mismatched copy of its checkpoint). The
+# success cases (a run folder as CHECKPOINT, ...) are in tests/convert/test_export.py.
+EXP = "{py} {export} {w}/export/run {out}/hf"
+EXPORT_CASES = [
+    ("export-missing-checkpoint", "{py} {export} {w}/nowhere {out}/hf", ["nowhere", "no such folder"],
+     ["{out}/hf"]),
+    ("export-partial-checkpoint", "{py} {export} {w}/export/partial {out}/hf",
+     ["partial", "incomplete checkpoint"], ["{out}/hf"]),
+    ("export-checkpoint-of-another-config", "{py} {export} {w}/export/other {out}/hf",
+     ["CHECKPOINT {w}/export/other:", "config expects"], ["{out}/hf"]),
+    ("export-out-not-empty", "{py} {export} {w}/export/run {w}/full", ["full", "not empty", "--overwrite"], []),
+    ("export-out-is-file", "{py} {export} {w}/export/run {w}/afile.txt", ["afile.txt", "not a folder"], []),
+    ("export-tokenizer-vocab-mismatch", EXP + " --tokenizer {w}/tok", ["{w}/tok", "300 pieces", "vocab_size is 64"],
+     ["{out}/hf"]),
+    ("export-no-tokenizer-found", EXP, ["no tokenizer found", "--tokenizer DIR", "--no-tokenizer"], ["{out}/hf"]),
+    ("export-not-a-tokenizer", EXP + " --tokenizer {w}/fake_tok", ["fake_tok", "not a sentencepiece model"],
+     ["{out}/hf"]),
+    ("export-bad-dtype", EXP + " --no-tokenizer --dtype fp16", ["--dtype", "'fp16'"], ["{out}/hf"]),
+    ("export-hub-offline", "env HF_HUB_OFFLINE=1 " + EXP + " --no-tokenizer --push-to-hub me/x",
+     ["--push-to-hub me/x", "offline"], ["{out}/hf"]),
+    ("export-hub-no-token",  # online as far as huggingface_hub knows, but no token anywhere
+     "env HF_HUB_OFFLINE=0 HF_TOKEN= HF_HOME={out}/hf_home " + EXP + " --no-tokenizer --push-to-hub me/x",
+     ["--push-to-hub me/x", "no Hugging Face token"], ["{out}/hf"]),
+]
 
 # Under a launcher with 2 ranks every rank hits the error: it must be printed once (rank 0).
 LAUNCHER_CASES = [
@@ -148,9 +173,31 @@ def world(tmp_path_factory):
     return w
 
 
+@pytest.fixture(scope="session")
+def export_world(world):
+    """{w}/export: run/ (1 step, single process, ZeRO-3, a checkpoint), partial/ (its tag folder without the ZeRO
+    optimizer states) and other/ (its tag folder with a config.yaml of another hidden_size). ~10 s."""
+    e = world / "export"
+    p = subprocess.run([sys.executable, PRETRAIN, "--config", TINY, f"data.shards={world}/shards/index.json",
+                        f"run_dir={e}/run", "train.max_steps=1", "train.warmup_steps=0", "checkpoint.every_steps=1",
+                        "parallel.zero_stage=3", "logging.tensorboard=false"], cwd=ROOT, env=pretrain_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    tag = e / "run" / "checkpoints" / (e / "run" / "checkpoints" / "latest").read_text().strip()
+    shutil.copytree(tag, e / "partial")
+    for f in (e / "partial").glob("*optim_states.pt"):
+        f.unlink()
+    shutil.copytree(tag, e / "other")
+    cfg = (e / "other" / "config.yaml").read_text()
+    assert "hidden_size: 32" in cfg
+    (e / "other" / "config.yaml").write_text(cfg.replace("hidden_size: 32", "hidden_size: 48"))
+    return e
+
+
 def _run(case, world, tmp_path, prefix=()):
     name, template, expect, absent = case
-    fill = dict(py=sys.executable, tools=TOOLS, pretrain=PRETRAIN, sbatch=SBATCH, tiny=TINY, w=world, out=tmp_path)
+    fill = dict(py=sys.executable, tools=TOOLS, pretrain=PRETRAIN, sbatch=SBATCH, tiny=TINY, w=world, out=tmp_path,
+                export=EXPORT)
     cmd = list(prefix) + [part.format(**fill) for part in template.split()]
     env = pretrain_env()
     for k in [k for k in env if k.startswith("SLURM_") or k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")]:
@@ -172,11 +219,15 @@ def _run(case, world, tmp_path, prefix=()):
 
 
 @pytest.mark.parametrize("case", CASES + EXPORT_CASES, ids=[c[0] for c in CASES + EXPORT_CASES])
-def test_bad_input_is_one_line_exit_2(case, world, tmp_path):
+def test_bad_input_is_one_line_exit_2(case, world, tmp_path, request):
+    if case[0].startswith("export-"):
+        request.getfixturevalue("export_world")  # a checkpoint: made only when an export case runs
     p, lines = _run(case, world, tmp_path)
     assert len(lines) == 1, f"{case[0]}: {len(lines)} error lines:\n{p.stderr[-3000:]}"
     if "sp3" in case[0]:
         assert not any(s in lines[0] for s in NOT_SP), lines[0]
+    if case[0] == "export-checkpoint-of-another-config":
+        assert lines[0].count("export/other") == 1, lines[0]  # the folder is named once
 
 
 def test_table_is_big_enough():

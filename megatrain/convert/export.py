@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from megatrain.convert.hf import REMOTE_ONLY_MODEL_TYPE, hf_config_dict, native_problem, save_hf
+from megatrain.convert.hf import REMOTE_ONLY_MODEL_TYPE, native_problem, save_hf
 from megatrain.convert.remote_code import auto_map, write_remote_code
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -168,7 +168,7 @@ transformers 4.x and 5.x (MEGA was removed from transformers in 5.0; this folder
 
 ```python
 from transformers import AutoTokenizer, {auto}
-tok = AutoTokenizer.from_pretrained("PATH_OR_REPO")
+tok = AutoTokenizer.from_pretrained("PATH_OR_REPO", trust_remote_code=True)  # 5.x reads config.json too
 model = {auto}.from_pretrained("PATH_OR_REPO", trust_remote_code=True)
 {"ids = model.generate(tok('Hello', return_tensors='pt').input_ids, max_new_tokens=20)" if task == "causal" else
  "logits = model(**tok('Hello <mask>', return_tensors='pt')).logits"}
@@ -186,8 +186,9 @@ Any input length works; generation carries the EMA state and the current chunk's
 """
 
 
-def write_folder(model, cfg, ckpt: Checkpoint, tmp: str, tok_dir: Optional[str], dtype: str) -> dict:
-    task = "causal" if model.config.is_decoder else "masked"
+def write_model_files(model, tmp: str, dtype: str = "fp32") -> Optional[str]:
+    """The model part of an export: config.json (+ auto_map, dtype), model.safetensors, generation_config.json
+    and the remote code. Returns why transformers 4.x must not load it natively (None: it may)."""
     why = native_problem(model.config)
     if dtype != "fp32":
         model = model.to(DTYPES[dtype])
@@ -204,6 +205,12 @@ def write_folder(model, cfg, ckpt: Checkpoint, tmp: str, tok_dir: Optional[str],
     with open(os.path.join(tmp, "generation_config.json"), "w") as f:
         json.dump(gen, f, indent=2, sort_keys=True)
     write_remote_code(tmp)
+    return why
+
+
+def write_folder(model, cfg, ckpt: Checkpoint, tmp: str, tok_dir: Optional[str], dtype: str) -> dict:
+    task = "causal" if model.config.is_decoder else "masked"
+    why = write_model_files(model, tmp, dtype)
     if tok_dir:
         for name in TOKENIZER_FILES:
             if os.path.isfile(os.path.join(tok_dir, name)):
@@ -218,7 +225,8 @@ def write_folder(model, cfg, ckpt: Checkpoint, tmp: str, tok_dir: Optional[str],
 
 def verify(out: str, model, tok_dir: Optional[str], dtype: str = "fp32", tol: float = 1e-5) -> list[str]:
     """Reload `out` with transformers here (remote code; natively too where 4.x has MEGA and the config allows)
-    and compare with megatrain's forward; the tokenizer's ids with sentencepiece's. Returns the problems."""
+    and compare with megatrain's forward; the folder's AutoTokenizer ids with those of the sentencepiece model in
+    `tok_dir` (the run's tokenizer) on PROBES. Returns the problems."""
     import transformers
     transformers.logging.set_verbosity_error()  # its notes about native MEGA classes are not results
     task = "causal" if model.config.is_decoder else "masked"
@@ -246,12 +254,19 @@ def verify(out: str, model, tok_dir: Optional[str], dtype: str = "fp32", tol: fl
     if tok_dir:
         from megatrain.data.tokenizer import load_tokenizer
         sp = load_tokenizer(tok_dir)
-        tok = transformers.AutoTokenizer.from_pretrained(out)
-        for s in PROBES:
-            a, b = tok(s, add_special_tokens=False)["input_ids"], sp.encode(s)
-            if a != b:
-                problems.append(f"tokenizer ids differ from sentencepiece on {s!r}: {a[:8]}... vs {b[:8]}...")
-                break
+        # two readers of the folder: transformers 4.x's AutoTokenizer rebuilds the fast tokenizer from
+        # tokenizer.model (add_prefix_space set => from_slow), 5.x reads tokenizer.json as it is; check both
+        toks = [("AutoTokenizer", transformers.AutoTokenizer.from_pretrained(out))]
+        if os.path.isfile(os.path.join(out, "tokenizer.json")):
+            toks.append(("tokenizer.json", transformers.PreTrainedTokenizerFast(
+                tokenizer_file=os.path.join(out, "tokenizer.json"), split_special_tokens=True)))
+        for name, tok in toks:
+            for s in PROBES:
+                a, b = tok(s, add_special_tokens=False)["input_ids"], sp.encode(s)
+                if a != b:
+                    problems.append(f"tokenizer ids differ from sentencepiece ({name}) on {s!r}: {a[:8]}... vs "
+                                    f"{b[:8]}...")
+                    break
     return problems
 
 
@@ -292,21 +307,24 @@ def export(checkpoint: str, out: str, tokenizer: Optional[str] = None, no_tokeni
         raise ExportError(f"CHECKPOINT {e}") from None  # the message names the folder
     tok_dir = None
     if not no_tokenizer:
-        tok_dir = tokenizer or find_tokenizer(cfg, ckpt.run_dir)
+        run_tok = find_tokenizer(cfg, ckpt.run_dir)
+        tok_dir = tokenizer or run_tok
         if tok_dir is None:
             raise ExportError("no tokenizer found (data.tokenizer is unset and no folder next to the shards has the "
                               "manifest's tokenizer); pass --tokenizer DIR, or --no-tokenizer to export without one")
         check_tokenizer(tok_dir, model.config.vocab_size)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp", dir=os.path.dirname(out))
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
     try:
         info = write_folder(model, cfg, ckpt, tmp, tok_dir, dtype)
         if do_verify:
-            problems = verify(tmp, model, tok_dir, dtype)
+            # the ids must be the run's: a --tokenizer other than the one the run was trained with is a mismatch
+            ref_tok = run_tok if run_tok and os.path.isfile(os.path.join(run_tok, "tokenizer.model")) else tok_dir
+            problems = verify(tmp, model, ref_tok if tok_dir else None, dtype)
             if problems:
                 raise ExportCheckFailed(f"--verify failed: {problems[0]}" + (f" (+{len(problems) - 1} more)"
                                                                         if len(problems) > 1 else ""))
         if os.path.exists(out):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old", dir=os.path.dirname(out))
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
             os.replace(out, os.path.join(old, "x"))
             os.replace(tmp, out)
             shutil.rmtree(old)

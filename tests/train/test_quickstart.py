@@ -20,6 +20,7 @@ def test_quickstart_smoke(tmp_path):
     assert "launcher=env world=2 backend=gloo sp=2" in out          # the deepspeed launcher, 2 ranks, SP 2
     assert "loss: step 1 " in out and "-> step 6 " in out
     assert os.path.exists(tmp_path / "hf" / "config.json") and os.path.exists(tmp_path / "hf" / "tokenizer.model")
+    assert "verified: logits and tokenizer ids match" in out
     sample = p.stdout.split("== 6. sample")[1]
     assert len(sample.strip().splitlines()) >= 2                    # the loss line and generated text
     # a second run skips every finished step

@@ -18,8 +18,6 @@ supported). Any input length works (megatrain pads to whole chunks inside).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel

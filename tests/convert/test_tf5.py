@@ -1,0 +1,45 @@
+"""tests/convert/tf5.py's contract: a missing transformers 5.x venv that cannot be made FAILS the tests that need it;
+only an unreachable package registry skips them (with pip's reason). Fast: a fake interpreter stands in for pip.
+
+Run: PYTHONPATH=. python -m pytest -q tests/convert/test_tf5.py
+"""
+import os
+import stat
+
+import pytest
+
+from tests.convert import tf5
+
+
+def _fake_venv(tmp_path, pip_stderr: str):
+    """A venv whose python has no transformers and whose pip fails printing pip_stderr."""
+    d = tmp_path / "venv"
+    (d / "bin").mkdir(parents=True)
+    py = d / "bin" / "python"
+    (tmp_path / "err.txt").write_text(pip_stderr)
+    py.write_text(f"#!/bin/sh\nif [ \"$1\" = -m ]; then cat '{tmp_path / 'err.txt'}' >&2; fi\nexit 1\n")
+    py.chmod(py.stat().st_mode | stat.S_IEXEC)
+    return str(d)
+
+
+def test_unreachable_registry_skips_with_the_reason(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEGATRAIN_TF5_VENV", _fake_venv(tmp_path, (
+        "WARNING: Retrying after connection broken by 'NewConnectionError: Failed to establish a new connection: "
+        "[Errno -3] Temporary failure in name resolution'\nERROR: No matching distribution found for "
+        "transformers<6,>=5\n")))
+    with pytest.raises(tf5.RegistryUnreachable, match="registry is unreachable"):
+        tf5.tf5_python()
+    with pytest.raises(pytest.skip.Exception, match="No matching distribution"):
+        tf5.tf5_python_for_test()
+
+
+def test_other_failures_fail(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEGATRAIN_TF5_VENV", _fake_venv(tmp_path, "ERROR: No matching distribution found for "
+                                                                   "transformers<6,>=5\n"))
+    with pytest.raises(tf5.Unavailable) as e:
+        tf5.tf5_python()
+    assert not isinstance(e.value, tf5.RegistryUnreachable) and os.environ["MEGATRAIN_TF5_VENV"] in str(e.value)
+    with pytest.raises(pytest.fail.Exception, match="failed: ERROR: No matching distribution"):
+        tf5.tf5_python_for_test()
+    with pytest.raises(tf5.Unavailable, match="python -m tests.convert.tf5"):
+        tf5.tf5_python(create=False)
