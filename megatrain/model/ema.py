@@ -41,7 +41,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-# boundary(local_state [B,D,N], decay [B,D,N], direction "forward"|"backward") -> incoming state [B,D,N]
+# boundary(local_state [B,D,N], decay [B,D,N], direction "forward"|"backward") -> incoming state [B,D,N]; a boundary
+# may also offer the two-phase `boundary.start(local_state, decay, direction) -> handle`, `handle.wait() -> h_in`
+# (megatrain.parallel.sequence's does): then the exchange overlaps the local output (see _start_boundary).
 Boundary = Callable[[Tensor, Tensor, str], Tensor]
 
 # Elements allowed in one group of document-masked Toeplitz blocks (see _masked_intra_block).
@@ -153,10 +155,13 @@ def _masked_intra_block(kern: _BlockKernel, xb: Tensor, seg: Tensor, blocks: Ten
     return torch.cat(outs, dim=1)
 
 
-def _causal_ema(u: Tensor, kern: _BlockKernel, resets: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def _causal_ema(u: Tensor, kern: _BlockKernel, resets: Optional[Tensor],
+                on_state: Optional[Callable[[Tensor, _BlockKernel], None]] = None) -> tuple[Tensor, Tensor]:
     """Left-to-right EMA from zero incoming state: u [B, L, D] (already masked), resets [B, L] bool or None.
 
-    Returns (ema [B, L, D] = sum_n c h_t[n], state [B, D, N] after the last position).
+    Returns (ema [B, L, D] = sum_n c h_t[n], state [B, D, N] after the last position). The end state is computed
+    first and handed to `on_state(state, kern)` before the output (SP: the boundary exchange starts there and
+    runs while the output is computed).
     """
     bsz, length, dim = u.shape
     c = kern.block
@@ -166,13 +171,35 @@ def _causal_ema(u: Tensor, kern: _BlockKernel, resets: Optional[Tensor]) -> tupl
     # [D, B*nb, C]: every block of every row is one row of a batched matmul per channel
     xb = _relayout(F.pad(u, (0, 0, 0, pad)), (2, 0, 1)).view(dim, m, c)
 
-    out = torch.bmm(xb, kern.toeplitz.transpose(1, 2))
     decay = kern.block_decay[:, None, None, :]                               # [D, 1, 1, N]
     if resets is not None:
         rb = F.pad(resets, (0, pad), value=False).view(bsz, nb, c)
         seg = rb.cumsum(-1)                       # segment index inside each block (0 until the first reset)
         carry_in = (seg == 0).reshape(m, c)       # positions the block's incoming state reaches
         to_state = (seg == seg[..., -1:]).reshape(m, c)  # positions that reach the block's end state
+        block_state = torch.bmm(xb * to_state.to(xb.dtype), kern.w_state)   # [D, M, N]
+        decay = decay * carry_in.view(1, bsz, nb, c)[..., -1:].to(u.dtype)
+    else:
+        block_state = torch.bmm(xb, kern.w_state)
+    n = block_state.shape[-1]
+    decay = decay.expand(dim, bsz, nb, n)
+    ends = _scan_blocks(block_state.view(dim, bsz, nb, n), decay)           # state after each block
+    entering = F.pad(ends[:, :, :-1], (0, 0, 1, 0))                          # state entering each block
+
+    # State after the last real position: the last block holds `tail` real positions (trailing pads are zeros).
+    tail = length - (nb - 1) * c
+    last_x = xb.view(dim, bsz, nb, c)[:, :, -1, :tail]
+    w_tail = kern.w_state[:, c - tail:]                                      # a q^(tail-1-j)
+    tail_decay = torch.exp(kern.logq * tail)[:, None, :]                    # [D, 1, N]
+    if resets is not None:
+        last_x = last_x * to_state.view(bsz, nb, c)[:, -1, :tail].to(u.dtype)
+        tail_decay = tail_decay * carry_in.view(bsz, nb, c)[:, -1, -1].to(u.dtype)[None, :, None]
+    state = (torch.bmm(last_x, w_tail) + tail_decay * entering[:, :, -1]).permute(1, 0, 2)
+    if on_state is not None:
+        on_state(state, kern)     # nothing below needs an incoming state
+
+    out = torch.bmm(xb, kern.toeplitz.transpose(1, 2))
+    if resets is not None:
         crossing = rb[..., 1:].any(-1).reshape(m).nonzero().squeeze(1)
         if crossing.numel() and kern.fine is not None:
             # Blocks with a document boundary inside: their intra-block part is the EMA of a C-long sequence with
@@ -188,29 +215,11 @@ def _causal_ema(u: Tensor, kern: _BlockKernel, resets: Optional[Tensor]) -> tupl
         elif crossing.numel():
             masked = _masked_intra_block(kern, xb, seg.reshape(m, c), crossing)
             out = out.index_copy(1, crossing, masked)
-        block_state = torch.bmm(xb * to_state.to(xb.dtype), kern.w_state)   # [D, M, N]
-        decay = decay * carry_in.view(1, bsz, nb, c)[..., -1:].to(u.dtype)
-    else:
-        block_state = torch.bmm(xb, kern.w_state)
-    n = block_state.shape[-1]
-    decay = decay.expand(dim, bsz, nb, n)
-    ends = _scan_blocks(block_state.view(dim, bsz, nb, n), decay)           # state after each block
-    entering = F.pad(ends[:, :, :-1], (0, 0, 1, 0))                          # state entering each block
     incoming = torch.bmm(entering.reshape(dim, m, n), kern.w_prop)
     if resets is not None:
         incoming = incoming * carry_in.to(incoming.dtype)
     out = _relayout((out + incoming).view(dim, bsz, nb * c)[..., :length], (1, 2, 0))
-
-    # State after the last real position: the last block holds `tail` real positions (trailing pads are zeros).
-    tail = length - (nb - 1) * c
-    last_x = xb.view(dim, bsz, nb, c)[:, :, -1, :tail]
-    w_tail = kern.w_state[:, c - tail:]                                      # a q^(tail-1-j)
-    tail_decay = torch.exp(kern.logq * tail)[:, None, :]                    # [D, 1, N]
-    if resets is not None:
-        last_x = last_x * to_state.view(bsz, nb, c)[:, -1, :tail].to(u.dtype)
-        tail_decay = tail_decay * carry_in.view(bsz, nb, c)[:, -1, -1].to(u.dtype)[None, :, None]
-    state = torch.bmm(last_x, w_tail) + tail_decay * entering[:, :, -1]
-    return out, state.permute(1, 0, 2)
+    return out, state
 
 
 def _incoming_contribution(kern: _BlockKernel, h_in: Tensor, length: int, resets: Optional[Tensor]) -> Tensor:
@@ -237,12 +246,13 @@ def _crossing_decay(kern: _BlockKernel, length: int, resets: Optional[Tensor], b
 
 
 def _one_direction(u: Tensor, a: Tensor, c: Tensor, logq: Tensor, resets: Optional[Tensor], block: int,
-                   truncation: Optional[int]) -> tuple[Tensor, Tensor, _BlockKernel]:
-    """Left-to-right EMA (zero incoming state) with optional truncation: (ema [B,L,D], state [B,D,N], kernel)."""
+                   truncation: Optional[int], on_state=None) -> tuple[Tensor, Tensor, _BlockKernel]:
+    """Left-to-right EMA (zero incoming state) with optional truncation: (ema [B,L,D], state [B,D,N], kernel).
+    `on_state`: see _causal_ema (no boundary with truncation)."""
     length = u.shape[1]
     c_blk = min(block, length)
     kern = _make_block_kernel(a, c, logq, c_blk, with_fine=resets is not None)
-    out, state = _causal_ema(u, kern, resets)
+    out, state = _causal_ema(u, kern, resets, on_state)
     if truncation is not None and truncation < length:
         # Lags >= T: sum_{j <= t-T} a c q^(t-j) u_j = sum_n (c q^T)_n h_{t-T}[n] -- the output of an EMA with
         # output weights c q^T, read T positions earlier (only if t-T lies in t's document).
@@ -255,6 +265,25 @@ def _one_direction(u: Tensor, a: Tensor, c: Tensor, logq: Tensor, resets: Option
             shifted = shifted * same_doc.unsqueeze(-1).to(shifted.dtype)
         out = out - shifted
     return out, state, kern
+
+
+class _Ready:
+    """The handle of a plain callable boundary: its answer is already there."""
+
+    def __init__(self, h_in: Tensor):
+        self.h_in = h_in
+
+    def wait(self) -> Tensor:
+        return self.h_in
+
+
+def _start_boundary(boundary: Boundary, local_state: Tensor, decay: Tensor, direction: str):
+    """A handle whose wait() gives the incoming state: the boundary's own two-phase start() when it has one (the
+    exchange then runs until wait), else the plain call, answered at once."""
+    start = getattr(boundary, "start", None)
+    if start is not None:
+        return start(local_state, decay, direction)
+    return _Ready(boundary(local_state, decay, direction))
 
 
 class MultiDimDampedEMA(nn.Module):
@@ -333,25 +362,36 @@ class MultiDimDampedEMA(nn.Module):
             xf = x.to(dtype)
             u = xf if mask is None else xf * mask.to(dtype).unsqueeze(-1)
             resets = None if doc_ids is None else _resets_from_doc_ids(doc_ids)
+            # SP boundary, in phases: (1) each direction's local pass computes its end state, (2) starts the
+            # exchange (on_state), (3) computes its local output, then (4) the incoming states are waited for and
+            # their closed-form contributions added -- the exchanges run while (3) computes.
+            pending = {}
+
+            def exchange(direction, resets_d):
+                def on_state(local_state, kern):
+                    decay = _crossing_decay(kern, length, resets_d, x.shape[0])
+                    pending[direction] = _start_boundary(boundary, local_state, decay, direction)
+                return None if boundary is None else on_state
+
             a, c, logq = _direction_coefficients(self, 0, dtype)
-            out, state_out, kern = _one_direction(u, a, c, logq, resets, self.block_size, self.truncation)
-            h_in = state.to(dtype) if state is not None else None
-            if boundary is not None:
-                decay = _crossing_decay(kern, length, resets, x.shape[0])
-                h_in = boundary(state_out, decay, "forward")
-            if h_in is not None:
-                out = out + _incoming_contribution(kern, h_in, length, resets)
-                state_out = state_out + _crossing_decay(kern, length, resets, x.shape[0]) * h_in
+            out, state_out, kern = _one_direction(u, a, c, logq, resets, self.block_size, self.truncation,
+                                                  exchange("forward", resets))
             if self.bidirectional:
                 # right-to-left = left-to-right on the reversed sequence; doc resets recomputed on reversed ids
                 u_rev = u.flip(1)
                 resets_rev = None if doc_ids is None else _resets_from_doc_ids(doc_ids.flip(1))
                 a, c, logq = _direction_coefficients(self, 1, dtype)
                 out_rev, state_rev, kern_rev = _one_direction(u_rev, a, c, logq, resets_rev, self.block_size,
-                                                              self.truncation)
+                                                              self.truncation, exchange("backward", resets_rev))
+            h_in = state.to(dtype) if state is not None else None
+            if boundary is not None:
+                h_in = pending["forward"].wait()
+            if h_in is not None:
+                out = out + _incoming_contribution(kern, h_in, length, resets)
+                state_out = state_out + _crossing_decay(kern, length, resets, x.shape[0]) * h_in
+            if self.bidirectional:
                 if boundary is not None:
-                    decay = _crossing_decay(kern_rev, length, resets_rev, x.shape[0])
-                    h_rev = boundary(state_rev, decay, "backward")
+                    h_rev = pending["backward"].wait()
                     out_rev = out_rev + _incoming_contribution(kern_rev, h_rev, length, resets_rev)
                 out = out + out_rev.flip(1)
             y = F.silu(out + xf * self.residual_weight.to(dtype))
