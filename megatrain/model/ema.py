@@ -26,7 +26,8 @@ short sequence of its own at 16-position blocks (whose boundary blocks use maske
 An incoming state (explicit `state`, or `boundary` for sequence parallelism) is linear, so it is added afterwards in
 the same closed form. It reaches the positions before the piece's first document change; a document that starts
 exactly at the piece's first position is invisible here, so whoever hands the state over zeros it for that row
-(`megatrain.parallel.sequence` does, from the slices' edge doc ids).
+(`megatrain.parallel.sequence` does, from the slices' edge doc ids). Each direction's end state is computed before
+its output, so a two-phase boundary (`start`/`wait`, docs/CONTRACTS.md) exchanges while the output is computed.
 Truncation to T lags is exact: the full EMA minus a second EMA (output weights gamma * q^T) read T positions back.
 `ema_ref` below is the naive sequential recurrence the fast path is tested against.
 """

@@ -8,6 +8,7 @@ Use (one SP group = ranks that each hold one contiguous slice of the same window
                 truncation=cfg.truncation, normalization_type=cfg.normalization_type)
     piece = sp_slice(batch, sp_rank, sp_size)                                  # this rank's slice, every key
     boundary = make_ema_boundary(sp_group, doc_ids=piece.get("doc_ids"))       # once per micro-batch
+    # (the model calls boundary.start(local_state, decay, direction).wait() per EMA layer/direction; see Overlap)
     out = model(piece["input_ids"], labels=piece["labels"], doc_ids=piece.get("doc_ids"),
                 labels_shifted=True, loss_reduction="sum", ema_boundary=boundary)
     loss = reduce_sp_loss(out.loss, out.num_loss_tokens, sp_group)         # see "Loss normalisation"
@@ -28,6 +29,13 @@ and the model adds the closed-form contribution of h_in_r to its slice. Only the
 (never sequence activations): per EMA layer and direction one all-gather in forward and one reduce-scatter in
 backward (the adjoint of the all-gather), each rank sending (P-1) * 2*B*D*N * itemsize bytes per collective (ring
 model), independent of the sequence length. `COMM_STATS` counts them.
+
+Overlap: the boundary is two-phase. The EMA calls `handle = boundary.start(local_state, decay, direction)` as
+soon as its slice's end state is known -- the all-gather starts asynchronously -- then computes its local output
+(which needs no incoming state), and only then `h_in = handle.wait()`. In backward the mirror image happens by
+itself: the combine's backward starts the reduce-scatter and the all-gather's backward, which autograd runs after
+the gradient of the local output (created between the two in forward), waits for it. `boundary(...)` is
+start + wait at once (no overlap).
 
 Document boundaries (packed windows): the model zeroes `decay` for rows whose slice contains a doc change, but a
 change exactly *at* a slice edge is invisible to both neighbours. So `make_ema_boundary(group, doc_ids=...)`
