@@ -225,8 +225,8 @@ class _Exchange:
         # the payload is kept alive with the work: the collective reads it in the background
         self.gather = (work, flat, payload)
         self.shape = (self.size,) + tuple(payload.shape)
-        # the flat buffer itself, not a view of it: an autograd Function may not return a view of a tensor that
-        # is then written (the collective writes it)
+        # the flat buffer itself, not a view of it: autograd forbids writing to the base of a view that a custom
+        # Function returned, and the collective's wait() counts as a write (see _Combine.forward)
         return flat
 
     def wait_gather(self) -> None:
@@ -273,6 +273,8 @@ class _Combine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gathered, ex: _Exchange):
+        # wait() counts as the collective's in-place write (bumps the buffer's version): views and saved tensors
+        # are taken only after it
         ex.wait_gather()
         gathered = gathered.view(ex.shape)                                               # [P, 2, B, D, N]
         states, decays = gathered[:, 0], gathered[:, 1]
