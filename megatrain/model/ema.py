@@ -382,8 +382,8 @@ class MultiDimDampedEMA(nn.Module):
                 u_rev = u.flip(1)
                 resets_rev = None if doc_ids is None else _resets_from_doc_ids(doc_ids.flip(1))
                 a, c, logq = _direction_coefficients(self, 1, dtype)
-                out_rev, state_rev, kern_rev = _one_direction(u_rev, a, c, logq, resets_rev, self.block_size,
-                                                              self.truncation, exchange("backward", resets_rev))
+                out_rev, _, kern_rev = _one_direction(u_rev, a, c, logq, resets_rev, self.block_size,
+                                                      self.truncation, exchange("backward", resets_rev))
             h_in = state.to(dtype) if state is not None else None
             if boundary is not None:
                 h_in = pending["forward"].wait()
