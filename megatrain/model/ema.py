@@ -25,7 +25,9 @@ An incoming state (explicit `state`, or `boundary` for sequence parallelism) is 
 slice is scanned from zero and the boundary's state is added afterwards in closed form
 (`incoming_contribution`). It reaches the positions before the piece's first document change; a document that
 starts exactly at the piece's first position is invisible here, so whoever hands the state over zeros it for that
-row (`megatrain.parallel.sequence` does, from the slices' edge doc ids).
+row (`megatrain.parallel.sequence` does, from the slices' edge doc ids). The scan hands its end state out before
+computing its output (`on_state`), so a two-phase boundary (`start`/`wait`, docs/CONTRACTS.md) exchanges while the
+output is computed.
 `ema_ref` below runs the module through the naive recurrence (megatrain.ops.ema.reference), the tests' oracle.
 """
 from __future__ import annotations
@@ -41,6 +43,8 @@ from megatrain.ops.backend import KERNEL_BACKENDS, resolve_backend
 from megatrain.ops.ema import crossing_decay, ema_scan, ema_scan_ref, incoming_contribution, math_dtype
 
 # boundary(local_state [B,D,N], decay [B,D,N], direction "forward"|"backward") -> incoming state [B,D,N]
+# A boundary may also offer the two-phase `boundary.start(local_state, decay, direction) -> handle`,
+# `handle.wait() -> h_in` (megatrain.parallel.sequence's does): the exchange then overlaps the local output.
 Boundary = Callable[[Tensor, Tensor, str], Tensor]
 
 
@@ -62,6 +66,25 @@ def _resets_from_doc_ids(doc_ids: Tensor) -> Tensor:
     """[B, L] bool: position t starts a new document (t >= 1 and its id differs from t-1's)."""
     changed = doc_ids[:, 1:] != doc_ids[:, :-1]
     return F.pad(changed, (1, 0), value=False)
+
+
+class _Ready:
+    """The handle of a plain callable boundary: its answer is already there."""
+
+    def __init__(self, h_in: Tensor):
+        self.h_in = h_in
+
+    def wait(self) -> Tensor:
+        return self.h_in
+
+
+def _start_boundary(boundary: Boundary, local_state: Tensor, decay: Tensor, direction: str):
+    """A handle whose wait() gives the incoming state: the boundary's own two-phase start() when it has one (the
+    exchange then runs until wait), else the plain call, answered at once."""
+    start = getattr(boundary, "start", None)
+    if start is not None:
+        return start(local_state, decay, direction)
+    return _Ready(boundary(local_state, decay, direction))
 
 
 class MultiDimDampedEMA(nn.Module):
@@ -136,17 +159,28 @@ class MultiDimDampedEMA(nn.Module):
                              "state/boundary are unsupported with truncation")
 
     def _direction(self, u: Tensor, resets: Optional[Tensor], direction: int, h_in: Optional[Tensor],
-                   boundary: Optional[Boundary], backend: str) -> tuple[Tensor, Tensor]:
-        """One direction's EMA of u [B, L, D] (already flipped for right-to-left): (ema [B, L, D], state)."""
+                   boundary: Optional[Boundary], backend: str):
+        """One direction's EMA of u [B, L, D] (already flipped for right-to-left): (ema [B, L, D], state, finish).
+
+        With a boundary (sequence parallelism) the slice is scanned from zero state; the exchange starts as soon as
+        the local end state exists (before the output on the PyTorch path: a two-phase boundary's collective runs
+        while the output is computed), and `finish(out, state)` waits for the incoming state and adds its
+        closed-form contribution. Without one, finish is None."""
         bsz, length = u.shape[:2]
         a, c, logq = _direction_coefficients(self, direction, u.dtype)
-        out, state = ema_scan(u, a, c, logq, resets, h_in, self.truncation, self.block_size, backend)
-        if boundary is not None:
-            decay = crossing_decay(logq, bsz, length, resets)
-            h_in = boundary(state, decay, "forward" if direction == 0 else "backward")
-            out = out + incoming_contribution(h_in, c, logq, length, resets, self.block_size)
-            state = state + decay * h_in
-        return out, state
+        if boundary is None:
+            out, state = ema_scan(u, a, c, logq, resets, h_in, self.truncation, self.block_size, backend)
+            return out, state, None
+        decay = crossing_decay(logq, bsz, length, resets)
+        name = "forward" if direction == 0 else "backward"
+        started = []
+        out, state = ema_scan(u, a, c, logq, resets, block=self.block_size, backend=backend,
+                              on_state=lambda s: started.append(_start_boundary(boundary, s, decay, name)))
+
+        def finish(out: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+            h = started[0].wait()
+            return out + incoming_contribution(h, c, logq, length, resets, self.block_size), state + decay * h
+        return out, state, finish
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, doc_ids: Optional[Tensor] = None,
                 state: Optional[Tensor] = None, boundary: Optional[Boundary] = None) -> tuple[Tensor, Tensor]:
@@ -159,11 +193,18 @@ class MultiDimDampedEMA(nn.Module):
             u = xf if mask is None else xf * mask.to(dtype).unsqueeze(-1)
             resets = None if doc_ids is None else _resets_from_doc_ids(doc_ids)
             h_in = state.to(dtype) if state is not None else None
-            out, state_out = self._direction(u, resets, 0, h_in, boundary, backend)
+            # both directions' local passes first (each starts its exchange), then the waits: every rank starts
+            # its collectives in the same order, and both are in flight while the local outputs are computed
+            out, state_out, finish = self._direction(u, resets, 0, h_in, boundary, backend)
             if self.bidirectional:
                 # right-to-left = left-to-right on the reversed sequence; doc resets recomputed on reversed ids
                 resets_rev = None if doc_ids is None else _resets_from_doc_ids(doc_ids.flip(1))
-                out_rev, _ = self._direction(u.flip(1), resets_rev, 1, None, boundary, backend)
+                out_rev, state_rev, finish_rev = self._direction(u.flip(1), resets_rev, 1, None, boundary, backend)
+            if finish is not None:
+                out, state_out = finish(out, state_out)
+            if self.bidirectional:
+                if finish_rev is not None:
+                    out_rev, _ = finish_rev(out_rev, state_rev)
                 out = out + out_rev.flip(1)
             y = F.silu(out + xf * self.residual_weight.to(dtype))
         return y.to(x.dtype), state_out

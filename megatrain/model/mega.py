@@ -8,6 +8,7 @@ Use:
                 ema_boundary=None, labels_shifted=False, loss_reduction="mean")
     out.logits [B, L, V]; out.loss; out.num_loss_tokens
     out = model(input_ids, labels=labels, return_logits=False)   # training: blockwise loss, no [B, L, V] logits
+                                                                   # (LMHead's forward: works under ZeRO-3 too)
 
 Any length works with chunking: the sequence is padded to a multiple of chunk_size inside (padding masked out of
 the EMA, the attention and batch-norm statistics) and the outputs are cut back to L. `doc_ids` resets the EMA and
@@ -208,6 +209,31 @@ class MegaModel(nn.Module):
         return h
 
 
+class LMHead(nn.Linear):
+    """The vocabulary projection [D] -> [V] (an nn.Linear: same parameter names, tied or not). Its forward also owns
+    the fused blockwise loss (`labels` given): the head weight is then read inside this module's forward.
+
+    Why here and not as `lm_head_ce_sum(h, self.lm_head.weight, ...)` in the LM's forward: wrappers that shard
+    parameters and gather them around each module's forward (DeepSpeed ZeRO-3, FSDP) only materialise a weight
+    while its module runs. A tied weight is the embedding's parameter too, and such wrappers gather a parameter for
+    every module that holds it, so it is whole inside this forward either way. The alternative -- registering the
+    weight as a ZeRO-3 "external parameter" of the root module from megatrain/parallel/ -- would keep the
+    [V, D] weight gathered for the whole model forward and would teach the parallel code about the model's
+    layout; this keeps the model free of distributed code and works for any per-module wrapper."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, kernel_backend: str = "auto"):
+        super().__init__(hidden_size, vocab_size)
+        self.kernel_backend = kernel_backend  # MegaConfig.kernel_backend: blockwise (CPU) or Liger (CUDA) loss
+
+    def forward(self, h: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                block: int = LOSS_BLOCK_TOKENS) -> torch.Tensor:
+        """labels None: logits [..., V]. labels [...] (IGNORE_INDEX = no loss): the fp32 sum of the token
+        cross-entropies, computed `block` positions at a time (megatrain.ops.lm_loss): no [..., V] tensor."""
+        if labels is None:
+            return super().forward(h)
+        return lm_head_ce_sum(h, self.weight, self.bias, labels, block, backend=self.kernel_backend).float()
+
+
 class _MegaLM(nn.Module):
     """Shared by the causal and masked LM: backbone, optional dense+tanh, vocabulary head (tied or not), loss."""
 
@@ -220,7 +246,7 @@ class _MegaLM(nn.Module):
         self.config = config
         self.mega = MegaModel(config)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size) if config.add_lm_hidden_dense_layer else None
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size, config.kernel_backend)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -280,8 +306,7 @@ class _MegaLM(nn.Module):
         else:
             # the dense+tanh is [N, D] (cheap, ordinary autograd); the head + CE is fused and blockwise
             hd = torch.tanh(self.dense(h)) if self.dense is not None else h
-            loss = lm_head_ce_sum(hd, self.lm_head.weight, self.lm_head.bias, labels, LOSS_BLOCK_TOKENS,
-                                  backend=self.config.kernel_backend).float()
+            loss = self.lm_head(hd, labels)   # a module call: see LMHead (ZeRO-3 gathers the weight for it)
         # mean over counted tokens; 0 (not NaN) when every label is ignored
         out.loss = loss if loss_reduction == "sum" else loss / n.clamp(min=1)
         out.num_loss_tokens = n

@@ -7,6 +7,7 @@ env/groups names are resolved lazily so that importing one submodule never requi
 """
 from megatrain.parallel.sequence import (  # noqa: F401
     COMM_STATS,
+    BoundaryHandle,
     EMABoundary,
     make_ema_boundary,
     reduce_sp_loss,

@@ -8,6 +8,7 @@ Use (one SP group = ranks that each hold one contiguous slice of the same window
                 truncation=cfg.truncation, normalization_type=cfg.normalization_type)
     piece = sp_slice(batch, sp_rank, sp_size)                                  # this rank's slice, every key
     boundary = make_ema_boundary(sp_group, doc_ids=piece.get("doc_ids"))       # once per micro-batch
+    # (the model calls boundary.start(local_state, decay, direction).wait() per EMA layer/direction; see Overlap)
     out = model(piece["input_ids"], labels=piece["labels"], doc_ids=piece.get("doc_ids"),
                 labels_shifted=True, loss_reduction="sum", ema_boundary=boundary)
     loss = reduce_sp_loss(out.loss, out.num_loss_tokens, sp_group)         # see "Loss normalisation"
@@ -28,6 +29,13 @@ and the model adds the closed-form contribution of h_in_r to its slice. Only the
 (never sequence activations): per EMA layer and direction one all-gather in forward and one reduce-scatter in
 backward (the adjoint of the all-gather), each rank sending (P-1) * 2*B*D*N * itemsize bytes per collective (ring
 model), independent of the sequence length. `COMM_STATS` counts them.
+
+Overlap: the boundary is two-phase. The EMA calls `handle = boundary.start(local_state, decay, direction)` as
+soon as its slice's end state is known -- the all-gather starts asynchronously -- then computes its local output
+(which needs no incoming state), and only then `h_in = handle.wait()`. In backward the mirror image happens by
+itself: the combine's backward starts the reduce-scatter and the all-gather's backward, which autograd runs after
+the gradient of the local output (created between the two in forward), waits for it. `boundary(...)` is
+start + wait at once (no overlap).
 
 Document boundaries (packed windows): the model zeroes `decay` for rows whose slice contains a doc change, but a
 change exactly *at* a slice edge is invisible to both neighbours. So `make_ema_boundary(group, doc_ids=...)`
@@ -61,6 +69,7 @@ import torch.distributed as dist
 __all__ = [
     "COMM_STATS",
     "CommStats",
+    "BoundaryHandle",
     "EMABoundary",
     "SPLoss",
     "make_ema_boundary",
@@ -196,47 +205,124 @@ def _combine_adjoint(grad_out: torch.Tensor, states: torch.Tensor, decays: torch
     return grads
 
 
-class _BoundaryExchange(torch.autograd.Function):
-    """All-gather (local_state, decay) -> prefix combine; backward: adjoint combine -> reduce-scatter."""
+class _Exchange:
+    """One boundary exchange in flight (one EMA layer, one direction, one forward call), shared by its two autograd
+    nodes. Forward: `launch` starts the all-gather of (local_state, decay) without waiting; `combine` waits for it
+    and does the prefix combine. Backward, mirrored: `combine`'s backward starts the reduce-scatter of its adjoint;
+    `launch`'s backward waits for it. Between the two the caller computes what needs no incoming state (the
+    slice's local EMA output, forward; its gradient, backward), so the collectives overlap with that work."""
+
+    def __init__(self, group, rank: int, size: int, direction: str, keep: Optional[torch.Tensor]):
+        self.group, self.rank, self.size, self.direction, self.keep = group, rank, size, direction, keep
+        self.gather = self.scatter = None          # (work, buffer) of the collective in flight
+
+    def start_gather(self, payload: torch.Tensor) -> torch.Tensor:
+        flat = payload.new_empty(self.size * payload.numel())
+        # Flat buffers: gloo wants the concatenation along dim 0, not a stacked extra dim.
+        work = _all_gather(flat, payload.reshape(-1), group=self.group, async_op=True)
+        COMM_STATS.forward_bytes += (self.size - 1) * payload.numel() * payload.element_size()
+        COMM_STATS.forward_calls += 1
+        # the payload is kept alive with the work: the collective reads it in the background
+        self.gather = (work, flat, payload)
+        self.shape = (self.size,) + tuple(payload.shape)
+        # the flat buffer itself, not a view of it: autograd forbids writing to the base of a view that a custom
+        # Function returned, and the collective's wait() counts as a write (see _Combine.forward)
+        return flat
+
+    def wait_gather(self) -> None:
+        work = self.gather[0]
+        self.gather = None
+        work.wait()
+
+    def start_scatter(self, contributions: torch.Tensor) -> None:
+        mine = contributions.new_empty(contributions.shape[1:])
+        work = _reduce_scatter(mine.view(-1), contributions.view(-1), op=dist.ReduceOp.SUM, group=self.group,
+                               async_op=True)
+        COMM_STATS.backward_bytes += (self.size - 1) * mine.numel() * mine.element_size()
+        COMM_STATS.backward_calls += 1
+        self.scatter = (work, mine, contributions)
+
+    def finish_scatter(self, contributions: torch.Tensor) -> torch.Tensor:
+        if self.scatter is None:   # combine's backward did not start it (it always does): the blocking path
+            self.start_scatter(contributions.contiguous())
+        work, mine, _ = self.scatter
+        self.scatter = None
+        work.wait()
+        return mine
+
+
+class _Launch(torch.autograd.Function):
+    """(local_state, decay) -> the flat [P * 2*B*D*N] all-gather buffer, still being filled (read it only through
+    _Combine, which waits). Backward: the adjoint of an all-gather, a reduce-scatter of the buffer's gradient --
+    started early by _Combine's backward, only waited for here."""
 
     @staticmethod
-    def forward(ctx, local_state, decay, group, rank, size, direction, keep):
+    def forward(ctx, local_state, decay, ex: _Exchange):
         payload = torch.stack([local_state.detach(), decay.detach()]).contiguous()       # [2, B, D, N]
-        gathered = _gather_stacked(payload, group, size)                                 # [P, 2, B, D, N]
-        COMM_STATS.forward_bytes += (size - 1) * payload.numel() * payload.element_size()
-        COMM_STATS.forward_calls += 1
+        ctx.ex = ex
+        return ex.start_gather(payload)
+
+    @staticmethod
+    def backward(ctx, grad_gathered):
+        mine = ctx.ex.finish_scatter(grad_gathered)
+        return mine[0], mine[1], None
+
+
+class _Combine(torch.autograd.Function):
+    """Wait for the all-gather, then h_in = prefix combine; backward: adjoint combine, reduce-scatter started."""
+
+    @staticmethod
+    def forward(ctx, gathered, ex: _Exchange):
+        # wait() counts as the collective's in-place write (bumps the buffer's version): views and saved tensors
+        # are taken only after it
+        ex.wait_gather()
+        gathered = gathered.view(ex.shape)                                               # [P, 2, B, D, N]
         states, decays = gathered[:, 0], gathered[:, 1]
         ctx.save_for_backward(states, decays)
-        ctx.meta = (group, rank, size, direction, keep)
-        h_in, _ = _combine(states, decays, keep, rank, direction)
+        ctx.ex = ex
+        h_in, _ = _combine(states, decays, ex.keep, ex.rank, ex.direction)
         return h_in
 
     @staticmethod
     def backward(ctx, grad_out):
         states, decays = ctx.saved_tensors
-        group, rank, size, direction, keep = ctx.meta
+        ex = ctx.ex
         # Every rank holds the whole (tiny) combine, so it can compute how its own h_in depends on each slice's
-        # tensors; slice j's gradient is the sum of those contributions over ranks = one reduce-scatter.
-        contributions = _combine_adjoint(grad_out.contiguous(), states, decays, keep, rank, direction)
-        mine = contributions.new_empty(contributions.shape[1:])
-        # Flat buffers: gloo wants the concatenation along dim 0, not a stacked extra dim.
-        _reduce_scatter(mine.view(-1), contributions.view(-1), op=dist.ReduceOp.SUM, group=group)
-        COMM_STATS.backward_bytes += (size - 1) * mine.numel() * mine.element_size()
-        COMM_STATS.backward_calls += 1
-        return mine[0], mine[1], None, None, None, None, None
+        # tensors; slice j's gradient is the sum of those contributions over ranks = one reduce-scatter, started
+        # now and waited for in _Launch's backward: autograd runs the gradient of the slice's local output
+        # (created between the two nodes in forward) in between.
+        contributions = _combine_adjoint(grad_out.contiguous(), states, decays, ex.keep, ex.rank, ex.direction)
+        ex.start_scatter(contributions)
+        return contributions.view(-1), None
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The boundary callable handed to the model
+# The boundary handed to the model
 # ----------------------------------------------------------------------------------------------------------------
+class BoundaryHandle:
+    """An exchange in flight: `wait()` -> h_in [B, D, N] (differentiable; call it once the local work is done)."""
+
+    def __init__(self, gathered: torch.Tensor, ex: _Exchange):
+        self._gathered, self._ex, self._h_in = gathered, ex, None
+
+    def wait(self) -> torch.Tensor:
+        if self._h_in is None:
+            self._h_in = _Combine.apply(self._gathered, self._ex)
+            self._gathered = None
+        return self._h_in
+
+
 class EMABoundary:
-    """`boundary(local_state, decay, direction) -> h_in` for one SP group and one micro-batch (see module doc)."""
+    """The `ema_boundary` for one SP group and one micro-batch (see module doc). Two-phase, so the exchange overlaps
+    the slice's local EMA output: `handle = boundary.start(local_state, decay, direction)` as soon as the local
+    end state is known, then `h_in = handle.wait()`. `boundary(local_state, decay, direction) -> h_in` is both at
+    once (no overlap)."""
 
     def __init__(self, group, rank: int, size: int, keep: Optional[torch.Tensor]):
         self.group, self.rank, self.size = group, rank, size
         self._keep = keep        # [P+1, B, 1, 1]: 0 where a document starts exactly at slice edge e
 
-    def __call__(self, local_state: torch.Tensor, decay: torch.Tensor, direction: str) -> torch.Tensor:
+    def start(self, local_state: torch.Tensor, decay: torch.Tensor, direction: str) -> BoundaryHandle:
         if direction not in DIRECTIONS:
             raise ValueError(f"EMA boundary direction must be one of {DIRECTIONS}, got {direction!r}")
         if local_state.dim() != 3 or decay.shape != local_state.shape:
@@ -251,7 +337,11 @@ class EMABoundary:
                 raise ValueError(f"EMA boundary was made for batch size {keep.shape[1]} (doc_ids) but got "
                                  f"local_state with batch size {local_state.shape[0]}")
             keep = keep.to(device=local_state.device, dtype=local_state.dtype)
-        return _BoundaryExchange.apply(local_state, decay, self.group, self.rank, self.size, direction, keep)
+        ex = _Exchange(self.group, self.rank, self.size, direction, keep)
+        return BoundaryHandle(_Launch.apply(local_state, decay, ex), ex)
+
+    def __call__(self, local_state: torch.Tensor, decay: torch.Tensor, direction: str) -> torch.Tensor:
+        return self.start(local_state, decay, direction).wait()
 
 
 def make_ema_boundary(sp_group, doc_ids: Optional[torch.Tensor] = None) -> Optional[EMABoundary]:

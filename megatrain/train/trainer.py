@@ -222,10 +222,9 @@ def train_step(job: Job) -> StepResult:
         boundary = make_ema_boundary(groups.sp_group, doc_ids=doc_ids) if sp > 1 else None
         out = engine(input_ids=piece["input_ids"], labels=piece["labels"], doc_ids=doc_ids,
                      ema_boundary=boundary, loss_reduction="sum",
-                     # the loss only: no [B, L, V] logits tensor (~1 GB per 32K tokens at V=8K).
-                     # Not under ZeRO-3: the blockwise loss reaches the (tied) head weight outside a
-                     # module forward, where ZeRO-3 has not gathered it.
-                     return_logits=cfg.parallel.zero_stage == 3,
+                     # the loss only, under every ZeRO stage: no [B, L, V] logits tensor (~1 GB per 32K
+                     # tokens at V=8K); the head's own forward runs the fused loss (model/mega.py LMHead)
+                     return_logits=False,
                      **({"labels_shifted": True} if causal else {}))
         # W = 1: DeepSpeed sums the SP ranks' gradients (its divisor is DP, not DP x SP)
         loss = reduce_sp_loss(out.loss, out.num_loss_tokens, groups.sp_group, grad_average_size=1)

@@ -82,13 +82,22 @@ def full(x, params, bidirectional, doc_ids=None):
     return F.silu(y)
 
 
-def sliced(x, params, bidirectional, boundary, doc_ids=None):
+def sliced(x, params, bidirectional, boundary, doc_ids=None, two_phase=False):
+    """`two_phase`: use `boundary.start(...)` / `handle.wait()` as the model does -- every direction's exchange is
+    started before any is waited for, and they are waited for in reverse order."""
     B, L, D = x.shape
     y = x * params["omega"]
+    pending = []
     for direction, (pb, q, gamma) in _directions(params, D, bidirectional):
         xs, ds = (x, doc_ids) if direction == "forward" else (x.flip(1), None if doc_ids is None else doc_ids.flip(1))
         ema, local_state = _scan(xs, ds, pb, q, gamma)
+        if two_phase:
+            pending.append((direction, ema, ds, q, gamma, boundary.start(local_state, _decay(q, ds, B, L), direction)))
+            continue
         h_in = boundary(local_state, _decay(q, ds, B, L), direction)
         ema = ema + _carry_in(h_in, ds, q, gamma, L)
+        y = y + (ema if direction == "forward" else ema.flip(1))
+    for direction, ema, ds, q, gamma, handle in reversed(pending):
+        ema = ema + _carry_in(handle.wait(), ds, q, gamma, L)
         y = y + (ema if direction == "forward" else ema.flip(1))
     return F.silu(y)

@@ -32,7 +32,8 @@ def _doc_ids(L: int, slice_len: int) -> torch.Tensor:
     return change.cumsum(1) + 7
 
 
-def _run_case(sp_rank, P, group, dtype, bidirectional, use_docs, slice_len, use_checkpoint=False, seed=0):
+def _run_case(sp_rank, P, group, dtype, bidirectional, use_docs, slice_len, use_checkpoint=False, seed=0,
+              two_phase=False):
     """One configuration on this rank; returns (COMM_STATS after fwd, after bwd) for the byte checks."""
     L = P * slice_len
     g = torch.Generator().manual_seed(seed)
@@ -62,7 +63,7 @@ def _run_case(sp_rank, P, group, dtype, bidirectional, use_docs, slice_len, use_
     h = x_loc
     for params in layers:
         fn = lambda inp, params=params: ref.sliced(inp, params, bidirectional, boundary,  # noqa: E731
-                                                    None if doc_ids is None else doc_ids[:, sl])
+                                                    None if doc_ids is None else doc_ids[:, sl], two_phase)
         h = checkpoint(fn, h, use_reentrant=False) if use_checkpoint else fn(h)
     loss_loc = (h * w[:, sl]).sum()
     after_fwd = (COMM_STATS.forward_bytes, COMM_STATS.forward_calls, COMM_STATS.backward_bytes)
@@ -71,7 +72,8 @@ def _run_case(sp_rank, P, group, dtype, bidirectional, use_docs, slice_len, use_
                  COMM_STATS.backward_calls)
 
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
-    what = f"P={P} rank={sp_rank} {dtype} bidi={bidirectional} docs={use_docs} ckpt={use_checkpoint}"
+    what = (f"P={P} rank={sp_rank} {dtype} bidi={bidirectional} docs={use_docs} ckpt={use_checkpoint} "
+            f"two_phase={two_phase}")
     torch.testing.assert_close(h.detach(), y_full[:, sl], **tol, msg=lambda m: f"{what} output: {m}")
     total = loss_loc.detach().clone()
     dist.all_reduce(total, group=group)
@@ -103,6 +105,14 @@ def _ema_worker(rank, world_size):
     # Activation checkpointing: the recompute calls the boundary again during backward, same result.
     fwd, bwd = _run_case(rank, P, group, torch.float64, True, True, slice_len=8, use_checkpoint=True)
     assert bwd[0] == 2 * fwd[0] and bwd[2] == fwd[0], (fwd, bwd)
+    # Two-phase start()/wait() (as the model uses it): both directions in flight at once, waited in reverse
+    # order; with and without checkpointing. Same results and the same collectives.
+    for use_checkpoint in (False, True):
+        two = _run_case(rank, P, group, torch.float64, True, True, slice_len=8, use_checkpoint=use_checkpoint,
+                        two_phase=True)
+        one = _run_case(rank, P, group, torch.float64, True, True, slice_len=8, use_checkpoint=use_checkpoint)
+        assert two == one, (two, one)
+    _check_handle(group)
     _check_bad_inputs(group)
     _check_loss_helper(rank, P, group)
     if world_size == 4:
@@ -127,11 +137,27 @@ def _check_loss_helper(rank, P, group):
         reduce_sp_loss(torch.ones(2), 1, group)
 
 
+def _check_handle(group):
+    """The exchange starts at start() (counted then), h_in exists only at wait(), and wait() is idempotent."""
+    boundary = make_ema_boundary(group)
+    reset_comm_stats()
+    s = torch.ones(B, D, N, dtype=torch.float64)
+    handle = boundary.start(s, s * 0.5, "forward")
+    assert COMM_STATS.forward_calls == 1
+    h_in = handle.wait()
+    assert handle.wait() is h_in and COMM_STATS.forward_calls == 1
+    rank = dist.get_rank(group)
+    # h_in = sum over earlier slices j of 0.5^(r-1-j) * 1
+    torch.testing.assert_close(h_in, torch.full_like(s, sum(0.5 ** (rank - 1 - j) for j in range(rank))))
+
+
 def _check_bad_inputs(group):
     boundary = make_ema_boundary(group)
     s = torch.zeros(B, D, N)
     with pytest.raises(ValueError, match="direction"):
         boundary(s, s, "left")
+    with pytest.raises(ValueError, match="direction"):
+        boundary.start(s, s, "left")
     with pytest.raises(ValueError, match=r"same shape \[B, D, N\]"):
         boundary(s, torch.zeros(B, D, N + 1), "forward")
     with pytest.raises(ValueError, match="dtype"):

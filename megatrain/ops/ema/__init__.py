@@ -24,7 +24,7 @@ incoming_contribution. They are plain PyTorch on both backends.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -65,11 +65,14 @@ def _validate(u, a, c, logq, resets, h_in, truncation, block) -> None:
 
 
 def _scan(backend: str, u: Tensor, a: Tensor, c: Tensor, logq: Tensor, resets: Optional[Tensor],
-          h_in: Optional[Tensor], block: int) -> tuple[Tensor, Tensor]:
+          h_in: Optional[Tensor], block: int, on_state=None) -> tuple[Tensor, Tensor]:
     if backend == "triton":
         from megatrain.ops.ema.triton_kernel import ema_scan_triton  # imports triton only when asked for
-        return ema_scan_triton(u, a, c, logq, resets, h_in, block)
-    return causal_ema_blocked(u.to(a.dtype), a, c, logq, resets, h_in, block)
+        out, state = ema_scan_triton(u, a, c, logq, resets, h_in, block)
+        if on_state is not None:  # one fused pass: the state exists only with the output
+            on_state(state)
+        return out, state
+    return causal_ema_blocked(u.to(a.dtype), a, c, logq, resets, h_in, block, on_state)
 
 
 def _same_document_shift(x: Tensor, lag: int, resets: Optional[Tensor]) -> Tensor:
@@ -85,14 +88,18 @@ def _same_document_shift(x: Tensor, lag: int, resets: Optional[Tensor]) -> Tenso
 
 def ema_scan(u: Tensor, a: Tensor, c: Tensor, logq: Tensor, resets: Optional[Tensor] = None,
              h_in: Optional[Tensor] = None, truncation: Optional[int] = None, block: int = 128,
-             backend: str = "torch") -> tuple[Tensor, Tensor]:
-    """The EMA (see the module docstring): (out [B, L, D], state [B, D, N]) in the math dtype."""
+             backend: str = "torch", on_state: Optional[Callable[[Tensor], None]] = None) -> tuple[Tensor, Tensor]:
+    """The EMA (see the module docstring): (out [B, L, D], state [B, D, N]) in the math dtype.
+    `on_state(state)` (no h_in, no truncation) is called with the end state as soon as it exists: before the
+    output on the PyTorch path, so a sequence-parallel boundary exchange started there overlaps the output's work."""
     _validate(u, a, c, logq, resets, h_in, truncation, block)
+    if on_state is not None and (h_in is not None or truncation is not None):
+        raise ValueError("ema_scan: on_state is for a scan from zero state without truncation")
     backend = resolve_backend(backend, u)
     dtype = math_dtype(u.dtype)
     a, c, logq = a.to(dtype), c.to(dtype), logq.to(dtype)
     h_in = None if h_in is None else h_in.to(dtype)
-    out, state = _scan(backend, u, a, c, logq, resets, h_in, block)
+    out, state = _scan(backend, u, a, c, logq, resets, h_in, block, on_state)
     length = u.shape[1]
     if truncation is not None and truncation < length:
         far, _ = _scan(backend, u, a, c * torch.exp(logq * truncation), logq, resets, None, block)

@@ -18,7 +18,7 @@ It reaches the positions before the first reset; resets[:, 0] = True cuts it ent
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -114,10 +114,13 @@ def _masked_intra_block(kern: _BlockKernel, xb: Tensor, seg: Tensor, blocks: Ten
     return torch.cat(outs, dim=1)
 
 
-def _causal_ema(u: Tensor, kern: _BlockKernel, resets: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def _causal_ema(u: Tensor, kern: _BlockKernel, resets: Optional[Tensor],
+                on_state: Optional[Callable[[Tensor], None]] = None) -> tuple[Tensor, Tensor]:
     """Left-to-right EMA from zero incoming state: u [B, L, D] (already masked), resets [B, L] bool or None.
 
-    Returns (ema [B, L, D] = sum_n c h_t[n], state [B, D, N] after the last position).
+    Returns (ema [B, L, D] = sum_n c h_t[n], state [B, D, N] after the last position). The end state is computed
+    first and handed to `on_state(state)` before the output (sequence parallelism starts the boundary exchange
+    there, so it runs while the output -- the Toeplitz matmuls, most of the work -- is computed).
     """
     bsz, length, dim = u.shape
     c = kern.block
@@ -127,13 +130,36 @@ def _causal_ema(u: Tensor, kern: _BlockKernel, resets: Optional[Tensor]) -> tupl
     # [D, B*nb, C]: every block of every row is one row of a batched matmul per channel
     xb = _relayout(F.pad(u, (0, 0, 0, pad)), (2, 0, 1)).view(dim, m, c)
 
-    out = torch.bmm(xb, kern.toeplitz.transpose(1, 2))
+    # ---- the states: each block's end state from zero start, a scan over blocks, the state after the last position
     decay = kern.block_decay[:, None, None, :]                               # [D, 1, 1, N]
     if resets is not None:
         rb = F.pad(resets, (0, pad), value=False).view(bsz, nb, c)
         seg = rb.cumsum(-1)                       # segment index inside each block (0 until the first reset)
         carry_in = (seg == 0).reshape(m, c)       # positions the block's incoming state reaches
         to_state = (seg == seg[..., -1:]).reshape(m, c)  # positions that reach the block's end state
+        block_state = torch.bmm(xb * to_state.to(xb.dtype), kern.w_state)   # [D, M, N]
+        decay = decay * carry_in.view(1, bsz, nb, c)[..., -1:].to(u.dtype)
+    else:
+        block_state = torch.bmm(xb, kern.w_state)
+    n = block_state.shape[-1]
+    decay = decay.expand(dim, bsz, nb, n)
+    ends = _scan_blocks(block_state.view(dim, bsz, nb, n), decay)           # state after each block
+    entering = F.pad(ends[:, :, :-1], (0, 0, 1, 0))                          # state entering each block
+    # State after the last real position: the last block holds `tail` real positions (trailing pads are zeros).
+    tail = length - (nb - 1) * c
+    last_x = xb.view(dim, bsz, nb, c)[:, :, -1, :tail]
+    w_tail = kern.w_state[:, c - tail:]                                      # a q^(tail-1-j)
+    tail_decay = torch.exp(kern.logq * tail)[:, None, :]                    # [D, 1, N]
+    if resets is not None:
+        last_x = last_x * to_state.view(bsz, nb, c)[:, -1, :tail].to(u.dtype)
+        tail_decay = tail_decay * carry_in.view(bsz, nb, c)[:, -1, -1].to(u.dtype)[None, :, None]
+    state = (torch.bmm(last_x, w_tail) + tail_decay * entering[:, :, -1]).permute(1, 0, 2)
+    if on_state is not None:
+        on_state(state)  # nothing below needs an incoming state
+
+    # ---- the output: intra-block Toeplitz matmuls + each block's entering state in closed form
+    out = torch.bmm(xb, kern.toeplitz.transpose(1, 2))
+    if resets is not None:
         crossing = rb[..., 1:].any(-1).reshape(m).nonzero().squeeze(1)
         if crossing.numel() and kern.fine is not None:
             # Blocks with a document boundary inside: their intra-block part is the EMA of a C-long sequence with
@@ -149,29 +175,11 @@ def _causal_ema(u: Tensor, kern: _BlockKernel, resets: Optional[Tensor]) -> tupl
         elif crossing.numel():
             masked = _masked_intra_block(kern, xb, seg.reshape(m, c), crossing)
             out = out.index_copy(1, crossing, masked)
-        block_state = torch.bmm(xb * to_state.to(xb.dtype), kern.w_state)   # [D, M, N]
-        decay = decay * carry_in.view(1, bsz, nb, c)[..., -1:].to(u.dtype)
-    else:
-        block_state = torch.bmm(xb, kern.w_state)
-    n = block_state.shape[-1]
-    decay = decay.expand(dim, bsz, nb, n)
-    ends = _scan_blocks(block_state.view(dim, bsz, nb, n), decay)           # state after each block
-    entering = F.pad(ends[:, :, :-1], (0, 0, 1, 0))                          # state entering each block
     incoming = torch.bmm(entering.reshape(dim, m, n), kern.w_prop)
     if resets is not None:
         incoming = incoming * carry_in.to(incoming.dtype)
     out = _relayout((out + incoming).view(dim, bsz, nb * c)[..., :length], (1, 2, 0))
-
-    # State after the last real position: the last block holds `tail` real positions (trailing pads are zeros).
-    tail = length - (nb - 1) * c
-    last_x = xb.view(dim, bsz, nb, c)[:, :, -1, :tail]
-    w_tail = kern.w_state[:, c - tail:]                                      # a q^(tail-1-j)
-    tail_decay = torch.exp(kern.logq * tail)[:, None, :]                    # [D, 1, N]
-    if resets is not None:
-        last_x = last_x * to_state.view(bsz, nb, c)[:, -1, :tail].to(u.dtype)
-        tail_decay = tail_decay * carry_in.view(bsz, nb, c)[:, -1, -1].to(u.dtype)[None, :, None]
-    state = torch.bmm(last_x, w_tail) + tail_decay * entering[:, :, -1]
-    return out, state.permute(1, 0, 2)
+    return out, state
 
 
 def _incoming_contribution(logq: Tensor, w_prop: Tensor, h_in: Tensor, length: int,
@@ -207,12 +215,13 @@ def crossing_decay(logq: Tensor, batch: int, length: int, resets: Optional[Tenso
 
 
 def causal_ema_blocked(u: Tensor, a: Tensor, c: Tensor, logq: Tensor, resets: Optional[Tensor] = None,
-                       h_in: Optional[Tensor] = None, block: int = 128) -> tuple[Tensor, Tensor]:
+                       h_in: Optional[Tensor] = None, block: int = 128,
+                       on_state: Optional[Callable[[Tensor], None]] = None) -> tuple[Tensor, Tensor]:
     """Untruncated EMA: u [B, L, D], a/c/logq [D, N] (one dtype), resets [B, L] bool, h_in [B, D, N] ->
-    (out [B, L, D], state [B, D, N])."""
+    (out [B, L, D], state [B, D, N]). `on_state(local state)`: see _causal_ema (only without h_in)."""
     length = u.shape[1]
     kern = _make_block_kernel(a, c, logq, min(block, length), with_fine=resets is not None)
-    out, state = _causal_ema(u, kern, resets)
+    out, state = _causal_ema(u, kern, resets, on_state)
     if h_in is not None:
         out = out + _incoming_contribution(logq, kern.w_prop, h_in, length, resets)
         state = state + crossing_decay(logq, u.shape[0], length, resets) * h_in
