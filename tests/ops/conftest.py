@@ -2,10 +2,9 @@
 (TRITON_INTERPRET=1); with MEGATRAIN_TEST_DEVICE=cuda (tests/ops/util.py) they run compiled, on CUDA tensors.
 
 CPU: triton builds its library functions (tl.sum, ...) and every @triton.jit kernel for interpreter or compiler
-once, at import. So on a machine without CUDA -- where compiled Triton cannot run anyway -- this conftest imports
-triton and megatrain's kernels with TRITON_INTERPRET=1 and then restores the environment; the variable itself is
-set only per test, by the `triton_interpreter` fixture (megatrain.ops.backend reads it per call), so it never leaks
-into other tests. triton is a dev dependency: a machine without it fails these tests rather than skipping them.
+once, at import, so the root tests/conftest.py imports triton and megatrain's kernels for the interpreter before any
+test module can import triton (the whole suite runs in one process); the variable itself is set only per test, by
+the `triton_interpreter` fixture (megatrain.ops.backend reads it per call), so it never leaks into other tests. triton is a dev dependency: a machine without it fails these tests rather than skipping them.
 
 CUDA: nothing is interpreted (TRITON_INTERPRET must be unset, `triton_interpreter` does nothing), and
 torch.compile(flex_attention) -- the production attention path on CUDA -- compiles once per shape/mask/dtype the
@@ -13,7 +12,6 @@ tests use: automatic dynamic shapes off (every shape static, as in training), a 
 variants, and hitting it is an error (never a silent eager fallback).
 """
 import os
-import sys
 
 import pytest
 import torch
@@ -27,20 +25,6 @@ if ON_CUDA and not torch.cuda.is_available():
                             f"{torch.__version__}, CUDA {torch.version.cuda})")
 if ON_CUDA and os.environ.get("TRITON_INTERPRET", "0") == "1":
     raise pytest.UsageError("MEGATRAIN_TEST_DEVICE=cuda runs the compiled kernels: unset TRITON_INTERPRET")
-
-if not ON_CUDA and "triton" not in sys.modules and not torch.cuda.is_available():
-    _saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import megatrain.ops.ema.triton_kernel  # noqa: F401  (imports triton)
-    except ImportError:
-        pass  # reported by the tests that need it
-    finally:
-        if _saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = _saved
-
 
 @pytest.fixture
 def triton_interpreter(monkeypatch):
