@@ -73,8 +73,8 @@ def test_export_hf_matches_transformers(single_dir, tmp_path):
     from megatrain.convert.checkpoint import load_model
     out = tmp_path / "hf"
     p = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "export_hf.py"),
-                        str(single_dir / "checkpoints"), str(out), "--no-tokenizer"], env=pretrain_env(), capture_output=True,
-                       text=True, timeout=120)
+                        str(single_dir / "checkpoints"), str(out), "--no-tokenizer"],  # synthetic shards: none
+                       env=pretrain_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     ours, cfg = load_model(str(single_dir / "checkpoints"))  # ZeRO-1 shards merged by zero_to_fp32
     hf = AutoModelForCausalLM.from_pretrained(str(out)).eval()
