@@ -48,7 +48,8 @@ _HF_DUMMY_BUFFER = "mega.layers.{i}.mega_layer.rel_pos_bias._float_tensor"
 _ARCHS = {"causal": "MegaForCausalLM", "masked": "MegaForMaskedLM"}
 _CLASSES = {"causal": MegaForCausalLM, "masked": MegaForMaskedLM}
 _HEADS = {"causal": "lm_head", "masked": "mlm_head"}
-_MEGATRAIN_ONLY_FIELDS = ("gradient_checkpointing", "hf_rmsnorm_noop", "ema_block_size", "kernel_backend")
+_MEGATRAIN_ONLY_FIELDS = ("gradient_checkpointing", "hf_rmsnorm_noop", "ema_block_size", "kernel_backend",
+                          "segment_size")
 
 
 def _compile(pattern: str) -> re.Pattern:

@@ -14,6 +14,8 @@ the EMA, the attention and batch-norm statistics) and the outputs are cut back t
 masks attention between documents. `ema_boundary` (sequence parallelism) is handed to every layer's EMA. With a
 `MegaCache` (see generate.py) the forward runs incrementally: only the new tokens are fed.
 config.gradient_checkpointing recomputes each layer in backward (the EMA and the NFFN as nested checkpoints).
+config.segment_size > 0 runs every layer in segments of that many tokens, each (layer, segment) its own checkpoint
+(megatrain/model/segments.py): the same result with activation memory O(segment) inside a layer.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from megatrain.model.blocks import MegaBlock
 from megatrain.model.config import MegaConfig
 from megatrain.model.context import SeqContext
 from megatrain.model.layers import checkpointed
+from megatrain.model.segments import forward_segmented
 from megatrain.ops.lm_loss import IGNORE_INDEX, lm_head_ce_sum
 
 # positions per block of the fused LM-head loss (return_logits=False): one [block, V] buffer; at V=8K, 1024 is
@@ -179,11 +182,14 @@ class MegaModel(nn.Module):
             if doc_ids is not None:
                 doc_ids = torch.cat([doc_ids, doc_ids[:, -1:].expand(-1, pad)], dim=1)
 
-        h = self.embeddings(input_ids, token_type_ids)
         ctx = SeqContext(attention_mask, doc_ids, ema_boundary)
         use_ckpt = cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for layer in self.layers:
-            h = checkpointed(layer, h, ctx, enabled=use_ckpt)
+        if cfg.segment_size and input_ids.shape[1] > cfg.segment_size:
+            h = forward_segmented(self, input_ids, token_type_ids, ctx, checkpoint=use_ckpt)
+        else:
+            h = self.embeddings(input_ids, token_type_ids)
+            for layer in self.layers:
+                h = checkpointed(layer, h, ctx, enabled=use_ckpt)
         return h[:, :length] if pad else h
 
     def _forward_cached(self, input_ids, attention_mask, token_type_ids, cache: MegaCache) -> torch.Tensor:
