@@ -31,6 +31,7 @@ from megatrain.config import Config, ConfigError, load_config
 from megatrain.data import ShardStream
 from megatrain.data.shards import DataError
 from megatrain.model import build_model
+from megatrain.model.layers import offload_checkpoint_inputs
 from megatrain.parallel.env import discover, init_process_group
 from megatrain.parallel.groups import ParallelGroups
 from megatrain.parallel.sequence import COMM_STATS, make_ema_boundary, reduce_sp_loss, reset_comm_stats, sp_slice
@@ -167,13 +168,14 @@ def train_step(job: Job) -> StepResult:
         piece = sp_slice(next(job.data), groups.sp_rank, sp)
         doc_ids = piece["doc_ids"] if cfg.data.reset_at_doc_boundaries else None
         boundary = make_ema_boundary(groups.sp_group, doc_ids=doc_ids) if sp > 1 else None
-        out = engine(input_ids=piece["input_ids"], labels=piece["labels"], doc_ids=doc_ids,
-                     ema_boundary=boundary, loss_reduction="sum",
-                     # the loss only: no [B, L, V] logits tensor (~1 GB per 32K tokens at V=8K).
-                     # Not under ZeRO-3: the blockwise loss reaches the (tied) head weight outside a
-                     # module forward, where ZeRO-3 has not gathered it.
-                     return_logits=cfg.parallel.zero_stage == 3,
-                     **({"labels_shifted": True} if causal else {}))
+        with offload_checkpoint_inputs(cfg.train.offload_activations):
+            out = engine(input_ids=piece["input_ids"], labels=piece["labels"], doc_ids=doc_ids,
+                         ema_boundary=boundary, loss_reduction="sum",
+                         # the loss only: no [B, L, V] logits tensor (~1 GB per 32K tokens at V=8K).
+                         # Not under ZeRO-3: the blockwise loss reaches the (tied) head weight outside a
+                         # module forward, where ZeRO-3 has not gathered it.
+                         return_logits=cfg.parallel.zero_stage == 3,
+                         **({"labels_shifted": True} if causal else {}))
         # W = 1: DeepSpeed sums the SP ranks' gradients (its divisor is DP, not DP x SP)
         loss = reduce_sp_loss(out.loss, out.num_loss_tokens, groups.sp_group, grad_average_size=1)
         engine.backward(loss.backward_loss)
@@ -233,7 +235,8 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         env = discover()
-        cfg.validate(world_size=env.world_size, check_files=True)  # bad input fails here, before any work
+        # bad input fails here, before any work
+        cfg.validate(world_size=env.world_size, check_files=True, accelerator=torch.cuda.is_available())
     except (ConfigError, ValueError) as e:  # bad input: one clear line, no traceback
         print(f"pretrain: error: {e}", file=sys.stderr)
         return 2
