@@ -72,11 +72,12 @@ def _layer_input(model: nn.Module, index: int, inp: Tensor, token_type_ids: Opti
     return model.embeddings(inp, token_type_ids) if index == 0 else inp
 
 
-def _piece(model, index, inp, forward_in, backward_in, mask, doc_ids, token_type_ids):
-    """One (layer, segment): (layer output, forward EMA state after the segment's last position)."""
+def _piece(model, index, final, inp, forward_in, backward_in, mask, doc_ids, token_type_ids):
+    """One (layer, segment): (layer output, or final(it) -- see MegaModel.forward --, forward EMA state after the
+    segment's last position)."""
     relay = _Relay(forward_in, backward_in)
     y = model.layers[index](_layer_input(model, index, inp, token_type_ids), SeqContext(mask, doc_ids, relay))
-    return y, relay.forward_out
+    return y if final is None else final(y), relay.forward_out
 
 
 def _edge_states(model, index, inp, mask, doc_ids, token_type_ids):
@@ -137,9 +138,10 @@ def segment_bounds(length: int, size: int) -> list[tuple[int, int]]:
 
 
 def forward_segmented(model: nn.Module, input_ids: Tensor, token_type_ids: Optional[Tensor], ctx: SeqContext,
-                      checkpoint: bool) -> Tensor:
+                      checkpoint: bool, final: Optional[Callable] = None) -> Tensor:
     """The embeddings + layers of `model` (a MegaModel) over whole-chunk segments of config.segment_size tokens;
-    `checkpoint`: each (layer, segment) piece (and pre-pass piece) is an activation checkpoint. -> [B, L, D]."""
+    `checkpoint`: each (layer, segment) piece (and pre-pass piece) is an activation checkpoint; `final`: a per-token
+    function applied inside the last layer's pieces. -> [B, L, D]."""
     bounds = segment_bounds(input_ids.shape[1], model.config.segment_size)
     k = len(bounds)
 
@@ -160,8 +162,9 @@ def forward_segmented(model: nn.Module, input_ids: Tensor, token_type_ids: Optio
             forward_in, backward_in = _incoming_states(states, keep, ctx.ema_boundary)
         outputs = []
         for i in range(k):
-            y, forward_out = checkpointed(_piece, model, index, pieces[i], forward_in, backward_in[i], *seg[i],
-                                          enabled=checkpoint)
+            last = final if index == len(model.layers) - 1 else None
+            y, forward_out = checkpointed(_piece, model, index, last, pieces[i], forward_in, backward_in[i],
+                                          *seg[i], enabled=checkpoint)
             outputs.append(y)
             forward_in = _cut(forward_out, keep[i + 1]) if i + 1 < k else None
         pieces = outputs
