@@ -220,6 +220,7 @@ def plot(results: list[dict], path: str, budget_lines=(GOAL_1M_GB, 22.0)) -> Non
         ax_m.annotate(f"{gb:g} GB", xy=(0.01, gb), xycoords=("axes fraction", "data"), va="bottom", fontsize=8,
                       color="grey")
     for ax, title in ((ax_m, "peak RSS (GB), one train step"), (ax_s, "train tokens / s (1 thread)")):
+        ax.set_ylim(bottom=0)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length L (tokens)")
         ax.set_title(title)
