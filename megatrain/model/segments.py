@@ -27,7 +27,8 @@ and records the forward state at the segment's right edge (local + decay * incom
 - Documents: a document that starts exactly at a segment edge is invisible to both segments' EMA (it resets only
   at changes inside its input), so the hand-over multiplies the state by 0 for those rows (as the SP boundary does).
 The pre-pass costs one norm + EMA per segment and layer (forward, and again in the recompute) when bidirectional or
-with SP; unidirectional without SP needs none. Dropout draws its masks per piece (feature dropout: one mask per
+with SP; unidirectional without SP needs none. (With host offload, offload_checkpoint_inputs, a segment's hidden
+states are saved by its pre-pass piece and by its piece: two host copies of the same tensor for those layers.) Dropout draws its masks per piece (feature dropout: one mask per
 sample and segment), so with dropout > 0 segmented and unsegmented runs differ in their random draws only.
 """
 from __future__ import annotations
