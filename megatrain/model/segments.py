@@ -19,16 +19,17 @@ each piece's EMA gets a `boundary` callable (_Relay) that returns the precompute
 and records the forward state at the segment's right edge (local + decay * incoming, what the EMA carries on).
 - Left to right: piece i's incoming state is piece i-1's outgoing one; the pieces run in order.
 - Right to left (bidirectional): segment i's incoming state comes from the segments to its right, which have not
-  run yet. A pre-pass runs only the layer's norm + EMA on each segment alone (its own checkpoint too) and keeps
-  each segment's (local state, decay) per direction; a right-to-left chain over them gives every incoming state.
+  run yet. A pre-pass runs only the layer's norm + EMA on each segment alone and keeps each segment's (local
+  state, decay) per direction; a right-to-left chain over them gives every incoming state. The pre-pass of layer
+  i + 1 runs inside layer i's pieces, on their outputs (layer 0's: its own checkpoints, from the token ids), so a
+  segment's hidden states are kept for backward by one checkpoint only.
 - Sequence parallelism: the rank's slice is a row of segments. The pre-pass states are folded into the slice's
   (local state, decay), handed to ctx.ema_boundary once per layer and direction (the same exchange, in the same
   order, as without segments), and the slice's incoming states start the chains.
 - Documents: a document that starts exactly at a segment edge is invisible to both segments' EMA (it resets only
   at changes inside its input), so the hand-over multiplies the state by 0 for those rows (as the SP boundary does).
 The pre-pass costs one norm + EMA per segment and layer (forward, and again in the recompute) when bidirectional or
-with SP; unidirectional without SP needs none. (With host offload, offload_checkpoint_inputs, a segment's hidden
-states are saved by its pre-pass piece and by its piece: two host copies of the same tensor for those layers.) Dropout draws its masks per piece (feature dropout: one mask per
+with SP; unidirectional without SP needs none. Dropout draws its masks per piece (feature dropout: one mask per
 sample and segment), so with dropout > 0 segmented and unsegmented runs differ in their random draws only.
 """
 from __future__ import annotations
@@ -73,12 +74,14 @@ def _layer_input(model: nn.Module, index: int, inp: Tensor, token_type_ids: Opti
     return model.embeddings(inp, token_type_ids) if index == 0 else inp
 
 
-def _piece(model, index, final, inp, forward_in, backward_in, mask, doc_ids, token_type_ids):
+def _piece(model, index, final, prepass_next, inp, forward_in, backward_in, mask, doc_ids, token_type_ids):
     """One (layer, segment): (layer output, or final(it) -- see MegaModel.forward --, forward EMA state after the
-    segment's last position)."""
+    segment's last position, then with `prepass_next` the next layer's pre-pass states of this segment: computed
+    here from the output, so that the output is kept for backward by one checkpoint only, the next layer's piece)."""
     relay = _Relay(forward_in, backward_in)
     y = model.layers[index](_layer_input(model, index, inp, token_type_ids), SeqContext(mask, doc_ids, relay))
-    return y if final is None else final(y), relay.forward_out
+    states = _edge_states(model, index + 1, y, mask, doc_ids, None) if prepass_next else ()
+    return (y if final is None else final(y), relay.forward_out, *states)
 
 
 def _edge_states(model, index, inp, mask, doc_ids, token_type_ids):
@@ -153,20 +156,27 @@ def forward_segmented(model: nn.Module, input_ids: Tensor, token_type_ids: Optio
     keep = [None] * k if ctx.doc_ids is None else \
         [None] + [ctx.doc_ids[:, s] == ctx.doc_ids[:, s - 1] for s, _ in bounds[1:]]
     pieces = [cut(input_ids, i) for i in range(k)]
-    for index, layer in enumerate(model.layers):
+    n = len(model.layers)
+    prepass = [layer.attn.ema.bidirectional or ctx.ema_boundary is not None for layer in model.layers]
+    states = None     # this layer's pre-pass states per segment (layer 0: from the token ids, its own pieces)
+    if prepass[0]:
+        states = [checkpointed(_edge_states, model, 0, pieces[i], cut(ctx.mask, i), cut(ctx.doc_ids, i),
+                               cut(token_type_ids, i), enabled=checkpoint) for i in range(k)]
+    for index in range(n):
         seg = [(cut(ctx.mask, i), cut(ctx.doc_ids, i), cut(token_type_ids, i) if index == 0 else None)
                for i in range(k)]
         forward_in, backward_in = None, [None] * k
-        if layer.attn.ema.bidirectional or ctx.ema_boundary is not None:
-            states = [checkpointed(_edge_states, model, index, pieces[i], *seg[i], enabled=checkpoint)
-                      for i in range(k)]
+        if states is not None:
             forward_in, backward_in = _incoming_states(states, keep, ctx.ema_boundary)
-        outputs = []
+        last = final if index == n - 1 else None
+        prepass_next = index + 1 < n and prepass[index + 1]
+        outputs, states = [], [] if prepass_next else None
         for i in range(k):
-            last = final if index == len(model.layers) - 1 else None
-            y, forward_out = checkpointed(_piece, model, index, last, pieces[i], forward_in, backward_in[i],
-                                          *seg[i], enabled=checkpoint)
+            y, forward_out, *next_states = checkpointed(_piece, model, index, last, prepass_next, pieces[i],
+                                                        forward_in, backward_in[i], *seg[i], enabled=checkpoint)
             outputs.append(y)
+            if prepass_next:
+                states.append(tuple(next_states))
             forward_in = _cut(forward_out, keep[i + 1]) if i + 1 < k else None
         pieces = outputs
     return torch.cat(pieces, dim=1)
