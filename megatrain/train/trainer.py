@@ -168,14 +168,13 @@ def train_step(job: Job) -> StepResult:
         piece = sp_slice(next(job.data), groups.sp_rank, sp)
         doc_ids = piece["doc_ids"] if cfg.data.reset_at_doc_boundaries else None
         boundary = make_ema_boundary(groups.sp_group, doc_ids=doc_ids) if sp > 1 else None
-        with offload_checkpoint_inputs(cfg.train.offload_activations):
-            out = engine(input_ids=piece["input_ids"], labels=piece["labels"], doc_ids=doc_ids,
-                         ema_boundary=boundary, loss_reduction="sum",
-                         # the loss only: no [B, L, V] logits tensor (~1 GB per 32K tokens at V=8K).
-                         # Not under ZeRO-3: the blockwise loss reaches the (tied) head weight outside a
-                         # module forward, where ZeRO-3 has not gathered it.
-                         return_logits=cfg.parallel.zero_stage == 3,
-                         **({"labels_shifted": True} if causal else {}))
+        out = engine(input_ids=piece["input_ids"], labels=piece["labels"], doc_ids=doc_ids,
+                     ema_boundary=boundary, loss_reduction="sum",
+                     # the loss only: no [B, L, V] logits tensor (~1 GB per 32K tokens at V=8K).
+                     # Not under ZeRO-3: the blockwise loss reaches the (tied) head weight outside a
+                     # module forward, where ZeRO-3 has not gathered it.
+                     return_logits=cfg.parallel.zero_stage == 3,
+                     **({"labels_shifted": True} if causal else {}))
         # W = 1: DeepSpeed sums the SP ranks' gradients (its divisor is DP, not DP x SP)
         loss = reduce_sp_loss(out.loss, out.num_loss_tokens, groups.sp_group, grad_average_size=1)
         engine.backward(loss.backward_loss)
@@ -197,7 +196,8 @@ def train(cfg: Config) -> Counters:
     c, t = job.counters, cfg.train
     try:
         while c.step < t.max_steps:
-            res = train_step(job)
+            with offload_checkpoint_inputs(t.offload_activations):  # checkpointed layer inputs -> host memory
+                res = train_step(job)
             c.step += 1
             c.tokens += job.tokens_per_step
             c.consecutive_nonfinite = 0 if res.applied else c.consecutive_nonfinite + 1
