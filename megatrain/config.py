@@ -75,6 +75,8 @@ class TrainCfg:
     grad_clip: float = 1.0                # 0 = off
     grad_accum_steps: int = 1
     max_consecutive_nonfinite: int = 5    # abort after this many non-finite steps in a row
+    offload_activations: bool = False     # keep the checkpointed layer inputs in host memory (GPU; needs
+                                          # model.gradient_checkpointing; see megatrain.model.layers)
 
 
 @dataclass
@@ -130,9 +132,11 @@ class Config:
         return self.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
 
     # ---- validation ----
-    def validate(self, world_size: Optional[int] = None, check_files: bool = False) -> "Config":
+    def validate(self, world_size: Optional[int] = None, check_files: bool = False,
+                 accelerator: Optional[bool] = None) -> "Config":
         """Every cross-field check, up front. Raises ConfigError naming the key. ``check_files``: also require
-        local data paths (no glob, no URL) to exist (the launcher does; config-file tests do not)."""
+        local data paths (no glob, no URL) to exist (the launcher does; config-file tests do not).
+        ``accelerator``: whether this process trains on an accelerator (the launcher passes it; None = unknown)."""
         m, d, t, p, c = self.model, self.data, self.train, self.parallel, self.checkpoint
         _check(bool(self.run_dir), "run_dir", self.run_dir, "must be a non-empty path")
         _one_of("train.objective", t.objective, ("clm", "mlm"))
@@ -164,6 +168,12 @@ class Config:
         if d.mask_token_id is not None:  # None: the shard manifest names it
             _check(0 <= d.mask_token_id < m.vocab_size, "data.mask_token_id", d.mask_token_id,
                    f"must be a token id in [0, model.vocab_size={m.vocab_size})")
+        if t.offload_activations:
+            _check(m.gradient_checkpointing, "train.offload_activations", True,
+                   "needs model.gradient_checkpointing=true (it offloads the checkpointed layer inputs)")
+            # on CPU there is nowhere to offload to: a memory option that silently does nothing misleads
+            _check(accelerator is not False, "train.offload_activations", True,
+                   "needs a GPU (it moves checkpointed layer inputs from device to host memory; this run is on CPU)")
         m.validate()
         try:  # without chunking a rank attends over its whole slice: the model's span rule, at that length
             m.check_attention_span(d.seq_len // p.sequence_parallel_size)

@@ -65,7 +65,8 @@ TASKS = tuple(_CLASSES)
 _ARCHS = {task: cls.__name__ for task, cls in _CLASSES.items()}
 _HEADS = {"causal": "lm_head", "masked": "mlm_head"}  # the vocabulary head's name on the HF side
 _LM_TASKS = ("causal", "masked")
-_MEGATRAIN_ONLY_FIELDS = ("gradient_checkpointing", "hf_rmsnorm_noop", "ema_block_size", "kernel_backend")
+_MEGATRAIN_ONLY_FIELDS = ("gradient_checkpointing", "hf_rmsnorm_noop", "ema_block_size", "kernel_backend",
+                          "segment_size")
 # config.json keys of the classification heads (label names, problem type): the model class reads them
 _HF_ONLY_FIELDS = ("id2label", "label2id", "num_labels", "problem_type")
 # model_type of an export that transformers' own MEGA would compute differently (native_problem): no native

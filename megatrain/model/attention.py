@@ -167,14 +167,18 @@ class MovingAverageGatedAttention(nn.Module):
         return out
 
     # ---- the sub-layer ----------------------------------------------------------------------------------------
+    def ema_input(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """What the EMA (and the value projection) read: the normed input with pre-norm, else the input.
+        (Also used by the segmented layers' state pre-pass, megatrain/model/segments.py.)"""
+        return self.norm(x, mask) if self.config.normalize_before_mega else x
+
     def forward(self, x: torch.Tensor, ctx: SeqContext = SeqContext(),
                 cache: Optional[LayerCache] = None) -> torch.Tensor:
         cfg = self.config
         mask, doc_ids, ema_boundary = ctx.mask, ctx.doc_ids, ctx.ema_boundary
         d, z, e = cfg.hidden_size, cfg.shared_representation_size, cfg.intermediate_size
         residual = x
-        if cfg.normalize_before_mega:
-            x = self.norm(x, mask)
+        x = self.ema_input(x, mask)
         value = self.act(self.v_proj(x))
 
         if cache is None and ema_boundary is None:

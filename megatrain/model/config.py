@@ -15,6 +15,12 @@ says True). megatrain extras:
                           they compute what they computed in transformers; new models keep False (a real RMSNorm).
   ema_block_size          block length of the blocked EMA (memory/speed knob only; results do not depend on it)
   kernel_backend          auto | torch | triton: which implementation the ops run (megatrain/ops/backend.py)
+  segment_size            0 = off (default). S > 0: every layer runs the sequence in segments of S tokens (whole
+                          chunks), the EMA state handed from segment to segment, each (layer, segment) its own
+                          activation checkpoint: activation memory inside a layer is O(S), not O(L)
+                          (megatrain/model/segments.py). Exact (fp rounding aside). Off by default because it needs
+                          chunked attention and per-token norms (HF configs often have neither) and only pays off for
+                          L >> S; long-context run configs set it (e.g. 16384).
 Validation happens at construction and in `validate()`: a bad value raises ValueError naming the field.
 """
 from __future__ import annotations
@@ -95,6 +101,7 @@ class MegaConfig:
     hf_rmsnorm_noop: bool = False
     ema_block_size: int = 128
     kernel_backend: str = "auto"
+    segment_size: int = 0
 
     def __post_init__(self):
         self.validate()
@@ -136,6 +143,7 @@ class MegaConfig:
         if self.use_chunking and self.chunk_size <= 0:
             bad("chunk_size", "must be > 0 when use_chunking=True")
         self.check_attention_span()
+        self._check_segments(bad)
         if self.relative_positional_bias == "rotary" and self.shared_representation_size % 2:
             bad("shared_representation_size", "must be even for the rotary relative positional bias")
         if self.truncation is not None and self.truncation <= 0:
@@ -149,6 +157,24 @@ class MegaConfig:
         if self.hf_rmsnorm_noop and self.normalization_type != "rmsnorm":
             bad("hf_rmsnorm_noop", "only meaningful with normalization_type='rmsnorm'")
         return self
+
+    def _check_segments(self, bad) -> None:
+        s = self.segment_size
+        if s < 0:
+            bad("segment_size", "must be >= 0 (0 = off)")
+        if s == 0:
+            return
+        if not self.use_chunking:
+            bad("segment_size", "needs use_chunking=True (attention must be chunk-local to run in segments)")
+        if s % self.chunk_size:
+            bad("segment_size", f"must be a multiple of chunk_size={self.chunk_size} (segments are whole chunks)")
+        if self.normalization_type in ("batchnorm", "syncbatchnorm"):
+            bad("segment_size", f"cannot be used with normalization_type={self.normalization_type!r}: batch "
+                                "statistics cover the whole sequence, a segment sees only its own (use 0, or "
+                                "scalenorm/layernorm/rmsnorm)")
+        if self.truncation is not None:
+            bad("segment_size", f"cannot be used with truncation={self.truncation}: a truncated EMA has no state to "
+                                "hand from segment to segment (use 0, or truncation=None)")
 
     def check_attention_span(self, length: Optional[int] = None) -> None:
         """The one span rule: the simple relative bias table holds max_positions positions, and attention spans

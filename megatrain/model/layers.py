@@ -186,12 +186,45 @@ def _checkpoint_contexts():
     return contextlib.nullcontext(), recomputing()
 
 
+_OFFLOAD = [False]      # offload_checkpoint_inputs() is active
+_CHECKPOINT_DEPTH = [0]  # checkpointed() forwards running (nested checkpoints are > 1)
+
+
+@contextlib.contextmanager
+def offload_checkpoint_inputs(enabled: bool = True) -> Iterator[None]:
+    """Within (around a forward; the trainer applies it for train.offload_activations): the tensors every outermost
+    activation checkpoint keeps for its recompute -- the layer (or (layer, segment) piece) inputs -- are kept in
+    host memory (pinned when CUDA is there) and copied back when backward recomputes the piece, so accelerator
+    memory per token barely grows with depth (as Arctic Long Sequence Training offloads). PyTorch's own
+    torch.autograd.graph.save_on_cpu does the moving: a non-reentrant checkpoint saves its inputs as ordinary saved
+    tensors under the hooks around it, while the tensors saved inside it go to its own hooks (so nested
+    checkpoints and recomputes are untouched). On CPU tensors the move is the identity: an exact no-op."""
+    old = _OFFLOAD[0]
+    _OFFLOAD[0] = enabled
+    try:
+        yield
+    finally:
+        _OFFLOAD[0] = old
+
+
+def _host_offload_hooks():
+    return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
+
+
 def checkpointed(fn: Callable, *args, enabled: bool):
     """fn(*args), recomputed in backward instead of keeping its activations when `enabled` (non-reentrant
-    torch checkpoint: nests, keeps the RNG state, so gradients are identical)."""
+    torch checkpoint: nests, keeps the RNG state, so gradients are identical). Inside offload_checkpoint_inputs()
+    the inputs of an outermost checkpoint are kept in host memory."""
     if not enabled:
         return fn(*args)
-    return checkpoint(fn, *args, use_reentrant=False, context_fn=_checkpoint_contexts)
+    outermost = _CHECKPOINT_DEPTH[0] == 0 and _RECOMPUTE_DEPTH[0] == 0
+    offload = _host_offload_hooks() if _OFFLOAD[0] and outermost else contextlib.nullcontext()
+    _CHECKPOINT_DEPTH[0] += 1
+    try:
+        with offload:
+            return checkpoint(fn, *args, use_reentrant=False, context_fn=_checkpoint_contexts)
+    finally:
+        _CHECKPOINT_DEPTH[0] -= 1
 
 
 def make_norm(config: MegaConfig) -> nn.Module:

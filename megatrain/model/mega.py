@@ -15,6 +15,8 @@ the EMA, the attention and batch-norm statistics) and the outputs are cut back t
 masks attention between documents. `ema_boundary` (sequence parallelism) is handed to every layer's EMA. With a
 `MegaCache` (see generate.py) the forward runs incrementally: only the new tokens are fed.
 config.gradient_checkpointing recomputes each layer in backward (the EMA and the NFFN as nested checkpoints).
+config.segment_size > 0 runs every layer in segments of that many tokens, each (layer, segment) its own checkpoint
+(megatrain/model/segments.py): the same result with activation memory O(segment) inside a layer.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from megatrain.model.blocks import MegaBlock
 from megatrain.model.config import MegaConfig
 from megatrain.model.context import SeqContext
 from megatrain.model.layers import checkpointed
+from megatrain.model.segments import forward_segmented
 from megatrain.ops.lm_loss import IGNORE_INDEX, lm_head_ce_sum
 
 # positions per block of the fused LM-head loss (return_logits=False): one [block, V] buffer; at V=8K, 1024 is
@@ -156,14 +159,19 @@ class MegaModel(nn.Module):
         doc_ids: Optional[torch.Tensor] = None,
         ema_boundary: Optional[Callable] = None,
         cache: Optional[MegaCache] = None,
+        final: Optional[Callable] = None,
     ) -> torch.Tensor:
+        """-> last hidden state [B, L, D], or `final(last hidden state)`: a per-token function (the LM head's dense
+        + tanh) run inside the last layer's checkpoints, so that with gradient checkpointing neither the backbone
+        output nor the function's activations are kept for the whole sequence."""
         cfg = self.config
         self._validate(input_ids, attention_mask, token_type_ids, doc_ids)
         length = input_ids.shape[1]
         if cache is not None:
             if doc_ids is not None or ema_boundary is not None:
                 raise ValueError("doc_ids / ema_boundary cannot be combined with an incremental-decoding cache")
-            return self._forward_cached(input_ids, attention_mask, token_type_ids, cache)
+            h = self._forward_cached(input_ids, attention_mask, token_type_ids, cache)
+            return h if final is None else final(h)
 
         pad = (-length) % cfg.chunk_size if cfg.use_chunking else 0
         if pad:
@@ -180,11 +188,15 @@ class MegaModel(nn.Module):
             if doc_ids is not None:
                 doc_ids = torch.cat([doc_ids, doc_ids[:, -1:].expand(-1, pad)], dim=1)
 
-        h = self.embeddings(input_ids, token_type_ids)
         ctx = SeqContext(attention_mask, doc_ids, ema_boundary)
         use_ckpt = cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for layer in self.layers:
-            h = checkpointed(layer, h, ctx, enabled=use_ckpt)
+        if cfg.segment_size and input_ids.shape[1] > cfg.segment_size:
+            h = forward_segmented(self, input_ids, token_type_ids, ctx, checkpoint=use_ckpt, final=final)
+        else:
+            h = self.embeddings(input_ids, token_type_ids)
+            last = len(self.layers) - 1
+            for i, layer in enumerate(self.layers):
+                h = checkpointed(_then, layer, final if i == last else None, h, ctx, enabled=use_ckpt)
         return h[:, :length] if pad else h
 
     def _forward_cached(self, input_ids, attention_mask, token_type_ids, cache: MegaCache) -> torch.Tensor:
@@ -207,6 +219,11 @@ class MegaModel(nn.Module):
         for layer, lc in zip(self.layers, cache.layers):
             h = layer(h, ctx, cache=lc)
         return h
+
+
+def _then(layer: nn.Module, final: Optional[Callable], h: torch.Tensor, ctx: SeqContext) -> torch.Tensor:
+    h = layer(h, ctx)
+    return h if final is None else final(h)
 
 
 class LMHead(nn.Linear):
@@ -263,10 +280,11 @@ class _MegaLM(nn.Module):
     def new_cache(self) -> MegaCache:
         return self.mega.new_cache()
 
+    def _dense_tanh(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(h))
+
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        if self.dense is not None:
-            h = torch.tanh(self.dense(h))
-        return self.lm_head(h)
+        return self.lm_head(h if self.dense is None else self._dense_tanh(h))
 
     def forward(
         self,
@@ -289,8 +307,12 @@ class _MegaLM(nn.Module):
             raise ValueError(f"loss_reduction={loss_reduction!r}: expected 'mean' or 'sum'")
         if not return_logits and labels is None:
             raise ValueError("return_logits=False only makes sense with labels (the loss is all that is computed)")
-        h = self.mega(input_ids, attention_mask, token_type_ids, doc_ids, ema_boundary, cache)
-        out = MegaOutput(last_hidden_state=h, cache=cache)
+        # the loss alone: the dense + tanh runs inside the last layer's checkpoint(s) (per segment when segmented),
+        # so its input and output are not kept for the whole sequence (2 of ~7 [L, D] tensors at a step's peak)
+        fold_dense = not return_logits and self.dense is not None
+        h = self.mega(input_ids, attention_mask, token_type_ids, doc_ids, ema_boundary, cache,
+                      final=self._dense_tanh if fold_dense else None)
+        out = MegaOutput(last_hidden_state=None if fold_dense else h, cache=cache)
         if return_logits:
             out.logits = self._logits(h)
         if labels is None:
@@ -304,9 +326,9 @@ class _MegaLM(nn.Module):
             loss = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), labels.reshape(-1),
                                    ignore_index=IGNORE_INDEX, reduction="sum")
         else:
-            # the dense+tanh is [N, D] (cheap, ordinary autograd); the head + CE is fused and blockwise
-            hd = torch.tanh(self.dense(h)) if self.dense is not None else h
-            loss = self.lm_head(hd, labels)   # a module call: see LMHead (ZeRO-3 gathers the weight for it)
+            # h is already dense + tanh (folded into the last layer's checkpoint); the head + CE is fused and
+            # blockwise, inside the head module's forward (see LMHead: ZeRO-3 gathers the weight for it)
+            loss = self.lm_head(h, labels)
         # mean over counted tokens; 0 (not NaN) when every label is ignored
         out.loss = loss if loss_reduction == "sum" else loss / n.clamp(min=1)
         out.num_loss_tokens = n

@@ -38,6 +38,7 @@ from megatrain.convert.hf import init_from_hf
 from megatrain.data import ShardStream
 from megatrain.data.shards import DataError
 from megatrain.model import build_model
+from megatrain.model.layers import offload_checkpoint_inputs
 from megatrain.parallel.env import discover, init_process_group
 from megatrain.parallel.groups import ParallelGroups
 from megatrain.parallel.sequence import COMM_STATS, make_ema_boundary, reduce_sp_loss, reset_comm_stats, sp_slice
@@ -247,7 +248,8 @@ def train(cfg: Config) -> Counters:
     c, t = job.counters, cfg.train
     try:
         while c.step < t.max_steps:
-            res = train_step(job)
+            with offload_checkpoint_inputs(t.offload_activations):  # checkpointed layer inputs -> host memory
+                res = train_step(job)
             c.step += 1
             c.tokens += job.tokens_per_step
             c.consecutive_nonfinite = 0 if res.applied else c.consecutive_nonfinite + 1
@@ -307,7 +309,8 @@ def main(argv=None) -> int:
         args = parse_args(argv)  # argparse's usage error (exit 2) from rank 0 only
     try:
         cfg = load_config(args.config, args.overrides)
-        cfg.validate(world_size=env.world_size, check_files=True)  # bad input fails here, before any work
+        # bad input fails here, before any work
+        cfg.validate(world_size=env.world_size, check_files=True, accelerator=torch.cuda.is_available())
     except (ConfigError, ValueError) as e:  # bad input: one clear line, no traceback
         say(e)
         return 2

@@ -36,6 +36,8 @@ def test_overrides_are_typed():
     ("model.hidden_size=0", "MegaConfig.hidden_size=0"),
     ("train", "expected key=value"),
     ("train.lr=[1", "cannot parse value"),
+    ("model.segment_size=12", "model: MegaConfig.segment_size=12: must be a multiple of chunk_size=8"),
+    ("model.segment_size=-8", "model: MegaConfig.segment_size=-8: must be >= 0"),
 ])
 def test_bad_override_names_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
@@ -54,11 +56,21 @@ def test_bad_override_names_the_key(override, match):
     (["train.warmup_steps=100"], None, "train.warmup_steps=100"),
     (["checkpoint.resume=/no/such/ckpt"], None, "checkpoint.resume='/no/such/ckpt'"),
     (["data.shards="], None, "data.shards=''"),
+    (["train.offload_activations=true", "model.gradient_checkpointing=false"], None,
+     "train.offload_activations=True: needs model.gradient_checkpointing=true"),
 ])
 def test_validation_names_the_key(overrides, world, match):
     cfg = load_config(TINY, OK + overrides)
     with pytest.raises(ConfigError, match=match):
         cfg.validate(world_size=world)
+
+
+def test_offload_activations_needs_an_accelerator():
+    cfg = load_config(TINY, OK + ["train.offload_activations=true", "model.gradient_checkpointing=true"])
+    cfg.validate(accelerator=True)
+    cfg.validate()      # unknown device: the cross-field checks only
+    with pytest.raises(ConfigError, match="train.offload_activations=True: needs a GPU"):
+        cfg.validate(accelerator=False)
 
 
 @pytest.mark.parametrize("overrides, match", [

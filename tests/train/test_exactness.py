@@ -60,3 +60,13 @@ def test_dp_x_sp_equals_dp(tmp_path, tiny_shards):
     ref = run(tmp_path, "dp2", 2, tiny_shards, [])
     got = run(tmp_path, "dp2sp2", 4, tiny_shards, ["parallel.sequence_parallel_size=2", "parallel.zero_stage=3"])
     assert_same(ref, got, "DP2 x SP2 ZeRO-3")
+
+
+@pytest.mark.slow
+def test_segmented_layers_under_zero3_and_sp_equal_unsplit(tmp_path, tiny_shards):
+    """model.segment_size (2 segments per SP slice, each (layer, segment) its own checkpoint) through the trainer:
+    SP 2 with ZeRO-3 (parameters gathered per piece) == the unsplit, unsegmented run."""
+    ref = run(tmp_path, "sp1", 1, tiny_shards, MLM)
+    got = run(tmp_path, "sp2seg", 2, tiny_shards, MLM + ["parallel.sequence_parallel_size=2", "parallel.zero_stage=3",
+                                                         "model.gradient_checkpointing=true", "model.segment_size=8"])
+    assert_same(ref, got, "mlm SP=2 ZeRO-3 segment_size=8")
