@@ -12,7 +12,8 @@ import sys
 if __package__ in (None, ""):  # run as a script from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatrain.parallel.env import exit_process  # noqa: E402
 from megatrain.train.trainer import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # not sys.exit: see exit_process (gloo threads can abort interpreter finalization)

@@ -39,7 +39,7 @@ from megatrain.data import ShardStream
 from megatrain.data.shards import DataError
 from megatrain.model import build_model
 from megatrain.model.layers import offload_checkpoint_inputs
-from megatrain.parallel.env import discover, init_process_group
+from megatrain.parallel.env import discover, exit_process, init_process_group
 from megatrain.parallel.groups import ParallelGroups
 from megatrain.parallel.sequence import COMM_STATS, make_ema_boundary, reduce_sp_loss, reset_comm_stats, sp_slice
 from megatrain.parallel.zero import clip_in_optimizer, deepspeed_config
@@ -68,9 +68,12 @@ def build_stream(cfg: Config, dp_rank: int, dp_size: int):
 def batches(stream, batch_size: int, device) -> Iterator[dict]:
     """Stack ``batch_size`` consecutive windows (the stream is built with loop=True: it cycles epochs)."""
     it = iter(stream)
-    while True:
-        samples = [next(it) for _ in range(batch_size)]
-        yield {k: torch.stack([s[k] for s in samples]).to(device) for k in samples[0]}
+    try:
+        while True:
+            samples = [next(it) for _ in range(batch_size)]
+            yield {k: torch.stack([s[k] for s in samples]).to(device) for k in samples[0]}
+    finally:
+        it.close()  # closing this generator stops the stream's worker processes now, not at garbage collection
 
 
 class StopFlag:
@@ -272,6 +275,7 @@ def train(cfg: Config) -> Counters:
                 break
     finally:
         job.log.close()
+        job.data.close()
     if dist.get_rank() == 0:
         print(outputs_line(cfg, c.step), flush=True)
     return c
@@ -337,4 +341,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # see megatrain.parallel.env.exit_process
