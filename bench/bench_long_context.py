@@ -202,7 +202,7 @@ def table(results: list[dict]) -> str:
     return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines])
 
 
-def plot(results: list[dict], path: str, budget_lines=(GOAL_1M_GB, 22.0)) -> None:
+def plot(results: list[dict], path: str, threads: int = 1, budget_lines=(GOAL_1M_GB, 22.0)) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -219,7 +219,7 @@ def plot(results: list[dict], path: str, budget_lines=(GOAL_1M_GB, 22.0)) -> Non
         ax_m.axhline(gb, color="grey", lw=0.8, ls=":")
         ax_m.annotate(f"{gb:g} GB", xy=(0.01, gb), xycoords=("axes fraction", "data"), va="bottom", fontsize=8,
                       color="grey")
-    for ax, title in ((ax_m, "peak RSS (GB), one train step"), (ax_s, "train tokens / s (1 thread)")):
+    for ax, title in ((ax_m, "peak RSS (GB), one train step"), (ax_s, f"train tokens / s ({threads} thread{'s' * (threads > 1)})")):
         ax.set_ylim(bottom=0)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length L (tokens)")
@@ -290,7 +290,7 @@ def main(argv=None) -> None:
     if a.out:
         with open(a.out, "w") as f:
             json.dump(report, f, indent=1)
-        plot(results, os.path.splitext(a.out)[0] + ".png")
+        plot(results, os.path.splitext(a.out)[0] + ".png", threads=report.get("machine", {}).get("threads", 1))
 
 
 if __name__ == "__main__":
