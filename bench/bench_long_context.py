@@ -35,13 +35,12 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from bench_model import HF_CONFIG, save_hf_model  # noqa: E402  (the benchmark config and its HF weights)
+from bench_model import HF_CONFIG, LIVE_MEMORY_ENV, _peak_rss_mb, save_hf_model  # noqa: E402  (shared with the model bench)
 
 DEFAULT_LENGTHS = (32768, 131072, 262144, 524288, 1048576)
 IMPLS = ("megatrain", "hf")
 # transformers' MEGA train step at this config: ~0.5 MB per token (it stops near 48K tokens in 24 GB)
 HF_BYTES_PER_TOKEN = 24 * 2**30 / 48_000
-LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
 GOAL_1M_GB, GOAL_SPEED_RATIO = 8.0, 0.8
 
 
@@ -82,10 +81,6 @@ def parse_args(argv=None):
     if a.budget_gb <= 0 or a.steps < 1 or a.warmup < 0:
         ap.error("--budget-gb must be > 0, --steps >= 1, --warmup >= 0")
     return a
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 # ---------------------------------------------------------------- one measurement (subprocess)

@@ -190,28 +190,39 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, tiny_shards):
     assert "no complete checkpoint in" in err[0] and "checkpoint.resume=none" in err[0]
 
 
+ELASTIC = ["train.max_steps=6", "train.warmup_steps=2", "checkpoint.every_steps=3", "parallel.zero_stage=2",
+           "checkpoint.keep_last=5"]
+
+
+def _resume_from_step3(ref, run) -> None:
+    """A new run folder holding only the reference run's step-3 checkpoint and metrics: a job stopped at step 3."""
+    (run / "checkpoints").mkdir()
+    shutil.copytree(ref / "checkpoints" / tag_for(3), run / "checkpoints" / tag_for(3))
+    (run / "checkpoints" / "latest").write_text(tag_for(3))
+    shutil.copy(ref / "metrics.jsonl", run / "metrics.jsonl")
+
+
+def _assert_steps_4_on_equal(run, ref) -> None:
+    got, want = (read_metrics(os.path.join(d, "metrics.jsonl")) for d in (run, ref))
+    assert [r["step"] for r in got] == list(range(1, 7))
+    for g, w in zip(got[3:], want[3:]):
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-5) and g["lr"] == w["lr"]
+
+
 @pytest.mark.slow
 def test_elastic_resume_on_another_world_and_sp_size(tmp_path, tiny_shards):
     """2 ranks (SP 2, ZeRO-2, so the ZeRO shards are split two ways) -> stop at step 3 -> resume on 1 rank (SP 1):
     DeepSpeed's universal checkpoint carries the weights and Adam moments over; steps 4..6 equal the uninterrupted
     2-rank run (≤ 1e-5 relative; SP 1 vs 2 sums in another order)."""
-    common = ["train.max_steps=6", "train.warmup_steps=2", "checkpoint.every_steps=3", "parallel.zero_stage=2",
-              "checkpoint.keep_last=5"]
     ref, run = tmp_path / "ref", tmp_path / "run"
     ref.mkdir(), run.mkdir()
-    wait_all(launch_pretrain(args_for(ref, tiny_shards, *common), 2, str(ref)), 300, str(ref))
-    (run / "checkpoints").mkdir()
-    shutil.copytree(ref / "checkpoints" / tag_for(3), run / "checkpoints" / tag_for(3))
-    (run / "checkpoints" / "latest").write_text(tag_for(3))
-    shutil.copy(ref / "metrics.jsonl", run / "metrics.jsonl")
-    wait_all(launch_pretrain(args_1(run, tiny_shards, *common), 1, str(run)), 300, str(run))
+    wait_all(launch_pretrain(args_for(ref, tiny_shards, *ELASTIC), 2, str(ref)), 300, str(ref))
+    _resume_from_step3(ref, run)
+    wait_all(launch_pretrain(args_1(run, tiny_shards, *ELASTIC), 1, str(run)), 300, str(run))
     log = open(run / "rank0.log").read()
     assert "layout world_size 2 -> 1, sp_size 2 -> 1 (model/optimizer via DeepSpeed universal checkpoint" in log
     assert "RNG states not carried over" in log
-    got, want = (read_metrics(os.path.join(d, "metrics.jsonl")) for d in (run, ref))
-    assert [r["step"] for r in got] == list(range(1, 7))
-    for g, w in zip(got[3:], want[3:]):
-        assert g["loss"] == pytest.approx(w["loss"], rel=1e-5) and g["lr"] == w["lr"]
+    _assert_steps_4_on_equal(run, ref)
     assert os.path.isdir(run / "checkpoints" / tag_for(3) / "universal")  # converted once, kept with its tag
 
 
@@ -219,20 +230,12 @@ def test_elastic_resume_on_another_world_and_sp_size(tmp_path, tiny_shards):
 def test_elastic_resume_dp2_to_1_rank_with_accumulation(tmp_path, tiny_shards):
     """DP 2 -> stop at step 3 -> 1 rank with grad_accum_steps=2 (same global batch): steps 4.. equal the
     uninterrupted DP 2 run (≤ 1e-5 rel)."""
-    common = ["train.max_steps=6", "train.warmup_steps=2", "checkpoint.every_steps=3", "parallel.zero_stage=2",
-              "checkpoint.keep_last=5"]
     ref, run = tmp_path / "ref", tmp_path / "run"
     ref.mkdir(), run.mkdir()
-    wait_all(launch_pretrain(args_1(ref, tiny_shards, *common), 2, str(ref)), 300, str(ref))
-    (run / "checkpoints").mkdir()
-    shutil.copytree(ref / "checkpoints" / tag_for(3), run / "checkpoints" / tag_for(3))
-    (run / "checkpoints" / "latest").write_text(tag_for(3))
-    shutil.copy(ref / "metrics.jsonl", run / "metrics.jsonl")
-    wait_all(launch_pretrain(args_1(run, tiny_shards, *common, "train.grad_accum_steps=2"), 1, str(run)), 300, str(run))
-    got, want = (read_metrics(os.path.join(d, "metrics.jsonl")) for d in (run, ref))
-    assert [r["step"] for r in got] == list(range(1, 7))
-    for g, w in zip(got[3:], want[3:]):
-        assert g["loss"] == pytest.approx(w["loss"], rel=1e-5) and g["lr"] == w["lr"]
+    wait_all(launch_pretrain(args_1(ref, tiny_shards, *ELASTIC), 2, str(ref)), 300, str(ref))
+    _resume_from_step3(ref, run)
+    wait_all(launch_pretrain(args_1(run, tiny_shards, *ELASTIC, "train.grad_accum_steps=2"), 1, str(run)), 300, str(run))
+    _assert_steps_4_on_equal(run, ref)
 
 
 @pytest.mark.slow
