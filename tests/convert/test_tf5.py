@@ -43,3 +43,24 @@ def test_other_failures_fail(tmp_path, monkeypatch):
         tf5.tf5_python_for_test()
     with pytest.raises(tf5.Unavailable, match="python -m tests.convert.tf5"):
         tf5.tf5_python(create=False)
+
+
+def test_venv_sees_the_running_interpreters_packages(tmp_path):
+    """From inside a user's venv (torch installed there, not in the base interpreter), the 5.x venv must see the
+    user's venv's packages: `--system-site-packages` gave it the base interpreter's instead (no torch)."""
+    import subprocess
+    import sys
+    user = tmp_path / "user_venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(user)], check=True, timeout=120)
+    user_py = user / "bin" / "python"
+    site = subprocess.run([str(user_py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    with open(os.path.join(site, "_mt_only_in_user_venv.py"), "w") as f:  # stands for the user's torch
+        f.write("WHERE = 'user venv'\n")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    made = tmp_path / "tf5"
+    subprocess.run([str(user_py), "-c", f"import sys; sys.path.insert(0, {repo!r}); from tests.convert import tf5; "
+                    f"tf5.create_venv({str(made)!r}, with_pip=False)"], check=True, timeout=120)
+    r = subprocess.run([str(made / "bin" / "python"), "-c", "import _mt_only_in_user_venv as m; print(m.WHERE)"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "user venv", r.stderr

@@ -5,16 +5,21 @@
     py = tf5_python_for_test()           # in a test: created if missing; a failure FAILS the test, except that an
                                          # unreachable package registry skips it with that reason
 
-A venv with --system-site-packages (reuses this torch) at $MEGATRAIN_TF5_VENV, else
-$XDG_CACHE_HOME/megatrain/tf5 (default ~/.cache/megatrain/tf5), into which pip installs "transformers>=5,<6"
-(~1 min, a few small wheels; see .ci/run).
+A venv at $MEGATRAIN_TF5_VENV, else $XDG_CACHE_HOME/megatrain/tf5 (default ~/.cache/megatrain/tf5), into which pip
+installs "transformers>=5,<6" (~1 min, a few small wheels; see .ci/run). It reuses the *running* interpreter's packages
+(torch, triton, ...) through a `.pth` file that lists this interpreter's site-packages after the venv's own: not
+`--system-site-packages`, which inherits the *base* interpreter's packages, so that from inside a user's venv (where
+torch lives) the 5.x venv had no torch. The `.pth` is rewritten whenever the running interpreter differs, so one cached
+venv follows whichever environment runs the tests.
 """
 from __future__ import annotations
 
+import glob
 import os
 import re
 import subprocess
 import sys
+import sysconfig
 import time
 
 REQUIREMENT = "transformers>=5,<6"
@@ -45,16 +50,45 @@ def _version(py: str):
     return p.stdout.strip() if p.returncode == 0 else None
 
 
+PTH = "_megatrain_parent_site.pth"
+
+
+def parent_site_dirs() -> list[str]:
+    """The running interpreter's own site-packages (a venv's, when it runs in one), in sys.path order."""
+    paths = sysconfig.get_paths()
+    return list(dict.fromkeys(p for p in (paths["purelib"], paths["platlib"]) if os.path.isdir(p)))
+
+
+def link_parent_site(d: str) -> None:
+    """Point the venv at d to this interpreter's site-packages (after its own: its transformers 5 comes first)."""
+    sites = glob.glob(os.path.join(d, "lib", "python*", "site-packages"))
+    if not sites:  # not a venv made by create_venv (e.g. a stand-in interpreter): nothing to link
+        return
+    want = "".join(p + "\n" for p in parent_site_dirs())
+    pth = os.path.join(sites[0], PTH)
+    if not os.path.exists(pth) or open(pth).read() != want:
+        with open(pth, "w") as f:
+            f.write(want)
+
+
+def create_venv(d: str, with_pip: bool = True) -> None:
+    subprocess.run([sys.executable, "-m", "venv", *([] if with_pip else ["--without-pip"]), d], check=True,
+                   timeout=300)
+    link_parent_site(d)
+
+
 def tf5_python(create: bool = True) -> str:
     d = venv_dir()
     py = os.path.join(d, "bin", "python")
+    if os.path.exists(py) and create:
+        link_parent_site(d)
     v = _version(py) if os.path.exists(py) else None
     if v and v.startswith("5."):
         return py
     if not create:
         raise Unavailable(f"no transformers 5.x venv at {d} (create it: python -m tests.convert.tf5)")
     if not os.path.exists(py):
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", d], check=True, timeout=300)
+        create_venv(d)
     p = subprocess.run([py, "-m", "pip", "install", "-q", "--retries", "2", REQUIREMENT], capture_output=True,
                        text=True, timeout=900)
     if p.returncode != 0:
