@@ -64,7 +64,9 @@ def link_parent_site(d: str) -> None:
     sites = glob.glob(os.path.join(d, "lib", "python*", "site-packages"))
     if not sites:  # not a venv made by create_venv (e.g. a stand-in interpreter): nothing to link
         return
-    want = "".join(p + "\n" for p in parent_site_dirs())
+    # `import` lines of a .pth run at start-up: addsitedir also processes the parent's own .pth files (editable
+    # installs), as --system-site-packages would have
+    want = "".join(f"import site; site.addsitedir({p!r})\n" for p in parent_site_dirs())
     pth = os.path.join(sites[0], PTH)
     if not os.path.exists(pth) or open(pth).read() != want:
         with open(pth, "w") as f:
