@@ -68,6 +68,7 @@ from typing import Iterable, NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
+from megatrain.model.config import MegaConfig
 from megatrain.ops.ema.state import DIRECTIONS, prefix, traversal
 
 __all__ = [
@@ -96,8 +97,8 @@ def validate_sp(seq_len: int, sp_size: int, chunk_size: int, use_chunking: bool,
                 *, truncation: Optional[int] = None, normalization_type: Optional[str] = None) -> int:
     """Check that a window of `seq_len` tokens can be split exactly over `sp_size` ranks; return the slice length.
 
-    `truncation` / `normalization_type` are the model's (optional: checked when given). Raises ValueError naming
-    the offending key and value.
+    `truncation` / `normalization_type` are the model's (optional: checked when given) for the state-carry rule,
+    which lives in MegaConfig.state_carry_problem. Raises ValueError naming the offending key and value.
     """
     for key, value in (("data.seq_len", seq_len), ("parallel.sequence_parallel_size", sp_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -107,22 +108,19 @@ def validate_sp(seq_len: int, sp_size: int, chunk_size: int, use_chunking: bool,
     slice_len = seq_len // sp_size
     if sp_size == 1:
         return slice_len
-    if not use_chunking:
-        # Full attention spans the whole window, which a slice does not hold: only chunked attention stays local.
-        raise ValueError(f"parallel.sequence_parallel_size={sp_size} needs model.use_chunking=True "
-                         f"(got use_chunking={use_chunking!r})")
+    problem = MegaConfig.state_carry_problem(use_chunking, truncation, normalization_type)
+    if problem is not None:
+        field, why = problem
+        if field == "use_chunking":
+            raise ValueError(f"parallel.sequence_parallel_size={sp_size} needs model.use_chunking=True "
+                             f"(got use_chunking={use_chunking!r}): {why}")
+        value = truncation if field == "truncation" else normalization_type
+        raise ValueError(f"model.{field}={value!r} is not supported with sequence parallelism: {why}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"model.chunk_size must be a positive integer with sequence parallelism, got {chunk_size!r}")
     if slice_len % chunk_size:
         raise ValueError(f"SP slice length data.seq_len/sequence_parallel_size = {seq_len}/{sp_size} = {slice_len} "
                          f"is not a multiple of model.chunk_size={chunk_size}")
-    if truncation is not None:
-        # A truncated EMA kernel is not a linear recurrence with a carried state; the boundary would be inexact.
-        raise ValueError(f"model.truncation={truncation!r} is not supported with sequence parallelism (use None)")
-    if normalization_type in ("batchnorm", "syncbatchnorm"):
-        # Batch statistics over B x L would become per-slice statistics: not the unsplit computation.
-        raise ValueError(f"model.normalization_type={normalization_type!r} is not supported with sequence "
-                         "parallelism (statistics would cover one slice); use scalenorm, layernorm or rmsnorm")
     return slice_len
 
 

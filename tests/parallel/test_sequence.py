@@ -178,6 +178,7 @@ def _ema_worker(rank, world_size):
         one = _run_case(rank, P, group, torch.float64, True, True, slice_len=8, use_checkpoint=use_checkpoint)
         assert two == one, (two, one)
     _check_handle(group)
+    _check_backward_overlap(group)
     _check_bad_inputs(group)
     _check_loss_helper(rank, P, group)
     if world_size == 4:
@@ -214,6 +215,36 @@ def _check_handle(group):
     rank = dist.get_rank(group)
     # h_in = sum over earlier slices j of 0.5^(r-1-j) * 1
     torch.testing.assert_close(h_in, torch.full_like(s, sum(0.5 ** (rank - 1 - j) for j in range(rank))))
+
+
+def _check_backward_overlap(group):
+    """Backward mirrors the forward overlap: the reduce-scatter starts (behind the recurrence's backward) before
+    the gradient of the local output -- created between start() and wait() -- and is waited for after it."""
+    from megatrain.parallel import sequence
+    events = []
+
+    class Mark(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            events.append("local output")
+            return grad
+
+    start, wait = sequence._Exchange.start_scatter, sequence._Exchange.wait_scatter
+    sequence._Exchange.start_scatter = lambda ex, g: (events.append("start"), start(ex, g))[1]
+    sequence._Exchange.wait_scatter = lambda ex: (events.append("wait"), wait(ex))[1]
+    try:
+        s = torch.randn(B, D, N, dtype=torch.float64, requires_grad=True)
+        x = torch.randn(B, 4, D, dtype=torch.float64, requires_grad=True)
+        handle = make_ema_boundary(group).start(s * 1.0, torch.sigmoid(s), "forward")
+        local = Mark.apply(x * 2.0)
+        (local.sum() + handle.wait().sum()).backward()
+    finally:
+        sequence._Exchange.start_scatter, sequence._Exchange.wait_scatter = start, wait
+    assert events == ["start", "local output", "wait"], events
 
 
 def _check_bad_inputs(group):
