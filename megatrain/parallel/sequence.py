@@ -36,8 +36,8 @@ Overlap: the boundary is two-phase. The EMA calls `handle = boundary.start(local
 soon as its slice's end state is known -- the all-gather starts asynchronously -- then computes its local output
 (which needs no incoming state), and only then `h_in = handle.wait()`. In backward the mirror image happens by
 itself: the wait's backward (after the recurrence's) starts the reduce-scatter and the all-gather's backward,
-which autograd runs after the gradient of the local output (created between the two in forward), waits for it. `boundary(...)` is
-start + wait at once (no overlap).
+which autograd runs after the gradient of the local output (created between the two in forward), waits for it.
+`boundary(...)` is start + wait at once (no overlap).
 
 Document boundaries (packed windows): the model zeroes `decay` for rows whose slice contains a doc change, but a
 change exactly *at* a slice edge is invisible to both neighbours. So `make_ema_boundary(group, doc_ids=...)`

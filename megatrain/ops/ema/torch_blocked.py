@@ -8,8 +8,9 @@ Tests: PYTHONPATH=. python -m pytest -q tests/ops/test_ema_ops.py tests/model/te
 Algorithm (no [L, D, N] tensor; HF builds an [D, N, L] kernel and 2L-point FFTs): the sequence is cut into blocks
 of C positions. Inside a block the EMA is a causal convolution with the C-lag kernel sum_n a c q^k, done as a
 Toeplitz matmul. Between blocks only the [B, D, N] state travels: each block's end state from zero start (one
-matmul), the state recurrence over blocks (H_b = q^C H_{b-1} + s_b: ops/ema/state.py's prefix, log-depth), and
-each block's incoming state is propagated to its positions in closed form (one matmul). Working memory O(B*L*D + D*C*C + B*D*N*L/C).
+matmul), the state recurrence over blocks (H_b = q^C H_{b-1} + s_b: ops/ema/state.py's prefix, log-depth),
+and each block's incoming state is propagated to its positions in closed form (one matmul). Working memory
+O(B*L*D + D*C*C + B*D*N*L/C).
 Document resets cut the carry between blocks; a block with a document boundary inside is redone as a short
 sequence of its own at 16-position blocks (whose boundary blocks use masked 16x16 Toeplitz matrices).
 An incoming state h_in is linear, so it is added afterwards in the same closed form (`_incoming_contribution`).
