@@ -158,23 +158,34 @@ class MegaConfig:
             bad("hf_rmsnorm_noop", "only meaningful with normalization_type='rmsnorm'")
         return self
 
+    @staticmethod
+    def state_carry_problem(use_chunking: bool, truncation: Optional[int],
+                            normalization_type: str) -> Optional[tuple[str, str]]:
+        """The one rule for running layers in pieces that hand the EMA state on (segment_size here, sequence
+        parallelism in megatrain.parallel.sequence.validate_sp): (field, why) of the first field that breaks it,
+        or None."""
+        if not use_chunking:
+            return "use_chunking", "attention must be chunk-local to stay inside a piece of whole chunks"
+        if truncation is not None:
+            return "truncation", "a truncated EMA has no finite state to hand from piece to piece (use None)"
+        if normalization_type in ("batchnorm", "syncbatchnorm"):
+            return "normalization_type", ("batch statistics would cover one piece, not the whole sequence (use "
+                                          "scalenorm, layernorm or rmsnorm)")
+        return None
+
     def _check_segments(self, bad) -> None:
         s = self.segment_size
         if s < 0:
             bad("segment_size", "must be >= 0 (0 = off)")
         if s == 0:
             return
-        if not self.use_chunking:
-            bad("segment_size", "needs use_chunking=True (attention must be chunk-local to run in segments)")
+        problem = self.state_carry_problem(self.use_chunking, self.truncation, self.normalization_type)
+        if problem is not None:
+            field, why = problem
+            bad("segment_size", f"needs use_chunking=True ({why})" if field == "use_chunking" else
+                f"cannot be used with {field}={getattr(self, field)!r}: {why}; or segment_size=0")
         if s % self.chunk_size:
             bad("segment_size", f"must be a multiple of chunk_size={self.chunk_size} (segments are whole chunks)")
-        if self.normalization_type in ("batchnorm", "syncbatchnorm"):
-            bad("segment_size", f"cannot be used with normalization_type={self.normalization_type!r}: batch "
-                                "statistics cover the whole sequence, a segment sees only its own (use 0, or "
-                                "scalenorm/layernorm/rmsnorm)")
-        if self.truncation is not None:
-            bad("segment_size", f"cannot be used with truncation={self.truncation}: a truncated EMA has no state to "
-                                "hand from segment to segment (use 0, or truncation=None)")
 
     def check_attention_span(self, length: Optional[int] = None) -> None:
         """The one span rule: the simple relative bias table holds max_positions positions, and attention spans

@@ -23,9 +23,10 @@ picks, resolved per call by megatrain.ops.backend.resolve_backend). It runs in b
 positions with linear memory, document resets (`doc_ids`), an incoming state, and exact truncation.
 An incoming state (explicit `state`, or `boundary` for sequence parallelism) is linear, so with `boundary` each
 slice is scanned from zero and the boundary's state is added afterwards in closed form
-(`incoming_contribution`). It reaches the positions before the piece's first document change; a document that
-starts exactly at the piece's first position is invisible here, so whoever hands the state over zeros it for that
-row (`megatrain.parallel.sequence` does, from the slices' edge doc ids). The scan hands its end state out before
+(`incoming_contribution`; why that is exact: megatrain/ops/ema/state.py). It reaches the positions before the
+piece's first document change; a document that starts exactly at the piece's first position is invisible here, so
+whoever hands the state over cuts it for that row (state.py's `keep`; `megatrain.parallel.sequence` does it from
+the slices' edge doc ids). The scan hands its end state out before
 computing its output (`on_state`), so a two-phase boundary (`start`/`wait`, docs/CONTRACTS.md) exchanges while the
 output is computed.
 `ema_ref` below runs the module through the naive recurrence (megatrain.ops.ema.reference), the tests' oracle.
@@ -41,6 +42,7 @@ from torch import Tensor, nn
 
 from megatrain.ops.backend import KERNEL_BACKENDS, resolve_backend
 from megatrain.ops.ema import crossing_decay, ema_scan, ema_scan_ref, incoming_contribution, math_dtype
+from megatrain.ops.ema.state import DIRECTIONS, carry
 
 # boundary(local_state [B,D,N], decay [B,D,N], direction "forward"|"backward") -> incoming state [B,D,N]
 # A boundary may also offer the two-phase `boundary.start(local_state, decay, direction) -> handle`,
@@ -172,14 +174,15 @@ class MultiDimDampedEMA(nn.Module):
             out, state = ema_scan(u, a, c, logq, resets, h_in, self.truncation, self.block_size, backend)
             return out, state, None
         decay = crossing_decay(logq, bsz, length, resets)
-        name = "forward" if direction == 0 else "backward"
+        name = DIRECTIONS[direction]
         started = []
         out, state = ema_scan(u, a, c, logq, resets, block=self.block_size, backend=backend,
                               on_state=lambda s: started.append(_start_boundary(boundary, s, decay, name)))
 
         def finish(out: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
             h = started[0].wait()
-            return out + incoming_contribution(h, c, logq, length, resets, self.block_size), state + decay * h
+            out = out + incoming_contribution(h, c, logq, length, resets, self.block_size)
+            return out, carry(state, decay, None, h)
         return out, state, finish
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, doc_ids: Optional[Tensor] = None,
@@ -224,9 +227,8 @@ class MultiDimDampedEMA(nn.Module):
         with torch.autocast(device_type=x_t.device.type, enabled=False):
             xf = x_t.to(dtype)
             a, c, logq = _direction_coefficients(self, 0, dtype)
-            h = a * xf.unsqueeze(-1)
-            if state is not None:
-                h = h + torch.exp(logq) * state.to(dtype)
+            # one position is a piece of the state recurrence: local a x_t, decay q
+            h = carry(a * xf.unsqueeze(-1), torch.exp(logq), None, None if state is None else state.to(dtype))
             y = F.silu((h * c).sum(-1) + xf * self.residual_weight.to(dtype))
         return y.to(x_t.dtype), h
 

@@ -20,14 +20,14 @@ and records the forward state at the segment's right edge (local + decay * incom
 - Left to right: piece i's incoming state is piece i-1's outgoing one; the pieces run in order.
 - Right to left (bidirectional): segment i's incoming state comes from the segments to its right, which have not
   run yet. A pre-pass runs only the layer's norm + EMA on each segment alone and keeps each segment's (local
-  state, decay) per direction; a right-to-left chain over them gives every incoming state. The pre-pass of layer
-  i + 1 runs inside layer i's pieces, on their outputs (layer 0's: its own checkpoints, from the token ids), so a
-  segment's hidden states are kept for backward by one checkpoint only.
-- Sequence parallelism: the rank's slice is a row of segments. The pre-pass states are folded into the slice's
-  (local state, decay), handed to ctx.ema_boundary once per layer and direction (the same exchange, in the same
-  order, as without segments), and the slice's incoming states start the chains.
+  state, decay) per direction; the state recurrence right to left over them (ops/ema/state.py's prefix) gives
+  every incoming state. The pre-pass of layer i + 1 runs inside layer i's pieces, on their outputs (layer 0's:
+  its own checkpoints, from the token ids), so a segment's hidden states are kept for backward by one checkpoint.
+- Sequence parallelism: the rank's slice is a row of segments. The pre-pass states are folded (state.py's fold)
+  into the slice's (local state, decay), handed to ctx.ema_boundary once per layer and direction (the same
+  exchange, in the same order, as without segments), and the slice's incoming states start the chains.
 - Documents: a document that starts exactly at a segment edge is invisible to both segments' EMA (it resets only
-  at changes inside its input), so the hand-over multiplies the state by 0 for those rows (as the SP boundary does).
+  at changes inside its input), so the hand-over cuts the state for those rows (state.py's `keep`, as SP does).
 The pre-pass costs one norm + EMA per segment and layer (forward, and again in the recompute) when bidirectional or
 with SP; unidirectional without SP needs none. Dropout draws its masks per piece (feature dropout: one mask per
 sample and segment), so with dropout > 0 segmented and unsegmented runs differ in their random draws only.
@@ -41,8 +41,7 @@ from torch import Tensor, nn
 
 from megatrain.model.context import SeqContext
 from megatrain.model.layers import checkpointed
-
-DIRECTIONS = ("forward", "backward")
+from megatrain.ops.ema.state import DIRECTIONS, carry, cut, fold, prefix, traversal
 
 
 class _Relay:
@@ -55,7 +54,7 @@ class _Relay:
     def __call__(self, local_state: Tensor, decay: Tensor, direction: str) -> Tensor:
         h_in = self.incoming[direction]
         if direction == "forward":
-            self.forward_out = local_state if h_in is None else local_state + decay * h_in
+            self.forward_out = carry(local_state, decay, None, h_in)
         return torch.zeros_like(local_state) if h_in is None else h_in
 
 
@@ -94,46 +93,21 @@ def _edge_states(model, index, inp, mask, doc_ids, token_type_ids):
     return tuple(t for d in DIRECTIONS for t in capture.states.get(d, (None, None)))
 
 
-def _cut(state: Optional[Tensor], keep: Optional[Tensor]) -> Optional[Tensor]:
-    """The state crossing an edge: zeroed for the rows whose document starts there (keep [B] bool)."""
-    if state is None or keep is None:
-        return state
-    return state * keep.to(state.dtype)[:, None, None]
-
-
-def _fold(steps: list) -> tuple[Tensor, Tensor]:
-    """(state after the last step from zero incoming state, factor an incoming state gets across all steps);
-    steps = [(local, decay, keep on entering)] in traversal order."""
-    local, decay = steps[0][0], steps[0][1]
-    for lo, de, keep in steps[1:]:
-        local = lo + de * _cut(local, keep)
-        decay = de * _cut(decay, keep)
-    return local, decay
-
-
-def _chain(steps: list, h: Optional[Tensor]) -> list:
-    """Incoming state of every step (traversal order), the first one's being `h` (None = zero)."""
-    incoming, out = [], None
-    for i, (lo, de, keep) in enumerate(steps):
-        if i:
-            h = _cut(out, keep)
-        incoming.append(h)
-        out = lo if h is None else lo + de * h
-    return incoming
-
-
-def _incoming_states(states: list, keep: list, boundary: Optional[Callable]):
-    """From the pre-pass states: (forward incoming state of segment 0, backward incoming state of every segment)."""
+def _incoming_states(states: list, edges: Optional[Tensor], boundary: Optional[Callable]):
+    """From the pre-pass states: (forward incoming state of segment 0, backward incoming state of every segment).
+    edges [K+1, B] bool: the state crosses edge e (between segments e-1 and e), see ops/ema/state.py."""
     k = len(states)
     forward_in, backward_in = None, [None] * k
     if boundary is not None:
         # the slice as a whole, as the unsegmented EMA would report it to the SP exchange
-        forward_in = boundary(*_fold([(s[0], s[1], keep[i]) for i, s in enumerate(states)]), "forward")
+        local = torch.stack([s[0] for s in states])
+        forward_in = boundary(*fold(*traversal("forward", local, torch.stack([s[1] for s in states]), edges)),
+                              "forward")
     if states[0][2] is not None:
-        # right to left, entering segment i crosses edge i + 1
-        steps = [(states[i][2], states[i][3], keep[i + 1] if i + 1 < k else None) for i in reversed(range(k))]
-        h = None if boundary is None else boundary(*_fold(steps), "backward")
-        backward_in = _chain(steps, h)[::-1]
+        local, decay, keep = traversal("backward", torch.stack([s[2] for s in states]),
+                                       torch.stack([s[3] for s in states]), edges)
+        h = None if boundary is None else boundary(*fold(local, decay, keep), "backward")
+        backward_in = list(prefix(local, decay, keep, h).flip(0).unbind(0))
     return forward_in, backward_in
 
 
@@ -149,25 +123,28 @@ def forward_segmented(model: nn.Module, input_ids: Tensor, token_type_ids: Optio
     bounds = segment_bounds(input_ids.shape[1], model.config.segment_size)
     k = len(bounds)
 
-    def cut(t: Optional[Tensor], i: int) -> Optional[Tensor]:
+    def part(t: Optional[Tensor], i: int) -> Optional[Tensor]:
         return None if t is None else t[:, bounds[i][0]:bounds[i][1]]
 
-    # keep[i]: [B] bool, False where a document starts exactly at segment i's first position
-    keep = [None] * k if ctx.doc_ids is None else \
-        [None] + [ctx.doc_ids[:, s] == ctx.doc_ids[:, s - 1] for s, _ in bounds[1:]]
-    pieces = [cut(input_ids, i) for i in range(k)]
+    # edges[e]: [B] bool, False where a document starts exactly at edge e (segment e's first position); the outer
+    # edges 0 and K carry whatever the slice's boundary hands over
+    edges = None
+    if ctx.doc_ids is not None:
+        ones = torch.ones_like(ctx.doc_ids[:, 0], dtype=torch.bool)
+        edges = torch.stack([ones] + [ctx.doc_ids[:, s] == ctx.doc_ids[:, s - 1] for s, _ in bounds[1:]] + [ones])
+    pieces = [part(input_ids, i) for i in range(k)]
     n = len(model.layers)
     prepass = [layer.attn.ema.bidirectional or ctx.ema_boundary is not None for layer in model.layers]
     states = None     # this layer's pre-pass states per segment (layer 0: from the token ids, its own pieces)
     if prepass[0]:
-        states = [checkpointed(_edge_states, model, 0, pieces[i], cut(ctx.mask, i), cut(ctx.doc_ids, i),
-                               cut(token_type_ids, i), enabled=checkpoint) for i in range(k)]
+        states = [checkpointed(_edge_states, model, 0, pieces[i], part(ctx.mask, i), part(ctx.doc_ids, i),
+                               part(token_type_ids, i), enabled=checkpoint) for i in range(k)]
     for index in range(n):
-        seg = [(cut(ctx.mask, i), cut(ctx.doc_ids, i), cut(token_type_ids, i) if index == 0 else None)
+        seg = [(part(ctx.mask, i), part(ctx.doc_ids, i), part(token_type_ids, i) if index == 0 else None)
                for i in range(k)]
         forward_in, backward_in = None, [None] * k
         if states is not None:
-            forward_in, backward_in = _incoming_states(states, keep, ctx.ema_boundary)
+            forward_in, backward_in = _incoming_states(states, edges, ctx.ema_boundary)
         last = final if index == n - 1 else None
         prepass_next = index + 1 < n and prepass[index + 1]
         outputs, states = [], [] if prepass_next else None
@@ -177,6 +154,6 @@ def forward_segmented(model: nn.Module, input_ids: Tensor, token_type_ids: Optio
             outputs.append(y)
             if prepass_next:
                 states.append(tuple(next_states))
-            forward_in = _cut(forward_out, keep[i + 1]) if i + 1 < k else None
+            forward_in = cut(forward_out, None if edges is None else edges[i + 1]) if i + 1 < k else None
         pieces = outputs
     return torch.cat(pieces, dim=1)

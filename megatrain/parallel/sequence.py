@@ -21,11 +21,13 @@ Benchmark: python bench/bench_sp.py
 Why it is exact: the EMA is linear in its incoming state. Every SP rank runs its slice with zero incoming state
 and reports, per EMA layer and direction, two small tensors [B, D, N]: `local_state` (the state its slice produces
 at its far edge) and `decay` (what an incoming state is multiplied by when crossing the whole slice). The boundary
-all-gathers both and does the prefix combine locally, so rank r receives (forward direction)
+all-gathers both and runs the state recurrence over the slices locally (megatrain/ops/ema/state.py: `prefix`, the
+argument for exactness is there), so rank r receives (forward direction)
 
     h_in_r = sum_{j<r} (prod_{j<i<r} decay_i) local_j          ("backward" direction: mirrored, j > r)
 
-and the model adds the closed-form contribution of h_in_r to its slice. Only these small tensors cross ranks
+and the model adds the closed-form contribution of h_in_r to its slice. This file is communication only; the
+backward of the recurrence is autograd's. Only these small tensors cross ranks
 (never sequence activations): per EMA layer and direction one all-gather in forward and one reduce-scatter in
 backward (the adjoint of the all-gather), each rank sending (P-1) * 2*B*D*N * itemsize bytes per collective (ring
 model), independent of the sequence length. `COMM_STATS` counts them.
@@ -33,9 +35,9 @@ model), independent of the sequence length. `COMM_STATS` counts them.
 Overlap: the boundary is two-phase. The EMA calls `handle = boundary.start(local_state, decay, direction)` as
 soon as its slice's end state is known -- the all-gather starts asynchronously -- then computes its local output
 (which needs no incoming state), and only then `h_in = handle.wait()`. In backward the mirror image happens by
-itself: the combine's backward starts the reduce-scatter and the all-gather's backward, which autograd runs after
-the gradient of the local output (created between the two in forward), waits for it. `boundary(...)` is
-start + wait at once (no overlap).
+itself: the wait's backward (after the recurrence's) starts the reduce-scatter and the all-gather's backward,
+which autograd runs after the gradient of the local output (created between the two in forward), waits for it.
+`boundary(...)` is start + wait at once (no overlap).
 
 Document boundaries (packed windows): the model zeroes `decay` for rows whose slice contains a doc change, but a
 change exactly *at* a slice edge is invisible to both neighbours. So `make_ema_boundary(group, doc_ids=...)`
@@ -66,6 +68,9 @@ from typing import Iterable, NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
+from megatrain.model.config import MegaConfig
+from megatrain.ops.ema.state import DIRECTIONS, prefix, traversal
+
 __all__ = [
     "COMM_STATS",
     "CommStats",
@@ -80,7 +85,6 @@ __all__ = [
     "validate_sp",
 ]
 
-DIRECTIONS = ("forward", "backward")
 # torch >= 2.13 names; the older *_tensor names are the same collectives (deprecated there).
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -93,8 +97,8 @@ def validate_sp(seq_len: int, sp_size: int, chunk_size: int, use_chunking: bool,
                 *, truncation: Optional[int] = None, normalization_type: Optional[str] = None) -> int:
     """Check that a window of `seq_len` tokens can be split exactly over `sp_size` ranks; return the slice length.
 
-    `truncation` / `normalization_type` are the model's (optional: checked when given). Raises ValueError naming
-    the offending key and value.
+    `truncation` / `normalization_type` are the model's (optional: checked when given) for the state-carry rule,
+    which lives in MegaConfig.state_carry_problem. Raises ValueError naming the offending key and value.
     """
     for key, value in (("data.seq_len", seq_len), ("parallel.sequence_parallel_size", sp_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -104,22 +108,19 @@ def validate_sp(seq_len: int, sp_size: int, chunk_size: int, use_chunking: bool,
     slice_len = seq_len // sp_size
     if sp_size == 1:
         return slice_len
-    if not use_chunking:
-        # Full attention spans the whole window, which a slice does not hold: only chunked attention stays local.
-        raise ValueError(f"parallel.sequence_parallel_size={sp_size} needs model.use_chunking=True "
-                         f"(got use_chunking={use_chunking!r})")
+    problem = MegaConfig.state_carry_problem(use_chunking, truncation, normalization_type)
+    if problem is not None:
+        field, why = problem
+        if field == "use_chunking":
+            raise ValueError(f"parallel.sequence_parallel_size={sp_size} needs model.use_chunking=True "
+                             f"(got use_chunking={use_chunking!r}): {why}")
+        value = truncation if field == "truncation" else normalization_type
+        raise ValueError(f"model.{field}={value!r} is not supported with sequence parallelism: {why}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"model.chunk_size must be a positive integer with sequence parallelism, got {chunk_size!r}")
     if slice_len % chunk_size:
         raise ValueError(f"SP slice length data.seq_len/sequence_parallel_size = {seq_len}/{sp_size} = {slice_len} "
                          f"is not a multiple of model.chunk_size={chunk_size}")
-    if truncation is not None:
-        # A truncated EMA kernel is not a linear recurrence with a carried state; the boundary would be inexact.
-        raise ValueError(f"model.truncation={truncation!r} is not supported with sequence parallelism (use None)")
-    if normalization_type in ("batchnorm", "syncbatchnorm"):
-        # Batch statistics over B x L would become per-slice statistics: not the unsplit computation.
-        raise ValueError(f"model.normalization_type={normalization_type!r} is not supported with sequence "
-                         "parallelism (statistics would cover one slice); use scalenorm, layernorm or rmsnorm")
     return slice_len
 
 
@@ -153,7 +154,7 @@ def reset_comm_stats() -> CommStats:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The prefix combine (local, P small) and its adjoint
+# The exchange: communication only (the math is ops/ema/state.py's prefix over the gathered slices)
 # ----------------------------------------------------------------------------------------------------------------
 def _gather_stacked(t: torch.Tensor, group, size: int) -> torch.Tensor:
     """All-gather a contiguous tensor from every rank of `group` into [P, *t.shape] (rank order)."""
@@ -163,57 +164,16 @@ def _gather_stacked(t: torch.Tensor, group, size: int) -> torch.Tensor:
     return flat.view((size,) + tuple(t.shape))
 
 
-def _visit_order(rank: int, size: int, direction: str) -> range:
-    """Slices whose state reaches `rank`, farthest first."""
-    return range(0, rank) if direction == "forward" else range(size - 1, rank, -1)
-
-
-def _entry_index(j: int, direction: str) -> int:
-    """Index of the slice edge crossed when the state enters slice j (edge e lies between slices e-1 and e)."""
-    return j if direction == "forward" else j + 1
-
-
-def _combine(states: torch.Tensor, decays: torch.Tensor, keep: Optional[torch.Tensor], rank: int,
-             direction: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """h = sum over far slices of their state carried across the slices in between; also the state before each
-    step (the adjoint needs it). states/decays: [P, B, D, N]; keep: [P+1, B, 1, 1] edge factors or None."""
-    h = torch.zeros_like(states[0])
-    before = []
-    for j in _visit_order(rank, states.shape[0], direction):
-        before.append(h)
-        carried = decays[j] * h
-        if keep is not None:
-            carried = carried * keep[_entry_index(j, direction)]
-        h = carried + states[j]
-    if keep is not None:
-        h = h * keep[_entry_index(rank, direction)]
-    return h, before
-
-
-def _combine_adjoint(grad_out: torch.Tensor, states: torch.Tensor, decays: torch.Tensor,
-                     keep: Optional[torch.Tensor], rank: int, direction: str) -> torch.Tensor:
-    """d(loss)/d(states_j, decays_j) for every slice j given d(loss)/d(h_in of this rank): [P, 2, B, D, N]."""
-    _, before = _combine(states, decays, keep, rank, direction)
-    grads = torch.zeros((states.shape[0], 2) + tuple(states.shape[1:]), dtype=states.dtype, device=states.device)
-    g = grad_out if keep is None else grad_out * keep[_entry_index(rank, direction)]
-    order = list(_visit_order(rank, states.shape[0], direction))
-    for j, h_prev in zip(reversed(order), reversed(before)):
-        k = 1.0 if keep is None else keep[_entry_index(j, direction)]
-        grads[j, 0] = g                      # h = k * decay_j * h_prev + state_j
-        grads[j, 1] = g * k * h_prev
-        g = g * k * decays[j]
-    return grads
-
-
 class _Exchange:
     """One boundary exchange in flight (one EMA layer, one direction, one forward call), shared by its two autograd
-    nodes. Forward: `launch` starts the all-gather of (local_state, decay) without waiting; `combine` waits for it
-    and does the prefix combine. Backward, mirrored: `combine`'s backward starts the reduce-scatter of its adjoint;
-    `launch`'s backward waits for it. Between the two the caller computes what needs no incoming state (the
-    slice's local EMA output, forward; its gradient, backward), so the collectives overlap with that work."""
+    nodes. Forward: _Launch starts the all-gather of (local_state, decay) without waiting; _Wait waits for it.
+    Backward, mirrored: _Wait's backward starts the reduce-scatter of the gathered tensors' gradient (autograd's,
+    through state.py's prefix); _Launch's backward waits for it. Between the two the caller computes what needs no
+    incoming state (the slice's local EMA output, forward; its gradient, backward), so the collectives overlap
+    with that work."""
 
-    def __init__(self, group, rank: int, size: int, direction: str, keep: Optional[torch.Tensor]):
-        self.group, self.rank, self.size, self.direction, self.keep = group, rank, size, direction, keep
+    def __init__(self, group, size: int):
+        self.group, self.size = group, size
         self.gather = self.scatter = None          # (work, buffer) of the collective in flight
 
     def start_gather(self, payload: torch.Tensor) -> torch.Tensor:
@@ -226,7 +186,7 @@ class _Exchange:
         self.gather = (work, flat, payload)
         self.shape = (self.size,) + tuple(payload.shape)
         # the flat buffer itself, not a view of it: autograd forbids writing to the base of a view that a custom
-        # Function returned, and the collective's wait() counts as a write (see _Combine.forward)
+        # Function returned, and the collective's wait() counts as a write (see _Wait.forward)
         return flat
 
     def wait_gather(self) -> None:
@@ -242,9 +202,7 @@ class _Exchange:
         COMM_STATS.backward_calls += 1
         self.scatter = (work, mine, contributions)
 
-    def finish_scatter(self, contributions: torch.Tensor) -> torch.Tensor:
-        if self.scatter is None:   # combine's backward did not start it (it always does): the blocking path
-            self.start_scatter(contributions.contiguous())
+    def wait_scatter(self) -> torch.Tensor:
         work, mine, _ = self.scatter
         self.scatter = None
         work.wait()
@@ -253,8 +211,8 @@ class _Exchange:
 
 class _Launch(torch.autograd.Function):
     """(local_state, decay) -> the flat [P * 2*B*D*N] all-gather buffer, still being filled (read it only through
-    _Combine, which waits). Backward: the adjoint of an all-gather, a reduce-scatter of the buffer's gradient --
-    started early by _Combine's backward, only waited for here."""
+    _Wait). Backward: the adjoint of an all-gather, a reduce-scatter of the buffer's gradient -- started early by
+    _Wait's backward, only waited for here."""
 
     @staticmethod
     def forward(ctx, local_state, decay, ex: _Exchange):
@@ -264,36 +222,28 @@ class _Launch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_gathered):
-        mine = ctx.ex.finish_scatter(grad_gathered)
+        mine = ctx.ex.wait_scatter()
         return mine[0], mine[1], None
 
 
-class _Combine(torch.autograd.Function):
-    """Wait for the all-gather, then h_in = prefix combine; backward: adjoint combine, reduce-scatter started."""
+class _Wait(torch.autograd.Function):
+    """Wait for the all-gather: the flat buffer -> [P, 2, B, D, N] (every slice's local state and decay).
+    Backward: start the reduce-scatter of the gradient that reached them (each rank's h_in depends on every slice;
+    slice j's gradient is the sum over ranks), waited for in _Launch's backward: autograd runs the gradient of the
+    slice's local output (created between the two nodes in forward) in between."""
 
     @staticmethod
-    def forward(ctx, gathered, ex: _Exchange):
-        # wait() counts as the collective's in-place write (bumps the buffer's version): views and saved tensors
-        # are taken only after it
+    def forward(ctx, flat, ex: _Exchange):
+        # wait() counts as the collective's in-place write (bumps the buffer's version): the view is taken after it
         ex.wait_gather()
-        gathered = gathered.view(ex.shape)                                               # [P, 2, B, D, N]
-        states, decays = gathered[:, 0], gathered[:, 1]
-        ctx.save_for_backward(states, decays)
         ctx.ex = ex
-        h_in, _ = _combine(states, decays, ex.keep, ex.rank, ex.direction)
-        return h_in
+        return flat.view(ex.shape)
 
     @staticmethod
-    def backward(ctx, grad_out):
-        states, decays = ctx.saved_tensors
-        ex = ctx.ex
-        # Every rank holds the whole (tiny) combine, so it can compute how its own h_in depends on each slice's
-        # tensors; slice j's gradient is the sum of those contributions over ranks = one reduce-scatter, started
-        # now and waited for in _Launch's backward: autograd runs the gradient of the slice's local output
-        # (created between the two nodes in forward) in between.
-        contributions = _combine_adjoint(grad_out.contiguous(), states, decays, ex.keep, ex.rank, ex.direction)
-        ex.start_scatter(contributions)
-        return contributions.view(-1), None
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        ctx.ex.start_scatter(grad)
+        return grad.view(-1), None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -302,12 +252,19 @@ class _Combine(torch.autograd.Function):
 class BoundaryHandle:
     """An exchange in flight: `wait()` -> h_in [B, D, N] (differentiable; call it once the local work is done)."""
 
-    def __init__(self, gathered: torch.Tensor, ex: _Exchange):
+    def __init__(self, gathered: torch.Tensor, ex: _Exchange, rank: int, direction: str,
+                 edges: Optional[torch.Tensor]):
         self._gathered, self._ex, self._h_in = gathered, ex, None
+        self._rank, self._direction, self._edges = rank, direction, edges
 
     def wait(self) -> torch.Tensor:
         if self._h_in is None:
-            self._h_in = _Combine.apply(self._gathered, self._ex)
+            gathered = _Wait.apply(self._gathered, self._ex)                         # [P, 2, B, D, N]
+            local, decay, keep = traversal(self._direction, gathered[:, 0], gathered[:, 1], self._edges)
+            # the state entering every slice (P is small); this rank's entry. Every slice's entry, so that h_in
+            # depends on the gathered buffer on every rank: _Wait's backward (the reduce-scatter) runs everywhere
+            position = self._rank if self._direction == "forward" else self._ex.size - 1 - self._rank
+            self._h_in = prefix(local, decay, keep)[position]
             self._gathered = None
         return self._h_in
 
@@ -318,9 +275,9 @@ class EMABoundary:
     end state is known, then `h_in = handle.wait()`. `boundary(local_state, decay, direction) -> h_in` is both at
     once (no overlap)."""
 
-    def __init__(self, group, rank: int, size: int, keep: Optional[torch.Tensor]):
+    def __init__(self, group, rank: int, size: int, edges: Optional[torch.Tensor]):
         self.group, self.rank, self.size = group, rank, size
-        self._keep = keep        # [P+1, B, 1, 1]: 0 where a document starts exactly at slice edge e
+        self._edges = edges      # [P+1, B] bool: False where a document starts exactly at slice edge e
 
     def start(self, local_state: torch.Tensor, decay: torch.Tensor, direction: str) -> BoundaryHandle:
         if direction not in DIRECTIONS:
@@ -331,14 +288,14 @@ class EMABoundary:
         if not local_state.is_floating_point() or decay.dtype != local_state.dtype:
             raise ValueError(f"EMA boundary expects floating local_state and decay of one dtype, got "
                              f"{local_state.dtype} and {decay.dtype}")
-        keep = self._keep
-        if keep is not None:
-            if keep.shape[1] != local_state.shape[0]:
-                raise ValueError(f"EMA boundary was made for batch size {keep.shape[1]} (doc_ids) but got "
+        edges = self._edges
+        if edges is not None:
+            if edges.shape[1] != local_state.shape[0]:
+                raise ValueError(f"EMA boundary was made for batch size {edges.shape[1]} (doc_ids) but got "
                                  f"local_state with batch size {local_state.shape[0]}")
-            keep = keep.to(device=local_state.device, dtype=local_state.dtype)
-        ex = _Exchange(self.group, self.rank, self.size, direction, keep)
-        return BoundaryHandle(_Launch.apply(local_state, decay, ex), ex)
+            edges = edges.to(device=local_state.device)
+        ex = _Exchange(self.group, self.size)
+        return BoundaryHandle(_Launch.apply(local_state, decay, ex), ex, self.rank, direction, edges)
 
     def __call__(self, local_state: torch.Tensor, decay: torch.Tensor, direction: str) -> torch.Tensor:
         return self.start(local_state, decay, direction).wait()
@@ -356,18 +313,18 @@ def make_ema_boundary(sp_group, doc_ids: Optional[torch.Tensor] = None) -> Optio
     rank = dist.get_rank(sp_group)
     if rank < 0:
         raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of the given sp_group")
-    keep = None
+    edges = None
     if doc_ids is not None:
         if doc_ids.dim() != 2 or doc_ids.shape[1] < 1:
             raise ValueError(f"doc_ids must be [B, L_slice] with L_slice >= 1, got shape {tuple(doc_ids.shape)}")
-        edges = torch.stack([doc_ids[:, 0], doc_ids[:, -1]], dim=1).to(torch.int64).contiguous()   # [B, 2]
-        gathered = _gather_stacked(edges, sp_group, size)                                 # [P, B, 2]
-        COMM_STATS.setup_bytes += (size - 1) * edges.numel() * edges.element_size()
-        keep = torch.ones((size + 1, edges.shape[0]), dtype=torch.float32, device=doc_ids.device)
-        # Edge e (between slices e-1 and e) carries state only if the document continues across it.
-        keep[1:size] = (gathered[:-1, :, 1] == gathered[1:, :, 0]).to(torch.float32)
-        keep = keep[:, :, None, None]
-    return EMABoundary(sp_group, rank, size, keep)
+        ends = torch.stack([doc_ids[:, 0], doc_ids[:, -1]], dim=1).to(torch.int64).contiguous()   # [B, 2]
+        gathered = _gather_stacked(ends, sp_group, size)                                  # [P, B, 2]
+        COMM_STATS.setup_bytes += (size - 1) * ends.numel() * ends.element_size()
+        # Edge e (between slices e-1 and e) carries state only if the document continues across it; the outer
+        # edges 0 and P have no neighbour (nothing crosses them).
+        edges = torch.ones((size + 1, ends.shape[0]), dtype=torch.bool, device=doc_ids.device)
+        edges[1:size] = gathered[:-1, :, 1] == gathered[1:, :, 0]
+    return EMABoundary(sp_group, rank, size, edges)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
     PYTHONPATH=. python -m pytest -x -q tests/parallel/test_sequence.py
 
-The EMA here is the test oracle in sp_ema_ref.py (a plain recurrence); test_sequence_model.py checks the real
+The EMA here is the op on plain tensors: each slice scanned from zero by the fp64-capable reference scan
+(ema_scan_ref) with crossing_decay and incoming_contribution, as docs/CONTRACTS.md ("EMA boundary exchange") asks
+the model to; the unsplit reference is the same scan over the whole window. test_sequence_model.py checks the real
 model. Every worker also recomputes the unsplit reference itself, so one spawn covers a whole grid of cases.
 """
 from __future__ import annotations
@@ -11,13 +13,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from megatrain.ops.ema import crossing_decay, ema_scan_ref, incoming_contribution
 from megatrain.parallel.sequence import (COMM_STATS, make_ema_boundary, reduce_sp_loss, reset_comm_stats,
                                          sum_grads_over, validate_sp)
 
 from tests.dist_util import run_ranks
-from tests.parallel import sp_ema_ref as ref
 
 B, D, N = 2, 3, 2
 
@@ -32,6 +35,68 @@ def _doc_ids(L: int, slice_len: int) -> torch.Tensor:
     return change.cumsum(1) + 7
 
 
+def _make_params(bidirectional: bool, dtype, seed: int) -> dict:
+    """One EMA layer y = silu(ema_fwd(x) [+ ema_bwd(x)] + omega * x): (a, c, logq) [D, N] per direction."""
+    g = torch.Generator().manual_seed(seed)
+    params = {"omega": torch.randn(D, generator=g, dtype=dtype)}
+    for d in ("forward", "backward")[:2 if bidirectional else 1]:
+        params[d + ".a"] = torch.randn(D, N, generator=g, dtype=dtype)
+        params[d + ".c"] = torch.randn(D, N, generator=g, dtype=dtype)
+        params[d + ".logq"] = torch.log(torch.rand(D, N, generator=g, dtype=dtype) * 0.6 + 0.35)
+    for p in params.values():
+        p.requires_grad_(True)
+    return params
+
+
+def _resets(doc_ids):
+    return None if doc_ids is None else F.pad(doc_ids[:, 1:] != doc_ids[:, :-1], (1, 0), value=False)
+
+
+def _in_direction(x, doc_ids, direction):
+    if direction == "forward":
+        return x, doc_ids
+    return x.flip(1), None if doc_ids is None else doc_ids.flip(1)
+
+
+def _directions(params):
+    return [d for d in ("forward", "backward") if d + ".a" in params]
+
+
+def _coeffs(params, direction):
+    return params[direction + ".a"], params[direction + ".c"], params[direction + ".logq"]
+
+
+def _full(x, params, doc_ids):
+    y = x * params["omega"]
+    for d in _directions(params):
+        xs, ds = _in_direction(x, doc_ids, d)
+        ema, _ = ema_scan_ref(xs, *_coeffs(params, d), _resets(ds))
+        y = y + (ema if d == "forward" else ema.flip(1))
+    return F.silu(y)
+
+
+def _sliced(x, params, boundary, doc_ids, two_phase=False):
+    """`two_phase`: use `boundary.start(...)` / `handle.wait()` as the model does -- every direction's exchange is
+    started before any is waited for, and they are waited for in reverse order."""
+    L = x.shape[1]
+    y = x * params["omega"]
+    pending = []
+    for d in _directions(params):
+        xs, ds = _in_direction(x, doc_ids, d)
+        a, c, logq = _coeffs(params, d)
+        ema, local_state = ema_scan_ref(xs, a, c, logq, _resets(ds))
+        decay = crossing_decay(logq, x.shape[0], L, _resets(ds))
+        if two_phase:
+            pending.append((d, ema, ds, c, logq, boundary.start(local_state, decay, d)))
+            continue
+        ema = ema + incoming_contribution(boundary(local_state, decay, d), c, logq, L, _resets(ds), block=4)
+        y = y + (ema if d == "forward" else ema.flip(1))
+    for d, ema, ds, c, logq, handle in reversed(pending):
+        ema = ema + incoming_contribution(handle.wait(), c, logq, L, _resets(ds), block=4)
+        y = y + (ema if d == "forward" else ema.flip(1))
+    return F.silu(y)
+
+
 def _run_case(sp_rank, P, group, dtype, bidirectional, use_docs, slice_len, use_checkpoint=False, seed=0,
               two_phase=False):
     """One configuration on this rank; returns (COMM_STATS after fwd, after bwd) for the byte checks."""
@@ -40,13 +105,13 @@ def _run_case(sp_rank, P, group, dtype, bidirectional, use_docs, slice_len, use_
     x = torch.randn(B, L, D, generator=g, dtype=dtype)
     w = torch.randn(B, L, D, generator=g, dtype=dtype)
     doc_ids = _doc_ids(L, slice_len) if use_docs else None
-    layers = [ref.make_params(D, N, bidirectional, dtype, seed=seed + k) for k in range(2)]
+    layers = [_make_params(bidirectional, dtype, seed=seed + k) for k in range(2)]
 
     # Unsplit reference, two stacked EMA layers.
     x_full = x.clone().requires_grad_(True)
     y = x_full
     for params in layers:
-        y = ref.full(y, params, bidirectional, doc_ids)
+        y = _full(y, params, doc_ids)
     loss_full = (y * w).sum()
     loss_full.backward()
     y_full = y.detach()
@@ -62,8 +127,8 @@ def _run_case(sp_rank, P, group, dtype, bidirectional, use_docs, slice_len, use_
     reset_comm_stats()
     h = x_loc
     for params in layers:
-        fn = lambda inp, params=params: ref.sliced(inp, params, bidirectional, boundary,  # noqa: E731
-                                                    None if doc_ids is None else doc_ids[:, sl], two_phase)
+        fn = lambda inp, params=params: _sliced(inp, params, boundary,  # noqa: E731
+                                                None if doc_ids is None else doc_ids[:, sl], two_phase)
         h = checkpoint(fn, h, use_reentrant=False) if use_checkpoint else fn(h)
     loss_loc = (h * w[:, sl]).sum()
     after_fwd = (COMM_STATS.forward_bytes, COMM_STATS.forward_calls, COMM_STATS.backward_bytes)
@@ -113,6 +178,7 @@ def _ema_worker(rank, world_size):
         one = _run_case(rank, P, group, torch.float64, True, True, slice_len=8, use_checkpoint=use_checkpoint)
         assert two == one, (two, one)
     _check_handle(group)
+    _check_backward_overlap(group)
     _check_bad_inputs(group)
     _check_loss_helper(rank, P, group)
     if world_size == 4:
@@ -149,6 +215,36 @@ def _check_handle(group):
     rank = dist.get_rank(group)
     # h_in = sum over earlier slices j of 0.5^(r-1-j) * 1
     torch.testing.assert_close(h_in, torch.full_like(s, sum(0.5 ** (rank - 1 - j) for j in range(rank))))
+
+
+def _check_backward_overlap(group):
+    """Backward mirrors the forward overlap: the reduce-scatter starts (behind the recurrence's backward) before
+    the gradient of the local output -- created between start() and wait() -- and is waited for after it."""
+    from megatrain.parallel import sequence
+    events = []
+
+    class Mark(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            events.append("local output")
+            return grad
+
+    start, wait = sequence._Exchange.start_scatter, sequence._Exchange.wait_scatter
+    sequence._Exchange.start_scatter = lambda ex, g: (events.append("start"), start(ex, g))[1]
+    sequence._Exchange.wait_scatter = lambda ex: (events.append("wait"), wait(ex))[1]
+    try:
+        s = torch.randn(B, D, N, dtype=torch.float64, requires_grad=True)
+        x = torch.randn(B, 4, D, dtype=torch.float64, requires_grad=True)
+        handle = make_ema_boundary(group).start(s * 1.0, torch.sigmoid(s), "forward")
+        local = Mark.apply(x * 2.0)
+        (local.sum() + handle.wait().sum()).backward()
+    finally:
+        sequence._Exchange.start_scatter, sequence._Exchange.wait_scatter = start, wait
+    assert events == ["start", "local output", "wait"], events
 
 
 def _check_bad_inputs(group):

@@ -10,7 +10,8 @@ Tests: PYTHONPATH=. python -m pytest -q tests/ops/test_ema_ops.py
 
 Math: h_t = a u_t + q keep_t h_{t-1} (keep_t = 0 where resets[:, t]; h_{-1} = h_in), q = exp(logq); in MEGA's
 parameters a = p * beta, c = gamma / sqrt(N), q = 1 - p * alpha. Files: reference.py (the naive recurrence, the
-oracle), torch_blocked.py (blocked PyTorch, autograd backward), triton_kernel.py (our kernel, forward+backward).
+oracle), state.py (the state recurrence between pieces -- blocks, segments, SP slices -- and why splitting is
+exact), torch_blocked.py (blocked PyTorch, autograd backward), triton_kernel.py (our kernel, forward+backward).
 `backend` is already resolved ("torch" | "triton", see megatrain.ops.backend.resolve_backend); "triton" where it
 cannot run raises the one-line ValueError naming MegaConfig.kernel_backend. The math is fp32 (fp64 for fp64 u);
 u may be bf16.
@@ -20,7 +21,8 @@ the EMA are sum_n (c q^T) h_{t-T}, i.e. the output of a second scan with output 
 (where t-T lies in t's document), subtracted from the full output. It has no finite state: h_in is rejected.
 The two boundary helpers are the cheap closed forms sequence parallelism needs (docs/CONTRACTS.md, "EMA boundary
 exchange"): each rank scans with zero incoming state, exchanges (state, crossing_decay), then adds
-incoming_contribution. They are plain PyTorch on both backends.
+incoming_contribution. They are plain PyTorch on both backends (crossing_decay lives in state.py with the
+recurrence; incoming_contribution, an output of the blocked layout, in torch_blocked.py).
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ from torch import Tensor
 
 from megatrain.ops.backend import resolve_backend
 from megatrain.ops.ema.reference import ema_scan_ref
-from megatrain.ops.ema.torch_blocked import causal_ema_blocked, crossing_decay, incoming_contribution
+from megatrain.ops.ema.state import crossing_decay
+from megatrain.ops.ema.torch_blocked import causal_ema_blocked, incoming_contribution
 
 __all__ = ["ema_scan", "ema_scan_ref", "incoming_contribution", "crossing_decay", "math_dtype"]
 

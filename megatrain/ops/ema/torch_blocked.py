@@ -8,8 +8,9 @@ Tests: PYTHONPATH=. python -m pytest -q tests/ops/test_ema_ops.py tests/model/te
 Algorithm (no [L, D, N] tensor; HF builds an [D, N, L] kernel and 2L-point FFTs): the sequence is cut into blocks
 of C positions. Inside a block the EMA is a causal convolution with the C-lag kernel sum_n a c q^k, done as a
 Toeplitz matmul. Between blocks only the [B, D, N] state travels: each block's end state from zero start (one
-matmul), a log-depth scan over blocks (H_b = q^C H_{b-1} + s_b), and each block's incoming state is propagated to
-its positions in closed form (one matmul). Working memory O(B*L*D + D*C*C + B*D*N*L/C).
+matmul), the state recurrence over blocks (H_b = q^C H_{b-1} + s_b: ops/ema/state.py's prefix, log-depth),
+and each block's incoming state is propagated to its positions in closed form (one matmul). Working memory
+O(B*L*D + D*C*C + B*D*N*L/C).
 Document resets cut the carry between blocks; a block with a document boundary inside is redone as a short
 sequence of its own at 16-position blocks (whose boundary blocks use masked 16x16 Toeplitz matrices).
 An incoming state h_in is linear, so it is added afterwards in the same closed form (`_incoming_contribution`).
@@ -24,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+
+from megatrain.ops.ema.state import carry, crossing_decay, prefix
 
 # Elements allowed in one group of document-masked Toeplitz blocks (see _masked_intra_block).
 _MASKED_GROUP_ELEMENTS = 1 << 22
@@ -85,16 +88,6 @@ def _relayout(x: Tensor, dims: tuple[int, ...]) -> Tensor:
     return _Relayout.apply(x, dims)
 
 
-def _scan_blocks(s: Tensor, decay: Tensor) -> Tensor:
-    """Inclusive scan H_b = decay_b * H_{b-1} + s_b along dim 2 (log-depth, autograd-friendly)."""
-    nb, step = s.shape[2], 1
-    while step < nb:
-        s = torch.cat([s[:, :, :step], s[:, :, step:] + decay[:, :, step:] * s[:, :, :-step]], dim=2)
-        decay = torch.cat([decay[:, :, :step], decay[:, :, step:] * decay[:, :, :-step]], dim=2)
-        step *= 2
-    return s
-
-
 def _masked_toeplitz_apply(toeplitz: Tensor, seg: Tensor, x: Tensor) -> Tensor:
     # seg [g, C] segment index of every position; x [D, g, C]. Only same-segment pairs interact.
     same = (seg.unsqueeze(-1) == seg.unsqueeze(-2)).to(x.dtype)           # [g, C, C]
@@ -143,8 +136,8 @@ def _causal_ema(u: Tensor, kern: _BlockKernel, resets: Optional[Tensor],
         block_state = torch.bmm(xb, kern.w_state)
     n = block_state.shape[-1]
     decay = decay.expand(dim, bsz, nb, n)
-    ends = _scan_blocks(block_state.view(dim, bsz, nb, n), decay)           # state after each block
-    entering = F.pad(ends[:, :, :-1], (0, 0, 1, 0))                          # state entering each block
+    # the state entering each block: the blocks are pieces of the state recurrence (ops/ema/state.py), in order
+    entering = prefix(block_state.view(dim, bsz, nb, n).movedim(2, 0), decay.movedim(2, 0)).movedim(0, 2)
     # State after the last real position: the last block holds `tail` real positions (trailing pads are zeros).
     tail = length - (nb - 1) * c
     last_x = xb.view(dim, bsz, nb, c)[:, :, -1, :tail]
@@ -153,7 +146,7 @@ def _causal_ema(u: Tensor, kern: _BlockKernel, resets: Optional[Tensor],
     if resets is not None:
         last_x = last_x * to_state.view(bsz, nb, c)[:, -1, :tail].to(u.dtype)
         tail_decay = tail_decay * carry_in.view(bsz, nb, c)[:, -1, -1].to(u.dtype)[None, :, None]
-    state = (torch.bmm(last_x, w_tail) + tail_decay * entering[:, :, -1]).permute(1, 0, 2)
+    state = carry(torch.bmm(last_x, w_tail), tail_decay, None, entering[:, :, -1]).permute(1, 0, 2)
     if on_state is not None:
         on_state(state)  # nothing below needs an incoming state
 
@@ -206,14 +199,6 @@ def incoming_contribution(h_in: Tensor, c: Tensor, logq: Tensor, length: int, re
     return _incoming_contribution(logq, w_prop, h_in, length, resets)
 
 
-def crossing_decay(logq: Tensor, batch: int, length: int, resets: Optional[Tensor] = None) -> Tensor:
-    """[B, D, N] factor an incoming state is multiplied by across `length` positions (0 if a document starts)."""
-    decay = torch.exp(logq * length).unsqueeze(0).expand(batch, -1, -1)
-    if resets is not None:
-        decay = decay * (~resets.any(1)).to(decay.dtype)[:, None, None]
-    return decay
-
-
 def causal_ema_blocked(u: Tensor, a: Tensor, c: Tensor, logq: Tensor, resets: Optional[Tensor] = None,
                        h_in: Optional[Tensor] = None, block: int = 128,
                        on_state: Optional[Callable[[Tensor], None]] = None) -> tuple[Tensor, Tensor]:
@@ -224,5 +209,5 @@ def causal_ema_blocked(u: Tensor, a: Tensor, c: Tensor, logq: Tensor, resets: Op
     out, state = _causal_ema(u, kern, resets, on_state)
     if h_in is not None:
         out = out + _incoming_contribution(logq, kern.w_prop, h_in, length, resets)
-        state = state + crossing_decay(logq, u.shape[0], length, resets) * h_in
+        state = carry(state, crossing_decay(logq, u.shape[0], length, resets), None, h_in)
     return out, state
