@@ -92,7 +92,7 @@ def test_zero3_trains_on_the_fused_loss(tmp_path):
         # the untied head is a different model: a different loss after the first update
         assert r[(0, True)][1][0] != r[(0, False)][1][0]
 
-        from megatrain.model.mega import LOSS_BLOCK_TOKENS
+        from megatrain.model.lm import LOSS_BLOCK_TOKENS
         numel, op = r["largest"]
         vocab = BIG["model.vocab_size"]
         assert r["big_loss"] > 3.0
