@@ -30,7 +30,6 @@ from megatrain.model.ema import MultiDimDampedEMA
 from megatrain.model.layers import Dropout, activation, make_norm
 from megatrain.model.pieces import Pieces
 from megatrain.ops.attention import chunk_attention
-from megatrain.ops.backend import resolve_backend
 
 
 class SimpleRelativeBias(nn.Module):
@@ -125,7 +124,7 @@ class MovingAverageGatedAttention(Pieces, nn.Module):
         """q [B, n, Tq, Z], k [B, n, Tk, Z], v [B, n, Tk, E] -> [B, n, Tq, E]; mask: chunk_attention's mask args."""
         return chunk_attention(q, k, self.hidden_dropout(v), bias, scale=self.scaling, activation=self.attn_act_name,
                                dropout_p=self.attention_dropout.p if self.training else 0.0,
-                               backend=resolve_backend(self.config.kernel_backend, q), **mask)
+                               backend=self.config.kernel_backend, **mask)
 
     def _full_attention(self, q, k, v, mask, doc_ids):
         """Training / scoring path over a whole (chunk-aligned) sequence."""
