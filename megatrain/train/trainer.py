@@ -229,7 +229,7 @@ def train_step(job: Job) -> StepResult:
         out = engine(input_ids=piece["input_ids"], labels=piece["labels"], doc_ids=doc_ids,
                      ema_boundary=boundary, loss_reduction="sum",
                      # the loss only, under every ZeRO stage: no [B, L, V] logits tensor (~1 GB per 32K
-                     # tokens at V=8K); the head's own forward runs the fused loss (model/mega.py LMHead)
+                     # tokens at V=8K); the head's own forward runs the fused loss (model/lm.py LMHead)
                      return_logits=False,
                      **({"labels_shifted": True} if causal else {}))
         # W = 1: DeepSpeed sums the SP ranks' gradients (its divisor is DP, not DP x SP)
