@@ -99,9 +99,10 @@ def worker(a) -> dict:
         sys.path.insert(0, ROOT)
         from megatrain.convert.hf import load_hf
         model = load_hf(a.model_dir)
-        model.config.gradient_checkpointing = True
         model.config.segment_size = a.segment_size
         model.config.validate()
+        from megatrain.parallel.checkpointing import CheckpointPolicy, apply_checkpointing
+        apply_checkpointing(model, CheckpointPolicy())   # as the trainer does for model.gradient_checkpointing
         kw = {"return_logits": False}
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)

@@ -121,8 +121,10 @@ def worker(a) -> dict:
         sys.path.insert(0, ROOT)
         from megatrain.convert.hf import load_hf
         model = load_hf(a.model_dir)
-        # same weights; the megatrain extra recomputes each layer in backward instead of keeping its activations
-        model.config.gradient_checkpointing = a.worker == "megatrain-ckpt"
+        # same weights; checkpointing (applied from outside, as the trainer does) recomputes each layer in backward
+        # instead of keeping its activations
+        from megatrain.parallel.checkpointing import apply_checkpointing, policy_from_config
+        apply_checkpointing(model, policy_from_config(a.worker == "megatrain-ckpt"))
     # a train step needs only the loss: megatrain can compute it blockwise without the [L, V] logits
     loss_only = {"return_logits": False} if "return_logits" in inspect.signature(model.forward).parameters else {}
     model.train()

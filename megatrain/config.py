@@ -76,7 +76,7 @@ class TrainCfg:
     grad_accum_steps: int = 1
     max_consecutive_nonfinite: int = 5    # abort after this many non-finite steps in a row
     offload_activations: bool = False     # keep the checkpointed layer inputs in host memory (GPU; needs
-                                          # model.gradient_checkpointing; see megatrain.model.layers)
+                                          # model.gradient_checkpointing; megatrain.parallel.checkpointing)
 
 
 @dataclass

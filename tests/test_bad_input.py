@@ -93,6 +93,8 @@ CASES = [
     ("pretrain-unknown-key", PRE + " train.lrr=1", ["unknown config key 'train.lrr'"], ["{out}/run"]),
     ("pretrain-steps-lots", PRE + " train.max_steps=lots", ["train.max_steps", "'lots'"], ["{out}/run"]),
     ("pretrain-lanes-zero", PRE + " data.lanes=0", ["data.lanes=0"], ["{out}/run"]),
+    ("pretrain-kernel-backend", PRE + " model.kernel_backend=cuda",
+     ["kernel_backend='cuda'", "must be one of auto, torch, triton"], ["{out}/run"]),
     ("pretrain-missing-shards", PRE + " data.shards={w}/none/index.json", ["data.shards=", "no such file"],
      ["{out}/run"]),
     ("pretrain-vocab-mismatch", PRE + " model.vocab_size=48", ["data.shards=", "vocab_size=48"], ["{out}/run"]),

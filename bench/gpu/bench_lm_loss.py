@@ -49,7 +49,7 @@ def _fwd_bwd(fn, h, w, b, t):
 
 
 def main(argv=None):
-    from megatrain.model.mega import LOSS_BLOCK_TOKENS
+    from megatrain.model.lm import LOSS_BLOCK_TOKENS
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/mega350m_128k.yaml")

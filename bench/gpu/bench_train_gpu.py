@@ -120,8 +120,11 @@ def worker(a) -> list:
     extra = {}
     if a.worker == "megatrain":
         from megatrain.model import MegaForCausalLM
+        from megatrain.parallel.checkpointing import apply_checkpointing, policy_from_config
         torch.manual_seed(0)
         model = MegaForCausalLM(cfg)
+        # what the trainer applies for model.gradient_checkpointing and train.offload_activations
+        apply_checkpointing(model, policy_from_config(cfg.gradient_checkpointing, a.offload))
     elif a.worker == "hf":
         from transformers.models.deprecated.mega.modeling_mega import MegaForCausalLM as HFMega
         model = HFMega.from_pretrained(a.model_dir)
@@ -135,18 +138,12 @@ def worker(a) -> list:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items()
                  if dev.type == "cuda" and k in torch.cuda.get_device_name()), None)
-    offload = None
-    if a.offload and a.worker == "megatrain":
-        from megatrain.model.layers import offload_checkpoint_inputs  # what train.offload_activations uses
-        offload = lambda: offload_checkpoint_inputs(True)  # noqa: E731
     records = []
 
     def step(ids):
         with torch.autocast(dev.type, dtype=torch.bfloat16):
             if a.worker == "megatrain":
-                ctx = offload() if offload is not None else _null()
-                with ctx:
-                    out = model(ids, labels=ids, return_logits=False)
+                out = model(ids, labels=ids, return_logits=False)
             else:
                 out = model(input_ids=ids, labels=ids, use_cache=False)
         out.loss.backward()
@@ -195,11 +192,6 @@ def worker(a) -> list:
         if a.longest and (rec["status"] != "ok" or rec.get("warmup_s", 0) > a.time_cap):
             break
     return records
-
-
-def _null():
-    import contextlib
-    return contextlib.nullcontext()
 
 
 def _sync(dev):

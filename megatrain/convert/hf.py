@@ -30,7 +30,7 @@ import torch
 from megatrain.model.config import MegaConfig
 from megatrain.model.heads import (MegaForMultipleChoice, MegaForQuestionAnswering, MegaForSequenceClassification,
                                    MegaForTokenClassification)
-from megatrain.model.mega import MegaForCausalLM, MegaForMaskedLM
+from megatrain.model.lm import MegaForCausalLM, MegaForMaskedLM
 
 # (megatrain key, transformers key). {i} = layer index, {leaf} = the rest of the key, {head} = lm_head | mlm_head.
 KEY_TABLE: list[tuple[str, str]] = [

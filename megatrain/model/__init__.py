@@ -6,9 +6,8 @@
     ids = megatrain.generate(model, input_ids, max_new_tokens=20)
 Tests: PYTHONPATH=. python -m pytest -q tests/model tests/convert
 
-Files: config.py (MegaConfig), layers.py (activations, dropout, norms), ema.py (damped EMA), attention.py
-(moving-average gated attention), blocks.py (NFFN + one layer), mega.py (backbone, LM heads, loss),
-generate.py (incremental decoding), heads.py (the four fine-tuning heads of transformers' MEGA). HF checkpoints: megatrain.convert.hf.
+HF checkpoints: megatrain.convert.hf. Activation checkpointing / offload are applied from outside
+(megatrain.parallel.checkpointing.apply_checkpointing): the model itself only names its pieces (pieces.py).
 
 Same numbers as transformers 4.57.6 on everything it computes correctly (tests/convert/test_hf_parity.py);
 different where it does not (tests/convert/test_hf_known_bugs.py, tests/model/test_mega.py):
@@ -22,10 +21,11 @@ different where it does not (tests/convert/test_hf_known_bugs.py, tests/model/te
 - layernorm with norm_affine=False works (HF's init crashes); all-ignored labels give loss 0, not NaN;
 - generation works, with chunking, carrying EMA state + current-chunk K/V (HF lost generate() in 4.50).
 """
+from megatrain.model.backbone import MegaCache, MegaModel
 from megatrain.model.config import MegaConfig
 from megatrain.model.heads import (HeadOutput, MegaForMultipleChoice, MegaForQuestionAnswering,
                                    MegaForSequenceClassification, MegaForTokenClassification)
-from megatrain.model.mega import MegaCache, MegaForCausalLM, MegaForMaskedLM, MegaModel, MegaOutput, build_model
+from megatrain.model.lm import MegaForCausalLM, MegaForMaskedLM, MegaOutput, build_model
 
 __all__ = ["MegaConfig", "MegaModel", "MegaForCausalLM", "MegaForMaskedLM", "MegaOutput", "MegaCache", "build_model",
            "MegaForSequenceClassification", "MegaForTokenClassification", "MegaForQuestionAnswering",

@@ -27,9 +27,9 @@ from torch import nn
 from megatrain.model.config import MegaConfig
 from megatrain.model.context import SeqContext
 from megatrain.model.ema import MultiDimDampedEMA
-from megatrain.model.layers import Dropout, activation, checkpointed, make_norm
+from megatrain.model.layers import Dropout, activation, make_norm
+from megatrain.model.pieces import Pieces
 from megatrain.ops.attention import chunk_attention
-from megatrain.ops.backend import resolve_backend
 
 
 class SimpleRelativeBias(nn.Module):
@@ -93,7 +93,7 @@ def _build_ema(config: MegaConfig) -> MultiDimDampedEMA:
     return ema
 
 
-class MovingAverageGatedAttention(nn.Module):
+class MovingAverageGatedAttention(Pieces, nn.Module):
     def __init__(self, config: MegaConfig):
         super().__init__()
         self.config = config
@@ -124,7 +124,7 @@ class MovingAverageGatedAttention(nn.Module):
         """q [B, n, Tq, Z], k [B, n, Tk, Z], v [B, n, Tk, E] -> [B, n, Tq, E]; mask: chunk_attention's mask args."""
         return chunk_attention(q, k, self.hidden_dropout(v), bias, scale=self.scaling, activation=self.attn_act_name,
                                dropout_p=self.attention_dropout.p if self.training else 0.0,
-                               backend=resolve_backend(self.config.kernel_backend, q), **mask)
+                               backend=self.config.kernel_backend, **mask)
 
     def _full_attention(self, q, k, v, mask, doc_ids):
         """Training / scoring path over a whole (chunk-aligned) sequence."""
@@ -182,10 +182,9 @@ class MovingAverageGatedAttention(nn.Module):
         value = self.act(self.v_proj(x))
 
         if cache is None and ema_boundary is None:
-            # nested checkpoint with gradient checkpointing: the EMA's internals are not kept while the layer is
-            # recomputed. (Not with a boundary: that would run the sequence-parallel exchange a third time.)
-            nest = cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
-            ema_out, _ = checkpointed(self.ema, x, mask, doc_ids, enabled=nest)
+            # a piece of its own (nested in the layer's): checkpointed, the EMA's internals are not kept while the
+            # layer is recomputed. (Not with a boundary: a recompute would run the sequence-parallel exchange again.)
+            ema_out, _ = self.run_piece("ema", self.ema, x, mask, doc_ids)
         elif cache is None:
             ema_out, _ = self.ema(x, mask=mask, doc_ids=doc_ids, boundary=ema_boundary)
         else:

@@ -14,7 +14,8 @@ from torch import nn
 from megatrain.model.attention import LayerCache, MovingAverageGatedAttention
 from megatrain.model.config import MegaConfig
 from megatrain.model.context import SeqContext
-from megatrain.model.layers import Dropout, activation, checkpointed, make_norm
+from megatrain.model.layers import Dropout, activation, make_norm
+from megatrain.model.pieces import Pieces
 
 
 class NormalizedFFN(nn.Module):
@@ -37,7 +38,7 @@ class NormalizedFFN(nn.Module):
         return out if self.prenorm else self.norm(out, mask)
 
 
-class MegaBlock(nn.Module):
+class MegaBlock(Pieces, nn.Module):
     def __init__(self, config: MegaConfig):
         super().__init__()
         self.config = config
@@ -49,7 +50,6 @@ class MegaBlock(nn.Module):
         x = self.attn(x, ctx, cache=cache)
         if self.ffn is None:
             return x
-        # with gradient checkpointing the FFN is a nested checkpoint inside the layer's: while the layer is
-        # recomputed in backward, the FFN keeps only its input
-        return checkpointed(self.ffn, x, ctx.mask, enabled=self.config.gradient_checkpointing and self.training
-                            and torch.is_grad_enabled())
+        # a piece of its own (nested in the layer's): checkpointed, it keeps only its input while the layer is
+        # recomputed in backward
+        return self.run_piece("ffn", self.ffn, x, ctx.mask)

@@ -9,7 +9,9 @@ Every field of transformers 4.57.6 `MegaConfig` (transformers/models/deprecated/
 that release; https://huggingface.co/docs/transformers/v4.57.1/en/model_doc/mega) is here with the same
 default as transformers' *code* (note: `add_token_type_embeddings` defaults to False in the code, the docstring
 says True). megatrain extras:
-  gradient_checkpointing  recompute each block in backward (identical gradients, less activation memory)
+  gradient_checkpointing  the run's policy: the trainer applies activation checkpointing from outside when True
+                          (megatrain/parallel/checkpointing.py: identical gradients, less activation memory);
+                          the model itself never reads it (a plain model, e.g. exported remote code, runs plain)
   hf_rmsnorm_noop         reproduce transformers' MegaRMSNorm, which only multiplies by its weight (it computes
                           the normalization and throws it away). Set by `load_hf` for HF rmsnorm checkpoints so
                           they compute what they computed in transformers; new models keep False (a real RMSNorm).
@@ -31,7 +33,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from megatrain.ops.backend import KERNEL_BACKENDS
+from megatrain.ops.backend import check_backend
 
 NORMALIZATION_TYPES = ("scalenorm", "layernorm", "rmsnorm", "batchnorm", "syncbatchnorm")
 ACTIVATIONS = ("silu", "relu", "linear", "gelu", "gelu_accurate")
@@ -138,8 +140,7 @@ class MegaConfig:
             bad("attention_activation", f"unknown; choose one of {ATTENTION_ACTIVATIONS}")
         if self.relative_positional_bias not in RELATIVE_POSITIONAL_BIASES:
             bad("relative_positional_bias", f"unknown; choose one of {RELATIVE_POSITIONAL_BIASES}")
-        if self.kernel_backend not in KERNEL_BACKENDS:
-            bad("kernel_backend", f"unknown; choose one of {KERNEL_BACKENDS}")
+        check_backend(self.kernel_backend)
         if self.use_chunking and self.chunk_size <= 0:
             bad("chunk_size", "must be > 0 when use_chunking=True")
         self.check_attention_span()

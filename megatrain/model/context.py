@@ -4,7 +4,7 @@
     h = block(h, ctx)                     # every layer reads the same context; a decoding cache is per layer
 
 Bundled so that a new per-sequence input (a segment's incoming EMA state, an attention block mask, ...) is one
-field here instead of one more argument threaded through attention.py, blocks.py and mega.py.
+field here instead of one more argument threaded through attention.py, blocks.py and backbone.py.
 """
 from __future__ import annotations
 

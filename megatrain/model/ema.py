@@ -19,7 +19,7 @@ Bidirectional: channels D..2D hold a second EMA run right to left; both directio
 Padded positions (mask 0) are zeroed before the EMA (the residual still sees them, as in HF).
 
 The scan itself is the op `megatrain.ops.ema.ema_scan` (blocked PyTorch, or our Triton kernel; `kernel_backend`
-picks, resolved per call by megatrain.ops.backend.resolve_backend). It runs in blocks of C = `block_size`
+picks: the op resolves it per call, megatrain.ops.backend). It runs in blocks of C = `block_size`
 positions with linear memory, document resets (`doc_ids`), an incoming state, and exact truncation.
 An incoming state (explicit `state`, or `boundary` for sequence parallelism) is linear, so with `boundary` each
 slice is scanned from zero and the boundary's state is added afterwards in closed form
@@ -40,7 +40,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megatrain.ops.backend import KERNEL_BACKENDS, resolve_backend
 from megatrain.ops.ema import crossing_decay, ema_scan, ema_scan_ref, incoming_contribution, math_dtype
 from megatrain.ops.ema.state import DIRECTIONS, carry
 
@@ -95,10 +94,7 @@ class MultiDimDampedEMA(nn.Module):
     def __init__(self, hidden_size: int, ema_projection_size: int, bidirectional: bool,
                  truncation: Optional[int] = None, block_size: int = 128, kernel_backend: str = "auto"):
         super().__init__()
-        if kernel_backend not in KERNEL_BACKENDS:
-            raise ValueError(f"MultiDimDampedEMA: kernel_backend must be one of {', '.join(KERNEL_BACKENDS)}, "
-                             f"got {kernel_backend!r}")
-        self.kernel_backend = kernel_backend
+        self.kernel_backend = kernel_backend  # a MegaConfig.kernel_backend value: ema_scan checks and resolves it
         for name, value in (("hidden_size", hidden_size), ("ema_projection_size", ema_projection_size),
                             ("block_size", block_size)):
             if not isinstance(value, int) or value < 1:
@@ -189,7 +185,7 @@ class MultiDimDampedEMA(nn.Module):
                 state: Optional[Tensor] = None, boundary: Optional[Boundary] = None) -> tuple[Tensor, Tensor]:
         """y = silu(ema(x) + residual_weight * x) [B, L, D] in x's dtype; state_out [B, D, N] (forward direction)."""
         self._validate(x, mask, doc_ids, state, boundary)
-        backend = resolve_backend(self.kernel_backend, x)
+        backend = self.kernel_backend
         dtype = math_dtype(x.dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
             xf = x.to(dtype)

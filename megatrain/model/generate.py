@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from megatrain.model.mega import MegaForCausalLM
+from megatrain.model.lm import MegaForCausalLM
 
 
 def _check_args(model, input_ids, max_new_tokens, temperature, top_k, top_p, attention_mask):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatrain.model.config import MegaConfig
-from megatrain.model.mega import MegaModel, init_weights_
+from megatrain.model.backbone import MegaModel, init_weights_
 
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
@@ -183,11 +183,3 @@ class MegaForMultipleChoice(_MegaHead):
         if labels is not None:
             out.loss = F.cross_entropy(logits, labels)
         return out
-
-
-HEADS = {
-    "sequence-classification": MegaForSequenceClassification,
-    "token-classification": MegaForTokenClassification,
-    "question-answering": MegaForQuestionAnswering,
-    "multiple-choice": MegaForMultipleChoice,
-}

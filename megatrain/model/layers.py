@@ -20,14 +20,12 @@ Differences from transformers 4.57.6 (each on purpose, each tested):
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from megatrain.model.config import MegaConfig
 from megatrain.ops.attention.activations import laplace, relu2
@@ -127,11 +125,15 @@ class LayerNorm(nn.Module):
 
 
 class BatchNorm(nn.Module):
-    """Per-feature batch norm over all real tokens of the batch (padding excluded); running stats in eval."""
+    """Per-feature batch norm over all real tokens of the batch (padding excluded); running stats in eval.
+    `update_stats = False` normalizes with the batch's statistics without updating the running ones: an activation
+    checkpoint's recompute sets it (megatrain/parallel/checkpointing.py), so a recomputed forward does not count
+    the batch twice."""
 
     def __init__(self, dim: int, eps: float = 1e-5, affine: bool = True, momentum: float = 0.1):
         super().__init__()
         self.eps, self.momentum = eps, momentum
+        self.update_stats = True
         self.weight = nn.Parameter(torch.ones(dim)) if affine else None
         self.bias = nn.Parameter(torch.zeros(dim)) if affine else None
         self.register_buffer("running_mean", torch.zeros(dim))
@@ -150,7 +152,7 @@ class BatchNorm(nn.Module):
                 raise ValueError("BatchNorm in training needs at least 2 real tokens in the batch")
             mean = (xf * w).sum(0) / n
             var = (torch.square(xf - mean) * w).sum(0) / n  # biased, used to normalize (as nn.BatchNorm1d)
-            if _RECOMPUTE_DEPTH[0] == 0:
+            if self.update_stats:
                 self._update_running_stats(mean, var, n)
         else:
             mean, var = self.running_mean, self.running_var
@@ -165,66 +167,6 @@ class BatchNorm(nn.Module):
         unbiased = var * n / (n - 1)  # running variance is unbiased, as nn.BatchNorm1d
         self.running_var.mul_(1 - self.momentum).add_(self.momentum * unbiased.to(self.running_var.dtype))
         self.num_batches_tracked.add_(1)
-
-
-_RECOMPUTE_DEPTH = [0]
-
-
-@contextlib.contextmanager
-def recomputing() -> Iterator[None]:
-    """Marks an activation-checkpointing recompute (MegaModel passes it as checkpoint's recompute context):
-    batch norm must not update its running statistics a second time."""
-    _RECOMPUTE_DEPTH[0] += 1
-    try:
-        yield
-    finally:
-        _RECOMPUTE_DEPTH[0] -= 1
-
-
-def _checkpoint_contexts():
-    # (forward context, recompute context)
-    return contextlib.nullcontext(), recomputing()
-
-
-_OFFLOAD = [False]      # offload_checkpoint_inputs() is active
-_CHECKPOINT_DEPTH = [0]  # checkpointed() forwards running (nested checkpoints are > 1)
-
-
-@contextlib.contextmanager
-def offload_checkpoint_inputs(enabled: bool = True) -> Iterator[None]:
-    """Within (around a forward; the trainer applies it for train.offload_activations): the tensors every outermost
-    activation checkpoint keeps for its recompute -- the layer (or (layer, segment) piece) inputs -- are kept in
-    host memory (pinned when CUDA is there) and copied back when backward recomputes the piece, so accelerator
-    memory per token barely grows with depth (as Arctic Long Sequence Training offloads). PyTorch's own
-    torch.autograd.graph.save_on_cpu does the moving: a non-reentrant checkpoint saves its inputs as ordinary saved
-    tensors under the hooks around it, while the tensors saved inside it go to its own hooks (so nested
-    checkpoints and recomputes are untouched). On CPU tensors the move is the identity: an exact no-op."""
-    old = _OFFLOAD[0]
-    _OFFLOAD[0] = enabled
-    try:
-        yield
-    finally:
-        _OFFLOAD[0] = old
-
-
-def _host_offload_hooks():
-    return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
-
-
-def checkpointed(fn: Callable, *args, enabled: bool):
-    """fn(*args), recomputed in backward instead of keeping its activations when `enabled` (non-reentrant
-    torch checkpoint: nests, keeps the RNG state, so gradients are identical). Inside offload_checkpoint_inputs()
-    the inputs of an outermost checkpoint are kept in host memory."""
-    if not enabled:
-        return fn(*args)
-    outermost = _CHECKPOINT_DEPTH[0] == 0 and _RECOMPUTE_DEPTH[0] == 0
-    offload = _host_offload_hooks() if _OFFLOAD[0] and outermost else contextlib.nullcontext()
-    _CHECKPOINT_DEPTH[0] += 1
-    try:
-        with offload:
-            return checkpoint(fn, *args, use_reentrant=False, context_fn=_checkpoint_contexts)
-    finally:
-        _CHECKPOINT_DEPTH[0] -= 1
 
 
 def make_norm(config: MegaConfig) -> nn.Module:

@@ -1,14 +1,14 @@
 """Sequence-segmented layers: every layer runs over segments of S tokens, exactly (MegaConfig.segment_size = S).
 
 Use (MegaModel.forward does this when config.segment_size > 0 and the input is longer than one segment):
-    h = forward_segmented(mega_model, input_ids, token_type_ids, SeqContext(mask, doc_ids, ema_boundary),
-                          checkpoint=True)                                   # -> [B, L, D], as the layer loop
+    h = forward_segmented(mega_model, input_ids, token_type_ids, SeqContext(mask, doc_ids, ema_boundary))
+    # -> [B, L, D], as the layer loop; every (layer, segment) is the model's piece "segment" (model/pieces.py)
 Tests: PYTHONPATH=. python -m pytest -q tests/model/test_segments.py tests/parallel/test_sequence_segments.py
 
 Why: with gradient checkpointing a layer keeps only its input, but its forward -- and its recompute in backward --
 still holds every intermediate of the whole sequence at once; that working set, not the kept inputs, is what makes
 a train step's memory grow ~40 KB per token (hidden 256). Here each layer runs segment by segment and every
-(layer, segment) piece is its own checkpoint whose inputs are the segment's hidden states and its incoming EMA
+(layer, segment) piece is its own checkpoint (when checkpointing is applied) whose inputs are the segment's hidden states and its incoming EMA
 states ([B, D, N]): the backward recomputes one piece at a time, so the working set is O(S). Layer 0's pieces start
 from the token ids (the embedding lookup is recomputed, it is cheap), so no embedding output of length L is kept.
 
@@ -40,7 +40,6 @@ import torch
 from torch import Tensor, nn
 
 from megatrain.model.context import SeqContext
-from megatrain.model.layers import checkpointed
 from megatrain.ops.ema.state import DIRECTIONS, carry, cut, fold, prefix, traversal
 
 
@@ -116,10 +115,11 @@ def segment_bounds(length: int, size: int) -> list[tuple[int, int]]:
 
 
 def forward_segmented(model: nn.Module, input_ids: Tensor, token_type_ids: Optional[Tensor], ctx: SeqContext,
-                      checkpoint: bool, final: Optional[Callable] = None) -> Tensor:
+                      final: Optional[Callable] = None) -> Tensor:
     """The embeddings + layers of `model` (a MegaModel) over whole-chunk segments of config.segment_size tokens;
-    `checkpoint`: each (layer, segment) piece (and pre-pass piece) is an activation checkpoint; `final`: a per-token
-    function applied inside the last layer's pieces. -> [B, L, D]."""
+    each (layer, segment) piece (and pre-pass piece) runs as the model's piece "segment" (an activation checkpoint
+    when checkpointing is applied); `final`: a per-token function applied inside the last layer's pieces.
+    -> [B, L, D]."""
     bounds = segment_bounds(input_ids.shape[1], model.config.segment_size)
     k = len(bounds)
 
@@ -137,8 +137,8 @@ def forward_segmented(model: nn.Module, input_ids: Tensor, token_type_ids: Optio
     prepass = [layer.attn.ema.bidirectional or ctx.ema_boundary is not None for layer in model.layers]
     states = None     # this layer's pre-pass states per segment (layer 0: from the token ids, its own pieces)
     if prepass[0]:
-        states = [checkpointed(_edge_states, model, 0, pieces[i], part(ctx.mask, i), part(ctx.doc_ids, i),
-                               part(token_type_ids, i), enabled=checkpoint) for i in range(k)]
+        states = [model.run_piece("segment", _edge_states, model, 0, pieces[i], part(ctx.mask, i),
+                                  part(ctx.doc_ids, i), part(token_type_ids, i)) for i in range(k)]
     for index in range(n):
         seg = [(part(ctx.mask, i), part(ctx.doc_ids, i), part(token_type_ids, i) if index == 0 else None)
                for i in range(k)]
@@ -149,8 +149,8 @@ def forward_segmented(model: nn.Module, input_ids: Tensor, token_type_ids: Optio
         prepass_next = index + 1 < n and prepass[index + 1]
         outputs, states = [], [] if prepass_next else None
         for i in range(k):
-            y, forward_out, *next_states = checkpointed(_piece, model, index, last, prepass_next, pieces[i],
-                                                        forward_in, backward_in[i], *seg[i], enabled=checkpoint)
+            y, forward_out, *next_states = model.run_piece("segment", _piece, model, index, last, prepass_next,
+                                                           pieces[i], forward_in, backward_in[i], *seg[i])
             outputs.append(y)
             if prepass_next:
                 states.append(tuple(next_states))

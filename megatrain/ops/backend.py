@@ -1,12 +1,18 @@
-"""Which implementation an op runs: ``MegaConfig.kernel_backend`` -> "torch" | "triton", per call, by tensor.
+"""Which implementation an op runs: a ``MegaConfig.kernel_backend`` value -> "torch" | "triton", per call, by tensor.
 
-    from megatrain.ops.backend import resolve_backend
+    from megatrain.ops.backend import check_backend, resolve_backend
+    check_backend(config.kernel_backend)                    # the one check of the value (MegaConfig.validate)
     backend = resolve_backend(config.kernel_backend, x)     # "torch" or "triton"; ValueError if impossible
 
+The one ``backend`` contract of the op dispatchers (``ops.ema.ema_scan``, ``ops.attention.chunk_attention``,
+``ops.lm_loss.lm_head_ce_sum``): each takes the config's string ("auto" | "torch" | "triton") and resolves it
+once, here, against its own input tensor; the model passes ``config.kernel_backend`` through unchanged.
 - ``auto``: Triton kernels for CUDA tensors when Triton is importable, the PyTorch path otherwise (CPU).
 - ``torch``: always the PyTorch path.
 - ``triton``: always the kernel; on a CPU tensor only under the Triton interpreter (``TRITON_INTERPRET=1``, how CI
   tests kernels). Where it cannot run, a one-line ValueError naming the field -- never a silent fallback.
+(An op whose kernel covers only some inputs says which in its own docstring: attention's covers softmax without
+attention dropout; the fused LM-head loss also needs liger-kernel, and "auto" uses it only where it is installed.)
 """
 from __future__ import annotations
 
@@ -32,10 +38,16 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(requested: str, tensor: torch.Tensor) -> str:
+def check_backend(requested: str) -> str:
+    """`requested` if it is a kernel_backend value, else the one-line ValueError naming the field."""
     if requested not in KERNEL_BACKENDS:
         raise ValueError(f"MegaConfig.kernel_backend={requested!r}: must be one of {', '.join(KERNEL_BACKENDS)}")
-    if requested == "torch":
+    return requested
+
+
+def resolve_backend(requested: str, tensor: torch.Tensor) -> str:
+    """The implementation that runs `requested` on `tensor`'s device: "torch" or "triton" (see the module docstring)."""
+    if check_backend(requested) == "torch":
         return "torch"
     runs_here = triton_available() and (tensor.is_cuda or (tensor.device.type == "cpu" and triton_interpreted()))
     if requested == "auto":

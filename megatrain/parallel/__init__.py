@@ -1,4 +1,5 @@
-"""Distributed pieces of megatrain: rank discovery (env), DP x SP groups (groups), sequence parallelism (sequence).
+"""Distributed pieces of megatrain: rank discovery (env), DP x SP groups (groups), sequence parallelism (sequence),
+activation checkpointing + offload applied to the model (checkpointing).
 
     from megatrain.parallel import make_ema_boundary, validate_sp, reduce_sp_loss
     from megatrain.parallel import discover, ParallelGroups        # from env.py / groups.py

@@ -38,7 +38,7 @@ from megatrain.convert.hf import init_from_hf
 from megatrain.data import ShardStream
 from megatrain.data.shards import DataError
 from megatrain.model import build_model
-from megatrain.model.layers import offload_checkpoint_inputs
+from megatrain.parallel.checkpointing import apply_checkpointing, policy_from_config
 from megatrain.parallel.env import discover, exit_process, init_process_group
 from megatrain.parallel.groups import ParallelGroups
 from megatrain.parallel.sequence import COMM_STATS, make_ema_boundary, reduce_sp_loss, reset_comm_stats, sp_slice
@@ -169,6 +169,8 @@ def build_job(cfg: Config) -> Job:
     model = build_model(cfg.model)
     if cfg.model.init_from:  # continue pretraining from a transformers MEGA folder (checked in validate)
         init_from_hf(model, cfg.model.init_from)
+    # activation checkpointing (+ host offload of the checkpointed layer inputs), applied from outside the model
+    apply_checkpointing(model, policy_from_config(cfg.model.gradient_checkpointing, t.offload_activations))
     groups.zero3_partition(model, ds_config)
     optimizer = build_optimizer(model, t, guard=clip_in_optimizer(cfg))
     # imported here, not at the top: importing deepspeed logs an accelerator warning and takes ~2 s, and a run
@@ -227,7 +229,7 @@ def train_step(job: Job) -> StepResult:
         out = engine(input_ids=piece["input_ids"], labels=piece["labels"], doc_ids=doc_ids,
                      ema_boundary=boundary, loss_reduction="sum",
                      # the loss only, under every ZeRO stage: no [B, L, V] logits tensor (~1 GB per 32K
-                     # tokens at V=8K); the head's own forward runs the fused loss (model/mega.py LMHead)
+                     # tokens at V=8K); the head's own forward runs the fused loss (model/lm.py LMHead)
                      return_logits=False,
                      **({"labels_shifted": True} if causal else {}))
         # W = 1: DeepSpeed sums the SP ranks' gradients (its divisor is DP, not DP x SP)
@@ -251,8 +253,7 @@ def train(cfg: Config) -> Counters:
     c, t = job.counters, cfg.train
     try:
         while c.step < t.max_steps:
-            with offload_checkpoint_inputs(t.offload_activations):  # checkpointed layer inputs -> host memory
-                res = train_step(job)
+            res = train_step(job)
             c.step += 1
             c.tokens += job.tokens_per_step
             c.consecutive_nonfinite = 0 if res.applied else c.consecutive_nonfinite + 1

@@ -51,8 +51,11 @@ def test_closure_ships_the_op_packages_and_demands_no_optional_package(folder):
     names = set(os.listdir(out))
     for f in ("megatrain_ops_ema.py", "megatrain_ops_ema_triton_kernel.py", "megatrain_ops_ema_torch_blocked.py",
               "megatrain_ops_attention.py", "megatrain_ops_attention_flex_path.py", "megatrain_ops_lm_loss.py",
-              "megatrain_ops_lm_loss_liger.py", "megatrain_ops_backend.py", "megatrain_model_context.py"):
+              "megatrain_ops_lm_loss_liger.py", "megatrain_ops_backend.py", "megatrain_model_context.py",
+              "megatrain_model_pieces.py", "megatrain_model_backbone.py", "megatrain_model_lm.py"):
         assert f in names, f
+    # the model runs without any checkpointing applied: nothing distributed (parallel/checkpointing.py) is shipped
+    assert not [n for n in names if n.startswith("megatrain_parallel")], sorted(names)
     kernel = (out / "megatrain_ops_ema_triton_kernel.py").read_text()
     assert "\nimport triton\n" not in kernel and "    import triton\n" in kernel  # guarded, still there
     for f in sorted(n for n in names if n.endswith(".py")):

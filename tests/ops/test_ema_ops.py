@@ -11,6 +11,7 @@ devices. Inputs are drawn on CPU and moved, so both devices test the same values
 import pytest
 import torch
 
+from megatrain.model.config import MegaConfig
 from megatrain.model.ema import MultiDimDampedEMA
 from megatrain.ops.ema import crossing_decay, ema_scan, ema_scan_ref, incoming_contribution
 from tests.ops.util import DEVICE, cpu_only
@@ -150,8 +151,11 @@ def test_clear_errors(monkeypatch):
         with pytest.raises(ValueError, match=r"MegaConfig.kernel_backend='triton': cannot run here") as info:
             fn()
         assert "\n" not in str(info.value)
-    with pytest.raises(ValueError, match="kernel_backend must be one of"):
-        MultiDimDampedEMA(4, 3, bidirectional=False, kernel_backend="cuda")
+    # an unknown value: the one check (ops/backend.check_backend), where the op resolves it -- and in MegaConfig
+    with pytest.raises(ValueError, match="kernel_backend='cuda': must be one of auto, torch, triton"):
+        MultiDimDampedEMA(4, 3, bidirectional=False, kernel_backend="cuda")(torch.randn(1, 5, 4))
+    with pytest.raises(ValueError, match="kernel_backend='cuda': must be one of auto, torch, triton"):
+        MegaConfig(kernel_backend="cuda")
 
 
 # ---------------------------------------------------------------- the whole module on both backends

@@ -11,7 +11,7 @@ import functools
 import pytest
 import torch
 
-import megatrain.model.mega as mega_mod
+import megatrain.model.lm as mega_mod
 import megatrain.ops.lm_loss as lm_loss_mod
 from megatrain.model import MegaForCausalLM
 from megatrain.ops.lm_loss import IGNORE_INDEX, lm_head_ce_sum, lm_head_ce_sum_ref, loss_backend

@@ -16,6 +16,7 @@ from megatrain.data import sp_slice
 from megatrain.model import MegaConfig, MegaForCausalLM, MegaForMaskedLM
 from megatrain.model.ema import MultiDimDampedEMA
 from megatrain.ops.lm_loss import IGNORE_INDEX
+from megatrain.parallel.checkpointing import apply_checkpointing, policy_from_config
 from megatrain.parallel.sequence import (COMM_STATS, make_ema_boundary, reduce_sp_loss, reset_comm_stats,
                                          sum_grads_over, validate_sp)
 
@@ -93,6 +94,7 @@ def _check_lm(rank, P, group, objective, gradient_checkpointing):
     torch.manual_seed(0)
     cfg = _tiny_config(objective, gradient_checkpointing)
     model = (MegaForCausalLM if objective == "clm" else MegaForMaskedLM)(cfg).train()
+    apply_checkpointing(model, policy_from_config(gradient_checkpointing))   # as the trainer applies it
     L = P * SLICE
     assert validate_sp(L, P, cfg.chunk_size, cfg.use_chunking) == SLICE
     batch = _batch(objective, L, cfg.vocab_size)

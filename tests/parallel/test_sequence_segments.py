@@ -14,6 +14,7 @@ import torch.distributed as dist
 from megatrain.data import sp_slice
 from megatrain.model import MegaConfig, MegaForCausalLM, MegaForMaskedLM
 from megatrain.ops.lm_loss import IGNORE_INDEX
+from megatrain.parallel.checkpointing import apply_checkpointing, policy_from_config
 from megatrain.parallel.sequence import make_ema_boundary, reduce_sp_loss, sum_grads_over
 
 from tests.dist_util import run_ranks
@@ -55,7 +56,7 @@ def _check(rank, P, group, objective, ckpt):
     models = []
     for seg in (0, SEG):
         torch.manual_seed(0)
-        models.append(cls(_config(objective, seg, ckpt)).train())
+        models.append(apply_checkpointing(cls(_config(objective, seg, ckpt)).train(), policy_from_config(ckpt)))
     plain, segmented = models
     batch = _batch(objective, P * SLICE, 64)
     kw = dict(labels_shifted=True) if objective == "clm" else {}

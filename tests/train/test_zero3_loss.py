@@ -2,7 +2,7 @@
 
 Run: PYTHONPATH=. python -m pytest -q tests/train/test_zero3_loss.py
 
-The fused LM-head loss reads the (tied) head weight inside the head module's own forward (model/mega.py LMHead),
+The fused LM-head loss reads the (tied) head weight inside the head module's own forward (model/lm.py LMHead),
 where ZeRO-3 has gathered it, so the trainer asks for the loss only under every ZeRO stage:
   * ZeRO-3 == ZeRO-0 step by step (loss rel <= 1e-6, grad norm <= 1e-5), tied and untied head;
   * under ZeRO-3 no operation of a whole train step (forward, backward, optimizer, collectives) returns a tensor
@@ -92,7 +92,7 @@ def test_zero3_trains_on_the_fused_loss(tmp_path):
         # the untied head is a different model: a different loss after the first update
         assert r[(0, True)][1][0] != r[(0, False)][1][0]
 
-        from megatrain.model.mega import LOSS_BLOCK_TOKENS
+        from megatrain.model.lm import LOSS_BLOCK_TOKENS
         numel, op = r["largest"]
         vocab = BIG["model.vocab_size"]
         assert r["big_loss"] > 3.0

@@ -27,7 +27,7 @@ from transformers.modeling_outputs import (BaseModelOutput, CausalLMOutputWithPa
 
 from megatrain.convert.hf import build_for_task, to_hf_key
 from megatrain.convert.hf_remote.configuration_mega import MegaConfig
-from megatrain.model.mega import MegaCache
+from megatrain.model.backbone import MegaCache
 
 
 def _init_normal(t: torch.Tensor, std: float) -> None:
@@ -148,7 +148,7 @@ class MegaModel(MegaPreTrainedModel):
     def __init__(self, config: MegaConfig):
         PreTrainedModel.__init__(self, config)
         cfg = config.to_megatrain()
-        from megatrain.model.mega import MegaModel as _Backbone
+        from megatrain.model.backbone import MegaModel as _Backbone
         object.__setattr__(self, "_mt", _Backbone(cfg))
         self._register_aliases_backbone()
         self.post_init()

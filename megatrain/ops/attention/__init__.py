@@ -2,7 +2,7 @@
 
     from megatrain.ops.attention import chunk_attention
     out = chunk_attention(q, k, v, bias, scale=Z**-0.5, causal=True, key_mask=km, doc_ids=d,
-                          activation="softmax", dropout_p=0.0, backend=resolve_backend(config.kernel_backend, q))
+                          activation="softmax", dropout_p=0.0, backend=config.kernel_backend)
 
 q [B, n, Tq, Z], k [B, n, Tk, Z], v [B, n, Tk, E] (n chunks, each attending within itself), bias [Tq, Tk] the
 additive relative-position bias (gradients flow to whatever it was built from). Mask, by parts: causal
@@ -13,6 +13,8 @@ Paths (megatrain.ops.attention.*):
 - reference.chunk_attention_ref: the plain-tensor oracle of the tests.
 - torch_path.attend: PyTorch (SDPA where no row can be empty, materialised scores otherwise).
 - flex_path.flex_chunk_attention: FlexAttention, compiled to Triton on CUDA -- what backend "triton" runs.
+`backend` is a MegaConfig.kernel_backend value ("auto" | "torch" | "triton"), resolved here once by
+megatrain.ops.backend.resolve_backend (a one-line ValueError where "triton" cannot run).
 Backend "triton" covers softmax attention without dropout on the attention probabilities. laplace, relu2 and
 attention-probability dropout > 0 have one implementation, the PyTorch one, whatever the backend (FlexAttention
 has no dropout; the shipped configs set attention_probs_dropout_prob 0).
@@ -24,6 +26,7 @@ from typing import Optional
 import torch
 
 from megatrain.ops.attention.flex_path import flex_chunk_attention
+from megatrain.ops.backend import resolve_backend
 from megatrain.ops.attention.reference import chunk_attention_ref
 from megatrain.ops.attention.torch_path import attend, dense_valid
 
@@ -40,11 +43,9 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
                     doc_ids: Optional[torch.Tensor] = None, valid: Optional[torch.Tensor] = None,
                     activation: str = "softmax", dropout_p: float = 0.0, backend: str = "torch") -> torch.Tensor:
     """-> [B, n, Tq, E]. dropout_p applies to the attention probabilities (pass 0 outside training)."""
-    if backend not in ("torch", "triton"):
-        raise ValueError(f"chunk_attention backend={backend!r}: expected 'torch' or 'triton' (resolve_backend)")
     if valid is not None and (causal or key_mask is not None or doc_ids is not None):
         raise ValueError("chunk_attention: give the mask either by parts (causal, key_mask, doc_ids) or as valid")
-    if backend == "triton" and kernel_covers(activation, dropout_p):
+    if resolve_backend(backend, q) == "triton" and kernel_covers(activation, dropout_p):
         return flex_chunk_attention(q, k, v, bias, scale=scale, causal=causal, key_mask=key_mask,
                                     doc_ids=doc_ids, valid=valid)
     b, n, tq, _ = q.shape

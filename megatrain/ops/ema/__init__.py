@@ -12,8 +12,9 @@ Math: h_t = a u_t + q keep_t h_{t-1} (keep_t = 0 where resets[:, t]; h_{-1} = h_
 parameters a = p * beta, c = gamma / sqrt(N), q = 1 - p * alpha. Files: reference.py (the naive recurrence, the
 oracle), state.py (the state recurrence between pieces -- blocks, segments, SP slices -- and why splitting is
 exact), torch_blocked.py (blocked PyTorch, autograd backward), triton_kernel.py (our kernel, forward+backward).
-`backend` is already resolved ("torch" | "triton", see megatrain.ops.backend.resolve_backend); "triton" where it
-cannot run raises the one-line ValueError naming MegaConfig.kernel_backend. The math is fp32 (fp64 for fp64 u);
+`backend` is a MegaConfig.kernel_backend value ("auto" | "torch" | "triton"), resolved here once per call by
+megatrain.ops.backend.resolve_backend; "triton" where it cannot run raises the one-line ValueError naming
+MegaConfig.kernel_backend. The math is fp32 (fp64 for fp64 u);
 u may be bf16.
 
 Truncation T (lags >= T dropped, inside the document) is exact on both backends and built here, once: lags >= T of

@@ -8,8 +8,9 @@
 Paths (megatrain.ops.lm_loss.*): reference.lm_head_ce_sum_ref (plain F.linear + F.cross_entropy, the oracle),
 blockwise.blockwise_ce_sum (PyTorch, `block` rows at a time; see its docstring), liger.liger_ce_sum (Liger-Kernel's
 Triton fused linear cross-entropy; optional dependency: pip install 'megatrain[gpu]').
-backend is MegaConfig.kernel_backend's value: "torch" the blockwise path; "triton" Liger (a one-line ValueError
-when Liger or Triton cannot run); "auto" Liger on CUDA when liger-kernel is installed, else blockwise.
+`backend` is a MegaConfig.kernel_backend value, resolved here once (megatrain.ops.backend.resolve_backend, then
+Liger's availability): "torch" the blockwise path; "triton" Liger (a one-line ValueError when Liger or Triton
+cannot run); "auto" Liger on CUDA when liger-kernel is installed, else blockwise.
 """
 from __future__ import annotations
 

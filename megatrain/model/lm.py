@@ -1,0 +1,163 @@
+"""The MEGA language models: backbone + vocabulary head + loss, causal or masked (pure PyTorch).
+
+Use:
+    from megatrain.model import MegaConfig, MegaForCausalLM, build_model
+    model = MegaForCausalLM(MegaConfig(vocab_size=256, hidden_size=64, is_decoder=True, bidirectional=False,
+                                       use_chunking=True, chunk_size=128))
+    out = model(input_ids, attention_mask=None, token_type_ids=None, labels=None, doc_ids=None,
+                ema_boundary=None, labels_shifted=False, loss_reduction="mean")
+    out.logits [B, L, V]; out.loss; out.num_loss_tokens
+    out = model(input_ids, labels=labels, return_logits=False)   # training: blockwise loss, no [B, L, V] logits
+                                                                   # (LMHead's forward: works under ZeRO-3 too)
+    model = build_model(config)                                   # causal if config.is_decoder, else masked
+Tests: PYTHONPATH=. python -m pytest -q tests/model/test_mega.py
+The backbone (embeddings + layers): megatrain/model/backbone.py; the downstream heads: megatrain/model/heads.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatrain.model.backbone import MegaCache, MegaModel, check_ids, init_weights_
+from megatrain.model.config import MegaConfig
+from megatrain.ops.lm_loss import IGNORE_INDEX, lm_head_ce_sum
+
+# positions per block of the fused LM-head loss (return_logits=False): one [block, V] buffer; at V=8K, 1024 is
+# as fast as 2048/4096 (single-thread CPU, 16K tokens) with a quarter of 4096's 128 MB
+LOSS_BLOCK_TOKENS = 1024
+
+
+@dataclass
+class MegaOutput:
+    logits: Optional[torch.Tensor] = None
+    loss: Optional[torch.Tensor] = None
+    num_loss_tokens: Optional[torch.Tensor] = None
+    last_hidden_state: Optional[torch.Tensor] = None
+    cache: Optional[MegaCache] = None
+
+
+class LMHead(nn.Linear):
+    """The vocabulary projection [D] -> [V] (an nn.Linear: same parameter names, tied or not). Its forward also owns
+    the fused blockwise loss (`labels` given): the head weight is then read inside this module's forward.
+
+    Why here and not as `lm_head_ce_sum(h, self.lm_head.weight, ...)` in the LM's forward: wrappers that shard
+    parameters and gather them around each module's forward (DeepSpeed ZeRO-3, FSDP) only materialise a weight
+    while its module runs. A tied weight is the embedding's parameter too, and such wrappers gather a parameter for
+    every module that holds it, so it is whole inside this forward either way. The alternative -- registering the
+    weight as a ZeRO-3 "external parameter" of the root module from megatrain/parallel/ -- would keep the
+    [V, D] weight gathered for the whole model forward and would teach the parallel code about the model's
+    layout; this keeps the model free of distributed code and works for any per-module wrapper."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, kernel_backend: str = "auto"):
+        super().__init__(hidden_size, vocab_size)
+        self.kernel_backend = kernel_backend  # MegaConfig.kernel_backend: blockwise (CPU) or Liger (CUDA) loss
+
+    def forward(self, h: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                block: int = LOSS_BLOCK_TOKENS) -> torch.Tensor:
+        """labels None: logits [..., V]. labels [...] (IGNORE_INDEX = no loss): the fp32 sum of the token
+        cross-entropies, computed `block` positions at a time (megatrain.ops.lm_loss): no [..., V] tensor."""
+        if labels is None:
+            return super().forward(h)
+        return lm_head_ce_sum(h, self.weight, self.bias, labels, block, backend=self.kernel_backend).float()
+
+
+class _MegaLM(nn.Module):
+    """Shared by the causal and masked LM: backbone, optional dense+tanh, vocabulary head (tied or not), loss."""
+
+    causal: bool
+
+    def __init__(self, config: MegaConfig):
+        super().__init__()
+        if config.is_decoder != self.causal:
+            raise ValueError(f"{type(self).__name__} needs config.is_decoder={self.causal}")
+        self.config = config
+        self.mega = MegaModel(config)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size) if config.add_lm_hidden_dense_layer else None
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size, config.kernel_backend)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        init_weights_(self, self.config)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.mega.embeddings.word_embeddings.weight
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.mega.embeddings.word_embeddings
+
+    def new_cache(self) -> MegaCache:
+        return self.mega.new_cache()
+
+    def _dense_tanh(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(h))
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(h if self.dense is None else self._dense_tanh(h))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        token_type_ids: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        doc_ids: Optional[torch.Tensor] = None,
+        ema_boundary: Optional[Callable] = None,
+        labels_shifted: bool = False,
+        loss_reduction: str = "mean",
+        cache: Optional[MegaCache] = None,
+        return_logits: bool = True,
+    ) -> MegaOutput:
+        """See the module docstring. `return_logits=False` (needs labels) computes the loss in blocks of
+        LOSS_BLOCK_TOKENS positions with the fused head + cross-entropy of megatrain.ops.lm_loss (the gradient
+        of h and the head is formed block by block during the forward): the [B, L, V] logits (and their
+        log-softmax and gradient) never exist at once -- at L=32K, V=8K that is ~1 GB each. out.logits is None."""
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction={loss_reduction!r}: expected 'mean' or 'sum'")
+        if not return_logits and labels is None:
+            raise ValueError("return_logits=False only makes sense with labels (the loss is all that is computed)")
+        # the loss alone: the dense + tanh runs inside the last layer's piece(s) (per segment when segmented),
+        # so its input and output are not kept for the whole sequence (2 of ~7 [L, D] tensors at a step's peak)
+        fold_dense = not return_logits and self.dense is not None
+        h = self.mega(input_ids, attention_mask, token_type_ids, doc_ids, ema_boundary, cache,
+                      final=self._dense_tanh if fold_dense else None)
+        out = MegaOutput(last_hidden_state=None if fold_dense else h, cache=cache)
+        if return_logits:
+            out.logits = self._logits(h)
+        if labels is None:
+            return out
+        check_ids("labels", labels, input_ids.shape, self.config.vocab_size, allow=IGNORE_INDEX)
+        if self.causal and not labels_shifted:
+            # HF style: position t predicts token t+1. Shift the labels, not the logits (no [B, L-1, V] copy).
+            labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        n = (labels != IGNORE_INDEX).sum()
+        if return_logits:
+            loss = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), labels.reshape(-1),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        else:
+            # h is already dense + tanh (folded into the last layer's checkpoint); the head + CE is fused and
+            # blockwise, inside the head module's forward (see LMHead: ZeRO-3 gathers the weight for it)
+            loss = self.lm_head(h, labels)
+        # mean over counted tokens; 0 (not NaN) when every label is ignored
+        out.loss = loss if loss_reduction == "sum" else loss / n.clamp(min=1)
+        out.num_loss_tokens = n
+        return out
+
+
+class MegaForCausalLM(_MegaLM):
+    causal = True
+
+
+class MegaForMaskedLM(_MegaLM):
+    causal = False
+
+
+def build_model(config: MegaConfig) -> _MegaLM:
+    """The language model of a run: causal if ``config.is_decoder``, else masked. (In a run config the objective
+    decides ``is_decoder``: see megatrain/config.py.)"""
+    return (MegaForCausalLM if config.is_decoder else MegaForMaskedLM)(config)
