@@ -24,6 +24,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from megatrain.io import atomic_file
 from megatrain.model.config import MegaConfig
 
 
@@ -122,10 +123,8 @@ class Config:
 
     def save(self, path: str) -> None:
         """Write the resolved config as YAML (atomically: a crash never leaves half a file)."""
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
+        with atomic_file(path) as f:
             yaml.safe_dump(self.to_dict(), f, sort_keys=False)
-        os.replace(tmp, path)
 
     @property
     def checkpoint_dir(self) -> str:

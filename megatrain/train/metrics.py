@@ -28,6 +28,8 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
+from megatrain.io import atomic_file
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -45,10 +47,8 @@ def truncate_metrics(path: str, last_step: int) -> None:
                 break  # a torn write can only be the last line
             if rec.get("step", 0) <= last_step:
                 keep.append(json.dumps(rec) + "\n")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_file(path) as f:
         f.writelines(keep)
-    os.replace(tmp, path)
 
 
 def read_metrics(path: str) -> list:
