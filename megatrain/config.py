@@ -84,7 +84,7 @@ class TrainCfg:
 class ParallelCfg:
     sequence_parallel_size: int = 1
     zero_stage: int = 0
-    backend: str = "auto"                 # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    backend: str = "auto"                 # auto (nccl on GPU, gloo on CPU) | nccl | gloo; nccl = "cpu:gloo,cuda:nccl"
 
 
 @dataclass
