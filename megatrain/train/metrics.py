@@ -58,9 +58,12 @@ def read_metrics(path: str) -> list:
 
 def model_flops_per_token(num_params: int, num_layers: int, attn_span: int, qk_dim: int, v_dim: int,
                           causal: bool) -> float:
-    """Training FLOPs per token: 6 x params (matmuls, fwd + bwd) + the chunked attention's score and value
-    matmuls (2 x 2 x span x (qk + v) forward, x3 for fwd + bwd, halved when causal)."""
-    attn = 12.0 * num_layers * attn_span * (qk_dim + v_dim) * (0.5 if causal else 1.0)
+    """Training FLOPs per token (the MFU numerator): 6 x params (every weight's matmul: 2 forward, 4 backward)
+    plus the chunked attention's two matmuls per layer, QK^T (2 x span x qk) and AV (2 x span x v) forward, so
+    6 x span x (qk + v) forward + backward, halved when causal (PaLM's convention: the masked half a kernel may
+    compute is not useful work). The blocked EMA's own matmuls are not model FLOPs (a scan computes the same
+    with none): tests/train/test_metrics.py measures them beside these terms with FlopCounterMode."""
+    attn = 6.0 * num_layers * attn_span * (qk_dim + v_dim) * (0.5 if causal else 1.0)
     return 6.0 * num_params + attn
 
 
