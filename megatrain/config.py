@@ -10,7 +10,11 @@ Usage::
 Sections: ``model`` (MegaConfig fields), ``data``, ``train``, ``parallel``, ``checkpoint``, ``logging``, plus
 ``run_dir`` and an optional free-form ``deepspeed`` dict whose keys are merged into the generated DeepSpeed JSON
 (pass-through, e.g. offload settings). Unknown keys anywhere else are errors that name the key.
-Each part of the system receives only its own section (``cfg.data``, ``cfg.train``...), never the whole tree.
+A part that needs one section receives only it (``build_model(cfg.model)``, ``build_optimizer(model, cfg.train)``,
+``build_scheduler(opt, cfg.train)``, ``schedule_changes(old.train, new.train)``). The few that combine sections take
+the whole ``Config`` and name the keys they read in their docstrings: ``parallel/zero.py`` (train, parallel,
+deepspeed), ``train/metrics.py`` ``run_flops``/``outputs_line`` (model, data.seq_len, train, logging, run_dir,
+checkpoint) and ``trainer.build_stream`` (data, train.seed/objective, model.vocab_size).
 """
 from __future__ import annotations
 

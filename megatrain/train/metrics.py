@@ -169,7 +169,8 @@ class MetricsLogger:
 
 
 def outputs_line(cfg, step: int) -> str:
-    """The closing console line: how far the run got and where its outputs are."""
+    """The closing console line: how far the run got and where its outputs are. Reads run_dir, checkpoint.dir,
+    train.max_steps and logging.tensorboard of the whole Config."""
     from megatrain.train.checkpoint import read_latest
     total = cfg.train.max_steps
     latest = read_latest(cfg.checkpoint_dir) if os.path.isdir(cfg.checkpoint_dir) else None
@@ -182,7 +183,8 @@ def outputs_line(cfg, step: int) -> str:
 
 
 def run_flops(cfg, model) -> tuple:
-    """(training FLOPs per token, peak TFLOP/s per device or None) of a run config and its built model."""
+    """(training FLOPs per token, peak TFLOP/s per device or None) of a run config and its built model. Reads
+    model.*, data.seq_len, train.objective and logging.peak_tflops of the whole Config."""
     m = cfg.model
     span = m.chunk_size if m.use_chunking else cfg.data.seq_len
     n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: full size, not the shard

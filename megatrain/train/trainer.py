@@ -61,6 +61,7 @@ class NonFiniteAbort(RuntimeError):
 
 # ---- building blocks ----
 def build_stream(cfg: Config, dp_rank: int, dp_size: int):
+    """This DP rank's ShardStream. Reads data.*, train.seed, train.objective and model.vocab_size."""
     d = cfg.data
     return ShardStream(d.shards, seq_len=d.seq_len, seed=cfg.train.seed, dp_rank=dp_rank, dp_size=dp_size,
                        num_workers=d.num_workers, objective=cfg.train.objective, vocab_size=cfg.model.vocab_size,
