@@ -30,11 +30,10 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatrain.data import sp_slice  # noqa: E402
 from megatrain.parallel.env import free_port  # noqa: E402
 from megatrain.model import MegaConfig, MegaForCausalLM, MegaForMaskedLM  # noqa: E402
-from megatrain.parallel.sequence import (COMM_STATS, make_ema_boundary, reduce_sp_loss,  # noqa: E402
-                                         reset_comm_stats, sum_grads_over, validate_sp)
+from megatrain.parallel.protocol import sp_forward_backward  # noqa: E402
+from megatrain.parallel.sequence import COMM_STATS, reset_comm_stats, sum_grads_over, validate_sp  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -76,15 +75,14 @@ def make_batch(a, window: int) -> dict:
     return {"input_ids": ids, "labels": labels}
 
 
-def train_step(model, piece, sp_group, objective) -> tuple[float, float, float]:
-    """One fwd+bwd on this rank's slice; returns (fwd+bwd wall s, its CPU s, grad all-reduce wall s), max over
+def train_step(model, window, sp_group, objective) -> tuple[float, float, float]:
+    """One fwd+bwd on this rank's slice of the window, through the trainer's protocol (megatrain/parallel/
+    protocol.py: no logits, the fused loss); returns (fwd+bwd wall s, its CPU s, grad all-reduce wall s), max over
     all ranks. CPU time (all threads of the process) is what a rank would take with a core of its own."""
     dist.barrier()
     c0 = time.process_time()
     t0 = time.perf_counter()
-    out = model(piece["input_ids"], labels=piece["labels"], loss_reduction="sum",
-                ema_boundary=make_ema_boundary(sp_group), **({"labels_shifted": True} if objective == "clm" else {}))
-    reduce_sp_loss(out.loss, out.num_loss_tokens, sp_group).backward_loss.backward()
+    sp_forward_backward(model, window, sp_group, causal=objective == "clm")
     t1 = time.perf_counter()
     c1 = time.process_time()
     if dist.get_world_size(sp_group) > 1:
@@ -102,14 +100,14 @@ def worker(rank, world, sp, port, a, out_path):
                             timeout=datetime.timedelta(seconds=600))
     # consecutive ranks form an SP group (as megatrain.parallel.groups); new_group is collective: all make all
     groups = [dist.new_group(list(range(g * sp, (g + 1) * sp))) for g in range(world // sp)]
-    sp_group, sp_rank = groups[rank // sp], rank % sp
+    sp_group = groups[rank // sp]
     model = build_model(a)
     result = {}
     validate_sp(sp * a.slice_len, sp, a.chunk, True)
-    piece = sp_slice(make_batch(a, sp * a.slice_len), sp_rank, sp)
+    window = make_batch(a, sp * a.slice_len)
     fb, cpu, ar = [], [], []
     for i in range(a.warmup + a.steps):
-        t_fb, t_cpu, t_ar = train_step(model, piece, sp_group, a.objective)
+        t_fb, t_cpu, t_ar = train_step(model, window, sp_group, a.objective)
         if i >= a.warmup:
             fb.append(t_fb)
             cpu.append(t_cpu)
@@ -120,9 +118,8 @@ def worker(rank, world, sp, port, a, out_path):
     if sp > 1 and a.bytes_slice_lens:
         result["bytes"] = []
         for slice_len in [int(s) for s in a.bytes_slice_lens.split(",")]:
-            p = sp_slice(make_batch(a, sp * slice_len), sp_rank, sp)
             reset_comm_stats()
-            train_step(model, p, sp_group, a.objective)
+            train_step(model, make_batch(a, sp * slice_len), sp_group, a.objective)
             result["bytes"].append({"slice_len": slice_len, "forward": COMM_STATS.forward_bytes,
                                     "backward": COMM_STATS.backward_bytes, "setup": COMM_STATS.setup_bytes,
                                     "collectives": COMM_STATS.forward_calls + COMM_STATS.backward_calls})

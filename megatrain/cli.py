@@ -20,6 +20,8 @@ import sys
 import tempfile
 from typing import Callable, Iterator
 
+from megatrain.io import replace_folder
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with a one-line error (no usage dump): ``prog: error: argument --x: ...``, exit 2."""
@@ -66,12 +68,6 @@ def output_folder(path: str, flag: str, replaceable: Callable[[list[str]], bool]
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
         yield tmp
-        if os.path.exists(path):  # swap: the old output stays whole until the new one is complete
-            old = tmp + ".old"
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
+        replace_folder(tmp, path)  # the old output stays whole until the new one is complete
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -10,7 +10,11 @@ Usage::
 Sections: ``model`` (MegaConfig fields), ``data``, ``train``, ``parallel``, ``checkpoint``, ``logging``, plus
 ``run_dir`` and an optional free-form ``deepspeed`` dict whose keys are merged into the generated DeepSpeed JSON
 (pass-through, e.g. offload settings). Unknown keys anywhere else are errors that name the key.
-Each part of the system receives only its own section (``cfg.data``, ``cfg.train``...), never the whole tree.
+A part that needs one section receives only it (``build_model(cfg.model)``, ``build_optimizer(model, cfg.train)``,
+``build_scheduler(opt, cfg.train)``, ``schedule_changes(old.train, new.train)``). The few that combine sections take
+the whole ``Config`` and name the keys they read in their docstrings: ``parallel/zero.py`` (train, parallel,
+deepspeed), ``train/metrics.py`` ``run_flops``/``outputs_line`` (model, data.seq_len, train, logging, run_dir,
+checkpoint) and ``trainer.build_stream`` (data, train.seed/objective, model.vocab_size).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from megatrain.io import atomic_file
 from megatrain.model.config import MegaConfig
 
 
@@ -83,7 +88,7 @@ class TrainCfg:
 class ParallelCfg:
     sequence_parallel_size: int = 1
     zero_stage: int = 0
-    backend: str = "auto"                 # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    backend: str = "auto"                 # auto (nccl on GPU, gloo on CPU) | nccl | gloo; nccl = "cpu:gloo,cuda:nccl"
 
 
 @dataclass
@@ -122,10 +127,8 @@ class Config:
 
     def save(self, path: str) -> None:
         """Write the resolved config as YAML (atomically: a crash never leaves half a file)."""
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
+        with atomic_file(path) as f:
             yaml.safe_dump(self.to_dict(), f, sort_keys=False)
-        os.replace(tmp, path)
 
     @property
     def checkpoint_dir(self) -> str:

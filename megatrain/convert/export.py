@@ -23,6 +23,7 @@ import torch
 
 from megatrain.convert.hf import REMOTE_ONLY_MODEL_TYPE, native_problem, save_hf
 from megatrain.convert.remote_code import auto_map, write_remote_code
+from megatrain.io import replace_folder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -323,13 +324,7 @@ def export(checkpoint: str, out: str, tokenizer: Optional[str] = None, no_tokeni
             if problems:
                 raise ExportCheckFailed(f"--verify failed: {problems[0]}" + (f" (+{len(problems) - 1} more)"
                                                                         if len(problems) > 1 else ""))
-        if os.path.exists(out):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
-            os.replace(out, os.path.join(old, "x"))
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+        replace_folder(tmp, out)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)

@@ -22,16 +22,20 @@ Shard urls are relative to the manifest's folder unless they contain "://" or st
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 import zlib
 from typing import Iterator
 
 import numpy as np
+
+from megatrain.io import atomic_file
 
 FORMAT = "megatrain-shards"
 VERSION = 1
@@ -109,12 +113,10 @@ class Manifest:
                 "shards": [dataclasses.asdict(s) for s in self.shards]}
 
     def save(self, path: str) -> None:
-        """Atomic write (tmp + rename), so a reader never sees half a manifest."""
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
+        """Atomic write (megatrain.io), so a reader never sees half a manifest."""
+        with atomic_file(path) as f:
             json.dump(self.to_json(), f, indent=1, sort_keys=True)
             f.write("\n")
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str) -> "Manifest":
@@ -192,7 +194,8 @@ class ShardWriter:
     """Writes ``shard-NNNNNN.tar`` files into ``out_dir``, starting a new one once ``shard_bytes`` is reached.
 
     A document is never split: one larger than the budget becomes a (big) shard of its own.
-    Files are written as ``.tar.tmp`` and renamed when closed, so a killed build leaves no half shard behind.
+    Files are written through megatrain.io.atomic_file (a hidden temporary renamed when closed), so a killed build
+    leaves no half shard behind.
     """
 
     def __init__(self, out_dir: str, shard_bytes: int, dtype: np.dtype):
@@ -201,6 +204,7 @@ class ShardWriter:
         self.out_dir, self.shard_bytes, self.dtype = out_dir, shard_bytes, np.dtype(dtype)
         self.shards: list[ShardInfo] = []
         self._tar = None
+        self._file = None  # the open megatrain.io.atomic_file of the current shard
         self._cur: ShardInfo | None = None
 
     def write(self, key: str, tokens: np.ndarray, meta: dict) -> None:
@@ -212,7 +216,9 @@ class ShardWriter:
             self._close_current()
         if self._cur is None:
             name = f"shard-{len(self.shards):06d}.tar"
-            self._tar = tarfile.open(os.path.join(self.out_dir, name + ".tmp"), "w", format=tarfile.USTAR_FORMAT)
+            self._file = contextlib.ExitStack()
+            f = self._file.enter_context(atomic_file(os.path.join(self.out_dir, name), "wb"))
+            self._tar = tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT)
             self._cur = ShardInfo(url=name, docs=0, tokens=0, bytes=0)
         _tar_member(self._tar, f"{key}.{TOKENS_EXT}", npy)
         _tar_member(self._tar, f"{key}.{META_EXT}", js)
@@ -222,8 +228,8 @@ class ShardWriter:
 
     def _close_current(self) -> None:
         self._tar.close()
+        self._file.close()  # renames the finished shard into place
         path = os.path.join(self.out_dir, self._cur.url)
-        os.replace(path + ".tmp", path)
         self._cur.bytes = os.path.getsize(path)
         self.shards.append(self._cur)
         self._tar, self._cur = None, None
@@ -321,7 +327,8 @@ def write_token_shards(out_dir: str, docs, shard_bytes: int, vocab_size: int, sp
     shards = writer.close()
     keep = {s.url for s in shards}
     for name in os.listdir(out_dir):
-        if name.startswith("shard-") and (name.endswith(".tar") or name.endswith(".tar.tmp")) and name not in keep:
+        stale = name.startswith("shard-") and (name.endswith(".tar") or name.endswith(".tar.tmp")) and name not in keep
+        if stale or re.match(r"^\.shard-\d+\.tar\.tmp\d+$", name):  # (the second: a killed build's temporary)
             os.remove(os.path.join(out_dir, name))
     man = Manifest(shards=shards, vocab_size=vocab_size, special_tokens=dict(special_tokens),
                    tokenizer_sha256=tokenizer_sha256, dtype=str(token_dtype(vocab_size)), stats=dict(stats or {}),

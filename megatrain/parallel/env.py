@@ -4,7 +4,7 @@ Usage::
 
     from megatrain.parallel.env import discover, init_process_group
     env = discover()            # DistEnv(rank, world_size, local_rank, master_addr, master_port, launcher)
-    init_process_group(env, backend="gloo")
+    init_process_group(env, backend="auto")   # CUDA: "cpu:gloo,cuda:nccl" (see process_group_backend); else gloo
 
 Sources, first match wins:
   1. ``RANK``/``WORLD_SIZE`` (deepspeed launcher, torchrun, or hand-set env)  -> launcher "torchrun" or "env"
@@ -150,6 +150,19 @@ def _discover_mpi(environ: Mapping[str, str], comm=None) -> DistEnv:
     return DistEnv(rank, world, local, addr, port, "mpi")
 
 
+def process_group_backend(backend: str, cuda: bool) -> str:
+    """The torch backend string for ``parallel.backend`` (auto | nccl | gloo) on a machine with/without CUDA.
+
+    NCCL has no CPU collectives: a CPU tensor in an NCCL-only group fails ("No backend type associated with device
+    type cpu"). So wherever NCCL is used, the group is made with torch's per-device form "cpu:gloo,cuda:nccl":
+    device tensors go over NCCL, CPU tensors and object collectives (all_gather_object, broadcast_object_list pick
+    the CPU backend when there is one) over gloo. megatrain's own collectives still take the engine's device
+    (tests/parallel/test_collective_devices.py): gloo on the step path would be a host sync and a slow copy."""
+    if backend == "auto":
+        backend = "nccl" if cuda else "gloo"
+    return "cpu:gloo,cuda:nccl" if backend == "nccl" else backend
+
+
 def init_process_group(env: DistEnv, backend: str = "auto", timeout_s: float = 600.0) -> str:
     """Initialise torch.distributed (through DeepSpeed's comm layer, which the engine needs) for ``env``.
 
@@ -168,9 +181,9 @@ def init_process_group(env: DistEnv, backend: str = "auto", timeout_s: float = 6
     # where torch has them: parallel/sequence.py); a warning per process that no user can act on
     warnings.filterwarnings("ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is "
                             r"deprecated", FutureWarning)
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
+    backend = process_group_backend(backend, torch.cuda.is_available())
+    if "nccl" in backend:
+        # NCCL's communicators belong to the current device; set before the group exists (DeepSpeed binds it too)
         torch.cuda.set_device(env.local_rank)
     else:
         disable_deepspeed_shm_op()

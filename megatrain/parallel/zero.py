@@ -26,7 +26,8 @@ def _merge(base: dict, extra: dict) -> dict:
 
 def deepspeed_config(cfg, world_size: int) -> dict:
     """The DeepSpeed JSON for this run. The optimizer and LR schedule are ours (passed to deepspeed.initialize),
-    so only batch, precision, clipping and ZeRO live here; ``cfg.deepspeed`` is merged on top."""
+    so only batch, precision, clipping and ZeRO live here; ``cfg.deepspeed`` is merged on top. Reads the train,
+    parallel, data.micro_batch_size and deepspeed parts of the whole Config."""
     dp_size = world_size // cfg.parallel.sequence_parallel_size
     t = cfg.train
     ds = {

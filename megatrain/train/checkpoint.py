@@ -7,13 +7,13 @@ Usage (every rank calls these; they are collective)::
     plan = ckpt.plan(cfg.checkpoint.resume, layout)       # None = fresh start; before deepspeed.initialize
     if plan and plan.universal: ds_config["checkpoint"] = {"load_universal": True}; ckpt.convert(plan)
     state = ckpt.load(engine, plan)                        # this rank's trainer state (rank 0's if the layout changed)
-    ckpt.save(engine, step, rank_state, config)
+    ckpt.save(engine, step, rank_state, config)           # rank_state: Job.state_dict() ("layout": LAYOUT_KEYS)
 
 Export reads these folders without an engine: megatrain/convert/checkpoint.py.
 
 Layout of ``<dir>``::
 
-    latest                      text file naming the newest *complete* tag; replaced atomically (tmp + os.replace)
+    latest                      text file naming the newest *complete* tag; replaced atomically (megatrain.io)
     step00000040/               DeepSpeed's files (model, optimizer / ZeRO shards, LR schedule position)
         trainer_rank00000.pt    this rank's data-loader state, RNG states, counters, layout
         config.yaml             the resolved run config
@@ -53,6 +53,7 @@ import torch
 import torch.distributed as dist
 
 from megatrain.config import ConfigError
+from megatrain.io import atomic_write
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -85,16 +86,6 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def _fsync_write(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` atomically: readers see the old or the new file, never half of one."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def read_latest(ckpt_dir: str) -> Optional[str]:
     path = os.path.join(ckpt_dir, LATEST)
     if not os.path.exists(path):
@@ -107,7 +98,7 @@ def read_latest(ckpt_dir: str) -> Optional[str]:
 
 
 def write_latest(ckpt_dir: str, tag: str) -> None:
-    _fsync_write(os.path.join(ckpt_dir, LATEST), tag)
+    atomic_write(os.path.join(ckpt_dir, LATEST), tag, fsync=True)
 
 
 # ---- manifest: "complete" checkable with one stat per file ----
@@ -126,8 +117,8 @@ def _tag_files(tag_dir: str) -> dict:
 
 
 def write_manifest(tag_dir: str, step: int, layout: dict) -> None:
-    _fsync_write(os.path.join(tag_dir, MANIFEST), json.dumps(
-        {"format": MANIFEST_FORMAT, "step": step, "layout": layout, "files": _tag_files(tag_dir)}, indent=1))
+    atomic_write(os.path.join(tag_dir, MANIFEST), json.dumps(
+        {"format": MANIFEST_FORMAT, "step": step, "layout": layout, "files": _tag_files(tag_dir)}, indent=1), fsync=True)
 
 
 def read_manifest(tag_dir: str) -> Optional[dict]:
@@ -187,10 +178,6 @@ def choose_auto(ckpt_dir: str) -> tuple:
         why = verify(tag_dir)
         if why is None:
             return t, warnings
-        if t == latest and read_manifest_safe(tag_dir) is None and _legacy(tag_dir):
-            warnings.append(f"checkpoint {tag_dir} has no {MANIFEST} (written before manifests existed): "
-                            f"taken unverified")
-            return t, warnings
         warnings.append(f"checkpoint {tag_dir} skipped: {why}")
     if latest is not None:
         raise CheckpointError(f"checkpoint.resume=auto: no complete checkpoint in {ckpt_dir} ("
@@ -199,26 +186,13 @@ def choose_auto(ckpt_dir: str) -> tuple:
     return None, warnings
 
 
-def read_manifest_safe(tag_dir: str) -> Optional[dict]:
-    try:
-        return read_manifest(tag_dir)
-    except (OSError, ValueError):
-        return {}
-
-
-def _legacy(tag_dir: str) -> bool:
-    """A tag `latest` names, saved by a megatrain without manifests: `latest` only moved after all its files."""
-    return os.path.exists(os.path.join(tag_dir, "trainer_rank00000.pt")) and \
-        os.path.exists(os.path.join(tag_dir, "config.yaml"))
+LAYOUT_KEYS = ("world_size", "sp_size", "dp_size", "zero_stage")  # what a checkpoint's layout records
+RESHARD_KEYS = LAYOUT_KEYS[:3]  # a change in any of these: rank 0's loader state, no RNG states
 
 
 def saved_layout(tag_dir: str) -> dict:
-    """The layout (world/SP/DP sizes, ZeRO stage) a checkpoint was written with."""
-    manifest = read_manifest_safe(tag_dir) or {}
-    if "layout" in manifest:
-        return manifest["layout"]
-    state = torch.load(os.path.join(tag_dir, "trainer_rank00000.pt"), weights_only=False)
-    return {k: state[k] for k in ("world_size", "sp_size", "dp_size", "zero_stage") if k in state}
+    """The layout (LAYOUT_KEYS) a checkpoint was written with, from its manifest (verified before this is read)."""
+    return read_manifest(tag_dir)["layout"]
 
 
 def universal_info() -> dict:
@@ -315,9 +289,8 @@ class Checkpointer:
             err = f"{type(e).__name__}: {e}"
         self._agree(err, step)  # also the barrier: every rank's files are on disk
         if self.rank == 0:
-            layout = {k: rank_state[k] for k in ("world_size", "sp_size", "dp_size", "zero_stage") if k in rank_state}
             try:
-                write_manifest(tag_dir, step, layout)
+                write_manifest(tag_dir, step, rank_state["layout"])
                 write_latest(self.dir, tag)
             except OSError as e:
                 err = f"{type(e).__name__}: {e}"
@@ -362,7 +335,7 @@ class Checkpointer:
         if not os.path.isdir(path):
             raise CheckpointError(f"checkpoint.resume={resume!r}: no such checkpoint directory")
         why = verify(path)
-        if why is not None and not (read_manifest_safe(path) is None and _legacy(path)):
+        if why is not None:
             raise CheckpointError(f"checkpoint.resume={resume!r}: incomplete checkpoint: {why}")
         return os.path.dirname(path), os.path.basename(path)
 
@@ -384,18 +357,18 @@ class Checkpointer:
             return None
         load_dir, tag = where
         saved = saved_layout(os.path.join(load_dir, tag))
-        changed = any(saved.get(k) != layout[k] for k in ("world_size", "sp_size", "dp_size"))
-        s_zero, zero = saved.get("zero_stage", layout["zero_stage"]), layout["zero_stage"]
+        changed = any(saved[k] != layout[k] for k in RESHARD_KEYS)
+        s_zero, zero = saved["zero_stage"], layout["zero_stage"]
         # ZeRO state is sharded over all world_size ranks: another world size (or another sharding format: stage
         # 0 keeps it whole, 3 shards parameters) needs the universal form; stages 1 and 2 share one format.
-        same_shards = saved.get("world_size") == layout["world_size"] and (s_zero == zero or {s_zero, zero} <= {1, 2})
+        same_shards = saved["world_size"] == layout["world_size"] and (s_zero == zero or {s_zero, zero} <= {1, 2})
         if s_zero == 0 and zero != 0:
             raise CheckpointError(f"checkpoint {os.path.join(load_dir, tag)} was written with parallel.zero_stage=0 "
                                   f"and cannot be resumed with parallel.zero_stage={zero}: resume with 0")
         universal = s_zero > 0 and not same_shards
         if universal and zero == 0:
             raise CheckpointError(f"checkpoint {os.path.join(load_dir, tag)} was written with parallel.zero_stage="
-                                  f"{s_zero} on {saved.get('world_size')} ranks: resume with a ZeRO stage >= 1")
+                                  f"{s_zero} on {saved['world_size']} ranks: resume with a ZeRO stage >= 1")
         return ResumePlan(load_dir, tag, saved, changed, universal)
 
     def convert(self, plan: ResumePlan) -> None:

@@ -28,6 +28,8 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
+from megatrain.io import atomic_file
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -45,10 +47,8 @@ def truncate_metrics(path: str, last_step: int) -> None:
                 break  # a torn write can only be the last line
             if rec.get("step", 0) <= last_step:
                 keep.append(json.dumps(rec) + "\n")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_file(path) as f:
         f.writelines(keep)
-    os.replace(tmp, path)
 
 
 def read_metrics(path: str) -> list:
@@ -58,9 +58,12 @@ def read_metrics(path: str) -> list:
 
 def model_flops_per_token(num_params: int, num_layers: int, attn_span: int, qk_dim: int, v_dim: int,
                           causal: bool) -> float:
-    """Training FLOPs per token: 6 x params (matmuls, fwd + bwd) + the chunked attention's score and value
-    matmuls (2 x 2 x span x (qk + v) forward, x3 for fwd + bwd, halved when causal)."""
-    attn = 12.0 * num_layers * attn_span * (qk_dim + v_dim) * (0.5 if causal else 1.0)
+    """Training FLOPs per token (the MFU numerator): 6 x params (every weight's matmul: 2 forward, 4 backward)
+    plus the chunked attention's two matmuls per layer, QK^T (2 x span x qk) and AV (2 x span x v) forward, so
+    6 x span x (qk + v) forward + backward, halved when causal (PaLM's convention: the masked half a kernel may
+    compute is not useful work). The blocked EMA's own matmuls are not model FLOPs (a scan computes the same
+    with none): tests/train/test_metrics.py measures them beside these terms with FlopCounterMode."""
+    attn = 6.0 * num_layers * attn_span * (qk_dim + v_dim) * (0.5 if causal else 1.0)
     return 6.0 * num_params + attn
 
 
@@ -166,7 +169,8 @@ class MetricsLogger:
 
 
 def outputs_line(cfg, step: int) -> str:
-    """The closing console line: how far the run got and where its outputs are."""
+    """The closing console line: how far the run got and where its outputs are. Reads run_dir, checkpoint.dir,
+    train.max_steps and logging.tensorboard of the whole Config."""
     from megatrain.train.checkpoint import read_latest
     total = cfg.train.max_steps
     latest = read_latest(cfg.checkpoint_dir) if os.path.isdir(cfg.checkpoint_dir) else None
@@ -179,7 +183,8 @@ def outputs_line(cfg, step: int) -> str:
 
 
 def run_flops(cfg, model) -> tuple:
-    """(training FLOPs per token, peak TFLOP/s per device or None) of a run config and its built model."""
+    """(training FLOPs per token, peak TFLOP/s per device or None) of a run config and its built model. Reads
+    model.*, data.seq_len, train.objective and logging.peak_tflops of the whole Config."""
     m = cfg.model
     span = m.chunk_size if m.use_chunking else cfg.data.seq_len
     n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: full size, not the shard

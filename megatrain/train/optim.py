@@ -105,7 +105,7 @@ class ConfigSchedule(torch.optim.lr_scheduler.LambdaLR):
 
     def load_state_dict(self, state: dict) -> None:
         # older checkpoints hold LambdaLR's whole __dict__ (base_lrs, _last_lr of the old config): take the position
-        self.last_epoch, self._step_count = state["last_epoch"], state.get("_step_count", self._step_count)
+        self.last_epoch, self._step_count = state["last_epoch"], state["_step_count"]
         self.sync()
 
     def sync(self) -> None:

@@ -5,12 +5,14 @@ Usage (this is what ``launch/pretrain.py`` calls; any launcher works, see megatr
     deepspeed --num_gpus 2 launch/pretrain.py --config configs/tiny.yaml train.max_steps=10
     python -m megatrain.train.trainer --config configs/tiny.yaml run_dir=runs/x     # one plain process
 
-Read top-down: the building blocks, ``build_job`` (everything a run holds), ``train_step`` (one optimizer step),
-``train`` (the loop), ``main`` (the entry point). Per optimizer step (``train_step``), on every rank:
-  for each micro-batch: next window (this DP rank's stream) -> this rank's SP slice -> forward with
-  ``ema_boundary`` (SP > 1) and ``doc_ids`` -> per-rank loss = slice token-loss *sum* / window label tokens
-  (summed over the SP group) -> ``engine.backward``.  Then ``engine.step``: DeepSpeed sums gradients over the SP
-  ranks and averages over DP (see megatrain/parallel/groups.py), so the update equals the SP=1 update exactly.
+Read top-down: the building blocks, ``build_job`` (everything a run holds; ``Job.state_dict``/``load_state_dict``
+is what a checkpoint keeps beside DeepSpeed's state), ``train_step`` (one optimizer step), ``train`` (the loop),
+``main`` (the entry point). Per optimizer step (``train_step``), on every rank:
+  for each micro-batch: next window (this DP rank's stream) -> ``sp_forward_backward`` (megatrain/parallel/
+  protocol.py: this rank's SP slice -> EMA boundary -> forward -> loss sum / the window's label tokens ->
+  ``engine.backward``) -> ``engine.step``: DeepSpeed sums gradients over the SP ranks and averages over DP (see
+  megatrain/parallel/groups.py), so the update equals the SP=1 update exactly. The logged loss stays on the
+  device until the step's one all-reduce (no host sync per micro-batch).
   Then metrics, checkpoint every N steps, and a checkpoint + exit on SIGTERM/SIGUSR1: exit 0 when the run is done,
   ``EXIT_REQUEUE`` (75) when steps are still to do, so a launcher can run it again (launch/slurm/pretrain.sbatch
   requeues the job on 75; checkpoint.resume=auto continues from ``latest``).
@@ -41,9 +43,10 @@ from megatrain.model import build_model
 from megatrain.parallel.checkpointing import apply_checkpointing, policy_from_config
 from megatrain.parallel.env import discover, exit_process, init_process_group
 from megatrain.parallel.groups import ParallelGroups
-from megatrain.parallel.sequence import COMM_STATS, make_ema_boundary, reduce_sp_loss, reset_comm_stats, sp_slice
+from megatrain.parallel.protocol import sp_forward_backward
+from megatrain.parallel.sequence import COMM_STATS, reset_comm_stats
 from megatrain.parallel.zero import clip_in_optimizer, deepspeed_config
-from megatrain.train.checkpoint import Checkpointer, CheckpointError, ResumePlan
+from megatrain.train.checkpoint import LAYOUT_KEYS, Checkpointer, CheckpointError, ResumePlan
 from megatrain.train.metrics import MetricsLogger, StepResult, outputs_line, run_flops, step_record
 from megatrain.train.optim import build_optimizer, build_scheduler, schedule_changes
 
@@ -58,6 +61,7 @@ class NonFiniteAbort(RuntimeError):
 
 # ---- building blocks ----
 def build_stream(cfg: Config, dp_rank: int, dp_size: int):
+    """This DP rank's ShardStream. Reads data.*, train.seed, train.objective and model.vocab_size."""
     d = cfg.data
     return ShardStream(d.shards, seq_len=d.seq_len, seed=cfg.train.seed, dp_rank=dp_rank, dp_size=dp_size,
                        num_workers=d.num_workers, objective=cfg.train.objective, vocab_size=cfg.model.vocab_size,
@@ -95,9 +99,10 @@ class StopFlag:
     def raised(self) -> bool:
         return StopFlag._raised
 
-    def agreed(self) -> bool:
+    def agreed(self, device) -> bool:
         # A signal may reach only some ranks: stop together, or the collectives of the next step would hang.
-        t = torch.tensor([1.0 if self.raised else 0.0])
+        # On the engine's device: an NCCL group has no CPU collectives.
+        t = torch.tensor([1.0 if self.raised else 0.0], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
@@ -111,7 +116,7 @@ def resume_line(plan: ResumePlan, layout: dict, cfg: Config) -> str:
         if changes:
             parts.append(", ".join(changes) + " (schedule recomputed from the config)")
     if plan.layout_changed:
-        was = ", ".join(f"{k} {plan.saved.get(k)} -> {v}" for k, v in layout.items() if plan.saved.get(k) != v)
+        was = ", ".join(f"{k} {plan.saved[k]} -> {v}" for k, v in layout.items() if plan.saved[k] != v)
         how = "DeepSpeed universal checkpoint" if plan.universal else "unchanged ZeRO shards"
         parts.append(f"layout {was} (model/optimizer via {how}; loader state of rank 0; RNG states not carried "
                      f"over)")
@@ -135,13 +140,22 @@ class Job:
     stream: object                      # this DP rank's ShardStream
     data: Iterator[dict]                # micro-batches of windows from the stream
     ckpt: Checkpointer
-    log: MetricsLogger
     stop: "StopFlag"
     counters: Counters
     layout: dict                        # world/SP/DP sizes, saved with every checkpoint
     tokens_per_step: int                # tokens of one optimizer step, whole job
     flops_per_token: Optional[float]
     peak_tflops: Optional[float]
+    log: Optional[MetricsLogger] = None  # opened after the resume: it cuts metrics.jsonl back to the resumed step
+
+    def state_dict(self) -> dict:
+        """This rank's part of a checkpoint beside DeepSpeed's (the Checkpointer adds the RNG states)."""
+        return {"loader": self.stream.state_dict(), "counters": vars(self.counters).copy(), "layout": self.layout}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Undo ``state_dict`` (the saved layout is the old run's: kept by the plan, not loaded)."""
+        self.stream.load_state_dict(state["loader"])  # ValueError: the checkpoint's stream is not this data
+        self.counters = Counters(**state["counters"])
 
 
 def build_job(cfg: Config) -> Job:
@@ -160,7 +174,7 @@ def build_job(cfg: Config) -> Job:
 
     ds_config = deepspeed_config(cfg, world)
     ckpt = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint.keep_last, rank)
-    layout = {"world_size": world, "sp_size": sp, "dp_size": dp, "zero_stage": cfg.parallel.zero_stage}
+    layout = dict(zip(LAYOUT_KEYS, (world, sp, dp, cfg.parallel.zero_stage)))
     plan = ckpt.plan(cfg.checkpoint.resume, layout)  # which checkpoint, and whether its layout is this run's
     if plan is not None and plan.universal:
         ckpt.convert(plan)  # ZeRO shards of another world size: DeepSpeed's universal checkpoint
@@ -187,14 +201,18 @@ def build_job(cfg: Config) -> Job:
     random.seed(t.seed + 1 + rank)
     np.random.seed(t.seed + 1 + rank)
 
-    state = ckpt.load(engine, plan)
-    counters = Counters()
+    flops_per_token, peak = run_flops(cfg, model)
+    job = Job(cfg=cfg, groups=groups, engine=engine, stream=stream,
+              data=batches(stream, cfg.data.micro_batch_size, engine.device), ckpt=ckpt, stop=StopFlag(),
+              counters=Counters(), layout=layout,
+              tokens_per_step=cfg.data.seq_len * cfg.data.micro_batch_size * t.grad_accum_steps * dp,
+              flops_per_token=flops_per_token, peak_tflops=peak)
+    state = ckpt.load(engine, plan)  # DeepSpeed's state into the engine; ours comes back for the job
     if state is not None:
         try:
-            stream.load_state_dict(state["loader"])
+            job.load_state_dict(state)
         except ValueError as e:
             raise CheckpointError(f"checkpoint {plan.tag_dir}: {e}") from e
-        counters = Counters(**state["counters"])
         # the LR is a function of (position, config): the optimizer's load restored the old run's rates
         engine.lr_scheduler.sync()
         if rank == 0:
@@ -202,41 +220,29 @@ def build_job(cfg: Config) -> Job:
     if rank == 0:
         os.makedirs(cfg.run_dir, exist_ok=True)
         cfg.save(os.path.join(cfg.run_dir, "config.yaml"))
-    log = MetricsLogger(cfg.run_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
-                        resume_step=counters.step, print_every=cfg.logging.every_steps, total_steps=t.max_steps)
-    flops_per_token, peak = run_flops(cfg, model)
-    return Job(cfg=cfg, groups=groups, engine=engine, stream=stream,
-               data=batches(stream, cfg.data.micro_batch_size, engine.device), ckpt=ckpt, log=log, stop=StopFlag(),
-               counters=counters, layout=layout,
-               tokens_per_step=cfg.data.seq_len * cfg.data.micro_batch_size * t.grad_accum_steps * dp,
-               flops_per_token=flops_per_token, peak_tflops=peak)
+    job.log = MetricsLogger(cfg.run_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
+                            resume_step=job.counters.step, print_every=cfg.logging.every_steps,
+                            total_steps=t.max_steps)
+    return job
 
 
 def train_step(job: Job) -> StepResult:
-    """One optimizer step: grad_accum_steps micro-batches, each sliced for this SP rank, forward with the EMA
-    boundary, the SP loss reduction, backward; the engine steps at the accumulation boundary."""
+    """One optimizer step: grad_accum_steps micro-batches, each through the SP protocol (slice, EMA boundary,
+    forward, SP loss reduction, backward: parallel/protocol.py); the engine steps at the accumulation boundary."""
     cfg, engine, groups = job.cfg, job.engine, job.groups
     sp, accum = cfg.parallel.sequence_parallel_size, cfg.train.grad_accum_steps
     causal = cfg.train.objective == "clm"
     t0 = time.time()
     reset_comm_stats()
     lr = engine.get_lr()[0]  # the rate this step's update uses (the schedule advances inside step())
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)  # read once, after the all-reduce
     for _ in range(accum):
-        piece = sp_slice(next(job.data), groups.sp_rank, sp)
-        doc_ids = piece["doc_ids"] if cfg.data.reset_at_doc_boundaries else None
-        boundary = make_ema_boundary(groups.sp_group, doc_ids=doc_ids) if sp > 1 else None
-        out = engine(input_ids=piece["input_ids"], labels=piece["labels"], doc_ids=doc_ids,
-                     ema_boundary=boundary, loss_reduction="sum",
-                     # the loss only, under every ZeRO stage: no [B, L, V] logits tensor (~1 GB per 32K
-                     # tokens at V=8K); the head's own forward runs the fused loss (model/lm.py LMHead)
-                     return_logits=False,
-                     **({"labels_shifted": True} if causal else {}))
         # W = 1: DeepSpeed sums the SP ranks' gradients (its divisor is DP, not DP x SP)
-        loss = reduce_sp_loss(out.loss, out.num_loss_tokens, groups.sp_group, grad_average_size=1)
-        engine.backward(loss.backward_loss)
+        loss = sp_forward_backward(engine, next(job.data), groups.sp_group, causal=causal,
+                                   reset_at_doc_boundaries=cfg.data.reset_at_doc_boundaries,
+                                   grad_average_size=1, backward=engine.backward)
         engine.step()  # an optimizer step only at the accumulation boundary
-        loss_sum += loss.mean_loss.detach().double().cpu()
+        loss_sum += loss.mean_loss.detach().double()
     # the logged loss is the mean over micro-batches and DP replicas (identical on SP ranks)
     dist.all_reduce(loss_sum, group=groups.dp_group)
     step_loss = float(loss_sum) / (accum * groups.dp_size)
@@ -263,10 +269,9 @@ def train(cfg: Config) -> Counters:
                 raise NonFiniteAbort(f"aborting at step {c.step}: {c.consecutive_nonfinite} consecutive steps with "
                                      f"non-finite loss/gradient (loss={res.loss}, grad_norm={res.grad_norm}); "
                                      f"limit is train.max_consecutive_nonfinite={t.max_consecutive_nonfinite}")
-            stopping = job.stop.agreed()
+            stopping = job.stop.agreed(job.engine.device)
             if c.step % cfg.checkpoint.every_steps == 0 or c.step == t.max_steps or stopping:
-                job.ckpt.save(job.engine, c.step, {"loader": job.stream.state_dict(), "counters": vars(c).copy(),
-                                                   **job.layout}, cfg)
+                job.ckpt.save(job.engine, c.step, job.state_dict(), cfg)
             if stopping:
                 if dist.get_rank() == 0:
                     todo = t.max_steps - c.step

@@ -12,13 +12,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatrain.data import sp_slice
 from megatrain.model import MegaConfig, MegaForCausalLM, MegaForMaskedLM
 from megatrain.model.ema import MultiDimDampedEMA
 from megatrain.ops.lm_loss import IGNORE_INDEX
 from megatrain.parallel.checkpointing import apply_checkpointing, policy_from_config
-from megatrain.parallel.sequence import (COMM_STATS, make_ema_boundary, reduce_sp_loss, reset_comm_stats,
-                                         sum_grads_over, validate_sp)
+from megatrain.parallel.protocol import sp_forward_backward
+from megatrain.parallel.sequence import COMM_STATS, make_ema_boundary, reset_comm_stats, sum_grads_over, validate_sp
 
 from tests.dist_util import run_ranks
 
@@ -107,13 +106,9 @@ def _check_lm(rank, P, group, objective, gradient_checkpointing):
     ref_grads = _flat_grads(model)
     model.zero_grad(set_to_none=True)
 
-    piece = sp_slice(batch, rank, P)
     reset_comm_stats()
-    boundary = make_ema_boundary(group, doc_ids=piece["doc_ids"])
-    out = model(piece["input_ids"], labels=piece["labels"], doc_ids=piece["doc_ids"], loss_reduction="sum",
-                ema_boundary=boundary, **kw)
-    loss = reduce_sp_loss(out.loss, out.num_loss_tokens, group)
-    loss.backward_loss.backward()
+    # the protocol train_step runs (slice, boundary, forward, loss reduction, backward), without DeepSpeed
+    loss = sp_forward_backward(model, batch, group, causal=objective == "clm")
     sum_grads_over(model.parameters(), group)
     grads = _flat_grads(model)
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatrain.data import sp_slice
 from megatrain.model import MegaConfig, MegaForCausalLM, MegaForMaskedLM
 from megatrain.ops.lm_loss import IGNORE_INDEX
 from megatrain.parallel.checkpointing import apply_checkpointing, policy_from_config
-from megatrain.parallel.sequence import make_ema_boundary, reduce_sp_loss, sum_grads_over
+from megatrain.parallel.protocol import sp_forward_backward
+from megatrain.parallel.sequence import sum_grads_over
 
 from tests.dist_util import run_ranks
 
@@ -66,11 +66,7 @@ def _check(rank, P, group, objective, ckpt):
     ref_loss.backward()
     ref = _grads(plain)
 
-    piece = sp_slice(batch, rank, P)
-    out = segmented(piece["input_ids"], labels=piece["labels"], doc_ids=piece["doc_ids"], loss_reduction="sum",
-                    ema_boundary=make_ema_boundary(group, doc_ids=piece["doc_ids"]), return_logits=False, **kw)
-    loss = reduce_sp_loss(out.loss, out.num_loss_tokens, group)
-    loss.backward_loss.backward()
+    loss = sp_forward_backward(segmented, batch, group, causal=objective == "clm")
     sum_grads_over(segmented.parameters(), group)
     grads = _grads(segmented)
 

@@ -116,12 +116,15 @@ def test_auto_without_latest(tmp_path):
     assert tag == tag_for(2) and "names 'step00000009', which is not a checkpoint folder" in warnings[0]
 
 
-def test_legacy_checkpoint_without_manifest_is_taken_with_a_warning(tmp_path):
+def test_checkpoint_without_manifest_is_never_taken(tmp_path):
+    """0.1.0, the only release, writes manifests: a tag `latest` names without one is an incomplete save."""
     d = str(tmp_path)
     fake_tag(d, 4, manifest=False)
     write_latest(d, tag_for(4))
-    tag, warnings = choose_auto(d)
-    assert tag == tag_for(4) and "written before manifests existed" in warnings[0]
+    with pytest.raises(CheckpointError, match=r"step00000004 skipped: no manifest.json"):
+        choose_auto(d)
+    with pytest.raises(CheckpointError, match="incomplete checkpoint: no manifest.json"):
+        Checkpointer(d, keep_last=2, rank=0).resolve(os.path.join(d, tag_for(4)))
 
 
 class _FakeEngine:
@@ -146,7 +149,8 @@ class _Cfg:
 def _save_twice(rank, world, d):
     """Step 2 saves; at step 4 rank 1's write fails (disk full): every rank gets the same one-line error."""
     ck = Checkpointer(d, keep_last=2, rank=rank)
-    state = {"loader": {}, "counters": {}, "world_size": world, "sp_size": 1, "dp_size": world, "zero_stage": 2}
+    state = {"loader": {}, "counters": {}, "layout": {"world_size": world, "sp_size": 1, "dp_size": world,
+                                                       "zero_stage": 2}}
     ck.save(_FakeEngine(rank, fail=False), 2, state, _Cfg())
     try:
         ck.save(_FakeEngine(rank, fail=rank == 1), 4, state, _Cfg())

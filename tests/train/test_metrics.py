@@ -63,3 +63,74 @@ def test_console_of_a_run(tmp_path, tiny_shards):
     assert lines[-1] == (f"megatrain: done at step 3/3 | run_dir {d} | metrics {d}/metrics.jsonl | "
                          f"checkpoint {d}/checkpoints/step00000003 | tensorboard {d}/tensorboard"), text
     assert os.path.exists(d / "metrics.jsonl") and os.path.isdir(d / "tensorboard")
+
+
+
+def _flops(objective: str):
+    """One training forward/backward of a small model under torch's FlopCounterMode (matmuls: mm, addmm, bmm):
+    (forward FLOPs per module, the step's FLOPs, the blocked EMAs' own step FLOPs, model, config, tokens)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megatrain.config import load_config
+    from megatrain.model import build_model
+    # wide enough that norms/biases/EMA parameters are ~2% of the weights, chunks long enough that attention shows
+    cfg = load_config(TINY, ["data.shards=x", f"train.objective={objective}", "model.hidden_size=128",
+                             "model.shared_representation_size=64", "model.intermediate_size=256",
+                             "model.nffn_hidden_size=256", "model.vocab_size=256", "model.chunk_size=64",
+                             "model.max_positions=128", "model.ema_block_size=32"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model).train()
+    ids = torch.randint(5, 256, (2, 128))
+    # the protocol's forward kwargs, but with logits: the fused head's in-place addmm_ (its weight gradient) is
+    # not in FlopCounterMode's table, the plain head is; both do the same 6 x V x D per token
+    kw = dict(labels=ids, loss_reduction="sum", return_logits=True,
+              **({"labels_shifted": True} if objective == "clm" else {}))
+    fwd = FlopCounterMode(display=False, depth=None)
+    with fwd:
+        model(input_ids=ids, **kw)
+    step = FlopCounterMode(display=False)
+    with step:
+        model(input_ids=ids, **kw).loss.backward()
+    ema = FlopCounterMode(display=False)  # an EMA's FLOPs depend on shapes only: each layer's alone, same input
+    with ema:
+        for layer in model.mega.layers:
+            x = torch.randn(2, 128, cfg.model.hidden_size, requires_grad=True)
+            layer.attn.ema(x)[0].sum().backward()
+    per_module = {k: sum(v.values()) for k, v in fwd.get_flop_counts().items()}
+    return per_module, step.get_total_flops(), ema.get_total_flops(), model, cfg, ids.numel()
+
+
+@pytest.mark.parametrize("objective", ["mlm", "clm"])
+def test_model_flops_match_flop_counter(objective):
+    """MFU's formula against what the train step's matmuls do (FlopCounterMode, CPU):
+    * forward, per module: the projections (every nn.Linear but the head) are 2 x weights per token and the
+      attention's own matmuls 2 x span x (qk + v) per layer: the formula's terms exactly (causal: twice the
+      formula's half, the kernel computes whole chunks);
+    * the whole step minus the blocked EMA's own matmuls (measured beside, not in MFU) is 6 x the matmul weights
+      (head included) + the attention term, within 1%; the formula's 6 x params counts all parameters, within 3%
+      of the matmul weights here (norms, biases, EMA parameters: ~2% of them)."""
+    import torch
+
+    from megatrain.train.metrics import model_flops_per_token, run_flops
+    fwd, step_total, ema_total, model, cfg, tokens = _flops(objective)
+    m, causal = cfg.model, objective == "clm"
+    layers = [f"{type(model).__name__}.mega.layers.{i}.attn" for i in range(m.num_hidden_layers)]
+    linears = {n: mod for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+    weights = sum(mod.weight.numel() for mod in linears.values())
+    proj = sum(v for k, v in fwd.items() if k.split(".", 1)[-1] in linears and not k.endswith("lm_head"))
+    assert proj == 2 * tokens * (weights - linears["lm_head"].weight.numel())
+    attention = sum(fwd[a] - fwd[f"{a}.ema"] - fwd[f"{a}.rel_pos"] -
+                    sum(fwd[f"{a}.{p}"] for p in ("v_proj", "mx_proj", "h_proj")) for a in layers)
+    attn_term = model_flops_per_token(0, m.num_hidden_layers, m.chunk_size, m.shared_representation_size,
+                                      m.intermediate_size, causal=causal)
+    assert 3 * attention == pytest.approx(attn_term * tokens * (2 if causal else 1), rel=1e-9)
+    computed = 6 * weights + attn_term * (2 if causal else 1)
+    measured = (step_total - ema_total) / tokens
+    assert measured == pytest.approx(computed, rel=0.01), (measured, computed)
+    formula, _ = run_flops(cfg, model)
+    assert formula - attn_term == pytest.approx(6 * weights, rel=0.03)
+    print(f"{objective}: FLOPs/token: step {step_total / tokens:.0f} = matmul weights {6 * weights} + attention "
+          f"{attn_term * (2 if causal else 1):.0f} + blocked EMA {ema_total / tokens:.0f} "
+          f"({100 * ema_total / step_total:.1f}%, not in MFU) (+ {measured - computed:+.0f}); MFU formula "
+          f"{formula:.0f}")
