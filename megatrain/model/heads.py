@@ -8,9 +8,9 @@ Use:
     MegaForQuestionAnswering(config, num_labels=2)   out.start_logits / out.end_logits [B, L];
                                                      start_positions / end_positions [B]
     MegaForMultipleChoice(config)                    input_ids [B, C, L] -> logits [B, C]; labels [B]
-Tests: PYTHONPATH=. python -m pytest -q tests/convert/test_hf_heads.py
+Tests: PYTHONPATH=. python -m pytest -q tests/hf/test_hf_heads.py
 
-Same modules, parameter layout and numbers as transformers 4.57.6 (the HF key map is megatrain/convert/hf.py):
+Same modules, parameter layout and numbers as transformers 4.57.6 (the HF key map is megatrain/hf/format.py):
 sequence classification = first position -> dropout -> dense -> tanh -> dropout -> out_proj (RoBERTa's head);
 token classification = dropout -> linear per position; QA = linear to (start, end) per position; multiple choice
 = every choice through the backbone, pooler (first position -> dense -> tanh) -> dropout -> linear to 1 score.

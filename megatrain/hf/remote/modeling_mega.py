@@ -7,7 +7,7 @@
 
 Each class holds the megatrain model (megatrain.model: one implementation) *outside* its registered modules and
 registers the very same Parameter objects again under transformers' MEGA names (the key map of
-megatrain/convert/hf.py), so state_dict(), from_pretrained and save_pretrained speak transformers' names in every
+megatrain.hf.format.py), so state_dict(), from_pretrained and save_pretrained speak transformers' names in every
 transformers version without its (version-specific) key-renaming hooks. Loading may replace those Parameter
 objects (meta-device init, dtype casts): `_sync()` re-binds the megatrain modules to the registered ones before
 every forward.
@@ -25,8 +25,8 @@ from transformers.modeling_outputs import (BaseModelOutput, CausalLMOutputWithPa
                                            MultipleChoiceModelOutput, QuestionAnsweringModelOutput,
                                            SequenceClassifierOutput, TokenClassifierOutput)
 
-from megatrain.convert.hf import build_for_task, to_hf_key
-from megatrain.convert.hf_remote.configuration_mega import MegaConfig
+from megatrain.hf.format import build_for_task, to_hf_key
+from megatrain.hf.remote.configuration_mega import MegaConfig
 from megatrain.model.mega import MegaCache
 
 

@@ -1,7 +1,7 @@
-"""Hugging Face transformers <-> megatrain for MEGA checkpoints (transformers 4.57.x MEGA, every head).
+"""The transformers format of MEGA checkpoints <-> megatrain models (transformers 4.57.x MEGA, every head).
 
 Use:
-    from megatrain.convert.hf import load_hf, save_hf
+    from megatrain.hf import load_hf, save_hf
     model = load_hf("hf_dir")                 # config.json + model.safetensors (or pytorch_model.bin); eval mode
     model = load_hf("hf_dir", task="causal")  # override the head chosen from `architectures` (TASKS below)
     save_hf(model, "out_dir")                 # loads with transformers' AutoModelFor<task> (native 4.57 classes)
@@ -65,8 +65,8 @@ TASKS = tuple(_CLASSES)
 _ARCHS = {task: cls.__name__ for task, cls in _CLASSES.items()}
 _HEADS = {"causal": "lm_head", "masked": "mlm_head"}  # the vocabulary head's name on the HF side
 _LM_TASKS = ("causal", "masked")
-_MEGATRAIN_ONLY_FIELDS = ("gradient_checkpointing", "hf_rmsnorm_noop", "ema_block_size", "kernel_backend",
-                          "segment_size")
+# not in transformers' config: not written to config.json (hf_rmsnorm_noop: only where it applies)
+_MEGATRAIN_ONLY_FIELDS = MegaConfig.megatrain_only_fields()
 # config.json keys of the classification heads (label names, problem type): the model class reads them
 _HF_ONLY_FIELDS = ("id2label", "label2id", "num_labels", "problem_type")
 # model_type of an export that transformers' own MEGA would compute differently (native_problem): no native
@@ -262,7 +262,7 @@ def hf_config_dict(config: MegaConfig, task: str, model=None) -> dict:
 def save_hf(model, out_dir: Union[str, os.PathLike], native: bool = True) -> str:
     """Write config.json + model.safetensors that transformers 4.57.x loads with the same logits. Returns out_dir.
 
-    native=False (the remote-code export, megatrain/convert/remote_code.py): a config transformers would
+    native=False (the remote-code export, megatrain/hf/remote_code.py): a config transformers would
     compute differently is written with model_type REMOTE_ONLY_MODEL_TYPE instead of refused."""
     from safetensors.torch import save_file
 
@@ -286,42 +286,3 @@ def save_hf(model, out_dir: Union[str, os.PathLike], native: bool = True) -> str
         json.dump(d, f, indent=2, sort_keys=True)
     save_file(hf_sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     return out_dir
-
-
-# the fields a weight folder must agree on with a run to continue its pretraining (model.init_from)
-ARCHITECTURE_FIELDS = (
-    "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "ema_projection_size", "bidirectional",
-    "shared_representation_size", "use_chunking", "chunk_size", "truncation", "normalize_before_mega",
-    "normalization_type", "norm_affine", "activation", "attention_activation", "use_normalized_ffn",
-    "nffn_hidden_size", "normalize_before_ffn", "max_positions", "add_token_type_embeddings", "type_vocab_size",
-    "relative_positional_bias", "add_lm_hidden_dense_layer", "is_decoder", "tie_word_embeddings", "hf_rmsnorm_noop")
-
-
-def check_init_from(path: str, run_model: MegaConfig, key: str = "model.init_from") -> tuple[MegaConfig, dict]:
-    """The folder's (MegaConfig, config.json dict) if it can start a run with model config `run_model`, else one
-    ValueError naming `key`, the field and both values."""
-    try:
-        theirs, d = read_hf_config(path)
-    except ValueError as e:
-        raise ValueError(f"{key}={path}: {e}") from None
-    for name in ARCHITECTURE_FIELDS:
-        a, b = getattr(theirs, name), getattr(run_model, name)
-        if a != b:
-            raise ValueError(f"{key}={path}: its config.json has {name}={a!r} but the run has model.{name}={b!r}; "
-                             "the run's model section must match the folder")
-    return theirs, d
-
-
-def init_from_hf(model, path: str) -> None:
-    """Load a transformers MEGA folder's weights (native 4.57 or megatrain's export, any head: the backbone and,
-    for a language model of the same kind, its head) into a freshly built run model, after check_init_from."""
-    _, d = check_init_from(path, model.config)
-    task = _task_of(model)
-    hf_sd = _read_state_dict(path)
-    src_task = task_of_config(d)
-    sd = hf_to_megatrain_state_dict({k: v for k, v in hf_sd.items()
-                                     if src_task in _LM_TASKS or k.startswith("mega.")}, task)
-    if src_task not in _LM_TASKS:  # a fine-tuned head: keep the run's freshly initialised LM head
-        own = model.state_dict()
-        sd.update({k: v for k, v in own.items() if not k.startswith("mega.")})
-    load_checked(model, sd, f"model.init_from={path}")
