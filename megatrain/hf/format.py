@@ -29,7 +29,7 @@ import torch
 
 from megatrain.model.config import MegaConfig
 from megatrain.model.heads import (MegaForMultipleChoice, MegaForQuestionAnswering, MegaForSequenceClassification,
-                                   MegaForTokenClassification)
+                                   MegaForTokenClassification, MegaModelWithPooler)
 from megatrain.model.mega import MegaForCausalLM, MegaForMaskedLM
 
 # (megatrain key, transformers key). {i} = layer index, {leaf} = the rest of the key, {head} = lm_head | mlm_head.
@@ -59,10 +59,11 @@ _HF_DUMMY_BUFFER = "mega.layers.{i}.mega_layer.rel_pos_bias._float_tensor"
 _CLASSES = {"causal": MegaForCausalLM, "masked": MegaForMaskedLM,
             "sequence-classification": MegaForSequenceClassification,
             "token-classification": MegaForTokenClassification,
-            "question-answering": MegaForQuestionAnswering, "multiple-choice": MegaForMultipleChoice}
+            "question-answering": MegaForQuestionAnswering, "multiple-choice": MegaForMultipleChoice,
+            "backbone": MegaModelWithPooler}
 TASKS = tuple(_CLASSES)
-# transformers' class names are megatrain's
-_ARCHS = {task: cls.__name__ for task, cls in _CLASSES.items()}
+# transformers' class names are megatrain's (the bare backbone: transformers' MegaModel)
+_ARCHS = {task: "MegaModel" if task == "backbone" else cls.__name__ for task, cls in _CLASSES.items()}
 _HEADS = {"causal": "lm_head", "masked": "mlm_head"}  # the vocabulary head's name on the HF side
 _LM_TASKS = ("causal", "masked")
 # not in transformers' config: not written to config.json (hf_rmsnorm_noop: only where it applies)
@@ -80,6 +81,10 @@ def _compile(pattern: str) -> re.Pattern:
 
 
 def _rename(key: str, task: str, to_hf: bool) -> str:
+    if task == "backbone":
+        # transformers' bare MegaModel is the LMs' "mega." subtree at the root (its pooler included): the same table
+        return (_rename(key, "masked", True).removeprefix("mega.") if to_hf
+                else _rename("mega." + key, "masked", False))
     for ours, theirs in KEY_TABLE:
         if "{head}" in theirs:
             if task not in _HEADS:
@@ -100,14 +105,16 @@ def to_hf_key(key: str, task: str) -> str:
 
 def hf_to_megatrain_state_dict(sd: dict[str, torch.Tensor], task: str) -> dict[str, torch.Tensor]:
     dummy = _compile(_HF_DUMMY_BUFFER)
-    return {_rename(k, task, to_hf=False): v for k, v in sd.items() if not dummy.match(k)}
+    return {_rename(k, task, to_hf=False): v for k, v in sd.items()
+            if not dummy.match("mega." + k if task == "backbone" else k)}
 
 
 def megatrain_to_hf_state_dict(sd: dict[str, torch.Tensor], task: str, config: MegaConfig) -> dict[str, torch.Tensor]:
     out = {_rename(k, task, to_hf=True): v for k, v in sd.items()}
     if config.relative_positional_bias == "rotary":
         for i in range(config.num_hidden_layers):
-            out[_HF_DUMMY_BUFFER.format(i=i)] = torch.zeros(1)
+            key = _HF_DUMMY_BUFFER.format(i=i)
+            out[key.removeprefix("mega.") if task == "backbone" else key] = torch.zeros(1)
     return out
 
 
@@ -177,13 +184,16 @@ def num_labels_of(d: dict) -> int:
     return len(d["id2label"]) if d.get("id2label") else int(d.get("num_labels", 2))
 
 
-def build_for_task(task: str, config: MegaConfig, hf_dict: Optional[dict] = None):
-    """The megatrain model of `task` for `config` (heads get their label count/problem type from hf_dict)."""
+def build_for_task(task: str, config: MegaConfig, hf_dict: Optional[dict] = None, add_pooling_layer: bool = True):
+    """The megatrain model of `task` for `config` (heads get their label count/problem type from hf_dict; the
+    bare backbone its pooler if add_pooling_layer)."""
     if task not in _CLASSES:
         raise ValueError(f"task={task!r}: expected one of {', '.join(TASKS)}")
     cls = _CLASSES[task]
     if task in _LM_TASKS:
         return cls(config)
+    if task == "backbone":
+        return cls(config, add_pooling_layer=add_pooling_layer)
     d = hf_dict or {}
     kw = {"problem_type": d.get("problem_type")} if task == "sequence-classification" else {}
     return cls(config, num_labels=num_labels_of(d), **kw)
@@ -192,8 +202,8 @@ def build_for_task(task: str, config: MegaConfig, hf_dict: Optional[dict] = None
 def load_hf(path: Union[str, os.PathLike], task: Optional[str] = None, dtype: Optional[torch.dtype] = None):
     """Load a transformers MEGA folder as a megatrain model (eval mode).
 
-    task: None = from `architectures` (any of the six transformers MEGA heads), else from `is_decoder`
-          (causal or masked); one of TASKS overrides.
+    task: None = from `architectures` (any of the six transformers MEGA heads, or the bare MegaModel:
+          "backbone", a MegaModelWithPooler), else from `is_decoder` (causal or masked); one of TASKS overrides.
     """
     path = os.fspath(path)
     config, d = read_hf_config(path)
@@ -207,8 +217,9 @@ def load_hf(path: Union[str, os.PathLike], task: Optional[str] = None, dtype: Op
                          "fix config.json or load with task='masked'")
     if task == "masked" and config.is_decoder:
         raise ValueError(f"{cfg_path}: is_decoder=true but task is 'masked'; load with task='causal'")
-    model = build_for_task(task, config, d)
     sd = hf_to_megatrain_state_dict(_read_state_dict(path), task)
+    # a bare MegaModel has a pooler when transformers built it with add_pooling_layer (AutoModel's default)
+    model = build_for_task(task, config, d, add_pooling_layer=any(k.startswith("pooler.") for k in sd))
     load_checked(model, sd, path)
     if dtype is not None:
         model.to(dtype)
@@ -251,7 +262,7 @@ def hf_config_dict(config: MegaConfig, task: str, model=None) -> dict:
     if config.normalization_type == "rmsnorm":
         d["hf_rmsnorm_noop"] = config.hf_rmsnorm_noop  # which rmsnorm (see config_from_hf_dict)
     d.update(model_type="mega", architectures=[_ARCHS[task]], num_attention_heads=1)
-    if task not in _LM_TASKS and model is not None:
+    if task not in _LM_TASKS + ("backbone",) and model is not None:
         d["id2label"] = getattr(model, "id2label", None) or {str(i): f"LABEL_{i}" for i in range(model.num_labels)}
         d["label2id"] = {v: int(k) for k, v in d["id2label"].items()}
         if getattr(model, "problem_type", None):

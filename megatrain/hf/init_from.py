@@ -7,7 +7,7 @@ Tests: PYTHONPATH=. python -m pytest -q tests/export/test_export.py -k init_from
 """
 from __future__ import annotations
 
-from megatrain.hf.format import (_LM_TASKS, _read_state_dict, _task_of, hf_to_megatrain_state_dict, load_checked,
+from megatrain.hf.format import (_read_state_dict, _task_of, hf_to_megatrain_state_dict, load_checked,
                                  read_hf_config, task_of_config)
 from megatrain.model.config import MegaConfig
 
@@ -41,11 +41,10 @@ def init_from_hf(model, path: str) -> None:
     for a language model of the same kind, its head) into a freshly built run model, after check_init_from."""
     _, d = check_init_from(path, model.config)
     task = _task_of(model)
-    hf_sd = _read_state_dict(path)
     src_task = task_of_config(d)
-    sd = hf_to_megatrain_state_dict({k: v for k, v in hf_sd.items()
-                                     if src_task in _LM_TASKS or k.startswith("mega.")}, task)
-    if src_task not in _LM_TASKS:  # a fine-tuned head: keep the run's freshly initialised LM head
+    sd = hf_to_megatrain_state_dict(_read_state_dict(path), src_task)
+    if src_task != task:  # another head (a fine-tuned one, a bare MegaModel): the backbone, and the run's own head
         own = model.state_dict()
+        sd = {k: v for k, v in sd.items() if k.startswith("mega.")}
         sd.update({k: v for k, v in own.items() if not k.startswith("mega.")})
     load_checked(model, sd, f"model.init_from={path}")

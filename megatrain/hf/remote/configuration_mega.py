@@ -34,6 +34,8 @@ class MegaConfig(PretrainedConfig):
         super().__init__(**ids, **kwargs)
         for k, v in values.items():  # set after the base class, which may default some of them itself
             setattr(self, k, v)
+        # transformers' MegaConfig carries this dummy (MEGA has one attention head); generic code reads it
+        self.num_attention_heads = kwargs.get("num_attention_heads", 1)
 
     def to_megatrain(self) -> _MT:
         d = {k: getattr(self, k) for k in _DEFAULTS if k not in _NOT_EXPORTED and hasattr(self, k)}
