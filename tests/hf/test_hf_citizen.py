@@ -72,8 +72,27 @@ def test_hidden_states_tuples_and_inputs_embeds():
         out = bb(x)
         assert out.pooler_output.shape == (2, 16)
         assert torch.equal(out.pooler_output, torch.tanh(bb.pooler.dense(out.last_hidden_state[:, 0])))
-    with pytest.raises(NotImplementedError, match="output_attentions"):
-        m(x, output_attentions=True)
+
+def test_output_attentions_are_the_probabilities():
+    """[B, chunks, chunk, chunk] per layer, rows summing to 1 over causal keys; recomputed from megatrain's own
+    q, k and bias they give the layer's attention output."""
+    m, x = causal(), ids(n=8)
+    with torch.no_grad():
+        o = m(x, output_attentions=True, output_hidden_states=True)
+        assert (o.logits - m._mt(x).logits).abs().max() == 0
+        assert len(o.attentions) == KW["num_hidden_layers"]
+        for p in o.attentions:
+            assert p.shape == (2, 2, 4, 4)
+            assert torch.allclose(p.sum(-1), torch.ones(2, 2, 4)) and torch.equal(p.triu(1), torch.zeros_like(p))
+        # against transformers' native MEGA on the same weights (where 4.57 has it)
+        transformers = pytest.importorskip("transformers")
+        if not hasattr(transformers, "MegaForCausalLM"):
+            pytest.skip("this transformers has no native MEGA")
+        native = transformers.MegaForCausalLM(transformers.MegaConfig(**{**KW, "is_decoder": True})).eval()
+        native.load_state_dict(m.state_dict(), strict=False)
+        n = native(x, output_attentions=True, use_cache=False)
+        for a, b in zip(o.attentions, n.attentions):
+            assert (a - b).abs().max() <= 1e-5
 
 
 def test_causal_lm_accepts_is_decoder_false_and_acts_as_decoder(caplog):

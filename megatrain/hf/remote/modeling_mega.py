@@ -21,12 +21,15 @@ a LoRA layer, resize_token_embeddings sets a new embedding, loading may replace 
 dtype casts). `_sync()` copies such replacements into the megatrain tree before every forward, so megatrain's
 forward always runs what the transformers tree holds.
 
-Hidden states are observed, not recomputed: forward hooks on megatrain's embedding and layers record their
-outputs during the one forward (cut back to the input length; joined when a cached prompt runs in two pieces).
+Hidden states and attention probabilities are observed, not recomputed by a second model: forward hooks on
+megatrain's embedding and layers record their outputs during the one forward (cut back to the input length; joined
+when a cached prompt runs in two pieces), and each attention's `_attend` is wrapped to also run the same op
+(megatrain.ops.attention.chunk_attention) on an identity value matrix, which returns the probabilities
+[B, chunks, chunk, chunk] transformers' MEGA returns (the fused kernels keep none).
 inputs_embeds replace the embedding lookup the same way (a hook on the word embedding returns the given vectors).
 Generation: past_key_values is megatrain's MegaCache (per layer: EMA state + current-chunk keys/values), carried
-through transformers' GenerationMixin; beam search reorders it (_reorder_cache). output_attentions is refused
-(megatrain's fused attention keeps no probability matrix); cross-attention too (megatrain has none).
+through transformers' GenerationMixin; beam search reorders it (_reorder_cache). Cross-attention is refused
+(megatrain has none).
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ from megatrain.hf.format import build_for_task, to_hf_key
 from megatrain.hf.remote.configuration_mega import MegaConfig
 from megatrain.model.heads import MegaModelWithPooler
 from megatrain.model.mega import MegaCache
+from megatrain.ops.attention import chunk_attention
 
 logger = logging.get_logger(__name__)
 _TF_MAJOR = int(transformers.__version__.split(".")[0])
@@ -220,16 +224,14 @@ class MegaPreTrainedModel(PreTrainedModel):
                 m.gradient_checkpointing = enable
         self._mt.config.gradient_checkpointing = enable
 
-    def _run(self, input_ids, inputs_embeds, output_hidden_states, call):
-        """call(input_ids) under the hooks: (its result, the hidden states or None)."""
-        return self.mega._observed(input_ids, inputs_embeds, _default(output_hidden_states, self.config,
-                                                                      "output_hidden_states"), call)
+    def _run(self, input_ids, inputs_embeds, output_hidden_states, output_attentions, call):
+        """call(input_ids) under the hooks: (its result, the hidden states or None, the attentions or None)."""
+        return self.mega._observed(input_ids, inputs_embeds,
+                                   _default(output_hidden_states, self.config, "output_hidden_states"),
+                                   _default(output_attentions, self.config, "output_attentions"), call)
 
     @staticmethod
-    def _refuse(output_attentions, encoder_hidden_states=None, config=None) -> None:
-        if _default(output_attentions, config, "output_attentions"):
-            raise NotImplementedError("output_attentions: megatrain's fused chunked attention keeps no attention "
-                                      "probabilities; use output_hidden_states")
+    def _refuse(encoder_hidden_states=None) -> None:
         if encoder_hidden_states is not None:
             raise NotImplementedError("cross-attention (encoder_hidden_states) is not supported by megatrain's MEGA")
 
@@ -250,11 +252,13 @@ class MegaModel(MegaPreTrainedModel):
         object.__setattr__(self, "_mt", mt)
         self._bindings = _rehome(self, mt, lambda k: to_hf_key(k, "backbone"))
         self._hidden: Optional[list] = None
+        self._attn: Optional[list] = None
         self._embeds: Optional[list] = None
         backbone_mt = mt.mega
         backbone_mt.embeddings.register_forward_hook(self._record(0))
         for i, layer in enumerate(backbone_mt.layers):
             layer.register_forward_hook(self._record(i + 1))
+            self._observe_attention(i, layer.attn)
         backbone_mt.embeddings.word_embeddings.register_forward_hook(self._substitute)
         self.post_init()
 
@@ -276,6 +280,23 @@ class MegaModel(MegaPreTrainedModel):
                 self._hidden[index].append(output)
         return hook
 
+    def _observe_attention(self, index: int, attn: nn.Module) -> None:
+        inner = getattr(attn, "_attend", None)
+        if inner is None:
+            raise RuntimeError("megatrain's MovingAverageGatedAttention has no _attend(q, k, v, bias, **mask): "
+                               "output_attentions needs it (megatrain/hf/remote/modeling_mega.py)")
+
+        def attend(q, k, v, bias, **mask):
+            if self._attn is not None:
+                # probs @ I = probs: the one attention op, on an identity value matrix (no dropout: transformers
+                # returns the probabilities before it)
+                eye = torch.eye(k.shape[-2], dtype=q.dtype, device=q.device).expand(*k.shape[:-1], k.shape[-2])
+                self._attn[index].append(chunk_attention(q, k, eye, bias, scale=attn.scaling,
+                                                         activation=attn.attn_act_name, **mask))
+            return inner(q, k, v, bias, **mask)
+
+        attn._attend = attend  # an instance attribute: this model's attention modules only
+
     def _substitute(self, module, args, output):
         if self._embeds is None:
             return None
@@ -286,35 +307,40 @@ class MegaModel(MegaPreTrainedModel):
         # positions past the given vectors are megatrain's chunk padding: keep the pad embedding there
         return torch.cat([take, output[:, take.shape[1]:]], dim=1)
 
-    def _observed(self, input_ids, inputs_embeds, hidden: bool, call):
+    def _observed(self, input_ids, inputs_embeds, hidden: bool, attentions: bool, call):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You have to specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is not None:
             pad = self.config.pad_token_id if self.config.pad_token_id is not None else 0
             input_ids = torch.full(inputs_embeds.shape[:2], pad, dtype=torch.long, device=inputs_embeds.device)
             self._embeds = [inputs_embeds, 0]
-        self._hidden = [[] for _ in range(len(self._mt.mega.layers) + 1)] if hidden else None
+        n = len(self._mt.mega.layers)
+        self._hidden = [[] for _ in range(n + 1)] if hidden else None
+        self._attn = [[] for _ in range(n)] if attentions else None
         try:
             result = call(input_ids)
-            states = None
+            states = probs = None
             if hidden:
                 length = input_ids.shape[1]
                 states = tuple(torch.cat(parts, dim=1)[:, -length:] if len(parts) > 1 else parts[0][:, :length]
                                for parts in self._hidden)
+            if attentions:  # one entry per attention call (a cached prompt may run in two pieces: the last)
+                probs = tuple(parts[-1] for parts in self._attn)
         finally:
-            self._hidden, self._embeds = None, None
-        return result, states
+            self._hidden, self._attn, self._embeds = None, None, None
+        return result, states, probs
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None,
                 output_attentions=None, output_hidden_states=None, return_dict=None, encoder_hidden_states=None,
                 **kwargs):
-        self._refuse(output_attentions, encoder_hidden_states, self.config)
+        self._refuse(encoder_hidden_states)
         self._sync()
-        out, states = self._observed(input_ids, inputs_embeds,
-                                     _default(output_hidden_states, self.config, "output_hidden_states"),
-                                     lambda ids: self._mt(ids, attention_mask, token_type_ids))
+        out, states, probs = self._observed(input_ids, inputs_embeds,
+                                            _default(output_hidden_states, self.config, "output_hidden_states"),
+                                            _default(output_attentions, self.config, "output_attentions"),
+                                            lambda ids: self._mt(ids, attention_mask, token_type_ids))
         res = BaseModelOutputWithPooling(last_hidden_state=out.last_hidden_state, pooler_output=out.pooler_output,
-                                         hidden_states=states)
+                                         hidden_states=states, attentions=probs)
         return res if _return_dict(return_dict, self.config) else res.to_tuple()
 
 
@@ -331,12 +357,13 @@ class MegaForCausalLM(MegaPreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None, labels=None,
                 past_key_values=None, use_cache=None, output_attentions=None, output_hidden_states=None,
                 return_dict=None, encoder_hidden_states=None, **kwargs):
-        self._refuse(output_attentions, encoder_hidden_states, self.config)
+        self._refuse(encoder_hidden_states)
         cache = past_key_values if isinstance(past_key_values, MegaCache) else None
         mt = self._megatrain()
-        out, states = self._run(input_ids, inputs_embeds, output_hidden_states,
-                                lambda ids: mt(ids, attention_mask, token_type_ids, labels=labels, cache=cache))
-        res = CausalLMOutputWithPast(loss=out.loss, logits=out.logits, past_key_values=cache, hidden_states=states)
+        out, states, probs = self._run(input_ids, inputs_embeds, output_hidden_states, output_attentions,
+                                       lambda ids: mt(ids, attention_mask, token_type_ids, labels=labels, cache=cache))
+        res = CausalLMOutputWithPast(loss=out.loss, logits=out.logits, past_key_values=cache, hidden_states=states,
+                                     attentions=probs)
         return res if _return_dict(return_dict, self.config) else res.to_tuple()
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
@@ -376,11 +403,11 @@ class MegaForMaskedLM(MegaPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None, labels=None,
                 output_attentions=None, output_hidden_states=None, return_dict=None, encoder_hidden_states=None,
                 **kwargs):
-        self._refuse(output_attentions, encoder_hidden_states, self.config)
+        self._refuse(encoder_hidden_states)
         mt = self._megatrain()
-        out, states = self._run(input_ids, inputs_embeds, output_hidden_states,
-                                lambda ids: mt(ids, attention_mask, token_type_ids, labels=labels))
-        res = MaskedLMOutput(loss=out.loss, logits=out.logits, hidden_states=states)
+        out, states, probs = self._run(input_ids, inputs_embeds, output_hidden_states, output_attentions,
+                                       lambda ids: mt(ids, attention_mask, token_type_ids, labels=labels))
+        res = MaskedLMOutput(loss=out.loss, logits=out.logits, hidden_states=states, attentions=probs)
         return res if _return_dict(return_dict, self.config) else res.to_tuple()
 
 
@@ -389,13 +416,12 @@ class MegaForSequenceClassification(MegaPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None, labels=None,
                 output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
-        self._refuse(output_attentions, config=self.config)
         mt = self._megatrain()
-        out, states = self._run(input_ids, inputs_embeds, output_hidden_states,
-                                lambda ids: mt(ids, attention_mask, token_type_ids, labels=labels))
+        out, states, probs = self._run(input_ids, inputs_embeds, output_hidden_states, output_attentions,
+                                       lambda ids: mt(ids, attention_mask, token_type_ids, labels=labels))
         if mt.problem_type is not None:
             self.config.problem_type = mt.problem_type
-        res = SequenceClassifierOutput(loss=out.loss, logits=out.logits, hidden_states=states)
+        res = SequenceClassifierOutput(loss=out.loss, logits=out.logits, hidden_states=states, attentions=probs)
         return res if _return_dict(return_dict, self.config) else res.to_tuple()
 
 
@@ -404,11 +430,10 @@ class MegaForTokenClassification(MegaPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None, labels=None,
                 output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
-        self._refuse(output_attentions, config=self.config)
         mt = self._megatrain()
-        out, states = self._run(input_ids, inputs_embeds, output_hidden_states,
-                                lambda ids: mt(ids, attention_mask, token_type_ids, labels=labels))
-        res = TokenClassifierOutput(loss=out.loss, logits=out.logits, hidden_states=states)
+        out, states, probs = self._run(input_ids, inputs_embeds, output_hidden_states, output_attentions,
+                                       lambda ids: mt(ids, attention_mask, token_type_ids, labels=labels))
+        res = TokenClassifierOutput(loss=out.loss, logits=out.logits, hidden_states=states, attentions=probs)
         return res if _return_dict(return_dict, self.config) else res.to_tuple()
 
 
@@ -418,12 +443,12 @@ class MegaForQuestionAnswering(MegaPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None,
                 start_positions=None, end_positions=None, output_attentions=None, output_hidden_states=None,
                 return_dict=None, **kwargs):
-        self._refuse(output_attentions, config=self.config)
         mt = self._megatrain()
-        out, states = self._run(input_ids, inputs_embeds, output_hidden_states,
-                                lambda ids: mt(ids, attention_mask, token_type_ids, start_positions, end_positions))
+        out, states, probs = self._run(input_ids, inputs_embeds, output_hidden_states, output_attentions,
+                                       lambda ids: mt(ids, attention_mask, token_type_ids, start_positions,
+                                                      end_positions))
         res = QuestionAnsweringModelOutput(loss=out.loss, start_logits=out.start_logits, end_logits=out.end_logits,
-                                           hidden_states=states)
+                                           hidden_states=states, attentions=probs)
         return res if _return_dict(return_dict, self.config) else res.to_tuple()
 
 
@@ -433,13 +458,13 @@ class MegaForMultipleChoice(MegaPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None, labels=None,
                 output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
-        self._refuse(output_attentions, config=self.config)
         if inputs_embeds is not None:
             raise NotImplementedError("MegaForMultipleChoice: inputs_embeds is not supported; pass input_ids")
         mt = self._megatrain()
-        out, states = self._run(input_ids.reshape(-1, input_ids.shape[-1]), None, output_hidden_states,
-                                lambda ids: mt(input_ids, attention_mask, token_type_ids, labels=labels))
-        res = MultipleChoiceModelOutput(loss=out.loss, logits=out.logits, hidden_states=states)
+        out, states, probs = self._run(input_ids.reshape(-1, input_ids.shape[-1]), None, output_hidden_states,
+                                       output_attentions,
+                                       lambda ids: mt(input_ids, attention_mask, token_type_ids, labels=labels))
+        res = MultipleChoiceModelOutput(loss=out.loss, logits=out.logits, hidden_states=states, attentions=probs)
         return res if _return_dict(return_dict, self.config) else res.to_tuple()
 
 
