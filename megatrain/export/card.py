@@ -63,6 +63,30 @@ Any input length works; generation carries the EMA state and the current chunk's
 
 {native}
 
+## What works where
+
+With `trust_remote_code=True` the classes are megatrain's model under transformers' MEGA names (state-dict keys
+are transformers'); the same code runs in transformers 4.57 and 5.x. Tested in megatrain's CI
+(`tests/hf/test_hf_citizen.py`, `tests/hf/test_remote_code.py`, `tests/export/test_export.py`):
+
+| | 4.57 remote code | 5.x remote code | 4.57 native (no trust_remote_code) |
+|---|---|---|---|
+| logits equal megatrain's (≤ 1e-5), any length | yes | yes | yes, lengths a multiple of chunk_size |
+| `generate`: greedy, sampling, `num_beams` | yes | yes | no (transformers' MEGA lost `generate`) |
+| `output_hidden_states`, `output_attentions`, `return_dict=False`, `inputs_embeds` | yes | yes | yes |
+| `AutoModel` (`pooler_output`), the four fine-tuning heads | yes | yes | yes |
+| `gradient_checkpointing_enable()` / `Trainer(gradient_checkpointing=True)` | yes | yes | no |
+| `resize_token_embeddings`, PEFT LoRA, `model.mega.save_pretrained` | yes | yes | — |
+| cross-attention (`add_cross_attention`) | no (refused) | no | — |
+
+PEFT LoRA: the linear layers are `mega_layer.v_proj`, `mega_layer.mx_proj`, `mega_layer.h_proj`,
+`nffn.fc1`, `nffn.fc2` in every layer and the LM's `dense`:
+```python
+from peft import LoraConfig, get_peft_model
+model = get_peft_model(model, LoraConfig(r=8, target_modules=["v_proj", "mx_proj", "h_proj", "fc1", "fc2"]))
+# or target_modules="all-linear"; after training: model.merge_and_unload().save_pretrained("merged")
+```
+
 ## Config
 
 ```yaml

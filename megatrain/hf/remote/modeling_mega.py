@@ -217,8 +217,12 @@ class MegaPreTrainedModel(PreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.mega.set_input_embeddings(value)
 
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None) -> None:
-        # megatrain checkpoints natively (each layer, the EMA and the FFN nested; config.gradient_checkpointing)
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None,
+                                    every_n_layers: int = 1) -> None:
+        # megatrain checkpoints natively (each layer, the EMA and the FFN nested; config.gradient_checkpointing);
+        # transformers' checkpoint function is not used (megatrain's is non-reentrant torch.utils.checkpoint too)
+        if enable and every_n_layers != 1:
+            raise NotImplementedError(f"every_n_layers={every_n_layers}: megatrain checkpoints every layer (1)")
         for m in self.modules():
             if isinstance(m, MegaPreTrainedModel):
                 m.gradient_checkpointing = enable
