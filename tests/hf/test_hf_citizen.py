@@ -218,3 +218,22 @@ def test_transformers_5(tmp_path):
                        env=dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     assert " passed" in p.stdout
+
+
+def test_load_hf_reads_a_native_bare_megamodel(tmp_path):
+    """transformers 4.57's own MegaModel (pooler and rotary dummy buffers included) loads as a MegaModelWithPooler
+    with the same last_hidden_state and pooler_output."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "MegaModel"):
+        pytest.skip("this transformers has no native MEGA")
+    torch.manual_seed(0)
+    native = transformers.MegaModel(transformers.MegaConfig(**{**KW, "is_decoder": True})).eval()
+    native.save_pretrained(tmp_path)
+    back = load_hf(tmp_path)
+    x = ids(n=8)
+    with torch.no_grad():
+        want = native(x, use_cache=False)
+        got = back(x)
+    assert back.pooler is not None
+    assert (got.last_hidden_state - want.last_hidden_state).abs().max() <= 1e-5
+    assert (got.pooler_output - want.pooler_output).abs().max() <= 1e-5
