@@ -119,6 +119,14 @@ def test_generation_greedy_and_beam_search():
         logp = torch.log_softmax(m(seqs).logits.float(), -1)[:, 5:-1].gather(-1, seqs[:, 6:, None])[..., 0]
         assert torch.allclose(g.sequences_scores, logp.sum(-1), atol=1e-4), (g.sequences_scores, logp.sum(-1))
         assert len({tuple(s) for s in seqs[:3].tolist()}) == 3
+        # a left-padded row generates what it generates alone
+        alone = m.generate(x[1:, 2:7], max_new_tokens=4, do_sample=False, eos_token_id=None)
+        both = torch.cat([x[:1, :7], torch.cat([torch.full((1, 2), 1), x[1:, 2:7]], 1)], 0)
+        mask = torch.ones_like(both)
+        mask[1, :2] = 0
+        got = m.generate(both, attention_mask=mask, max_new_tokens=4, do_sample=False, eos_token_id=None,
+                         pad_token_id=1)
+        assert got[1, 7:].tolist() == alone[0, 5:].tolist()
 
 
 def test_gradient_checkpointing_enable_checkpoints_and_keeps_gradients():
