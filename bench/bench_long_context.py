@@ -97,7 +97,7 @@ def worker(a) -> dict:
         kw = {"use_cache": False}
     else:
         sys.path.insert(0, ROOT)
-        from megatrain.convert.hf import load_hf
+        from megatrain.hf import load_hf
         model = load_hf(a.model_dir)
         model.config.segment_size = a.segment_size
         model.config.validate()

@@ -9,7 +9,7 @@
     python bench/bench_model.py --autocast bf16 --seq-lens 16384  # forward under bf16 autocast (other precision)
 
 The HF model (config below, seed 0) is saved with `save_pretrained` to a temporary folder; megatrain loads that
-folder with `megatrain.convert.hf.load_hf`, so both run the same weights on the same tokens (the first-step losses
+folder with `megatrain.hf.load_hf`, so both run the same weights on the same tokens (the first-step losses
 are compared). Every measurement runs in its own subprocess, so `ru_maxrss` is that run's peak RSS.
 A train step = forward with labels (CLM loss) + backward + AdamW step, batch 1; one untimed step first.
 Two kinds of run per (implementation, L):
@@ -119,7 +119,7 @@ def worker(a) -> dict:
         model = MegaForCausalLM.from_pretrained(a.model_dir)
     else:
         sys.path.insert(0, ROOT)
-        from megatrain.convert.hf import load_hf
+        from megatrain.hf import load_hf
         model = load_hf(a.model_dir)
         # same weights; checkpointing (applied from outside, as the trainer does) recomputes each layer in backward
         # instead of keeping its activations

@@ -86,7 +86,7 @@ def main(argv=None) -> int:
 
     import megatrain
     from megatrain.data.tokenizer import load_tokenizer
-    from megatrain.convert.checkpoint import load_model
+    from megatrain.export.load import load_model
     from megatrain.train.metrics import read_metrics
     m = read_metrics(os.path.join(train_dir, "metrics.jsonl"))
     if m:

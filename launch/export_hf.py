@@ -6,7 +6,7 @@
 
 OUT gets config.json (+ auto_map), model.safetensors, generation_config.json, the tokenizer, a README model card
 and megatrain's model code as remote code (load with trust_remote_code=True; transformers 4.57 also natively
-where it computes the same). See megatrain/convert/export.py. Bad input: one line on stderr, exit 2, nothing
+where it computes the same). See megatrain/export/. Bad input: one line on stderr, exit 2, nothing
 written. --verify mismatch: exit 1, nothing written.
 """
 import argparse
@@ -18,7 +18,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 if __package__ in (None, ""):  # run as a script from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatrain.convert.export import ExportError, export  # noqa: E402
+from megatrain.export import ExportError, export  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -197,7 +197,7 @@ class Config:
                 if isinstance(src, str) and "://" not in src and not any(ch in src for ch in "*?[{"):
                     _check(os.path.exists(src), "data.shards", src, "no such file or directory")
         if check_files and m.init_from:  # the folder must match the model section (read config.json only)
-            from megatrain.convert.hf import check_init_from
+            from megatrain.hf.init_from import check_init_from
             try:
                 check_init_from(m.init_from, m)
             except ValueError as e:

@@ -110,7 +110,7 @@ CASES = [
 
 # ---- launch/export_hf.py, on {w}/export (the `export_world` fixture: a 1-step single-process ZeRO-3 run of the
 # tiny config, vocab 64, whose shards name no tokenizer; a partial and a mismatched copy of its checkpoint). The
-# success cases (a run folder as CHECKPOINT, ...) are in tests/convert/test_export.py.
+# success cases (a run folder as CHECKPOINT, ...) are in tests/export/test_export.py.
 EXP = "{py} {export} {w}/export/run {out}/hf"
 EXPORT_CASES = [
     ("export-missing-checkpoint", "{py} {export} {w}/nowhere {out}/hf", ["nowhere", "no such folder"],

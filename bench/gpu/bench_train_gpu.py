@@ -8,7 +8,7 @@ A train step = forward with labels (causal LM loss) + backward + AdamW (fused on
 torch.autocast(bfloat16) with fp32 parameters (mixed precision, as DeepSpeed bf16 computes), gradient checkpointing
 on for megatrain (the config's setting) and the Llama; transformers' MEGA does not support it (runs without). One untimed warm-up step, then `--steps` timed steps.
 Model: `configs/mega350m_128k.yaml`'s model section (344M parameters) unless `--tiny`. HF MEGA gets the same
-weights (megatrain.convert.hf.save_hf -> from_pretrained) and runs its use_cache=False path. The Llama has the same
+weights (megatrain.hf.save_hf -> from_pretrained) and runs its use_cache=False path. The Llama has the same
 hidden size, depth, vocabulary and tied embeddings, with intermediate size chosen to match the parameter count, and
 PyTorch SDPA attention (flash on H100/H200).
 
@@ -216,7 +216,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if "hf" in impls:  # megatrain's initial weights, as a transformers folder: both run the same model
             import torch
-            from megatrain.convert.hf import save_hf
+            from megatrain.hf import save_hf
             from megatrain.model import MegaForCausalLM
             torch.manual_seed(0)
             save_hf(MegaForCausalLM(mega_config(a)), tmp)

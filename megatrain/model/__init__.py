@@ -4,13 +4,13 @@
     model = MegaForCausalLM(MegaConfig(vocab_size=256, hidden_size=64, is_decoder=True, bidirectional=False))
     out = model(input_ids, labels=input_ids)          # out.logits, out.loss, out.num_loss_tokens
     ids = megatrain.generate(model, input_ids, max_new_tokens=20)
-Tests: PYTHONPATH=. python -m pytest -q tests/model tests/convert
+Tests: PYTHONPATH=. python -m pytest -q tests/model tests/hf
 
-HF checkpoints: megatrain.convert.hf. Activation checkpointing / offload are applied from outside
+HF checkpoints: megatrain.hf. Activation checkpointing / offload are applied from outside
 (megatrain.parallel.checkpointing.apply_checkpointing): the model itself only names its pieces (pieces.py).
 
-Same numbers as transformers 4.57.6 on everything it computes correctly (tests/convert/test_hf_parity.py);
-different where it does not (tests/convert/test_hf_known_bugs.py, tests/model/test_mega.py):
+Same numbers as transformers 4.57.6 on everything it computes correctly (tests/hf/test_hf_parity.py);
+different where it does not (tests/hf/test_hf_known_bugs.py, tests/model/test_mega.py):
 - chunking at any length (HF: L must be a multiple of chunk_size, and a causal L < chunk_size crashes);
 - left padding in a causal LM (HF: softmax rows without a key become NaN and the EMA spreads them over the sample);
   laplace/relu2 normalise by the number of valid keys (HF: i + 1 even when keys are padding);

@@ -8,7 +8,8 @@ Use:
 Every field of transformers 4.57.6 `MegaConfig` (transformers/models/deprecated/mega/configuration_mega.py in
 that release; https://huggingface.co/docs/transformers/v4.57.1/en/model_doc/mega) is here with the same
 default as transformers' *code* (note: `add_token_type_embeddings` defaults to False in the code, the docstring
-says True). megatrain extras:
+says True). megatrain extras (tagged MEGATRAIN_ONLY in their field metadata; megatrain/hf derives what it
+writes to and reads from a transformers config.json from the tags):
   gradient_checkpointing  the run's policy: the trainer applies activation checkpointing from outside when True
                           (megatrain/parallel/checkpointing.py: identical gradients, less activation memory);
                           the model itself never reads it (a plain model, e.g. exported remote code, runs plain)
@@ -30,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from megatrain.ops.backend import check_backend
@@ -39,6 +40,13 @@ NORMALIZATION_TYPES = ("scalenorm", "layernorm", "rmsnorm", "batchnorm", "syncba
 ACTIVATIONS = ("silu", "relu", "linear", "gelu", "gelu_accurate")
 ATTENTION_ACTIVATIONS = ("softmax", "laplace", "relu2")
 RELATIVE_POSITIONAL_BIASES = ("rotary", "simple")
+
+# Field metadata key of the fields transformers' MegaConfig lacks, and its two values: KNOB = how the model is run
+# (speed/memory only, the numbers do not depend on it: not part of an exported model), NUMERICS = changes the
+# numbers (exported where it applies). megatrain_only_fields() lists them; the HF format derives its lists from it.
+MEGATRAIN_ONLY = "megatrain_only"
+KNOB = "knob"
+NUMERICS = "numerics"
 
 # Keys of a transformers config.json that describe the HF wrapper, generation defaults or bookkeeping, not the
 # MEGA architecture: accepted and ignored by from_dict (anything else unknown is an error).
@@ -98,12 +106,12 @@ class MegaConfig:
     is_decoder: bool = False
     tie_word_embeddings: bool = True
     add_cross_attention: bool = False
-    # megatrain extras (see module docstring)
-    gradient_checkpointing: bool = False
-    hf_rmsnorm_noop: bool = False
-    ema_block_size: int = 128
-    kernel_backend: str = "auto"
-    segment_size: int = 0
+    # megatrain extras (see module docstring), tagged MEGATRAIN_ONLY: what transformers' config does not have
+    gradient_checkpointing: bool = field(default=False, metadata={MEGATRAIN_ONLY: KNOB})
+    hf_rmsnorm_noop: bool = field(default=False, metadata={MEGATRAIN_ONLY: NUMERICS})
+    ema_block_size: int = field(default=128, metadata={MEGATRAIN_ONLY: KNOB})
+    kernel_backend: str = field(default="auto", metadata={MEGATRAIN_ONLY: KNOB})
+    segment_size: int = field(default=0, metadata={MEGATRAIN_ONLY: KNOB})
 
     def __post_init__(self):
         self.validate()
@@ -208,6 +216,12 @@ class MegaConfig:
     @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def megatrain_only_fields(cls, kind: Optional[str] = None) -> tuple[str, ...]:
+        """The fields tagged MEGATRAIN_ONLY (of one kind, KNOB or NUMERICS, if given), in field order."""
+        return tuple(f.name for f in dataclasses.fields(cls) if MEGATRAIN_ONLY in f.metadata
+                     and (kind is None or f.metadata[MEGATRAIN_ONLY] == kind))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], **overrides) -> "MegaConfig":

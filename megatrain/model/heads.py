@@ -8,9 +8,10 @@ Use:
     MegaForQuestionAnswering(config, num_labels=2)   out.start_logits / out.end_logits [B, L];
                                                      start_positions / end_positions [B]
     MegaForMultipleChoice(config)                    input_ids [B, C, L] -> logits [B, C]; labels [B]
-Tests: PYTHONPATH=. python -m pytest -q tests/convert/test_hf_heads.py
+    MegaModelWithPooler(config, add_pooling_layer)   transformers' bare MegaModel: last_hidden_state, pooler_output
+Tests: PYTHONPATH=. python -m pytest -q tests/hf/test_hf_heads.py
 
-Same modules, parameter layout and numbers as transformers 4.57.6 (the HF key map is megatrain/convert/hf.py):
+Same modules, parameter layout and numbers as transformers 4.57.6 (the HF key map is megatrain/hf/format.py):
 sequence classification = first position -> dropout -> dense -> tanh -> dropout -> out_proj (RoBERTa's head);
 token classification = dropout -> linear per position; QA = linear to (start, end) per position; multiple choice
 = every choice through the backbone, pooler (first position -> dense -> tanh) -> dropout -> linear to 1 score.
@@ -40,6 +41,7 @@ class HeadOutput:
     start_logits: Optional[torch.Tensor] = None
     end_logits: Optional[torch.Tensor] = None
     last_hidden_state: Optional[torch.Tensor] = None
+    pooler_output: Optional[torch.Tensor] = None
 
 
 class _MegaHead(nn.Module):
@@ -183,3 +185,24 @@ class MegaForMultipleChoice(_MegaHead):
         if labels is not None:
             out.loss = F.cross_entropy(logits, labels)
         return out
+
+
+class MegaModelWithPooler(nn.Module):
+    """transformers' bare MegaModel: the backbone and, with add_pooling_layer, its pooler (first position -> dense
+    -> tanh). `backbone`: an existing MegaModel to share (the exported LMs expose theirs this way), else a new one."""
+
+    def __init__(self, config: MegaConfig, add_pooling_layer: bool = True, backbone: Optional[MegaModel] = None):
+        super().__init__()
+        self.config = config
+        self.mega = backbone if backbone is not None else MegaModel(config)
+        self.pooler = Pooler(config.hidden_size) if add_pooling_layer else None
+        if self.pooler is not None:
+            init_weights_(self.pooler, config)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.mega.embeddings.word_embeddings
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> HeadOutput:
+        h = self.mega(input_ids, attention_mask, token_type_ids)
+        return HeadOutput(last_hidden_state=h, pooler_output=None if self.pooler is None else self.pooler(h))
+

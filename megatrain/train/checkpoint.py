@@ -9,7 +9,7 @@ Usage (every rank calls these; they are collective)::
     state = ckpt.load(engine, plan)                        # this rank's trainer state (rank 0's if the layout changed)
     ckpt.save(engine, step, rank_state, config)           # rank_state: Job.state_dict() ("layout": LAYOUT_KEYS)
 
-Export reads these folders without an engine: megatrain/convert/checkpoint.py.
+Export reads these folders without an engine: megatrain/export/load.py.
 
 Layout of ``<dir>``::
 

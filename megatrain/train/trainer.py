@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from megatrain.config import Config, ConfigError, load_config
-from megatrain.convert.hf import init_from_hf
+from megatrain.hf.init_from import init_from_hf
 from megatrain.data import ShardStream
 from megatrain.data.shards import DataError
 from megatrain.model import build_model

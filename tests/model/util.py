@@ -1,4 +1,4 @@
-"""Helpers shared by the model/convert tests: tiny configs and weights far from their init values."""
+"""Helpers shared by the model/hf tests: tiny configs and weights far from their init values."""
 import torch
 
 from megatrain.model import MegaConfig

@@ -70,7 +70,7 @@ def test_single_process_outputs(single_dir, single):
 def test_export_hf_matches_transformers(single_dir, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
-    from megatrain.convert.checkpoint import load_model
+    from megatrain.export.load import load_model
     out = tmp_path / "hf"
     p = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "export_hf.py"),
                         str(single_dir / "checkpoints"), str(out), "--no-tokenizer"],  # synthetic shards: none

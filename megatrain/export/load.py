@@ -1,6 +1,6 @@
 """A training checkpoint as a plain model: no DeepSpeed engine, no process group (export, evaluation, import).
 
-    from megatrain.convert.checkpoint import load_model
+    from megatrain.export.load import load_model
     model, cfg = load_model("runs/x/checkpoints")       # or one tag folder, e.g. runs/x/checkpoints/step00000040
 """
 from __future__ import annotations
@@ -10,6 +10,7 @@ import os
 import torch
 
 from megatrain.config import load_config
+from megatrain.hf.format import load_checked
 from megatrain.model import build_model
 from megatrain.train.checkpoint import LATEST, read_latest
 
@@ -32,6 +33,5 @@ def load_model(path: str):
         sd = torch.load(os.path.join(path, "mp_rank_00_model_states.pt"), map_location="cpu",
                         weights_only=False)["module"]
     model = build_model(cfg.model)
-    from megatrain.convert.hf import load_checked  # names and shapes checked: one clear error on a mismatch
     load_checked(model, {k: v.float() for k, v in sd.items()}, path)
     return model.eval(), cfg

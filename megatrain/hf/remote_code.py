@@ -1,12 +1,12 @@
 """Ship megatrain's own model code with an export: the import closure, flattened, with relative imports.
 
-    from megatrain.convert.remote_code import write_remote_code
+    from megatrain.hf.remote_code import write_remote_code
     files = write_remote_code("hf_out/")     # configuration_mega.py, modeling_mega.py + megatrain_model_mega.py ...
-Tests: PYTHONPATH=. python -m pytest -q tests/convert/test_remote_code.py
+Tests: PYTHONPATH=. python -m pytest -q tests/hf/test_remote_code.py
 
 transformers' remote-code loader imports a folder's files as one flat package and follows only relative imports
 (`from .name import x`) between files of that folder. So, starting from the wrapper modules
-(megatrain/convert/hf_remote/), every megatrain module they import (found with `ast`, at any depth: lazy imports
+(megatrain.hf.remote/), every megatrain module they import (found with `ast`, at any depth: lazy imports
 inside functions too) is copied as `megatrain_a_b_c.py` for `megatrain.a.b.c` (a package's __init__.py as the
 package's name), and each megatrain import is rewritten to a relative one:
     from megatrain.a.b import X       ->  from .megatrain_a_b import X
@@ -24,19 +24,57 @@ name, an import statement sharing a line with other code.
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import sys
 from typing import Optional
 
+import torch
+
+from megatrain.hf.format import native_problem, save_hf
+
 PACKAGE = "megatrain"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # holds megatrain/
 # the wrapper modules and their file names in the export (auto_map refers to these)
-ROOTS = {"megatrain.convert.hf_remote.configuration_mega": "configuration_mega",
-         "megatrain.convert.hf_remote.modeling_mega": "modeling_mega"}
+ROOTS = {"megatrain.hf.remote.configuration_mega": "configuration_mega",
+         "megatrain.hf.remote.modeling_mega": "modeling_mega"}
+# the megatrain modules an export ships (see the module docstring): the roots and everything they import
+SHIPPED = (
+    "megatrain.hf.format",
+    "megatrain.hf.remote.configuration_mega",
+    "megatrain.hf.remote.modeling_mega",
+    "megatrain.model.attention",
+    "megatrain.model.blocks",
+    "megatrain.model.config",
+    "megatrain.model.context",
+    "megatrain.model.ema",
+    "megatrain.model.heads",
+    "megatrain.model.backbone",
+    "megatrain.model.layers",
+    "megatrain.model.lm",
+    "megatrain.model.pieces",
+    "megatrain.model.segments",
+    "megatrain.ops.attention",
+    "megatrain.ops.attention.activations",
+    "megatrain.ops.attention.flex_path",
+    "megatrain.ops.attention.reference",
+    "megatrain.ops.attention.torch_path",
+    "megatrain.ops.backend",
+    "megatrain.ops.ema",
+    "megatrain.ops.ema.reference",
+    "megatrain.ops.ema.state",
+    "megatrain.ops.ema.torch_blocked",
+    "megatrain.ops.ema.triton_kernel",
+    "megatrain.ops.lm_loss",
+    "megatrain.ops.lm_loss.blockwise",
+    "megatrain.ops.lm_loss.liger",
+    "megatrain.ops.lm_loss.reference",
+    "megatrain.parallel.checkpointing",  # gradient_checkpointing_enable(): imports only torch and model/
+)
 # packages any transformers environment has: imported as they are
 REQUIRED = {"torch", "transformers", "numpy", "safetensors", "huggingface_hub", "tokenizers"}
-HEADER = "# Copied from megatrain ({src}) by megatrain/convert/remote_code.py: do not edit, re-export instead.\n"
+HEADER = "# Copied from megatrain ({src}) by megatrain/hf/remote_code.py: do not edit, re-export instead.\n"
 
 
 _LOOKS_LIKE_IMPORT = re.compile(r"^\s*(from\s+\S+\s+import|import\s+\S+\s*$)")
@@ -173,35 +211,54 @@ def _listing(flat_names: list) -> str:
 
 def _guarded(ind: str, stmt: str) -> list[str]:
     body = "\n".join(ind + "    " + ln.strip() for ln in stmt.splitlines())
-    return [f"{ind}try:  # optional outside the import check (see megatrain/convert/remote_code.py)\n",
+    return [f"{ind}try:  # optional outside the import check (see megatrain/hf/remote_code.py)\n",
             body + "\n", f"{ind}except ImportError:\n", f"{ind}    raise\n"]
 
 
-def closure(roots=tuple(ROOTS)) -> dict[str, str]:
-    """{megatrain module name: rewritten source} for the roots and every megatrain module they import."""
+def closure(shipped=SHIPPED) -> dict[str, str]:
+    """{megatrain module name: rewritten source} for every shipped module; RemoteCodeError if one imports a
+    megatrain module that is not shipped, or a root is missing."""
+    shipped = set(shipped)
+    missing = sorted(set(ROOTS) - shipped)
+    if missing:
+        raise RemoteCodeError(f"{missing[0]} is a remote-code root but not in SHIPPED ({__name__})")
     out: dict[str, str] = {}
-    todo = list(roots)
-    while todo:
-        name = todo.pop()
-        if name in out:
-            continue
+    for name in sorted(shipped):
         path = module_file(name)
         if path is None:
-            raise RemoteCodeError(f"no megatrain module {name!r}")
+            raise RemoteCodeError(f"SHIPPED names {name!r}, which is no megatrain module ({__name__})")
         with open(path, encoding="utf-8") as f:
             out[name], deps = _rewrite(name, f.read())
-        todo.extend(sorted(deps - set(out)))
+        extra = sorted(deps - shipped)
+        if extra:
+            raise RemoteCodeError(f"{os.path.relpath(path, ROOT)} imports {extra[0]}, which an export does not ship: "
+                                  f"add it to SHIPPED in megatrain/hf/remote_code.py if the model needs it, or drop "
+                                  "the import")
     flat: dict[str, str] = {}
     for name in out:
         if flat_name(name) in flat:
             raise RemoteCodeError(f"{name} and {flat[flat_name(name)]} both flatten to {flat_name(name)}.py")
         flat[flat_name(name)] = name
-    for root in roots:
+    for root in ROOTS:
         # transformers copies a local folder's files only as far as the loaded file's *direct* relative imports
         # reach: each root names the whole closure
         others = sorted(flat_name(n) for n in out if n != root)
         out[root] += _listing(others)
     return out
+
+
+def imported_closure(roots=tuple(ROOTS)) -> set[str]:
+    """The megatrain modules the roots import, followed through the import graph (what SHIPPED must equal)."""
+    seen: set[str] = set()
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        with open(module_file(name), encoding="utf-8") as f:
+            todo.extend(sorted(_rewrite(name, f.read())[1] - seen))
+    return seen
 
 
 def write_remote_code(out_dir: str) -> list[str]:
@@ -216,7 +273,32 @@ def write_remote_code(out_dir: str) -> list[str]:
 
 
 def auto_map(config_class: str = "MegaConfig") -> dict:
-    from megatrain.convert.hf_remote.modeling_mega import AUTO_CLASSES
-    m = {"AutoConfig": f"{ROOTS['megatrain.convert.hf_remote.configuration_mega']}.{config_class}"}
-    m.update({auto: f"{ROOTS['megatrain.convert.hf_remote.modeling_mega']}.{cls}" for auto, cls in AUTO_CLASSES.items()})
+    from megatrain.hf.remote.modeling_mega import AUTO_CLASSES
+    m = {"AutoConfig": f"{ROOTS['megatrain.hf.remote.configuration_mega']}.{config_class}"}
+    m.update({auto: f"{ROOTS['megatrain.hf.remote.modeling_mega']}.{cls}" for auto, cls in AUTO_CLASSES.items()})
     return m
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def save_remote(model, out_dir: str, dtype: str = "fp32") -> Optional[str]:
+    """A model as a remote-code folder: config.json (+ auto_map, dtype), model.safetensors, generation_config.json
+    and the shipped code. Returns why transformers 4.x must not load it natively (None: it may)."""
+    why = native_problem(model.config)
+    if dtype != "fp32":
+        model = model.to(DTYPES[dtype])
+    save_hf(model, out_dir, native=False)
+    with open(os.path.join(out_dir, "config.json")) as f:
+        d = json.load(f)
+    d["auto_map"] = auto_map("MegatrainMegaConfig" if why else "MegaConfig")
+    d["torch_dtype"] = d["dtype"] = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(d, f, indent=2, sort_keys=True)
+    c = model.config
+    gen = {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id,
+           "_from_model_config": True}
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+        json.dump(gen, f, indent=2, sort_keys=True)
+    write_remote_code(out_dir)
+    return why

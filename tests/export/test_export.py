@@ -1,9 +1,9 @@
-"""launch/export_hf.py end to end on a real ZeRO-3 SP=2 run (tests/convert/run_fixture.py, built once).
+"""launch/export_hf.py end to end on a real ZeRO-3 SP=2 run (tests/export/run_fixture.py, built once).
 
-Run: PYTHONPATH=. python -m pytest -q tests/convert/test_export.py      (~3 min; all slow)
+Run: PYTHONPATH=. python -m pytest -q tests/export/test_export.py      (~3 min; all slow)
 
 The run folder itself is exported (tokenizer found through the shards' manifest) with --verify; the folder loads
-in transformers 4.57 natively and with remote code, and in the cached transformers 5.x venv (tests/convert/tf5.py)
+in transformers 4.57 natively and with remote code, and in the cached transformers 5.x venv (tests/hf/tf5.py)
 with remote code: logits <= 1e-5 vs megatrain, greedy generate == megatrain.generate, any length, the four heads
 forward/backward through the Auto classes; tokenizer ids; --verify catches planted mismatches (weights, another
 tokenizer, a stale tokenizer.json); --dtype bf16 from the checkpoints/ folder; model.init_from starts a run whose
@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from tests.convert.run_fixture import ROOT, VOCAB, make_run
+from tests.export.run_fixture import ROOT, VOCAB, make_run
 
 pytestmark = pytest.mark.slow
 EXPORT = os.path.join(ROOT, "launch", "export_hf.py")
@@ -51,9 +51,9 @@ def hf_dir(run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(run, hf_dir, tmp_path_factory):
     import megatrain
-    from megatrain.convert.checkpoint import load_model
+    from megatrain.export.load import load_model
     model, cfg = load_model(os.path.join(run[0], "checkpoints"))
-    from megatrain.convert.export import PROBES
+    from megatrain.export.verify import PROBES
     from megatrain.data.tokenizer import load_tokenizer
     x = torch.randint(5, VOCAB, (2, 19), generator=torch.Generator().manual_seed(0))  # 19: not whole chunks
     prompt = x[:, :11]
@@ -69,7 +69,7 @@ def reference(run, hf_dir, tmp_path_factory):
 
 def _check(py, hf_dir, ref, tmp_path, native):
     res = tmp_path / "res.json"
-    p = subprocess.run([py, os.path.join(ROOT, "tests", "convert", "remote_check.py"), str(hf_dir), str(ref[0]),
+    p = subprocess.run([py, os.path.join(ROOT, "tests", "hf", "remote_check.py"), str(hf_dir), str(ref[0]),
                         str(res)] + (["--native"] if native else []), cwd=str(tmp_path),
                        env=dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH=""),
                        capture_output=True, text=True, timeout=300)
@@ -105,7 +105,7 @@ def test_folder_contents_and_tokenizer(hf_dir, run):
     card = (hf_dir / "README.md").read_text()
     assert "| steps | 2 |" in card and "trust_remote_code=True" in card and "final loss" in card
     from transformers import AutoTokenizer
-    from megatrain.convert.export import PROBES
+    from megatrain.export.verify import PROBES
     from megatrain.data.tokenizer import load_tokenizer
     tok, sp = AutoTokenizer.from_pretrained(str(hf_dir)), load_tokenizer(run[1])
     for s in PROBES:
@@ -119,7 +119,7 @@ def test_transformers_4_native_and_remote(hf_dir, reference, tmp_path):
 
 
 def test_transformers_5_remote(hf_dir, reference, tmp_path):
-    from tests.convert.tf5 import tf5_python_for_test
+    from tests.hf.tf5 import tf5_python_for_test
     r = _check(tf5_python_for_test(), hf_dir, reference, tmp_path, native=False)
     assert r["version"].startswith("5.")
 
@@ -164,8 +164,8 @@ def test_verify_catches_planted_tokenizer_mismatch(run, other_tok, tmp_path):
 
 def test_verify_catches_planted_weights_and_stale_tokenizer_json(run, hf_dir, other_tok, tmp_path):
     run_dir, tok = run
-    from megatrain.convert.checkpoint import load_model
-    from megatrain.convert.export import verify
+    from megatrain.export.load import load_model
+    from megatrain.export.verify import verify
     from safetensors.torch import load_file, save_file
     model, _ = load_model(os.path.join(run_dir, "checkpoints"))
     assert verify(str(hf_dir), model, tok) == []

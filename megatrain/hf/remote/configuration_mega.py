@@ -4,7 +4,7 @@
     config.to_megatrain()                                                   # megatrain.model.MegaConfig
 
 `MegatrainMegaConfig` (model_type "megatrain_mega") is the same class for exports that transformers' own MEGA
-would compute differently (see megatrain/convert/hf.py native_problem): no native class exists for that type,
+would compute differently (see megatrain.hf.format.py native_problem): no native class exists for that type,
 so a folder saved from it never loads natively by mistake.
 """
 from __future__ import annotations
@@ -13,12 +13,13 @@ import dataclasses
 
 from transformers import PretrainedConfig
 
-from megatrain.convert.hf import config_from_hf_dict
+from megatrain.hf.format import config_from_hf_dict
+from megatrain.model.config import KNOB
 from megatrain.model.config import MegaConfig as _MT
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(_MT)}
-# megatrain-only knobs that are not part of an exported model (speed/memory only)
-_NOT_EXPORTED = ("gradient_checkpointing", "ema_block_size", "kernel_backend")
+# megatrain's run knobs (speed/memory only) are not part of an exported model
+_NOT_EXPORTED = _MT.megatrain_only_fields(KNOB)
 
 
 class MegaConfig(PretrainedConfig):
@@ -33,6 +34,8 @@ class MegaConfig(PretrainedConfig):
         super().__init__(**ids, **kwargs)
         for k, v in values.items():  # set after the base class, which may default some of them itself
             setattr(self, k, v)
+        # transformers' MegaConfig carries this dummy (MEGA has one attention head); generic code reads it
+        self.num_attention_heads = kwargs.get("num_attention_heads", 1)
 
     def to_megatrain(self) -> _MT:
         d = {k: getattr(self, k) for k in _DEFAULTS if k not in _NOT_EXPORTED and hasattr(self, k)}

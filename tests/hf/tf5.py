@@ -1,7 +1,7 @@
 """A cached transformers 5.x environment for the export tests (transformers 5 has no MEGA: remote code only).
 
-    python -m tests.convert.tf5          # create/refresh it (what .ci/run does); prints its python and the time
-    from tests.convert.tf5 import tf5_python; py = tf5_python()   # path, or raises Unavailable(reason)
+    python -m tests.hf.tf5          # create/refresh it (what .ci/run does); prints its python and the time
+    from tests.hf.tf5 import tf5_python; py = tf5_python()   # path, or raises Unavailable(reason)
     py = tf5_python_for_test()           # in a test: created if missing; a failure FAILS the test, except that an
                                          # unreachable package registry skips it with that reason
 
@@ -88,7 +88,7 @@ def tf5_python(create: bool = True) -> str:
     if v and v.startswith("5."):
         return py
     if not create:
-        raise Unavailable(f"no transformers 5.x venv at {d} (create it: python -m tests.convert.tf5)")
+        raise Unavailable(f"no transformers 5.x venv at {d} (create it: python -m tests.hf.tf5)")
     if not os.path.exists(py):
         create_venv(d)
     p = subprocess.run([py, "-m", "pip", "install", "-q", "--retries", "2", REQUIREMENT], capture_output=True,

@@ -1,6 +1,6 @@
 """Run by the export tests with a given interpreter (transformers 4.57 here, or the cached 5.x venv):
 
-    python tests/convert/remote_check.py HF_DIR REF.pt OUT.json [--native] [--without triton,liger_kernel]
+    python tests/hf/remote_check.py HF_DIR REF.pt OUT.json [--native] [--without triton,liger_kernel]
         [--no-heads]
 
 Loads HF_DIR with the Auto classes (trust_remote_code=True; --native: also without it), and writes JSON with the

@@ -1,6 +1,6 @@
 """transformers 4.57.6 MEGA bugs that megatrain fixes, each shown on the same weights (HF wrong, megatrain right).
 
-Run: PYTHONPATH=. python -m pytest -q tests/convert/test_hf_known_bugs.py
+Run: PYTHONPATH=. python -m pytest -q tests/hf/test_hf_known_bugs.py
 """
 import warnings
 
@@ -12,7 +12,7 @@ from transformers import MegaConfig as HFMegaConfig  # noqa: E402
 from transformers import MegaForCausalLM as HFMegaForCausalLM  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from megatrain.convert.hf import load_hf  # noqa: E402
+from megatrain.hf.format import load_hf  # noqa: E402
 from tests.model.util import ids, randomize_, tiny_config  # noqa: E402
 
 hf_logging.set_verbosity_error()

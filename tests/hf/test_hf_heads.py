@@ -1,6 +1,6 @@
 """The four downstream heads (megatrain/model/heads.py) == transformers 4.57.6's, both directions.
 
-Run: PYTHONPATH=. python -m pytest -q tests/convert/test_hf_heads.py
+Run: PYTHONPATH=. python -m pytest -q tests/hf/test_hf_heads.py
 
 For each head: a transformers model with weights far from init -> save_pretrained -> load_hf: outputs, loss and
 gradients equal (<= 1e-5 fp32); save_hf -> transformers' Auto class: the same outputs; the state dict round trips.
@@ -14,7 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from megatrain.convert.hf import load_hf, save_hf  # noqa: E402
+from megatrain.hf.format import load_hf, save_hf  # noqa: E402
 from megatrain.model import (MegaForMultipleChoice, MegaForQuestionAnswering,  # noqa: E402
                              MegaForSequenceClassification, MegaForTokenClassification)
 from tests.model.util import ids, randomize_, tiny_config  # noqa: E402

@@ -1,9 +1,9 @@
 """A tiny real training run for the export tests: tokenizer (sentencepiece, 320 pieces) -> shards -> 2 steps of
 launch/pretrain.py under `deepspeed --num_gpus 2` (2 CPU ranks, ZeRO-3, sequence parallel 2). ~40 s on 2 cores.
 
-    from tests.convert.run_fixture import make_run
+    from tests.export.run_fixture import make_run
     run_dir, tok_dir = make_run(tmp_dir)            # run_dir/checkpoints/step00000002, run_dir/metrics.jsonl
-    python -m tests.convert.run_fixture OUT_DIR     # the same by hand
+    python -m tests.export.run_fixture OUT_DIR     # the same by hand
 """
 from __future__ import annotations
 

@@ -1,14 +1,14 @@
-"""tests/convert/tf5.py's contract: a missing transformers 5.x venv that cannot be made FAILS the tests that need it;
+"""tests/hf/tf5.py's contract: a missing transformers 5.x venv that cannot be made FAILS the tests that need it;
 only an unreachable package registry skips them (with pip's reason). Fast: a fake interpreter stands in for pip.
 
-Run: PYTHONPATH=. python -m pytest -q tests/convert/test_tf5.py
+Run: PYTHONPATH=. python -m pytest -q tests/hf/test_tf5.py
 """
 import os
 import stat
 
 import pytest
 
-from tests.convert import tf5
+from tests.hf import tf5
 
 
 def _fake_venv(tmp_path, pip_stderr: str):
@@ -41,7 +41,7 @@ def test_other_failures_fail(tmp_path, monkeypatch):
     assert not isinstance(e.value, tf5.RegistryUnreachable) and os.environ["MEGATRAIN_TF5_VENV"] in str(e.value)
     with pytest.raises(pytest.fail.Exception, match="failed: ERROR: No matching distribution"):
         tf5.tf5_python_for_test()
-    with pytest.raises(tf5.Unavailable, match="python -m tests.convert.tf5"):
+    with pytest.raises(tf5.Unavailable, match="python -m tests.hf.tf5"):
         tf5.tf5_python(create=False)
 
 

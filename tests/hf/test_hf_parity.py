@@ -1,6 +1,6 @@
 """megatrain MEGA == transformers 4.57.6 MEGA, both directions, over a matrix of configs covering every option.
 
-Run: PYTHONPATH=. python -m pytest -q tests/convert/test_hf_parity.py
+Run: PYTHONPATH=. python -m pytest -q tests/hf/test_hf_parity.py
 
 For every config: an HF model with weights far from init -> save_pretrained -> load_hf: logits equal HF's
 (<= 1e-5, fp32, eval), with and without right padding; then save_hf -> transformers from_pretrained: same logits;
@@ -18,7 +18,7 @@ from transformers import MegaForCausalLM as HFMegaForCausalLM  # noqa: E402
 from transformers import MegaForMaskedLM as HFMegaForMaskedLM  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from megatrain.convert.hf import (  # noqa: E402
+from megatrain.hf.format import (  # noqa: E402
     KEY_TABLE, REMOTE_ONLY_MODEL_TYPE, hf_to_megatrain_state_dict, load_hf, megatrain_to_hf_state_dict,
     native_problem, save_hf)
 from megatrain.model import MegaForCausalLM, MegaForMaskedLM  # noqa: E402

@@ -1,7 +1,7 @@
-"""Hugging Face transformers <-> megatrain for MEGA checkpoints (transformers 4.57.x MEGA, every head).
+"""The transformers format of MEGA checkpoints <-> megatrain models (transformers 4.57.x MEGA, every head).
 
 Use:
-    from megatrain.convert.hf import load_hf, save_hf
+    from megatrain.hf import load_hf, save_hf
     model = load_hf("hf_dir")                 # config.json + model.safetensors (or pytorch_model.bin); eval mode
     model = load_hf("hf_dir", task="causal")  # override the head chosen from `architectures` (TASKS below)
     save_hf(model, "out_dir")                 # loads with transformers' AutoModelFor<task> (native 4.57 classes)
@@ -29,7 +29,7 @@ import torch
 
 from megatrain.model.config import MegaConfig
 from megatrain.model.heads import (MegaForMultipleChoice, MegaForQuestionAnswering, MegaForSequenceClassification,
-                                   MegaForTokenClassification)
+                                   MegaForTokenClassification, MegaModelWithPooler)
 from megatrain.model.lm import MegaForCausalLM, MegaForMaskedLM
 
 # (megatrain key, transformers key). {i} = layer index, {leaf} = the rest of the key, {head} = lm_head | mlm_head.
@@ -59,14 +59,15 @@ _HF_DUMMY_BUFFER = "mega.layers.{i}.mega_layer.rel_pos_bias._float_tensor"
 _CLASSES = {"causal": MegaForCausalLM, "masked": MegaForMaskedLM,
             "sequence-classification": MegaForSequenceClassification,
             "token-classification": MegaForTokenClassification,
-            "question-answering": MegaForQuestionAnswering, "multiple-choice": MegaForMultipleChoice}
+            "question-answering": MegaForQuestionAnswering, "multiple-choice": MegaForMultipleChoice,
+            "backbone": MegaModelWithPooler}
 TASKS = tuple(_CLASSES)
-# transformers' class names are megatrain's
-_ARCHS = {task: cls.__name__ for task, cls in _CLASSES.items()}
+# transformers' class names are megatrain's (the bare backbone: transformers' MegaModel)
+_ARCHS = {task: "MegaModel" if task == "backbone" else cls.__name__ for task, cls in _CLASSES.items()}
 _HEADS = {"causal": "lm_head", "masked": "mlm_head"}  # the vocabulary head's name on the HF side
 _LM_TASKS = ("causal", "masked")
-_MEGATRAIN_ONLY_FIELDS = ("gradient_checkpointing", "hf_rmsnorm_noop", "ema_block_size", "kernel_backend",
-                          "segment_size")
+# not in transformers' config: not written to config.json (hf_rmsnorm_noop: only where it applies)
+_MEGATRAIN_ONLY_FIELDS = MegaConfig.megatrain_only_fields()
 # config.json keys of the classification heads (label names, problem type): the model class reads them
 _HF_ONLY_FIELDS = ("id2label", "label2id", "num_labels", "problem_type")
 # model_type of an export that transformers' own MEGA would compute differently (native_problem): no native
@@ -80,6 +81,10 @@ def _compile(pattern: str) -> re.Pattern:
 
 
 def _rename(key: str, task: str, to_hf: bool) -> str:
+    if task == "backbone":
+        # transformers' bare MegaModel is the LMs' "mega." subtree at the root (its pooler included): the same table
+        return (_rename(key, "masked", True).removeprefix("mega.") if to_hf
+                else _rename("mega." + key, "masked", False))
     for ours, theirs in KEY_TABLE:
         if "{head}" in theirs:
             if task not in _HEADS:
@@ -100,14 +105,16 @@ def to_hf_key(key: str, task: str) -> str:
 
 def hf_to_megatrain_state_dict(sd: dict[str, torch.Tensor], task: str) -> dict[str, torch.Tensor]:
     dummy = _compile(_HF_DUMMY_BUFFER)
-    return {_rename(k, task, to_hf=False): v for k, v in sd.items() if not dummy.match(k)}
+    return {_rename(k, task, to_hf=False): v for k, v in sd.items()
+            if not dummy.match("mega." + k if task == "backbone" else k)}
 
 
 def megatrain_to_hf_state_dict(sd: dict[str, torch.Tensor], task: str, config: MegaConfig) -> dict[str, torch.Tensor]:
     out = {_rename(k, task, to_hf=True): v for k, v in sd.items()}
     if config.relative_positional_bias == "rotary":
         for i in range(config.num_hidden_layers):
-            out[_HF_DUMMY_BUFFER.format(i=i)] = torch.zeros(1)
+            key = _HF_DUMMY_BUFFER.format(i=i)
+            out[key.removeprefix("mega.") if task == "backbone" else key] = torch.zeros(1)
     return out
 
 
@@ -177,13 +184,16 @@ def num_labels_of(d: dict) -> int:
     return len(d["id2label"]) if d.get("id2label") else int(d.get("num_labels", 2))
 
 
-def build_for_task(task: str, config: MegaConfig, hf_dict: Optional[dict] = None):
-    """The megatrain model of `task` for `config` (heads get their label count/problem type from hf_dict)."""
+def build_for_task(task: str, config: MegaConfig, hf_dict: Optional[dict] = None, add_pooling_layer: bool = True):
+    """The megatrain model of `task` for `config` (heads get their label count/problem type from hf_dict; the
+    bare backbone its pooler if add_pooling_layer)."""
     if task not in _CLASSES:
         raise ValueError(f"task={task!r}: expected one of {', '.join(TASKS)}")
     cls = _CLASSES[task]
     if task in _LM_TASKS:
         return cls(config)
+    if task == "backbone":
+        return cls(config, add_pooling_layer=add_pooling_layer)
     d = hf_dict or {}
     kw = {"problem_type": d.get("problem_type")} if task == "sequence-classification" else {}
     return cls(config, num_labels=num_labels_of(d), **kw)
@@ -192,8 +202,8 @@ def build_for_task(task: str, config: MegaConfig, hf_dict: Optional[dict] = None
 def load_hf(path: Union[str, os.PathLike], task: Optional[str] = None, dtype: Optional[torch.dtype] = None):
     """Load a transformers MEGA folder as a megatrain model (eval mode).
 
-    task: None = from `architectures` (any of the six transformers MEGA heads), else from `is_decoder`
-          (causal or masked); one of TASKS overrides.
+    task: None = from `architectures` (any of the six transformers MEGA heads, or the bare MegaModel:
+          "backbone", a MegaModelWithPooler), else from `is_decoder` (causal or masked); one of TASKS overrides.
     """
     path = os.fspath(path)
     config, d = read_hf_config(path)
@@ -207,8 +217,9 @@ def load_hf(path: Union[str, os.PathLike], task: Optional[str] = None, dtype: Op
                          "fix config.json or load with task='masked'")
     if task == "masked" and config.is_decoder:
         raise ValueError(f"{cfg_path}: is_decoder=true but task is 'masked'; load with task='causal'")
-    model = build_for_task(task, config, d)
     sd = hf_to_megatrain_state_dict(_read_state_dict(path), task)
+    # a bare MegaModel has a pooler when transformers built it with add_pooling_layer (AutoModel's default)
+    model = build_for_task(task, config, d, add_pooling_layer=any(k.startswith("pooler.") for k in sd))
     load_checked(model, sd, path)
     if dtype is not None:
         model.to(dtype)
@@ -251,7 +262,7 @@ def hf_config_dict(config: MegaConfig, task: str, model=None) -> dict:
     if config.normalization_type == "rmsnorm":
         d["hf_rmsnorm_noop"] = config.hf_rmsnorm_noop  # which rmsnorm (see config_from_hf_dict)
     d.update(model_type="mega", architectures=[_ARCHS[task]], num_attention_heads=1)
-    if task not in _LM_TASKS and model is not None:
+    if task not in _LM_TASKS + ("backbone",) and model is not None:
         d["id2label"] = getattr(model, "id2label", None) or {str(i): f"LABEL_{i}" for i in range(model.num_labels)}
         d["label2id"] = {v: int(k) for k, v in d["id2label"].items()}
         if getattr(model, "problem_type", None):
@@ -262,7 +273,7 @@ def hf_config_dict(config: MegaConfig, task: str, model=None) -> dict:
 def save_hf(model, out_dir: Union[str, os.PathLike], native: bool = True) -> str:
     """Write config.json + model.safetensors that transformers 4.57.x loads with the same logits. Returns out_dir.
 
-    native=False (the remote-code export, megatrain/convert/remote_code.py): a config transformers would
+    native=False (the remote-code export, megatrain/hf/remote_code.py): a config transformers would
     compute differently is written with model_type REMOTE_ONLY_MODEL_TYPE instead of refused."""
     from safetensors.torch import save_file
 
@@ -286,42 +297,3 @@ def save_hf(model, out_dir: Union[str, os.PathLike], native: bool = True) -> str
         json.dump(d, f, indent=2, sort_keys=True)
     save_file(hf_sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     return out_dir
-
-
-# the fields a weight folder must agree on with a run to continue its pretraining (model.init_from)
-ARCHITECTURE_FIELDS = (
-    "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "ema_projection_size", "bidirectional",
-    "shared_representation_size", "use_chunking", "chunk_size", "truncation", "normalize_before_mega",
-    "normalization_type", "norm_affine", "activation", "attention_activation", "use_normalized_ffn",
-    "nffn_hidden_size", "normalize_before_ffn", "max_positions", "add_token_type_embeddings", "type_vocab_size",
-    "relative_positional_bias", "add_lm_hidden_dense_layer", "is_decoder", "tie_word_embeddings", "hf_rmsnorm_noop")
-
-
-def check_init_from(path: str, run_model: MegaConfig, key: str = "model.init_from") -> tuple[MegaConfig, dict]:
-    """The folder's (MegaConfig, config.json dict) if it can start a run with model config `run_model`, else one
-    ValueError naming `key`, the field and both values."""
-    try:
-        theirs, d = read_hf_config(path)
-    except ValueError as e:
-        raise ValueError(f"{key}={path}: {e}") from None
-    for name in ARCHITECTURE_FIELDS:
-        a, b = getattr(theirs, name), getattr(run_model, name)
-        if a != b:
-            raise ValueError(f"{key}={path}: its config.json has {name}={a!r} but the run has model.{name}={b!r}; "
-                             "the run's model section must match the folder")
-    return theirs, d
-
-
-def init_from_hf(model, path: str) -> None:
-    """Load a transformers MEGA folder's weights (native 4.57 or megatrain's export, any head: the backbone and,
-    for a language model of the same kind, its head) into a freshly built run model, after check_init_from."""
-    _, d = check_init_from(path, model.config)
-    task = _task_of(model)
-    hf_sd = _read_state_dict(path)
-    src_task = task_of_config(d)
-    sd = hf_to_megatrain_state_dict({k: v for k, v in hf_sd.items()
-                                     if src_task in _LM_TASKS or k.startswith("mega.")}, task)
-    if src_task not in _LM_TASKS:  # a fine-tuned head: keep the run's freshly initialised LM head
-        own = model.state_dict()
-        sd.update({k: v for k, v in own.items() if not k.startswith("mega.")})
-    load_checked(model, sd, f"model.init_from={path}")

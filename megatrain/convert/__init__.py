@@ -1,1 +1,0 @@
-"""Checkpoint conversion. `megatrain.convert.hf`: load_hf / save_hf for transformers MEGA folders."""
