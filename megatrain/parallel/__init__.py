@@ -4,20 +4,13 @@ activation checkpointing + offload applied to the model (checkpointing).
     from megatrain.parallel import make_ema_boundary, validate_sp, reduce_sp_loss
     from megatrain.parallel import discover, ParallelGroups        # from env.py / groups.py
 
-env/groups names are resolved lazily so that importing one submodule never requires the others.
+Every name is resolved lazily, so that importing one submodule never loads the others: the exported remote code
+imports checkpointing.py alone, and nothing distributed may come with it (tests/hf/test_remote_code.py).
 """
-from megatrain.parallel.sequence import (  # noqa: F401
-    COMM_STATS,
-    BoundaryHandle,
-    EMABoundary,
-    make_ema_boundary,
-    reduce_sp_loss,
-    reset_comm_stats,
-    sum_grads_over,
-    validate_sp,
-)
-
 _LAZY = {
+    **{name: "megatrain.parallel.sequence" for name in (
+        "COMM_STATS", "BoundaryHandle", "EMABoundary", "make_ema_boundary", "reduce_sp_loss", "reset_comm_stats",
+        "sum_grads_over", "validate_sp")},
     "discover": "megatrain.parallel.env",
     "DistEnv": "megatrain.parallel.env",
     "ParallelGroups": "megatrain.parallel.groups",
