@@ -186,7 +186,8 @@ class MultiDimDampedEMA(nn.Module):
                 state: Optional[Tensor] = None, boundary: Optional[Boundary] = None) -> tuple[Tensor, Tensor]:
         """y = silu(ema(x) + residual_weight * x) [B, L, D] in x's dtype; state_out [B, D, N] (forward direction)."""
         self._validate(x, mask, doc_ids, state, boundary)
-        backend = resolve_backend(self.kernel_backend, x)
+        resolve_backend(self.kernel_backend, x)  # a backend that cannot run fails here, before any work
+        backend = self.kernel_backend            # unresolved: `auto` lets ops/ema/paths.py choose the path
         dtype = math_dtype(x.dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
             xf = x.to(dtype)

@@ -57,17 +57,27 @@ _NUM_WARPS = 4
 
 
 @triton.jit
-def _mm(x, y, SPLIT_X: tl.constexpr, SPLIT_Y: tl.constexpr, TC: tl.constexpr):
+def _dot_bf16(x, y, EMULATED: tl.constexpr):
+    """bf16 x bf16 -> fp32 on tensor cores. EMULATED (the Triton interpreter, whose bf16 dot reads the raw bits as
+    integers): the same products in fp32 (a bf16 product is exact in fp32)."""
+    if EMULATED:
+        return tl.dot(x.to(tl.float32), y.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(x, y)
+
+
+@triton.jit
+def _mm(x, y, SPLIT_X: tl.constexpr, SPLIT_Y: tl.constexpr, TC: tl.constexpr, EMULATED: tl.constexpr = False):
     """x @ y with fp32 accumulation. TC: on bf16 tensor cores, an fp32 operand with SPLIT_* as hi + lo bf16
     (x y ~ xh yh + xh yl + xl yh: ~16 mantissa bits); otherwise an exact dot in the operands' dtype."""
     if TC:
         xh = x.to(tl.bfloat16)
         yh = y.to(tl.bfloat16)
-        acc = tl.dot(xh, yh)
+        acc = _dot_bf16(xh, yh, EMULATED)
         if SPLIT_X:
-            acc += tl.dot((x - xh.to(tl.float32)).to(tl.bfloat16), yh)
+            acc += _dot_bf16((x - xh.to(tl.float32)).to(tl.bfloat16), yh, EMULATED)
         if SPLIT_Y:
-            acc += tl.dot(xh, (y - yh.to(tl.float32)).to(tl.bfloat16))
+            acc += _dot_bf16(xh, (y - yh.to(tl.float32)).to(tl.bfloat16), EMULATED)
         return acc
     else:
         return tl.dot(x, y, input_precision="ieee")
@@ -94,7 +104,8 @@ def _load_tile(U, RES, b, d, v0, L, D, PAD, C: tl.constexpr, BK: tl.constexpr, d
 
 @triton.jit
 def _ema_chunked_fwd(U, RES, T, WST, WPR, LAM, OUT, STATES, STATE_OUT, L, D, N, NC, PAD,
-                     C: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, TC: tl.constexpr):
+                     C: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, TC: tl.constexpr,
+                     EMULATED: tl.constexpr):
     """Program (channel d, row b): out [B, L, D] (math dtype), STATES[b, d, k] = state entering chunk k,
     STATE_OUT[b, d] = state after position L-1."""
     d, b = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
@@ -116,7 +127,7 @@ def _ema_chunked_fwd(U, RES, T, WST, WPR, LAM, OUT, STATES, STATE_OUT, L, D, N, 
         # inputs (the tile reloaded one chunk to the left: cache hits), so E comes out exclusive
         xp, segp = _load_tile(U, RES, b, d, k0 * C - C, L, D, PAD, C, BK, dtype)
         segp_last = tl.max(segp, 0)
-        s_prev = _mm(w_st, tl.where(segp == segp_last[None, :], xp, 0.0), True, False, TC)      # [BN, BK]
+        s_prev = _mm(w_st, tl.where(segp == segp_last[None, :], xp, 0.0), True, False, TC, EMULATED)  # [BN, BK]
         lam_prev = tl.where((segp_last == 0)[None, :], lam[:, None], 0.0)
         # past the last chunk nothing decays: the last column then holds the state after chunk NC-1
         lam_prev = tl.where((k0 + cols - 1 >= NC)[None, :], 1.0, lam_prev)
@@ -127,10 +138,10 @@ def _ema_chunked_fwd(U, RES, T, WST, WPR, LAM, OUT, STATES, STATE_OUT, L, D, N, 
         tl.store(STATES + ((b * D + d) * NC + chunk[None, :]) * N + nn[:, None], entering,
                  mask=nmask[:, None] & (chunk < NC)[None, :])
         # output: the entering state where it reaches (before the chunk's first start), then T per segment
-        y = tl.where(seg == 0, _mm(w_pr, entering, True, True, TC), 0.0)
+        y = tl.where(seg == 0, _mm(w_pr, entering, True, True, TC, EMULATED), 0.0)
         for g in range(0, tl.max(tl.max(seg, 1), 0) + 1):
             in_g = seg == g
-            y += tl.where(in_g, _mm(t_mat, tl.where(in_g, x, 0.0), True, False, TC), 0.0)
+            y += tl.where(in_g, _mm(t_mat, tl.where(in_g, x, 0.0), True, False, TC, EMULATED), 0.0)
         p = k0 * C + cols[None, :] * C + ci[:, None] - PAD
         tl.store(OUT + (b * L + p) * D + d, y, mask=(p >= 0) & (p < L))
     tl.store(STATE_OUT + (b * D + d) * N + nn, carry, mask=nmask)
@@ -139,7 +150,7 @@ def _ema_chunked_fwd(U, RES, T, WST, WPR, LAM, OUT, STATES, STATE_OUT, L, D, N, 
 @triton.jit
 def _ema_chunked_bwd(U, RES, GOUT, GSTATE, T, WST, WPR, LAM, STATES, GU, DT, DWST, DWPR, DLAM, L, D, N, NC, PAD,
                      C: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, TC: tl.constexpr,
-                     GU_BF16: tl.constexpr):
+                     EMULATED: tl.constexpr, GU_BF16: tl.constexpr):
     """Program (channel d, row b), tiles right to left. F_k = d loss / d E_(k+1) (the adjoint of chunk k's end
     state) = lam_(k+1) F_(k+1) + W_pr^T gout_(k+1) [seg = 0], F_(NC-1) = d state_out. Writes d u and this
     (row, channel)'s sums: DT = sum_k sum_g gout_g u_g^T, DWST = sum_k F_k u_last^T, DWPR = sum_k gout_0 E_k^T,
@@ -169,7 +180,7 @@ def _ema_chunked_bwd(U, RES, GOUT, GSTATE, T, WST, WPR, LAM, STATES, GU, DT, DWS
         go, _ = _load_tile(GOUT, RES, b, d, k0 * C, L, D, PAD, C, BK, dtype)
         # the next chunk's inputs (one chunk to the right) make the reverse scan give F_k = dE_(k+1)
         gon, segn = _load_tile(GOUT, RES, b, d, k0 * C + C, L, D, PAD, C, BK, dtype)
-        x_next = _mm(w_pr_tr, tl.where(segn == 0, gon, 0.0), True, True, TC)                  # [BN, BK]
+        x_next = _mm(w_pr_tr, tl.where(segn == 0, gon, 0.0), True, True, TC, EMULATED)  # [BN, BK]
         lam_next = tl.where((tl.max(segn, 0) == 0)[None, :], lam[:, None], 0.0)
         lam_next = tl.where((k0 + cols + 1 >= NC)[None, :], 1.0, lam_next)
         a_run, f_run = tl.associative_scan((lam_next, x_next), 1, _combine, reverse=True)
@@ -183,14 +194,16 @@ def _ema_chunked_bwd(U, RES, GOUT, GSTATE, T, WST, WPR, LAM, STATES, GU, DT, DWS
         last = seg == seg_last[None, :]
         f = tl.where(live, f, 0.0)
         # d u: through the end state (last segment), then T^T per segment
-        gu = tl.where(last, _mm(w_st_tr, f, True, True, TC), 0.0)
+        gu = tl.where(last, _mm(w_st_tr, f, True, True, TC, EMULATED), 0.0)
         for g in range(0, tl.max(seg_last, 0) + 1):
-            in_g = seg == g
-            go_g = tl.where(in_g, go, 0.0)
-            gu += tl.where(in_g, _mm(t_tr, go_g, True, True, TC), 0.0)
-            acc_t += _mm(go_g, tl.trans(tl.where(in_g, x, 0.0)), True, False, TC)
-        acc_st += _mm(f, tl.trans(tl.where(last, x, 0.0)), False, False, False)
-        acc_pr += _mm(tl.where(seg == 0, go, 0.0), tl.trans(entering), False, False, False)
+            # masks as float factors, not tl.where: a transposed dot operand must not carry an i1 mask through
+            # shared memory (the compiler cannot store 1-bit elements there)
+            in_g = (seg == g).to(dtype)
+            go_g = go * in_g
+            gu += in_g * _mm(t_tr, go_g, True, True, TC, EMULATED)
+            acc_t += _mm(go_g, tl.trans(x * in_g), True, False, TC, EMULATED)
+        acc_st += _mm(f, tl.trans(x * last.to(dtype)), False, False, False)
+        acc_pr += _mm(go * (seg == 0).to(dtype), tl.trans(entering), False, False, False)
         acc_lam += tl.sum(tl.where((seg_last == 0)[None, :], f * entering, 0.0), 1)
         p = k0 * C + cols[None, :] * C + ci[:, None] - PAD
         if GU_BF16:
@@ -227,7 +240,7 @@ class _Geometry:
         self.nc = triton.cdiv(self.length, chunk)
         self.pad = self.nc * chunk - self.length
         self.consts = dict(C=chunk, BK=_TILE_CHUNKS, BN=max(16, triton.next_power_of_2(n)),
-                           TC=u.dtype == torch.bfloat16, num_warps=_NUM_WARPS)
+                           TC=u.dtype == torch.bfloat16, EMULATED=triton_interpreted(), num_warps=_NUM_WARPS)
         self.grid = (self.dim, self.bsz)
 
     def dims(self) -> tuple[int, int, int, int, int]:
