@@ -293,7 +293,9 @@ def ema_scan_chunked(u: Tensor, a: Tensor, c: Tensor, logq: Tensor, resets: Opti
     c, logq = c.to(dtype), logq.to(dtype)
     starts = (torch.zeros(bsz, length, dtype=torch.int8, device=u.device) if resets is None
               else resets.to(torch.int8).contiguous())
-    out, state = _ChunkedEma.apply(u.contiguous(), starts, *_factors(a, c, logq, chunk), chunk)
+    with torch.autocast(device_type=u.device.type, enabled=False):  # the factors stay in the math dtype
+        factors = _factors(a, c, logq, chunk)
+    out, state = _ChunkedEma.apply(u.contiguous(), starts, *factors, chunk)
     if h_in is not None:
         h_in = h_in.to(dtype)
         out = out + incoming_contribution(h_in, c, logq, length, resets, chunk)
