@@ -95,7 +95,8 @@ def test_chunked_memory_linear(triton_interpreter):
 def test_module_on_chunked_path_equals_torch(triton_interpreter, monkeypatch):
     # the model reaches the chunked kernel through `auto` and the table (here: every length -> chunked), with the
     # SP boundary interface and both directions
-    monkeypatch.setitem(EMA_PATH_TABLE, "interpreter", dict(measured=False, bands=((1, "chunked"),), chunk=64))
+    for row in list(EMA_PATH_TABLE):  # every row: the interpreter's on CPU, the GPU's under MEGATRAIN_TEST_DEVICE
+        monkeypatch.setitem(EMA_PATH_TABLE, row, dict(measured=False, bands=((1, "chunked"),), chunk=64))
     seen = []
     real = paths.choose_path
     monkeypatch.setattr("megatrain.ops.ema.choose_path", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
