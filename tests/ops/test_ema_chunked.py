@@ -108,6 +108,18 @@ def test_module_on_chunked_path_equals_torch(triton_interpreter, monkeypatch):
         torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-10, msg=lambda m, i=i: f"output {i}: {m}")
 
 
+def test_module_hands_its_unresolved_backend_to_the_table(monkeypatch):
+    # `auto` must reach ops/ema/paths.py as "auto" (a resolved "triton" would keep a GPU row's blocked band from
+    # ever running, a resolved "torch" every kernel)
+    seen = []
+    real = paths.choose_path
+    monkeypatch.setattr("megatrain.ops.ema.choose_path", lambda requested, *a, **k: seen.append(requested) or
+                        real(requested, *a, **k))
+    ema = MultiDimDampedEMA(4, 3, bidirectional=True, kernel_backend="auto")
+    ema(torch.randn(1, 9, 4))
+    assert seen == ["auto", "auto"], seen
+
+
 # ---------------------------------------------------------------- the path table
 
 def test_path_table_is_well_formed():
