@@ -8,9 +8,9 @@ Measures `megatrain.ops.ema.ema_scan` (one call = one direction over D channels;
 EMA is hidden 1024 x 2 directions = D 2048, N 16) at B = 1 with u in bf16 and fp32 parameters, as the model calls
 it. Per length and path (--backends: torch = blocked, triton = the scan kernel, chunked, auto): forward (no grad)
 and forward+backward in ms (CUDA events, median of --repeats after a warm-up that also compiles), peak GPU memory
-of forward+backward, and the largest difference of out and d u from the first path's, relative to their scale (a
-correctness sanity check on real hardware). The rows are what ops/ema/paths.py's table is filled from. Prints a
-table, then one JSON object. Without CUDA it prints one line saying so and exits 0 (nothing measured).
+of forward+backward, the largest difference of out and d u from the first path's, relative to their scale (a
+correctness sanity check on real hardware), and the path `auto` picks at that length. The rows are what
+ops/ema/paths.py's table is filled from. Prints a table, then one JSON object. Without CUDA it prints one line saying so and exits 0 (nothing measured).
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def parse_args(argv=None):
     ap.add_argument("--block", type=int, default=128, help="block (torch) / chunk (triton) length")
     ap.add_argument("--doc-len", type=int, default=0, help="a document reset every this many positions (0: none)")
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--backends", default="torch,triton,chunked,auto",
+    ap.add_argument("--backends", default="torch,triton,chunked",
                     help="paths: torch (blocked), triton (scan kernel), chunked (tensor-core kernel), auto (the table)")
     ap.add_argument("--json", default=None, help="also write the JSON object to this file")
     args = ap.parse_args(argv)
@@ -109,8 +109,9 @@ def measure(args, length: int, name: str) -> tuple[dict, list]:
         t.grad = None
     forward_backward()
     results = [forward()[0].float(), u.grad.float()]
-    row = dict(seq_len=length, backend=name, path=choose_path(backend, u, path), fwd_ms=round(fwd, 3),
-               fwd_bwd_ms=round(fwd_bwd, 3), peak_gb=round(peak, 3))
+    # auto_picks: the path `auto` takes at this length (ops/ema/paths.py), to hold against the measured rows
+    row = dict(seq_len=length, backend=name, path=choose_path(backend, u, path), auto_picks=choose_path("auto", u),
+               fwd_ms=round(fwd, 3), fwd_bwd_ms=round(fwd_bwd, 3), peak_gb=round(peak, 3))
     return row, results
 
 
