@@ -38,6 +38,7 @@ def chunked(*args, **kw):
     (1, 256, 2, 3, 16, None, False),          # 16 chunks: the end state is the next tile's first column
     (1, 240, 2, 17, 16, "random", False),     # N = 17: state lanes padded to 32
     (2, 130, 3, 3, 128, "random", True),      # C = 64 (block 128 -> the table's chunk)
+    (1, 1100, 2, 3, 128, "random", True),     # C = 64, 18 chunks: two tiles
 ])
 def test_chunked_matches_reference_fp64(triton_interpreter, bsz, length, dim, ndim, block, resets, h_in):
     inputs = make_inputs(bsz, length, dim, ndim, resets, h_in)
