@@ -18,6 +18,7 @@ import torch
 
 from megatrain.model.ema import MultiDimDampedEMA
 from megatrain.ops.ema import EMA_PATH_TABLE, EMA_PATHS, choose_path, ema_scan, ema_scan_ref, paths
+from megatrain.ops.ema.triton_chunked import ema_scan_chunked
 from tests.ops.test_ema_ops import NAMES, assert_all_close, make_inputs, module_run, run
 from tests.ops.util import DEVICE, cpu_only
 from tests.probes import MaxNumel
@@ -56,6 +57,19 @@ def test_chunked_many_resets_in_one_chunk(triton_interpreter):
     got = run(chunked, u, a, c, logq, resets, h_in, device=DEVICE, block=16)
     want = run(ema_scan_ref, u, a, c, logq, resets, h_in)
     assert_all_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_chunked_token_major_layout_equals_channel_major(triton_interpreter, dtype):
+    # the kernels' in-place [B, L, D] addressing (channel_major=False) against the default [B, D, L] copies
+    inputs = make_inputs(2, 300, 3, 4, "random", True, dtype=torch.float32 if dtype != torch.float64 else dtype)
+    u, rest = inputs[0].to(dtype), inputs[1:]
+    got = run(ema_scan_chunked, u, *rest, device=DEVICE, chunk=16, channel_major=False)
+    want = run(ema_scan_chunked, u, *rest, device=DEVICE, chunk=16, channel_major=True)
+    for name, x, y in zip(NAMES, got, want):
+        assert (x is None) == (y is None), name
+        if x is not None:
+            torch.testing.assert_close(x, y, rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("truncation,resets", [(5, "random"), (20, None)])
@@ -193,8 +207,10 @@ def variants():
                              GU_BF16=low and flags.get("FINAL", False))
                 yield "triton_kernel", name, flags, udt, mdt, arch
             for name, flags in CHUNKED:
-                yield "triton_chunked", name, dict(flags, C=64, BK=16, BN=16, TC=low, EMULATED=False, GU_BF16=low), \
-                    udt, mdt, arch
+                # channel-major (the default layout) everywhere; the in-place [B, L, D] layout for bf16 on sm_90
+                for cm in (True, False) if udt == "bf16" and arch == 90 else (True,):
+                    yield "triton_chunked", name, dict(flags, C=64, BK=16, BN=16, TC=low, EMULATED=False, CM=cm,
+                                                       GU_BF16=low), udt, mdt, arch
 
 
 def compile_one(spec):
@@ -232,9 +248,9 @@ def test_every_ema_kernel_variant_compiles_for_sm80_and_sm90(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    # scan kernel: 6 variants x (bf16, fp32) less the u-free scan's bf16 twice, x 2 archs, + 6 fp64 on sm_90;
-    # chunked: 2 x 3 dtypes on sm_90 + 2 x 2 on sm_80
-    assert len(lines) == (4 + 6) * 2 + 6 + 6 + 4, lines
+    # scan kernel: (4 bf16 + 6 fp32) x 2 archs + 6 fp64 on sm_90 = 26; chunked (fwd, bwd): 2 x (2 dtypes x 2 archs
+    # + fp64 on sm_90 + the [B, L, D] layout on sm_90) = 12
+    assert len(lines) == 26 + 12, lines
     for arch in (80, 90):
         for kernel in ("_forward_chunk", "_backward_chunk", "_scan_chunks", "_ema_chunked_fwd", "_ema_chunked_bwd"):
             assert any(f"sm_{arch} " in line and f".{kernel} " in line for line in lines), (arch, kernel)

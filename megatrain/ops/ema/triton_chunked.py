@@ -33,8 +33,11 @@ adjoint scan right to left (d E_k = lam d E_k+1 + W_pr^T gout_k), and writes d u
 sums of the factor gradients (summed over rows in PyTorch: deterministic, no atomics).
 
 Grid: (D, B) programs, each walking its row in tiles of C*BK positions (1024 at C = 64, BK = 16): 2048 programs at
-the 350M config's D = 2048, B = 1 (the scan kernel runs D/32 * B = 64). u is read with stride D per program;
-neighbouring channels run side by side and share the cache lines (L2).
+the 350M config's D = 2048, B = 1 (the scan kernel runs D/32 * B = 64). A program reads one channel's positions,
+so [B, L, D] would be a stride-D gather (one 32-byte sector per 2-byte element: ~16x the useful L2 traffic);
+by default (channel_major) the wrapper hands the kernels [B, D, L] copies of u / d out and copies out / d u back
+(four extra u-sized passes at full bandwidth, cheaper than the gathers by that estimate; unmeasured, and
+`channel_major=False` keeps the in-place form for bench/gpu/bench_ema.py to compare).
 
 Precision: bf16 u -> the big matmuls run on bf16 tensor cores with fp32 operands split as hi + lo bf16 pairs
 (u itself is exact in bf16), accuracy ~2^-16 relative; fp32/fp16 u -> fp32 `ieee` dots; fp64 -> fp64 (tests).
@@ -90,14 +93,24 @@ def _combine(a1, x1, a2, x2):
 
 
 @triton.jit
-def _load_tile(U, RES, b, d, v0, L, D, PAD, C: tl.constexpr, BK: tl.constexpr, dtype: tl.constexpr):
+def _offset(b, p, d, L, D, CM: tl.constexpr):
+    """Element (b, position p, channel d) of a [B, D, L] (CM, channel-major) or [B, L, D] tensor; b, d int64."""
+    if CM:
+        return (b * D + d) * L + p
+    else:
+        return (b * L + p) * D + d
+
+
+@triton.jit
+def _load_tile(U, RES, b, d, v0, L, D, PAD, C: tl.constexpr, BK: tl.constexpr, dtype: tl.constexpr,
+               CM: tl.constexpr):
     """The tile of BK chunks whose first virtual position is v0: u [C, BK] (0 outside the sequence) and the
     segment index of every position inside its chunk [C, BK] (int32)."""
     rows = tl.arange(0, C)[:, None]
     cols = tl.arange(0, BK)[None, :]
     p = v0 + cols * C + rows - PAD                     # real position; < 0 in the front padding
     valid = (p >= 0) & (p < L)
-    x = tl.load(U + (b * L + p) * D + d, mask=valid, other=0.0).to(dtype)
+    x = tl.load(U + _offset(b, p, d, L, D, CM), mask=valid, other=0.0).to(dtype)
     starts = tl.load(RES + b * L + p, mask=valid, other=0).to(tl.int32)
     return x, tl.cumsum(starts, 0)
 
@@ -105,7 +118,7 @@ def _load_tile(U, RES, b, d, v0, L, D, PAD, C: tl.constexpr, BK: tl.constexpr, d
 @triton.jit
 def _ema_chunked_fwd(U, RES, T, WST, WPR, LAM, OUT, STATES, STATE_OUT, L, D, N, NC, PAD,
                      C: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, TC: tl.constexpr,
-                     EMULATED: tl.constexpr):
+                     EMULATED: tl.constexpr, CM: tl.constexpr):
     """Program (channel d, row b): out [B, L, D] (math dtype), STATES[b, d, k] = state entering chunk k,
     STATE_OUT[b, d] = state after position L-1."""
     d, b = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
@@ -122,10 +135,10 @@ def _ema_chunked_fwd(U, RES, T, WST, WPR, LAM, OUT, STATES, STATE_OUT, L, D, N, 
     # tiles up to column NC (one past the last chunk): that column's entering state is the state after L-1
     for tile in range(0, tl.cdiv(NC + 1, BK)):
         k0 = tile * BK
-        x, seg = _load_tile(U, RES, b, d, k0 * C, L, D, PAD, C, BK, dtype)
+        x, seg = _load_tile(U, RES, b, d, k0 * C, L, D, PAD, C, BK, dtype, CM)
         # state passing: E_k = lam_(k-1) E_(k-1) + S_(k-1), scanned over the columns from the previous chunk's
         # inputs (the tile reloaded one chunk to the left: cache hits), so E comes out exclusive
-        xp, segp = _load_tile(U, RES, b, d, k0 * C - C, L, D, PAD, C, BK, dtype)
+        xp, segp = _load_tile(U, RES, b, d, k0 * C - C, L, D, PAD, C, BK, dtype, CM)
         segp_last = tl.max(segp, 0)
         s_prev = _mm(w_st, tl.where(segp == segp_last[None, :], xp, 0.0), True, False, TC, EMULATED)  # [BN, BK]
         lam_prev = tl.where((segp_last == 0)[None, :], lam[:, None], 0.0)
@@ -143,14 +156,14 @@ def _ema_chunked_fwd(U, RES, T, WST, WPR, LAM, OUT, STATES, STATE_OUT, L, D, N, 
             in_g = seg == g
             y += tl.where(in_g, _mm(t_mat, tl.where(in_g, x, 0.0), True, False, TC, EMULATED), 0.0)
         p = k0 * C + cols[None, :] * C + ci[:, None] - PAD
-        tl.store(OUT + (b * L + p) * D + d, y, mask=(p >= 0) & (p < L))
+        tl.store(OUT + _offset(b, p, d, L, D, CM), y, mask=(p >= 0) & (p < L))
     tl.store(STATE_OUT + (b * D + d) * N + nn, carry, mask=nmask)
 
 
 @triton.jit
 def _ema_chunked_bwd(U, RES, GOUT, GSTATE, T, WST, WPR, LAM, STATES, GU, DT, DWST, DWPR, DLAM, L, D, N, NC, PAD,
                      C: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, TC: tl.constexpr,
-                     EMULATED: tl.constexpr, GU_BF16: tl.constexpr):
+                     EMULATED: tl.constexpr, CM: tl.constexpr, GU_BF16: tl.constexpr):
     """Program (channel d, row b), tiles right to left. F_k = d loss / d E_(k+1) (the adjoint of chunk k's end
     state) = lam_(k+1) F_(k+1) + W_pr^T gout_(k+1) [seg = 0], F_(NC-1) = d state_out. Writes d u and this
     (row, channel)'s sums: DT = sum_k sum_g gout_g u_g^T, DWST = sum_k F_k u_last^T, DWPR = sum_k gout_0 E_k^T,
@@ -176,10 +189,10 @@ def _ema_chunked_bwd(U, RES, GOUT, GSTATE, T, WST, WPR, LAM, STATES, GU, DT, DWS
     n_tiles = tl.cdiv(NC, BK)
     for j in range(0, n_tiles):
         k0 = (n_tiles - 1 - j) * BK
-        x, seg = _load_tile(U, RES, b, d, k0 * C, L, D, PAD, C, BK, dtype)
-        go, _ = _load_tile(GOUT, RES, b, d, k0 * C, L, D, PAD, C, BK, dtype)
+        x, seg = _load_tile(U, RES, b, d, k0 * C, L, D, PAD, C, BK, dtype, CM)
+        go, _ = _load_tile(GOUT, RES, b, d, k0 * C, L, D, PAD, C, BK, dtype, CM)
         # the next chunk's inputs (one chunk to the right) make the reverse scan give F_k = dE_(k+1)
-        gon, segn = _load_tile(GOUT, RES, b, d, k0 * C + C, L, D, PAD, C, BK, dtype)
+        gon, segn = _load_tile(GOUT, RES, b, d, k0 * C + C, L, D, PAD, C, BK, dtype, CM)
         x_next = _mm(w_pr_tr, tl.where(segn == 0, gon, 0.0), True, True, TC, EMULATED)  # [BN, BK]
         lam_next = tl.where((tl.max(segn, 0) == 0)[None, :], lam[:, None], 0.0)
         lam_next = tl.where((k0 + cols + 1 >= NC)[None, :], 1.0, lam_next)
@@ -212,7 +225,7 @@ def _ema_chunked_bwd(U, RES, GOUT, GSTATE, T, WST, WPR, LAM, STATES, GU, DT, DWS
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
             rounded = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
             gu = tl.where(gu == gu, rounded, gu.to(tl.bfloat16))                       # NaN stays NaN
-        tl.store(GU + (b * L + p) * D + d, gu, mask=(p >= 0) & (p < L))
+        tl.store(GU + _offset(b, p, d, L, D, CM), gu, mask=(p >= 0) & (p < L))
     part = b * D + d
     tl.store(DT + part * C * C + ci[:, None] * C + ci[None, :], acc_t)
     tl.store(DWST + part * N * C + nn[:, None] * C + ci[None, :], acc_st, mask=nmask[:, None])
@@ -234,53 +247,66 @@ def _factors(a: Tensor, c: Tensor, logq: Tensor, chunk: int) -> tuple[Tensor, Te
 
 
 class _Geometry:
-    def __init__(self, u: Tensor, n: int, chunk: int):
+    def __init__(self, u: Tensor, n: int, chunk: int, channel_major: bool):
         self.bsz, self.length, self.dim = u.shape
+        self.channel_major = channel_major
         self.n, self.chunk = n, chunk
         self.nc = triton.cdiv(self.length, chunk)
         self.pad = self.nc * chunk - self.length
         self.consts = dict(C=chunk, BK=_TILE_CHUNKS, BN=max(16, triton.next_power_of_2(n)),
-                           TC=u.dtype == torch.bfloat16, EMULATED=triton_interpreted(), num_warps=_NUM_WARPS)
+                           TC=u.dtype == torch.bfloat16, EMULATED=triton_interpreted(), CM=channel_major,
+                           num_warps=_NUM_WARPS)
         self.grid = (self.dim, self.bsz)
 
     def dims(self) -> tuple[int, int, int, int, int]:
         return self.length, self.dim, self.n, self.nc, self.pad
 
+    def to_kernel(self, x: Tensor) -> Tensor:
+        """[B, L, D] -> the kernel's layout (a contiguous [B, D, L] copy when channel-major)."""
+        return x.transpose(1, 2).contiguous() if self.channel_major else x.contiguous()
+
+    def from_kernel(self, x: Tensor) -> Tensor:
+        return x.transpose(1, 2).contiguous() if self.channel_major else x
+
 
 class _ChunkedEma(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u: Tensor, starts: Tensor, toeplitz: Tensor, w_st: Tensor, w_pr: Tensor, lam: Tensor,
-                chunk: int):
-        geo = _Geometry(u, lam.shape[1], chunk)
+                chunk: int, channel_major: bool):
+        geo = _Geometry(u, lam.shape[1], chunk, channel_major)
         dtype = toeplitz.dtype
-        out = torch.empty(geo.bsz, geo.length, geo.dim, dtype=dtype, device=u.device)
+        u = geo.to_kernel(u)
+        out = torch.empty_like(u, dtype=dtype)
         states = torch.empty(geo.bsz, geo.dim, geo.nc, geo.n, dtype=dtype, device=u.device)
         state_out = torch.empty(geo.bsz, geo.dim, geo.n, dtype=dtype, device=u.device)
         _ema_chunked_fwd[geo.grid](u, starts, toeplitz, w_st, w_pr, lam, out, states, state_out, *geo.dims(),
                                    **geo.consts)
         ctx.save_for_backward(u, starts, toeplitz, w_st, w_pr, lam, states)
         ctx.geo = geo
-        return out, state_out
+        return geo.from_kernel(out), state_out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, grad_state: Tensor):
         u, starts, toeplitz, w_st, w_pr, lam, states = ctx.saved_tensors
         geo = ctx.geo
         dtype = toeplitz.dtype
-        grad_out = grad_out.to(dtype).contiguous()
+        grad_out = geo.to_kernel(grad_out.to(dtype))
         grad_state = grad_state.to(dtype).contiguous()
         grad_u = torch.empty_like(u)
         parts = [torch.empty(geo.bsz, *t.shape, dtype=dtype, device=u.device) for t in (toeplitz, w_st, w_pr, lam)]
         _ema_chunked_bwd[geo.grid](u, starts, grad_out, grad_state, toeplitz, w_st, w_pr, lam, states, grad_u,
                                    *parts, *geo.dims(), GU_BF16=u.dtype == torch.bfloat16, **geo.consts)
         d_t, d_st, d_pr, d_lam = (p.sum(0) for p in parts)
-        return grad_u, None, d_t, d_st, d_pr, d_lam, None
+        return geo.from_kernel(grad_u), None, d_t, d_st, d_pr, d_lam, None, None
 
 
 def ema_scan_chunked(u: Tensor, a: Tensor, c: Tensor, logq: Tensor, resets: Optional[Tensor] = None,
-                     h_in: Optional[Tensor] = None, chunk: int = 64) -> tuple[Tensor, Tensor]:
+                     h_in: Optional[Tensor] = None, chunk: int = 64,
+                     channel_major: bool = True) -> tuple[Tensor, Tensor]:
     """u [B, L, D] any float dtype; a/c/logq [D, N] in the math dtype (fp32, or fp64); resets [B, L] bool;
-    h_in [B, D, N]; chunk C a power of two >= 16 -> (out [B, L, D], state [B, D, N]) in the math dtype."""
+    h_in [B, D, N]; chunk C a power of two >= 16 -> (out [B, L, D], state [B, D, N]) in the math dtype.
+    channel_major: the kernels read and write [B, D, L] copies (coalesced; see the module docstring), else
+    [B, L, D] in place (stride-D gathers)."""
     if triton_interpreted() != isinstance(_ema_chunked_fwd, InterpretedFunction):
         raise ValueError("megatrain.ops.ema.triton_chunked: TRITON_INTERPRET must be set before triton is imported "
                          f"(it is {'1' if triton_interpreted() else 'unset'} now, was not at import)")
@@ -295,7 +321,7 @@ def ema_scan_chunked(u: Tensor, a: Tensor, c: Tensor, logq: Tensor, resets: Opti
               else resets.to(torch.int8).contiguous())
     with torch.autocast(device_type=u.device.type, enabled=False):  # the factors stay in the math dtype
         factors = _factors(a, c, logq, chunk)
-    out, state = _ChunkedEma.apply(u.contiguous(), starts, *factors, chunk)
+    out, state = _ChunkedEma.apply(u, starts, *factors, chunk, channel_major)
     if h_in is not None:
         h_in = h_in.to(dtype)
         out = out + incoming_contribution(h_in, c, logq, length, resets, chunk)
