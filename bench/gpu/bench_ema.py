@@ -25,9 +25,19 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from megatrain.ops.ema import choose_path, ema_scan  # noqa: E402
 
-# --backends name -> ema_scan's (backend, path)
+# --backends name -> ema_scan's (backend, path); chunked-inplace: the chunked kernels on [B, L, D] directly (stride-D
+# gathers) instead of channel-major copies -- the layout choice in ops/ema/triton_chunked.py, unmeasured so far
 PATHS = {"torch": ("torch", "blocked"), "triton": ("triton", "scan"), "chunked": ("triton", "chunked"),
-         "auto": ("auto", "auto")}
+         "chunked-inplace": ("triton", "chunked"), "auto": ("auto", "auto")}
+
+
+def run_path(name: str, u, a, c, logq, resets, block: int):
+    backend, path = PATHS[name]
+    if name == "chunked-inplace":
+        from megatrain.ops.ema.paths import chunk_length, device_row
+        from megatrain.ops.ema.triton_chunked import ema_scan_chunked
+        return ema_scan_chunked(u, a, c, logq, resets, None, chunk_length(block, device_row(u)), channel_major=False)
+    return ema_scan(u, a, c, logq, resets, block=block, backend=backend, path=path)
 
 
 def parse_args(argv=None):
@@ -39,8 +49,9 @@ def parse_args(argv=None):
     ap.add_argument("--block", type=int, default=128, help="block (torch) / chunk (triton) length")
     ap.add_argument("--doc-len", type=int, default=0, help="a document reset every this many positions (0: none)")
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--backends", default="torch,triton,chunked",
-                    help="paths: torch (blocked), triton (scan kernel), chunked (tensor-core kernel), auto (the table)")
+    ap.add_argument("--backends", default="torch,triton,chunked,chunked-inplace",
+                    help="paths: torch (blocked), triton (scan kernel), chunked (tensor-core kernel), "
+                         "chunked-inplace (its [B, L, D] layout), auto (the table)")
     ap.add_argument("--json", default=None, help="also write the JSON object to this file")
     args = ap.parse_args(argv)
     try:
@@ -93,10 +104,10 @@ def measure(args, length: int, name: str) -> tuple[dict, list]:
 
     def forward():
         with torch.no_grad():
-            return ema_scan(u, a, c, logq, resets, block=args.block, backend=backend, path=path)
+            return run_path(name, u, a, c, logq, resets, args.block)
 
     def forward_backward():
-        out, state = ema_scan(*leaves, resets, block=args.block, backend=backend, path=path)
+        out, state = run_path(name, *leaves, resets, args.block)
         torch.autograd.backward([out, state], [gout, torch.ones_like(state)])
 
     fwd = timed(forward, args.repeats)
