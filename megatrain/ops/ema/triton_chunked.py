@@ -40,7 +40,10 @@ by default (channel_major) the wrapper hands the kernels [B, D, L] copies of u /
 `channel_major=False` keeps the in-place form for bench/gpu/bench_ema.py to compare).
 
 Precision: bf16 u -> the big matmuls run on bf16 tensor cores with fp32 operands split as hi + lo bf16 pairs
-(u itself is exact in bf16), accuracy ~2^-16 relative; fp32/fp16 u -> fp32 `ieee` dots; fp64 -> fp64 (tests).
+(u itself is exact in bf16), accuracy ~2^-16 relative; fp32/fp16 u -> fp32 `ieee` dots (CUDA cores: exact fp32,
+no tensor cores -- a caller that wants them passes u in bf16); fp64 -> fp64 (tests). The interpreter's bf16
+tl.dot reads raw bits as integers, so under it (EMULATED) the same bf16 products are formed in fp32: the GPU's
+bf16 dot itself is checked by the sm_80/sm_90 compile and the CUDA run of these tests.
 """
 from __future__ import annotations
 
