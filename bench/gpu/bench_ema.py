@@ -5,12 +5,13 @@ what `auto` picks (ops/ema/paths.py) -- forward and forward+backward (CUDA only)
     python bench/gpu/bench_ema.py --seq-lens 4096 --repeats 3 --doc-len 1024 --json ema.json
 
 Measures `megatrain.ops.ema.ema_scan` (one call = one direction over D channels; the 350M config's bidirectional
-EMA is hidden 1024 x 2 directions = D 2048, N 16) at B = 1 with u in bf16 and fp32 parameters, as the model calls
-it. Per length and path (--backends: torch = blocked, triton = the scan kernel, chunked, auto): forward (no grad)
-and forward+backward in ms (CUDA events, median of --repeats after a warm-up that also compiles), peak GPU memory
-of forward+backward, the largest difference of out and d u from the first path's, relative to their scale (a
-correctness sanity check on real hardware), and the path `auto` picks at that length. The rows are what
-ops/ema/paths.py's table is filled from. Prints a table, then one JSON object. Without CUDA it prints one line saying so and exits 0 (nothing measured).
+EMA is hidden 1024 x 2 directions = D 2048, N 16) at B = 1 with u in bf16 (the chunked kernel's tensor-core mode;
+note MultiDimDampedEMA passes u in fp32 today) and fp32 parameters. Per length and path (--backends: torch =
+blocked, triton = the scan kernel, chunked, chunked-inplace, auto): forward (no grad) and forward+backward in ms
+(CUDA events, median of --repeats after a warm-up that also compiles), peak GPU memory of forward+backward, the
+largest difference of out and d u from the first path's, relative to their scale (a correctness sanity check on
+real hardware), and the path `auto` picks at that length. The rows are what ops/ema/paths.py's table is filled
+from. Prints a table, then one JSON object. Without CUDA it prints one line saying so and exits 0.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import torch
 
 from megatrain.model.ema import MultiDimDampedEMA
 from megatrain.ops.ema import crossing_decay, ema_scan, ema_scan_ref, incoming_contribution
-from tests.ops.util import DEVICE, cpu_only
+from tests.ops.util import DEVICE
 from tests.probes import MaxNumel
 
 NAMES = ["out", "state", "u", "a", "c", "logq", "h_in"]
