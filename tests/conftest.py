@@ -18,6 +18,7 @@ if os.environ.get("MEGATRAIN_TEST_DEVICE", "cpu") != "cuda" and "triton" not in 
     os.environ["TRITON_INTERPRET"] = "1"
     try:
         import megatrain.ops.ema.triton_kernel  # noqa: F401  (imports triton)
+        import megatrain.ops.ema.triton_chunked  # noqa: F401
     except ImportError:
         pass  # reported by the tests that need it
     finally:

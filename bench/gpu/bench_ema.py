@@ -1,14 +1,17 @@
-"""EMA op on one GPU: blocked PyTorch vs our Triton kernel, forward and forward+backward (CUDA only).
+"""EMA op on one GPU: every path -- blocked PyTorch, our Triton scan kernel, our chunked tensor-core kernel, and
+what `auto` picks (ops/ema/paths.py) -- forward and forward+backward (CUDA only).
 
     python bench/gpu/bench_ema.py                                  # 350M config, L = 4K/32K/128K, bf16 input
     python bench/gpu/bench_ema.py --seq-lens 4096 --repeats 3 --doc-len 1024 --json ema.json
 
 Measures `megatrain.ops.ema.ema_scan` (one call = one direction over D channels; the 350M config's bidirectional
-EMA is hidden 1024 x 2 directions = D 2048, N 16) at B = 1 with u in bf16 and fp32 parameters, as the model calls
-it. Per length and backend: forward (no grad) and forward+backward in ms (CUDA events, median of --repeats after
-a warm-up that also compiles), peak GPU memory of forward+backward, and the largest difference of out and d u
-between the backends relative to their scale (a correctness sanity check on real hardware). Prints a table, then
-one JSON object. Without CUDA it prints one line saying so and exits 0 (nothing measured).
+EMA is hidden 1024 x 2 directions = D 2048, N 16) at B = 1 with u in bf16 (the chunked kernel's tensor-core mode;
+note MultiDimDampedEMA passes u in fp32 today) and fp32 parameters. Per length and path (--backends: torch =
+blocked, triton = the scan kernel, chunked, chunked-inplace, auto): forward (no grad) and forward+backward in ms
+(CUDA events, median of --repeats after a warm-up that also compiles), peak GPU memory of forward+backward, the
+largest difference of out and d u from the first path's, relative to their scale (a correctness sanity check on
+real hardware), and the path `auto` picks at that length. The rows are what ops/ema/paths.py's table is filled
+from. Prints a table, then one JSON object. Without CUDA it prints one line saying so and exits 0.
 """
 from __future__ import annotations
 
@@ -21,7 +24,21 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from megatrain.ops.ema import ema_scan  # noqa: E402
+from megatrain.ops.ema import choose_path, ema_scan  # noqa: E402
+
+# --backends name -> ema_scan's (backend, path); chunked-inplace: the chunked kernels on [B, L, D] directly (stride-D
+# gathers) instead of channel-major copies -- the layout choice in ops/ema/triton_chunked.py, unmeasured so far
+PATHS = {"torch": ("torch", "blocked"), "triton": ("triton", "scan"), "chunked": ("triton", "chunked"),
+         "chunked-inplace": ("triton", "chunked"), "auto": ("auto", "auto")}
+
+
+def run_path(name: str, u, a, c, logq, resets, block: int):
+    backend, path = PATHS[name]
+    if name == "chunked-inplace":
+        from megatrain.ops.ema.paths import chunk_length, device_row
+        from megatrain.ops.ema.triton_chunked import ema_scan_chunked
+        return ema_scan_chunked(u, a, c, logq, resets, None, chunk_length(block, device_row(u)), channel_major=False)
+    return ema_scan(u, a, c, logq, resets, block=block, backend=backend, path=path)
 
 
 def parse_args(argv=None):
@@ -33,7 +50,9 @@ def parse_args(argv=None):
     ap.add_argument("--block", type=int, default=128, help="block (torch) / chunk (triton) length")
     ap.add_argument("--doc-len", type=int, default=0, help="a document reset every this many positions (0: none)")
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--backends", default="torch,triton")
+    ap.add_argument("--backends", default="torch,triton,chunked,chunked-inplace",
+                    help="paths: torch (blocked), triton (scan kernel), chunked (tensor-core kernel), "
+                         "chunked-inplace (its [B, L, D] layout), auto (the table)")
     ap.add_argument("--json", default=None, help="also write the JSON object to this file")
     args = ap.parse_args(argv)
     try:
@@ -41,8 +60,8 @@ def parse_args(argv=None):
     except ValueError:
         ap.error(f"--seq-lens must be comma-separated ints, got {args.seq_lens!r}")
     args.backends = args.backends.split(",")
-    if any(b not in ("torch", "triton") for b in args.backends):
-        ap.error(f"--backends must name torch and/or triton, got {','.join(args.backends)!r}")
+    if any(b not in PATHS for b in args.backends):
+        ap.error(f"--backends must name some of {', '.join(PATHS)}, got {','.join(args.backends)!r}")
     if min(args.seq_lens + [args.dim, args.ndim, args.batch, args.block, args.repeats]) < 1 or args.doc_len < 0:
         ap.error("--seq-lens/--dim/--ndim/--batch/--block/--repeats must be positive, --doc-len >= 0")
     return args
@@ -78,17 +97,18 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(args, length: int, backend: str) -> tuple[dict, list]:
+def measure(args, length: int, name: str) -> tuple[dict, list]:
+    backend, path = PATHS[name]
     u, a, c, logq, resets = inputs(args, length)
     leaves = [t.requires_grad_() for t in (u, a, c, logq)]
     gout = torch.randn(args.batch, length, args.dim, device="cuda")
 
     def forward():
         with torch.no_grad():
-            return ema_scan(u, a, c, logq, resets, block=args.block, backend=backend)
+            return run_path(name, u, a, c, logq, resets, args.block)
 
     def forward_backward():
-        out, state = ema_scan(*leaves, resets, block=args.block, backend=backend)
+        out, state = run_path(name, *leaves, resets, args.block)
         torch.autograd.backward([out, state], [gout, torch.ones_like(state)])
 
     fwd = timed(forward, args.repeats)
@@ -101,8 +121,9 @@ def measure(args, length: int, backend: str) -> tuple[dict, list]:
         t.grad = None
     forward_backward()
     results = [forward()[0].float(), u.grad.float()]
-    row = dict(seq_len=length, backend=backend, fwd_ms=round(fwd, 3), fwd_bwd_ms=round(fwd_bwd, 3),
-               peak_gb=round(peak, 3))
+    # auto_picks: the path `auto` takes at this length (ops/ema/paths.py), to hold against the measured rows
+    row = dict(seq_len=length, backend=name, path=choose_path(backend, u, path), auto_picks=choose_path("auto", u),
+               fwd_ms=round(fwd, 3), fwd_bwd_ms=round(fwd_bwd, 3), peak_gb=round(peak, 3))
     return row, results
 
 
@@ -119,8 +140,8 @@ def main(argv=None) -> int:
             row, results[backend] = measure(args, length, backend)
             rows.append(row)
             diff = ""
-            if len(results) == 2:
-                (ref_out, ref_du), (out, du) = results.values()
+            if len(results) >= 2:
+                (ref_out, ref_du), (out, du) = results[args.backends[0]], results[backend]
                 rel = [((x - y).abs().max() / y.abs().max()).item() for x, y in ((out, ref_out), (du, ref_du))]
                 row["rel_diff_out"], row["rel_diff_du"] = (float(f"{r:.3g}") for r in rel)
                 diff = f"{rel[0]:.2e} / {rel[1]:.2e}"

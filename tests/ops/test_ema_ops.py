@@ -14,7 +14,7 @@ import torch
 from megatrain.model.config import MegaConfig
 from megatrain.model.ema import MultiDimDampedEMA
 from megatrain.ops.ema import crossing_decay, ema_scan, ema_scan_ref, incoming_contribution
-from tests.ops.util import DEVICE, cpu_only
+from tests.ops.util import DEVICE
 from tests.probes import MaxNumel
 
 NAMES = ["out", "state", "u", "a", "c", "logq", "h_in"]
@@ -208,44 +208,4 @@ def test_module_triton_equals_torch(bidirectional, truncation, with_state, with_
         torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-10, msg=lambda m, i=i: f"output {i}: {m}")
 
 
-# ---------------------------------------------------------------- the compiled path, without a GPU
-
-COMPILE_SCRIPT = r"""
-import inspect
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from megatrain.ops.ema import triton_kernel as tk
-
-ints = {"L", "D", "N", "NC"}
-variants = [("forward_chunk", dict(FINAL=False)), ("forward_chunk", dict(FINAL=True)),
-            ("backward_chunk", dict(FINAL=False, GU_BF16=False)), ("backward_chunk", dict(FINAL=True, GU_BF16=True)),
-            ("scan_chunks", dict(BACKWARD=False, HAS_INIT=True)), ("scan_chunks", dict(BACKWARD=True, HAS_INIT=True))]
-for name, flags in variants:
-    fn = getattr(tk, "_" + name)
-    params = list(inspect.signature(fn.fn).parameters)
-    consts = {k: v for k, v in dict(CHUNK=64, BD=32, BN=16, HAS_RESETS=True, **flags).items() if k in params}
-    sig = {p: "constexpr" if p in consts else "i32" if p in ints else "*bf16" if p in ("U", "GU") else "*fp32"
-           for p in params}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in consts.items()})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=tk._NUM_WARPS))
-    assert compiled.asm["cubin"], name
-    print("compiled", name, flags)
-"""
-
-
-@cpu_only("compiles for sm_90 without a GPU; on CUDA the tests above compile and run every kernel")
-def test_kernels_compile_for_hopper_without_gpu():
-    # the interpreter runs the kernels' Python; only the compiler sees typing/lowering errors: compile every
-    # kernel for sm_90 (bf16 u, resets) in a fresh process (this one imported triton for the interpreter; the
-    # helper _chunk_setup is compiled into the chunk kernels)
-    import os
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("compiled") == 6, proc.stdout
+# The compile of every kernel variant for sm_80/sm_90 (no GPU needed): tests/ops/test_ema_chunked.py.

@@ -1,7 +1,8 @@
 """MEGA's damped EMA as an op: one dispatch function over the PyTorch and Triton implementations.
 
     from megatrain.ops.ema import ema_scan, incoming_contribution, crossing_decay
-    out, state = ema_scan(u, a, c, logq, resets=None, h_in=None, truncation=None, block=128, backend="torch")
+    out, state = ema_scan(u, a, c, logq, resets=None, h_in=None, truncation=None, block=128, backend="torch",
+                          path="auto")
     # u [B, L, D] (already masked), a/c/logq [D, N], resets [B, L] bool (True: a document starts there),
     # h_in [B, D, N] -> out [B, L, D] = sum_n c h_t, state [B, D, N] = h after the last position (untruncated)
     extra = incoming_contribution(h_in, c, logq, length, resets, block)    # [B, L, D]: what h_in adds to out
@@ -11,11 +12,13 @@ Tests: PYTHONPATH=. python -m pytest -q tests/ops/test_ema_ops.py
 Math: h_t = a u_t + q keep_t h_{t-1} (keep_t = 0 where resets[:, t]; h_{-1} = h_in), q = exp(logq); in MEGA's
 parameters a = p * beta, c = gamma / sqrt(N), q = 1 - p * alpha. Files: reference.py (the naive recurrence, the
 oracle), state.py (the state recurrence between pieces -- blocks, segments, SP slices -- and why splitting is
-exact), torch_blocked.py (blocked PyTorch, autograd backward), triton_kernel.py (our kernel, forward+backward).
+exact), torch_blocked.py (blocked PyTorch, autograd backward), triton_kernel.py and triton_chunked.py (our
+kernels, forward+backward), paths.py (which one runs).
 `backend` is a MegaConfig.kernel_backend value ("auto" | "torch" | "triton"), resolved here once per call by
 megatrain.ops.backend.resolve_backend; "triton" where it cannot run raises the one-line ValueError naming
-MegaConfig.kernel_backend. The math is fp32 (fp64 for fp64 u);
-u may be bf16.
+MegaConfig.kernel_backend. `path` (default "auto") picks the implementation: "blocked" (torch_blocked.py), "scan"
+(triton_kernel.py: per-step recurrence) or "chunked" (triton_chunked.py: tensor-core matmuls); "auto" reads the one
+table, per GPU architecture and length, in paths.py. The math is fp32 (fp64 for fp64 u); u may be bf16.
 
 Truncation T (lags >= T dropped, inside the document) is exact on both backends and built here, once: lags >= T of
 the EMA are sum_n (c q^T) h_{t-T}, i.e. the output of a second scan with output weights c q^T read T positions back
@@ -33,12 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatrain.ops.backend import resolve_backend
+from megatrain.ops.ema.paths import EMA_PATH_TABLE, EMA_PATHS, choose_path, chunk_length, device_row
 from megatrain.ops.ema.reference import ema_scan_ref
 from megatrain.ops.ema.state import crossing_decay
 from megatrain.ops.ema.torch_blocked import causal_ema_blocked, incoming_contribution
 
-__all__ = ["ema_scan", "ema_scan_ref", "incoming_contribution", "crossing_decay", "math_dtype"]
+__all__ = ["ema_scan", "ema_scan_ref", "incoming_contribution", "crossing_decay", "math_dtype", "EMA_PATHS",
+           "EMA_PATH_TABLE", "choose_path"]
 
 
 def math_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -68,11 +72,15 @@ def _validate(u, a, c, logq, resets, h_in, truncation, block) -> None:
         raise ValueError(f"ema_scan: block must be a positive int, got {block!r}")
 
 
-def _scan(backend: str, u: Tensor, a: Tensor, c: Tensor, logq: Tensor, resets: Optional[Tensor],
+def _scan(path: str, u: Tensor, a: Tensor, c: Tensor, logq: Tensor, resets: Optional[Tensor],
           h_in: Optional[Tensor], block: int, on_state=None) -> tuple[Tensor, Tensor]:
-    if backend == "triton":
-        from megatrain.ops.ema.triton_kernel import ema_scan_triton  # imports triton only when asked for
-        out, state = ema_scan_triton(u, a, c, logq, resets, h_in, block)
+    if path in ("scan", "chunked"):
+        if path == "scan":
+            from megatrain.ops.ema.triton_kernel import ema_scan_triton  # imports triton only when asked for
+            out, state = ema_scan_triton(u, a, c, logq, resets, h_in, block)
+        else:
+            from megatrain.ops.ema.triton_chunked import ema_scan_chunked
+            out, state = ema_scan_chunked(u, a, c, logq, resets, h_in, chunk_length(block, device_row(u)))
         if on_state is not None:  # one fused pass: the state exists only with the output
             on_state(state)
         return out, state
@@ -92,20 +100,21 @@ def _same_document_shift(x: Tensor, lag: int, resets: Optional[Tensor]) -> Tenso
 
 def ema_scan(u: Tensor, a: Tensor, c: Tensor, logq: Tensor, resets: Optional[Tensor] = None,
              h_in: Optional[Tensor] = None, truncation: Optional[int] = None, block: int = 128,
-             backend: str = "torch", on_state: Optional[Callable[[Tensor], None]] = None) -> tuple[Tensor, Tensor]:
+             backend: str = "torch", on_state: Optional[Callable[[Tensor], None]] = None,
+             path: str = "auto") -> tuple[Tensor, Tensor]:
     """The EMA (see the module docstring): (out [B, L, D], state [B, D, N]) in the math dtype.
     `on_state(state)` (no h_in, no truncation) is called with the end state as soon as it exists: before the
     output on the PyTorch path, so a sequence-parallel boundary exchange started there overlaps the output's work."""
     _validate(u, a, c, logq, resets, h_in, truncation, block)
     if on_state is not None and (h_in is not None or truncation is not None):
         raise ValueError("ema_scan: on_state is for a scan from zero state without truncation")
-    backend = resolve_backend(backend, u)
+    path = choose_path(backend, u, path)
     dtype = math_dtype(u.dtype)
     a, c, logq = a.to(dtype), c.to(dtype), logq.to(dtype)
     h_in = None if h_in is None else h_in.to(dtype)
-    out, state = _scan(backend, u, a, c, logq, resets, h_in, block, on_state)
+    out, state = _scan(path, u, a, c, logq, resets, h_in, block, on_state)
     length = u.shape[1]
     if truncation is not None and truncation < length:
-        far, _ = _scan(backend, u, a, c * torch.exp(logq * truncation), logq, resets, None, block)
+        far, _ = _scan(path, u, a, c * torch.exp(logq * truncation), logq, resets, None, block)
         out = out - _same_document_shift(far, truncation, resets)
     return out, state

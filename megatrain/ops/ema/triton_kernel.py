@@ -12,11 +12,12 @@ tests/ops/conftest.py does that for the tests:
 Recurrence (per channel d, EMA dimension n; keep_t = 0 where a document starts at t, h_{-1} = h_in):
     h_t = a u_t + q keep_t h_{t-1},    out_t = sum_n c h_t          (a = p*beta, c = gamma/sqrt(N), q = exp(logq))
 
-Why an in-register recurrence inside a chunk, not a Toeplitz tl.dot: the state is diagonal (every (d, n) decays on
-its own), so the intra-chunk operator is a different C x C Toeplitz matrix per channel applied to one vector --
-a batched mat-vec, which tensor cores cannot take, at C/2 times the FLOPs of the recurrence (C*N per channel per
-chunk vs C^2/2). The op is memory-bound either way; the recurrence reads u once per pass and keeps the [BD, N]
-state in registers (the shape Mamba's selective scan uses). Parallelism over the sequence comes from chunks:
+An in-register recurrence inside a chunk: the state is diagonal (every (d, n) decays on its own), so per chunk the
+intra-chunk operator is a C x C Toeplitz matrix per channel applied to one vector. Across the chunks of a long
+input that matrix is shared, which the chunked kernel (triton_chunked.py) turns into tensor-core matmuls; this
+scan stays the path for short inputs and decode (a few steps, no tile padding): ops/ema/paths.py picks. The
+recurrence reads u once per pass and keeps the [BD, N] state in registers (the shape Mamba's selective scan uses).
+Parallelism over the sequence comes from chunks:
 
 Forward (3 launches): (1) every (row, channel block, chunk) runs its chunk from zero state and writes the end
 state [B, NC, D, N]; (2) one program per (row, channel block) walks the NC chunk states left to right,
