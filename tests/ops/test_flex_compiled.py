@@ -60,11 +60,12 @@ def test_document_block_mask_built_once_per_micro_batch(segment_size, count_bloc
         assert len(count_block_masks) == segments * (step + 1)
 
 
-@pytest.mark.xfail(strict=True, reason="FOUND, not fixed here (megatrain/model/layers.py, struct's area): the "
-                   "recompute of a checkpoint with a custom context_fn is first triggered inside FlexAttention's "
-                   "backward, under compile, and torch.utils.checkpoint asserts 'In torch.compile mode, context_fn "
-                   "... must generate a tuple of two TorchDispatchModes'. On CUDA this is every train step with "
-                   "gradient_checkpointing and kernel_backend auto. Remove this marker with the fix.")
+@pytest.mark.xfail(strict=True, reason="FOUND, not fixed here (megatrain/model/layers.py, struct's area): eager "
+                   "FlexAttention's backward traces its graph (make_fx: a proxy mode) while unpacking saved tensors, "
+                   "which runs the layer checkpoint's recompute under that mode; the nested EMA checkpoint's custom "
+                   "context_fn then fails torch.utils.checkpoint's 'In torch.compile mode, context_fn ... must "
+                   "generate a tuple of two TorchDispatchModes'. CPU with kernel_backend=triton; whether CUDA's "
+                   "compiled (AOT) backward hits it is unverified. Remove this marker with the fix.")
 def test_flex_backward_under_gradient_checkpointing(triton_interpreter, monkeypatch):
     monkeypatch.setattr(flex_mod, "_validate_device", lambda *a: None)
     model = _model("triton", gradient_checkpointing=True).train()
