@@ -22,8 +22,7 @@ def main(argv=None) -> int:
     ap.add_argument("out")
     ap.add_argument("--config", required=True)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("overrides", nargs="*")
-    a = ap.parse_args(argv)
+    a, overrides = ap.parse_known_args(argv)  # dotted.key=value after the options
     import torch
 
     from common import commit, op_backends
@@ -31,7 +30,7 @@ def main(argv=None) -> int:
     from megatrain.model import MegaForCausalLM
     from megatrain.train.metrics import model_flops_per_token
 
-    cfg = load_config(a.config, a.overrides + ["data.shards=unused"])
+    cfg = load_config(a.config, overrides + ["data.shards=unused"])
     m = cfg.model
     with torch.device("meta"):
         n = sum(p.numel() for p in MegaForCausalLM(m).parameters())

@@ -9,7 +9,8 @@
 #
 # Stages, most valuable first (name: limit in s on the GPU; what; -> file in $OUT):
 #   pretrain        launch/pretrain.py, 1 GPU, DeepSpeed ZeRO-2, bf16, 10 steps of 350M at 32K  -> pretrain_metrics.jsonl
-#   model           bf16 train step at 32K/4K/128K: megatrain vs the fair Llama vs transformers MEGA -> model.json
+#   model           bf16 train step at 32K/4K/128K: megatrain vs the fair Llama vs transformers MEGA
+#                   (to 32K)                                                                    -> model.json
 #   bench-ema, bench-attention, bench-lm_loss   each op: PyTorch path vs kernel, 350M shapes     -> ops.json
 #   ops-tests       the CUDA op tests that matter (~6 FlexAttention compiles), compiled kernels vs references
 #   longest         doubling L until OOM or a timed step over the cap: megatrain (offload where host RAM
@@ -99,10 +100,10 @@ want() { [[ " ${STAGES:-pretrain model bench-ema bench-attention bench-lm_loss o
 if ((DRY)); then P_CONFIG=configs/tiny.yaml P_SEQ=32; else P_CONFIG=configs/mega350m_128k.yaml P_SEQ=32768; fi
 if want pretrain; then
     if ((DRY)); then
-        stage pretrain 110 env RUN="$PRETRAIN_RUN" CONFIG=$P_CONFIG SEQ=$P_SEQ VOCAB=64 BACKEND=gloo STEPS=3 \
+        stage pretrain 70 env RUN="$PRETRAIN_RUN" CONFIG=$P_CONFIG SEQ=$P_SEQ VOCAB=64 BACKEND=gloo STEPS=3 \
             bash bench/gpu/pretrain_smoke.sh "$OUT"
     else
-        stage pretrain 110 env RUN="$PRETRAIN_RUN" CONFIG=$P_CONFIG SEQ=$P_SEQ bash bench/gpu/pretrain_smoke.sh "$OUT"
+        stage pretrain 70 env RUN="$PRETRAIN_RUN" CONFIG=$P_CONFIG SEQ=$P_SEQ bash bench/gpu/pretrain_smoke.sh "$OUT"
     fi
     copy_pretrain_metrics
 fi
@@ -112,15 +113,15 @@ M=(); ((DRY)) && M=(--device cpu --tiny --lengths 128 --steps 1)
 want model && stage model 130 python3 bench/gpu/bench_train_gpu.py "${M[@]}" --out "$OUT/model.json"
 
 # 3. each op bench on its own (JSON lines to ops.json as they are measured)
-E=(); A=(); L=()
+E=(); A=(--lengths 32768); L=(); EENV=()  # attention: the 32K goal's shapes only (3 compiles)
 if ((DRY)); then
-    E=(--seq-lens 64 --dim 8 --ndim 2 --repeats 1)
+    E=(--seq-lens 64 --dim 8 --ndim 2 --repeats 1); EENV=(TRITON_INTERPRET=1)
     A=(--config configs/tiny.yaml --lengths 32 --warmup 1 --repeat 1)
     L=(--config configs/tiny.yaml --tokens 128 --exact-tokens 32 --warmup 1 --repeat 1)
 fi
-want bench-ema && stage bench-ema 30 env BENCH_ROWS="$OUT/ops.json" python3 bench/gpu/bench_ema.py "${E[@]}"
-want bench-attention && stage bench-attention 60 env BENCH_ROWS="$OUT/ops.json" python3 bench/gpu/bench_attention.py "${A[@]}"
-want bench-lm_loss && stage bench-lm_loss 25 env BENCH_ROWS="$OUT/ops.json" python3 bench/gpu/bench_lm_loss.py "${L[@]}"
+want bench-ema && stage bench-ema 20 env BENCH_ROWS="$OUT/ops.json" "${EENV[@]}" python3 bench/gpu/bench_ema.py "${E[@]}"
+want bench-attention && stage bench-attention 75 env BENCH_ROWS="$OUT/ops.json" python3 bench/gpu/bench_attention.py "${A[@]}"
+want bench-lm_loss && stage bench-lm_loss 15 env BENCH_ROWS="$OUT/ops.json" python3 bench/gpu/bench_lm_loss.py "${L[@]}"
 
 # 4. the CUDA op tests that matter: FlexAttention fp32 causal (plain, documents, left padding) with every gradient,
 # bf16 error (plain, left padding), the whole model on the kernels -- 6 compiled variants; the EMA kernel and the
@@ -128,17 +129,17 @@ want bench-lm_loss && stage bench-lm_loss 25 env BENCH_ROWS="$OUT/ops.json" pyth
 ATTN_K="(fp32_forward and triton-rotary and (True-none or True-docs or True-left_padding)) or (bf16_error and (True-none or True-left_padding)) or model_flex_backend_equals_torch_backend[True]"
 if want ops-tests; then
     if ((DRY)); then
-        stage ops-tests 90 bash -c "python3 -m pytest -q -p no:cacheprovider tests/ops/test_attention_ops.py -k '$ATTN_K' &&
+        stage ops-tests 140 bash -c "python3 -m pytest -q -p no:cacheprovider tests/ops/test_attention_ops.py -k '$ATTN_K' &&
             python3 -m pytest -q -p no:cacheprovider --collect-only tests/ops/test_ema_ops.py tests/ops/test_lm_loss.py"
     else
-        stage ops-tests 90 env MEGATRAIN_TEST_DEVICE=cuda python3 -m pytest -q -rfEs --durations=8 -p no:cacheprovider \
+        stage ops-tests 140 env MEGATRAIN_TEST_DEVICE=cuda python3 -m pytest -q -rfEs --durations=8 -p no:cacheprovider \
             -k "$ATTN_K or test_lm_loss or test_ema_ops" tests/ops/test_attention_ops.py tests/ops/test_lm_loss.py \
             tests/ops/test_ema_ops.py
     fi
 fi
 
 # 5. the longest trainable context (doubling; stops at OOM or a timed step over the cap)
-G=(--time-cap 30); ((DRY)) && G=(--device cpu --tiny --start-length 128 --max-length 256 --time-cap 600)
+G=(--time-cap 30 --start-length 262144); ((DRY))  # (128K: measured by the model stage) && G=(--device cpu --tiny --start-length 128 --max-length 256 --time-cap 600)
 want longest && stage longest 60 python3 bench/gpu/bench_train_gpu.py --longest --impls megatrain,llama --offload \
     "${G[@]}" --out "$OUT/longest.json"
 exit 0

@@ -15,13 +15,16 @@ import re
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# seconds per compiled graph on the GPU (a FlexAttention fwd+bwd variant: 10-25 s on an H100, the upper end)
-COMPILE_S = 25
-# seconds of each stage's work besides compiling, on one H200 (README: where each number comes from)
-OTHER_S = {"pretrain": 70, "model": 70, "bench-ema": 20, "bench-attention": 25, "bench-lm_loss": 15,
-           "ops-tests": 25, "longest": 30}
-# compiles a dry run cannot count: ops-tests' EMA/Liger kernels are Triton (not dynamo) compiles, ~2 s each
-EXTRA_COMPILES = {}
+# seconds per compiled graph on the GPU: a FlexAttention fwd+bwd variant, 10-25 s on an H100 (issue #15's reading
+# of the ops tests); on this CPU the forward alone measured 94 s on a loaded machine (tests/ops/test_flex_compiled.py)
+COMPILE_S = 20
+# seconds of each stage's work besides compiling, on one H200 (estimates; bench/gpu/README.md says what each holds)
+OTHER_S = {"pretrain": 50, "model": 70, "bench-ema": 20, "bench-attention": 15, "bench-lm_loss": 15,
+           "ops-tests": 20, "longest": 20}
+# compiles a CPU dry run cannot count: there the model's attention is the PyTorch path (kernel_backend auto), and
+# FlexAttention under gradient checkpointing fails on CPU (xfail in tests/ops/test_flex_compiled.py). On CUDA: one
+# variant per (sequence length, mask kind) and process -- the no-recompile test shows one graph per fixed length.
+EXPECTED_COMPILES = {"pretrain": 1, "model": 3, "longest": 2}
 
 
 def limits() -> dict:
@@ -43,7 +46,7 @@ def main(out: str) -> int:
     print(f"{'stage':<16}{'compiles':>9}{'x s':>5}{'other s':>9}{'model s':>9}{'limit s':>9}{'dry-run s':>11}")
     bad = 0
     for st, limit in lim.items():
-        n = graphs[st] + EXTRA_COMPILES.get(st, 0)
+        n = max(graphs[st], EXPECTED_COMPILES.get(st, 0))
         model = n * COMPILE_S + OTHER_S.get(st, 0)
         flag = "  OVER" if model > limit else ""
         bad |= model > limit
