@@ -29,7 +29,7 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFOR
 export CHECK_COMMIT
 CHECK_COMMIT=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
 [[ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]] && CHECK_COMMIT+="-dirty"
-PRETRAIN_RUN=$(mktemp -d /tmp/gpucheck-run.XXXXXX)
+PRETRAIN_RUN=${PRETRAIN_RUN:-$(mktemp -d /tmp/gpucheck-run.XXXXXX)}  # (a test watches it to kill the stage)
 
 # The device image has torch + triton but not deepspeed/webdataset, and transformers 5.x (no MEGA): carried wheels.
 if ((!DRY)) && compgen -G ".whl/*.whl" >/dev/null; then
@@ -53,8 +53,15 @@ copy_pretrain_metrics() {  # also after a killed stage: every step the trainer l
     python3 bench/gpu/annotate_metrics.py "$PRETRAIN_RUN/metrics.jsonl" "$OUT/pretrain_metrics.jsonl" \
         --config "$P_CONFIG" "data.seq_len=$P_SEQ" >>"$LOG" 2>&1 || cp "$PRETRAIN_RUN/metrics.jsonl" "$OUT/pretrain_metrics.jsonl"
 }
+stop_stage() {  # TERM the running stage's process group, KILL what is left after 10 s (a trainer saving)
+    [ -n "$STAGE_PID" ] || return 0
+    kill -TERM -- "-$STAGE_PID" 2>/dev/null
+    for _ in $(seq 20); do kill -0 -- "-$STAGE_PID" 2>/dev/null || break; sleep 0.5; done
+    kill -KILL -- "-$STAGE_PID" 2>/dev/null
+    echo "=== stage stopped by a signal to check.sh after ${SECONDS}s" >>"$LOG"
+}
 on_exit() {
-    [ -n "$STAGE_PID" ] && kill -TERM -- "-$STAGE_PID" 2>/dev/null
+    stop_stage
     copy_pretrain_metrics
     rm -rf "$PRETRAIN_RUN"
     echo "=== done after ${SECONDS}s $(date -u +%T)" >>"$LOG"
@@ -100,7 +107,7 @@ want() { [[ " ${STAGES:-pretrain model bench-ema bench-attention bench-lm_loss o
 if ((DRY)); then P_CONFIG=configs/tiny.yaml P_SEQ=32; else P_CONFIG=configs/mega350m_128k.yaml P_SEQ=32768; fi
 if want pretrain; then
     if ((DRY)); then
-        stage pretrain 70 env RUN="$PRETRAIN_RUN" CONFIG=$P_CONFIG SEQ=$P_SEQ VOCAB=64 BACKEND=gloo STEPS=3 \
+        stage pretrain 70 env RUN="$PRETRAIN_RUN" CONFIG=$P_CONFIG SEQ=$P_SEQ VOCAB=64 BACKEND=gloo STEPS=${P_STEPS:-3} \
             bash bench/gpu/pretrain_smoke.sh "$OUT"
     else
         stage pretrain 70 env RUN="$PRETRAIN_RUN" CONFIG=$P_CONFIG SEQ=$P_SEQ bash bench/gpu/pretrain_smoke.sh "$OUT"

@@ -7,8 +7,10 @@ Run: PYTHONPATH=. python -m pytest -q tests/bench/test_gpu_check.py      (the dr
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -90,3 +92,31 @@ def test_offload_pins_power_of_two_blocks_per_piece():
     assert bench_train_gpu.offload_pinned_bytes(cfg, 3 * 64, 2) == layers * 512 * d  # 384 D bytes -> 512 D
     seg = cfg.replace(segment_size=128)
     assert bench_train_gpu.offload_pinned_bytes(seg, 1024, 2) == layers * 8 * 256 * d
+
+
+@pytest.mark.slow
+def test_a_killed_check_keeps_the_pretrain_steps_it_logged(tmp_path):
+    # the device tool's timeout sends TERM: the EXIT trap must end the running stage and copy what the trainer
+    # logged (before: the copy ran only after a successful run, under set -e)
+    run = tmp_path / "run"
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHONPATH=ROOT, STAGES="pretrain", P_STEPS="100000",
+               PRETRAIN_RUN=str(run))
+    p = subprocess.Popen(["bash", os.path.join(ROOT, "bench/gpu/check.sh"), "--dry-run"], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and p.poll() is None:
+            if (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 2:
+                break
+            time.sleep(1)
+        assert p.poll() is None, "the pretrain stage ended before it could be killed"
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=120) == 143
+    finally:
+        if p.poll() is None:
+            p.kill()
+    rows = _rows(tmp_path / "out" / "pretrain_metrics.jsonl")
+    assert len(rows) >= 2 and all(r["commit"] and r["flops_per_token"] > 0 for r in rows)
+    assert not run.exists()  # the trap cleaned up; and no trainer is left running:
+    ps = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
+    assert ps == [], ps
