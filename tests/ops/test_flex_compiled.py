@@ -112,3 +112,10 @@ def test_compiled_forward_matches_pytorch_path_and_never_recompiles(triton_inter
                     graphs = counters["stats"]["unique_graphs"]
                     assert graphs >= 1, "flex_attention was not compiled"
                 assert counters["stats"]["unique_graphs"] == graphs, f"{name} call {call} recompiled"
+
+
+def test_unknown_compile_mode_is_a_one_line_error(monkeypatch):
+    monkeypatch.setenv("MEGATRAIN_FLEX_COMPILE", "fast")
+    q = torch.randn(1, 1, 8, 4)
+    with pytest.raises(ValueError, match="MEGATRAIN_FLEX_COMPILE='fast': expected one of inductor, eager"):
+        flex_path.flex_chunk_attention(q, q, q, torch.zeros(8, 8), scale=0.5, causal=True)
