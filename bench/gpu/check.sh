@@ -146,7 +146,8 @@ if want ops-tests; then
 fi
 
 # 5. the longest trainable context (doubling; stops at OOM or a timed step over the cap)
-G=(--time-cap 30 --start-length 262144); ((DRY))  # (128K: measured by the model stage) && G=(--device cpu --tiny --start-length 128 --max-length 256 --time-cap 600)
+G=(--time-cap 30 --start-length 262144)  # (128K: measured by the model stage)
+((DRY)) && G=(--device cpu --tiny --start-length 128 --max-length 256 --time-cap 600)
 want longest && stage longest 60 python3 bench/gpu/bench_train_gpu.py --longest --impls megatrain,llama --offload \
     "${G[@]}" --out "$OUT/longest.json"
 exit 0
