@@ -1,4 +1,4 @@
-"""megatrain vs transformers 4.57.6 MEGA on CPU: train-step tokens/s and peak memory, identical weights.
+"""megatrain vs transformers 4.57.6 MEGA (and a same-size Llama) on CPU: train-step tokens/s, FLOP/s, peak memory.
 
     python bench/bench_model.py                                   # L = 4K, 16K, 32K; table, then one JSON object
     python bench/bench_model.py --seq-lens 1024 --steps 1         # smoke run
@@ -7,6 +7,7 @@
     python bench/bench_model.py --profile megatrain --seq-lens 4096   # where one train step's time goes (top ops)
     python bench/bench_model.py --ema                             # the EMA sublayer alone, megatrain vs HF
     python bench/bench_model.py --autocast bf16 --seq-lens 16384  # forward under bf16 autocast (other precision)
+    python bench/bench_model.py --impls megatrain,llama --modes speed --seq-lens 4096,32768   # "why MEGA" on CPU
 
 The HF model (config below, seed 0) is saved with `save_pretrained` to a temporary folder; megatrain loads that
 folder with `megatrain.hf.load_hf`, so both run the same weights on the same tokens (the first-step losses
@@ -22,6 +23,13 @@ Two kinds of run per (implementation, L):
 Each worker runs under an address-space limit (`--mem-limit-gb`): a run that does not fit fails with an
 out-of-memory error instead of the kernel OOM killer taking neighbours' processes.
 
+Speed runs also report the achieved FLOP/s (flops_per_token from megatrain.train.metrics.model_flops_per_token, via
+bench/gpu/bench_train_gpu.py's flops_per_token, x tokens/s) and the fraction it is of this CPU's *measured* fp32
+GEMM rate at the model's own matmul shapes (every projection and the LM head at M = min(L, 4096) rows, same thread
+count, timed in the same process after the steps): "close to the limit" as a number. `llama` is a transformers
+Llama of the same width, depth, vocabulary and parameter count (bench_train_gpu.llama_model: SDPA, flash backend
+on CPU too, no gradient checkpointing, logits + cross-entropy as transformers computes them), random weights.
+
 Config (from the issue): vocab 8192, hidden 256, 4 layers, intermediate 512, nffn 512, ema_projection 16,
 shared_repr 64, chunk 256, causal (is_decoder, unidirectional EMA), dropout 0. Goals: >= 4x HF tokens/s at 16K;
 <= 1/9 of HF peak memory at 32K. Variants: `megatrain` (defaults), `megatrain-ckpt` (gradient_checkpointing=True);
@@ -30,6 +38,7 @@ both ask for the loss only (`return_logits=False`: blockwise loss, no [L, V] log
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import inspect
 import json
@@ -42,7 +51,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IMPLS = ("megatrain", "megatrain-ckpt", "hf")
+IMPLS = ("megatrain", "megatrain-ckpt", "hf", "llama")
+sys.path.insert(0, os.path.join(ROOT, "bench", "gpu"))  # bench_train_gpu: the Llama and flops_per_token
 MODES = ("speed", "memory")
 LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
 
@@ -114,9 +124,19 @@ def worker(a) -> dict:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     import torch
     torch.set_num_threads(a.threads)
+    sys.path.insert(0, ROOT)
+    from bench_train_gpu import flops_per_token, llama_model
+    from megatrain.model import MegaConfig
+    mcfg = MegaConfig(**HF_CONFIG)
+    sdpa = contextlib.nullcontext
     if a.worker == "hf":
         from transformers.models.deprecated.mega.modeling_mega import MegaForCausalLM
         model = MegaForCausalLM.from_pretrained(a.model_dir)
+    elif a.worker == "llama":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        torch.manual_seed(0)
+        model, _ = llama_model(mcfg, a.seq_len, "cpu", checkpointing=False)
+        sdpa = lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION])  # noqa: E731
     else:
         sys.path.insert(0, ROOT)
         from megatrain.hf import load_hf
@@ -135,7 +155,7 @@ def worker(a) -> dict:
     def step() -> float:
         opt.zero_grad(set_to_none=True)
         # autocast around the forward only (backward follows the forward's dtypes), as torch recommends
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.autocast == "bf16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.autocast == "bf16"), sdpa():
             loss = model(input_ids=ids, labels=ids, **loss_only).loss
         loss.backward()
         opt.step()
@@ -166,7 +186,39 @@ def worker(a) -> dict:
     if a.mode == "speed":
         tokens = steps * a.seq_len
         out.update(tokens_per_s=tokens / wall, tokens_per_cpu_s=tokens / cpu, step_s=wall / steps)
+        n_params = sum(p.numel() for p in model.parameters())
+        fpt = flops_per_token("llama" if a.worker == "llama" else "megatrain", mcfg, n_params, a.seq_len)
+        gemm = gemm_rate(matmul_shapes(a.worker, model, min(a.seq_len, 4096)))
+        out.update(flops_per_token=fpt, gflops=fpt * out["tokens_per_s"] / 1e9, gemm_gflops=gemm / 1e9,
+                   of_gemm=fpt * out["tokens_per_s"] / gemm)
     return out
+
+
+def matmul_shapes(impl: str, model, m: int) -> list[tuple[int, int, int]]:
+    """(M, K, N) of every projection and the LM head of one layer stack at M rows: the matmuls 6 N counts."""
+    import torch
+    shapes = [(m, mod.in_features, mod.out_features) for mod in model.modules() if isinstance(mod, torch.nn.Linear)]
+    emb = model.get_input_embeddings().weight
+    if not any(n == emb.shape[0] for _, _, n in shapes):  # a tied LM head is no nn.Linear of its own
+        shapes.append((m, emb.shape[1], emb.shape[0]))
+    return shapes
+
+
+def gemm_rate(shapes, repeat: int = 3) -> float:
+    """This CPU's fp32 FLOP/s on these matmul shapes (total FLOPs / total best-of-`repeat` time), this process's
+    thread count: the ceiling a train step of these shapes could reach."""
+    import torch
+    flops = secs = 0.0
+    for m, k, n in shapes:
+        x, w = torch.randn(m, k), torch.randn(k, n)
+        x @ w  # warm-up
+        best = float("inf")
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            x @ w
+            best = min(best, time.perf_counter() - t0)
+        flops, secs = flops + 2.0 * m * k * n, secs + best
+    return flops / secs
 
 
 def run_one(a, impl: str, seq_len: int, mode: str, model_dir: str) -> dict:
@@ -206,8 +258,11 @@ def merge(results: list[dict]) -> list[dict]:
             mine, ref = row.get(mode, {}), hf.get(mode, {})
             if mine.get("status") == "ok" and ref.get("status") == "ok":
                 row[out] = mine[key] / ref[key]
+        llama = rows.get((L, "llama", ac), {}).get("speed", {})
+        if impl != "llama" and row.get("speed", {}).get("status") == "ok" and llama.get("status") == "ok":
+            row["speedup_vs_llama"] = row["speed"]["tokens_per_s"] / llama["tokens_per_s"]
         mine, ref = row.get("speed", row.get("memory", {})), hf.get("speed", hf.get("memory", {}))
-        if "loss0" in mine and "loss0" in ref:
+        if "loss0" in mine and "loss0" in ref and impl != "llama":  # (the Llama has other weights)
             row["loss0_abs_diff_vs_hf"] = abs(mine["loss0"] - ref["loss0"])
     order = {impl: i for i, impl in enumerate(IMPLS)}
     return sorted(rows.values(), key=lambda r: (r["seq_len"], r["autocast"] != "none", order.get(r["impl"], 99)))
@@ -219,8 +274,8 @@ def ac_label(row: dict) -> str:
 
 
 def table(rows: list[dict], markdown: bool) -> str:
-    head = ["L", "impl", "tok/s", "tok/CPU-s", "vs HF (wall)", "vs HF (CPU)", "peak RSS MB", "vs HF",
-            "peak live MB", "vs HF", "live - loaded MB", "vs HF", "loss0 diff vs HF"]
+    head = ["L", "impl", "tok/s", "tok/CPU-s", "vs HF (wall)", "vs HF (CPU)", "vs Llama", "GFLOP/s", "of GEMM",
+            "peak RSS MB", "vs HF", "peak live MB", "vs HF", "live - loaded MB", "vs HF", "loss0 diff vs HF"]
 
     def cell(run: dict, key: str, spec: str) -> str:
         if not run:
@@ -240,7 +295,9 @@ def table(rows: list[dict], markdown: bool) -> str:
         lines.append([
             str(row["seq_len"]), row["impl"] + ac_label(row), cell(speed, "tokens_per_s", ".0f"),
             cell(speed, "tokens_per_cpu_s", ".0f"), ratio(row, "speedup_vs_hf", False),
-            ratio(row, "cpu_speedup_vs_hf", False), cell(speed, "peak_rss_mb", ".0f"), ratio(row, "rss_vs_hf", True),
+            ratio(row, "cpu_speedup_vs_hf", False), ratio(row, "speedup_vs_llama", False),
+            cell(speed, "gflops", ".1f"), cell(speed, "of_gemm", ".0%"),
+            cell(speed, "peak_rss_mb", ".0f"), ratio(row, "rss_vs_hf", True),
             cell(memory, "peak_rss_mb", ".0f"), ratio(row, "live_vs_hf", True),
             cell(memory, "step_mb", ".0f"), ratio(row, "step_vs_hf", True),
             f"{row['loss0_abs_diff_vs_hf']:.1e}" if "loss0_abs_diff_vs_hf" in row else "-",

@@ -1,7 +1,8 @@
 """MEGA chunk attention on one GPU: the PyTorch path vs FlexAttention (kernel_backend 'triton'), forward+backward.
 
     python bench/gpu/bench_attention.py                                # 350M config, L = 4K, 32K, 128K, bf16
-    python bench/gpu/bench_attention.py --lengths 4096 --v-head-max 128,256,512 --json attn.json
+    python bench/gpu/bench_attention.py --lengths 4096 --v-head-max 128,256,512
+    MEGATRAIN_BENCH_CPU_SMOKE=1 python bench/gpu/bench_attention.py --config configs/tiny.yaml --lengths 64,128
 
 Shapes from the config (configs/mega350m_128k.yaml: Z = shared_representation_size 256, E = intermediate_size
 2048, chunk 2048, rotary bias): q, k [1, L/C, C, Z], v [1, L/C, C, E], the [C, C] bias built from the rotary
@@ -10,7 +11,8 @@ Masks: "causal" (the CLM case) and "causal+pad" (left padding in the first chunk
 materialises scores and probabilities). Per (L, mask, path): median ms of forward+backward, peak allocated MiB
 above the inputs. Exactness first, at the smallest L: each path's output and gradients in bf16 (and fp32) against
 the fp32 reference (megatrain.ops.attention.reference), max abs error, next to the plain-PyTorch bf16 error.
-No CUDA: one line, exit 0. Prints one JSON object.
+No CUDA: one line, exit 0. Every row is one JSON line (bench "attention-exactness" / "attention"), printed and
+appended to $BENCH_ROWS as soon as it is measured (bench/gpu/common.py).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import common  # noqa: E402
-from common import emit, measure, model_config, require_cuda  # noqa: E402
+from common import measure, model_config, require_cuda, row  # noqa: E402
 
 
 def _inputs(cfg, length, dtype, seed=0):
@@ -76,8 +78,7 @@ def _fwd_bwd(run, q, k, v, rel, grad_out=None):
     return [out] + list(grads)
 
 
-def exactness(cfg, length, v_head_max):
-    rows = {}
+def exactness(cfg, length, v_head_max, head):
     want = None
     for dtype in (torch.float32, torch.bfloat16):
         q, k, v, rel, km = _inputs(cfg, length, dtype)
@@ -86,14 +87,14 @@ def exactness(cfg, length, v_head_max):
         if want is None:  # fp32 reference, the first dtype
             want = [t.detach().double() for t in _fwd_bwd(_fn("reference", cfg, True, km), q, k, v, rel, gout)]
         for path in ("reference", "torch", "flex"):
+            rec = {**head, "path": path, "dtype": str(dtype).split(".")[-1], "L": length}
             try:
                 got = _fwd_bwd(_fn(path, cfg, True, km, v_head_max), q, k, v, rel, gout)
                 errs = [(a.detach().double() - w).abs().max().item() for a, w in zip(got, want)]
-                rows[f"{path}/{str(dtype).split('.')[-1]}"] = dict(zip(["out", "dq", "dk", "dv", "dalpha", "dbeta"],
-                                                                       errs))
+                rec["max_abs_err_vs_fp32_reference"] = dict(zip(["out", "dq", "dk", "dv", "dalpha", "dbeta"], errs))
             except Exception as e:
-                rows[f"{path}/{str(dtype).split('.')[-1]}"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-    return rows
+                rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            row("attention-exactness", rec)
 
 
 def main(argv=None):
@@ -103,7 +104,6 @@ def main(argv=None):
     ap.add_argument("--v-head-max", default="256", help="comma list: flex value-slice widths to try")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--json", default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
     require_cuda("bench_attention")
     if common.SMOKE:  # FlexAttention backward is refused on CPU; the smoke run checks the script, as the tests do
@@ -112,23 +112,20 @@ def main(argv=None):
     cfg = model_config(args.config)
     lengths = [int(x) for x in args.lengths.split(",")]
     v_heads = [int(x) for x in args.v_head_max.split(",")]
-    result = {"device": common.device_name(), "torch": torch.__version__, "config": args.config,
-              "Z": cfg.shared_representation_size, "E": cfg.intermediate_size, "chunk": cfg.chunk_size,
-              "dtype": "bf16", "exactness_L": lengths[0],
-              "exactness_max_abs_err_vs_fp32_reference": exactness(cfg, lengths[0], v_heads[0]), "runs": []}
+    head = {"device": common.device_name(), "torch": torch.__version__, "config": args.config,
+            "Z": cfg.shared_representation_size, "E": cfg.intermediate_size, "chunk": cfg.chunk_size}
+    exactness(cfg, lengths[0], v_heads[0], head)
     for length in lengths:
         q, k, v, rel, km = _inputs(cfg, length, torch.bfloat16)
         for mask_name, key_mask in (("causal", None), ("causal+pad", km)):
             paths = [("torch", None)] + [(f"flex/v{h}", h) for h in v_heads]
             for name, vh in paths:
                 run = _fn("flex" if vh else "torch", cfg, True, key_mask, vh)
-                row = {"L": length, "mask": mask_name, "path": name}
-                row.update(measure(lambda: _fwd_bwd(run, q, k, v, rel), args.warmup, args.repeat))
-                result["runs"].append(row)
-                print(row, file=sys.stderr, flush=True)
+                rec = {**head, "dtype": "bf16", "L": length, "mask": mask_name, "path": name}
+                rec.update(measure(lambda: _fwd_bwd(run, q, k, v, rel), args.warmup, args.repeat))
+                row("attention", rec)
         del q, k, v, rel, km
         common.empty_cache()
-    emit(result, args.json)
 
 
 if __name__ == "__main__":

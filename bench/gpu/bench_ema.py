@@ -2,7 +2,8 @@
 what `auto` picks (ops/ema/paths.py) -- forward and forward+backward (CUDA only).
 
     python bench/gpu/bench_ema.py                                  # 350M config, L = 4K/32K/128K, bf16 input
-    python bench/gpu/bench_ema.py --seq-lens 4096 --repeats 3 --doc-len 1024 --json ema.json
+    python bench/gpu/bench_ema.py --seq-lens 4096 --repeats 3 --doc-len 1024
+    MEGATRAIN_BENCH_CPU_SMOKE=1 python bench/gpu/bench_ema.py --seq-lens 256 --dim 32 --ndim 4 --repeats 1
 
 Measures `megatrain.ops.ema.ema_scan` (one call = one direction over D channels; the 350M config's bidirectional
 EMA is hidden 1024 x 2 directions = D 2048, N 16) at B = 1 with u in bf16 (the chunked kernel's tensor-core mode;
@@ -11,19 +12,25 @@ blocked, triton = the scan kernel, chunked, chunked-inplace, auto): forward (no 
 (CUDA events, median of --repeats after a warm-up that also compiles), peak GPU memory of forward+backward, the
 largest difference of out and d u from the first path's, relative to their scale (a correctness sanity check on
 real hardware), and the path `auto` picks at that length. The rows are what ops/ema/paths.py's table is filled
-from. Prints a table, then one JSON object. Without CUDA it prints one line saying so and exits 0.
+from. Each (length, path) is one JSON line (bench "ema"), printed and appended to $BENCH_ROWS as soon as it is
+measured (bench/gpu/common.py). Without CUDA it prints one line saying so and exits 0 (nothing measured);
+MEGATRAIN_BENCH_CPU_SMOKE=1 runs the script on CPU (wall-clock timing, the Triton kernels under TRITON_INTERPRET=1):
+a check of the script, not a number.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
+import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import common  # noqa: E402
+from common import row  # noqa: E402
 from megatrain.ops.ema import choose_path, ema_scan  # noqa: E402
 
 # --backends name -> ema_scan's (backend, path); chunked-inplace: the chunked kernels on [B, L, D] directly (stride-D
@@ -40,6 +47,8 @@ def run_path(name: str, u, a, c, logq, resets, block: int):
         return ema_scan_chunked(u, a, c, logq, resets, None, chunk_length(block, device_row(u)), channel_major=False)
     return ema_scan(u, a, c, logq, resets, block=block, backend=backend, path=path)
 
+DEV = common.DEVICE
+
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -53,7 +62,6 @@ def parse_args(argv=None):
     ap.add_argument("--backends", default="torch,triton,chunked,chunked-inplace",
                     help="paths: torch (blocked), triton (scan kernel), chunked (tensor-core kernel), "
                          "chunked-inplace (its [B, L, D] layout), auto (the table)")
-    ap.add_argument("--json", default=None, help="also write the JSON object to this file")
     args = ap.parse_args(argv)
     try:
         args.seq_lens = [int(v) for v in args.seq_lens.split(",")]
@@ -68,8 +76,8 @@ def parse_args(argv=None):
 
 
 def inputs(args, length: int):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    dev = "cuda"
+    g = torch.Generator(device=DEV).manual_seed(0)
+    dev = DEV
     u = torch.randn(args.batch, length, args.dim, device=dev, generator=g).to(torch.bfloat16)
     a = torch.randn(args.dim, args.ndim, device=dev, generator=g)
     c = torch.randn(args.dim, args.ndim, device=dev, generator=g) / args.ndim ** 0.5
@@ -85,9 +93,14 @@ def inputs(args, length: int):
 
 def timed(fn, repeats: int) -> float:
     fn()  # warm-up (and Triton compile)
-    torch.cuda.synchronize()
+    common._sync()
     times = []
     for _ in range(repeats):
+        if common.SMOKE:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -101,7 +114,7 @@ def measure(args, length: int, name: str) -> tuple[dict, list]:
     backend, path = PATHS[name]
     u, a, c, logq, resets = inputs(args, length)
     leaves = [t.requires_grad_() for t in (u, a, c, logq)]
-    gout = torch.randn(args.batch, length, args.dim, device="cuda")
+    gout = torch.randn(args.batch, length, args.dim, device=DEV)
 
     def forward():
         with torch.no_grad():
@@ -114,48 +127,40 @@ def measure(args, length: int, name: str) -> tuple[dict, list]:
     fwd = timed(forward, args.repeats)
     for t in leaves:
         t.grad = None
-    torch.cuda.reset_peak_memory_stats()
+    if not common.SMOKE:
+        torch.cuda.reset_peak_memory_stats()
     fwd_bwd = timed(forward_backward, args.repeats)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30
+    peak = 0.0 if common.SMOKE else torch.cuda.max_memory_allocated() / 2 ** 30
     for t in leaves:
         t.grad = None
     forward_backward()
     results = [forward()[0].float(), u.grad.float()]
     # auto_picks: the path `auto` takes at this length (ops/ema/paths.py), to hold against the measured rows
-    row = dict(seq_len=length, backend=name, path=choose_path(backend, u, path), auto_picks=choose_path("auto", u),
+    rec = dict(seq_len=length, backend=name, path=choose_path(backend, u, path), auto_picks=choose_path("auto", u),
                fwd_ms=round(fwd, 3), fwd_bwd_ms=round(fwd_bwd, 3), peak_gb=round(peak, 3))
-    return row, results
+    return rec, results
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_ema: no CUDA device here; this benchmark measures GPU kernels only (nothing measured)")
-        return 0
-    rows = []
-    print(f"{'L':>8} {'backend':>8} {'fwd ms':>9} {'fwd+bwd ms':>11} {'peak GB':>8} {'rel diff out / du':>18}")
+    common.require_cuda("bench_ema")
+    if common.SMOKE and any(b != "torch" for b in args.backends):
+        os.environ["TRITON_INTERPRET"] = "1"  # (read per call by megatrain.ops.backend; set before triton loads)
+    head = dict(device=common.device_name(), torch=torch.__version__, batch=args.batch, dim=args.dim,
+                ndim=args.ndim, input_dtype="bfloat16", block=args.block, doc_len=args.doc_len, repeats=args.repeats)
     for length in args.seq_lens:
         results = {}
         for backend in args.backends:
-            row, results[backend] = measure(args, length, backend)
-            rows.append(row)
-            diff = ""
-            if len(results) >= 2:
+            try:
+                rec, results[backend] = measure(args, length, backend)
+            except Exception as e:  # one failing path must not hide the others' numbers
+                rec = dict(seq_len=length, backend=backend, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            if len(results) >= 2 and backend in results and args.backends[0] in results:
                 (ref_out, ref_du), (out, du) = results[args.backends[0]], results[backend]
                 rel = [((x - y).abs().max() / y.abs().max()).item() for x, y in ((out, ref_out), (du, ref_du))]
-                row["rel_diff_out"], row["rel_diff_du"] = (float(f"{r:.3g}") for r in rel)
-                diff = f"{rel[0]:.2e} / {rel[1]:.2e}"
-            print(f"{length:>8} {backend:>8} {row['fwd_ms']:>9.3f} {row['fwd_bwd_ms']:>11.3f} {row['peak_gb']:>8.3f} "
-                  f"{diff:>18}", flush=True)
-            torch.cuda.empty_cache()
-    report = dict(bench="ema-gpu", device=torch.cuda.get_device_name(), torch=torch.__version__,
-                  batch=args.batch, dim=args.dim, ndim=args.ndim, input_dtype="bfloat16", block=args.block,
-                  doc_len=args.doc_len, repeats=args.repeats, rows=rows)
-    text = json.dumps(report)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+                rec["rel_diff_out"], rec["rel_diff_du"] = (float(f"{r:.3g}") for r in rel)
+            row("ema", {**head, **rec})
+            common.empty_cache()
     return 0
 
 

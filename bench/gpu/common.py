@@ -1,11 +1,18 @@
-"""Helpers of the GPU micro-benchmarks: the CUDA check, timing with CUDA events, peak memory, errors as rows.
+"""Helpers of the GPU benchmarks: the CUDA check, timing, peak memory, errors as rows, rows streamed as they exist.
 
-    from common import emit, measure, model_config, require_cuda   # (scripts put bench/gpu on sys.path)
+    from common import measure, model_config, require_cuda, row   # (scripts put bench/gpu on sys.path)
+    row("attention", {"L": 4096, "path": "flex", "ms": 1.2})      # one JSON line: stdout, and appended to $BENCH_ROWS
+
+Every measured row is written the moment it exists (bench/gpu/check.sh points BENCH_ROWS at a file in $OUT), so a
+stage killed at its time limit keeps what it measured. Each row carries the commit and, for model rows, the op
+backends as resolved on this device (op_backends) -- `auto` chooses silently, so the row says what ran.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -69,9 +76,49 @@ def measure(step, warmup: int, repeat: int) -> dict:
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
 
 
-def emit(result: dict, path: str | None) -> None:
-    text = json.dumps(result, indent=1)
-    print(text)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@functools.lru_cache(maxsize=None)
+def commit() -> str:
+    """The checkout's commit (+ "-dirty" when tracked files differ); CHECK_COMMIT where there is no .git."""
+    if os.environ.get("CHECK_COMMIT"):
+        return os.environ["CHECK_COMMIT"]
+    try:
+        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head + "-dirty" * bool(dirty)) if head else "unknown"
+
+
+def op_backends(kernel_backend: str, device, attention_activation: str = "softmax",
+                attention_dropout: float = 0.0) -> dict:
+    """What each op of the model runs on `device` for this kernel_backend, after `auto` has chosen."""
+    import torch
+
+    from megatrain.ops.attention import kernel_covers
+    from megatrain.ops.backend import resolve_backend
+    from megatrain.ops.lm_loss import loss_backend
+
+    x = torch.empty(1, device=device)
+    kb = resolve_backend(kernel_backend, x)
+    flex = os.environ.get("MEGATRAIN_FLEX_COMPILE") or ("inductor" if x.is_cuda else "none")
+    return {"ema": "triton" if kb == "triton" else "torch_blocked",
+            "attention": (f"flex(compile={flex})" if kb == "triton" and
+                          kernel_covers(attention_activation, attention_dropout) else "torch"),
+            "lm_loss": "liger" if loss_backend(kernel_backend, x) == "triton" else "blockwise"}
+
+
+def row(bench: str, rec: dict) -> dict:
+    """One measured row: printed as a JSON line and appended to $BENCH_ROWS at once (nothing is held back)."""
+    out = {"bench": bench, **rec, "commit": commit(), "utc": time.strftime("%H:%M:%S", time.gmtime())}
+    text = json.dumps(out, default=str)
+    print(text, flush=True)
+    path = os.environ.get("BENCH_ROWS")
     if path:
-        with open(path, "w") as f:
+        with open(path, "a") as f:
             f.write(text + "\n")
+    return out
