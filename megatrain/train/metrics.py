@@ -141,6 +141,19 @@ class MetricsLogger:
         if step % self.print_every == 0 or step == self.total:
             print(self._line(rec, now), file=self.stream, flush=True)
 
+    def log_other(self, rec: dict, tb_prefix: str, line: str) -> None:
+        """Another record of a step (e.g. held-out evaluation, megatrain/eval): its metrics.jsonl line, its numbers
+        as TensorBoard ``tb_prefix/<key without "eval_">`` scalars, and its console line, printed always."""
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(rec) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)) and v is not None:
+                    self._tb.add_scalar(f"{tb_prefix}/{k.split('_', 1)[-1]}", v, rec["step"])
+        print(line, file=self.stream, flush=True)
+
     def _line(self, rec: dict, now: float) -> str:
         step, loss, gn = rec["step"], rec.get("loss"), rec.get("grad_norm")
         head = f"step {step}"
