@@ -34,10 +34,11 @@ LOSS_BLOCK = 1024  # positions per LM-head block of the per-token path: one [blo
 
 
 def position_bins(seq_len: int) -> list:
-    """Log-spaced [lo, hi) bins covering positions 1..seq_len: [1, 2), [2, 4), ..., the last one closed at L."""
+    """Log-spaced [lo, hi) bins covering positions 1..seq_len: [1, 2), [2, 4), ..., [2^k, L + 1) (the last one
+    takes L itself: L/2..L for a power of two)."""
     bins, lo = [], 1
     while lo <= seq_len:
-        hi = min(2 * lo, seq_len + 1)
+        hi = 2 * lo if 2 * lo < seq_len else seq_len + 1
         bins.append((lo, hi))
         lo = hi
     return bins

@@ -1,0 +1,107 @@
+"""Passkey retrieval (the protocol of the landmark-attention / LongLoRA evaluations): filler text, a random 5-digit
+key stated at depth d of a context of L tokens, a question at the end, greedy decoding, exact match.
+
+    from megatrain.eval.passkey import PasskeyFormat, passkey_eval
+    fmt = PasskeyFormat.from_tokenizer(sp)            # sentencepiece: the English prompt below, digits one id each
+    rows = passkey_eval(model, fmt, lengths=[256, 1024], depths=DEPTHS, trials=10)
+    # [{"length", "depth", "accuracy", "trials"}]
+
+A prompt of exactly L tokens: filler (repeated, cut to fit) with the key sentence inserted after round(d x F)
+filler tokens (F = the filler tokens of the prompt: d = 0 the start, 1 right before the question), then the question;
+the model answers with 5 tokens by greedy decoding (megatrain.generate); a trial is right when they are the key's
+digits. Keys come from a generator seeded by (seed, L, d): the same prompts every time. Under several ranks the
+(L, d) cells are shared out, each cell run whole on one rank (a prompt must fit one device), results gathered.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatrain.model.generate import generate
+
+DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+KEY_DIGITS = 5
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+BEFORE_KEY = "The pass key is "
+AFTER_KEY = ". Remember it. The pass key is the number above. "
+QUESTION = "What is the pass key? The pass key is "
+
+
+@dataclass
+class PasskeyFormat:
+    """Token ids of the prompt's parts; `digits[k]` is the id of the digit k."""
+    filler: list
+    before_key: list
+    after_key: list
+    question: list
+    digits: list
+
+    @classmethod
+    def from_tokenizer(cls, sp) -> "PasskeyFormat":
+        digits = [sp.piece_to_id(str(k)) for k in range(10)]
+        if any(d == sp.unk_id() for d in digits):
+            raise ValueError("passkey: the tokenizer has no single-digit pieces 0-9 (train it with megatrain's "
+                             "train_tokenizer: split_digits)")
+        return cls(filler=sp.encode(FILLER), before_key=sp.encode(BEFORE_KEY), after_key=sp.encode(AFTER_KEY),
+                   question=sp.encode(QUESTION), digits=digits)
+
+    def fixed_tokens(self) -> int:
+        return len(self.before_key) + KEY_DIGITS + len(self.after_key) + len(self.question)
+
+    def prompt(self, length: int, depth: float, key: str) -> list:
+        n_fill = length - self.fixed_tokens()
+        if n_fill < 0:
+            raise ValueError(f"passkey length {length}: shorter than the key sentence and question "
+                             f"({self.fixed_tokens()} tokens)")
+        fill = (self.filler * (n_fill // max(len(self.filler), 1) + 1))[:n_fill]
+        cut = round(depth * n_fill)
+        key_ids = [self.digits[int(c)] for c in key]
+        return fill[:cut] + self.before_key + key_ids + self.after_key + fill[cut:] + self.question
+
+
+def _keys(seed: int, length: int, depth: float, trials: int) -> list:
+    rng = random.Random(f"{seed}-{length}-{depth}")
+    return [str(rng.randint(10 ** (KEY_DIGITS - 1), 10 ** KEY_DIGITS - 1)) for _ in range(trials)]
+
+
+@torch.no_grad()
+def passkey_cell(model, fmt: PasskeyFormat, length: int, depth: float, trials: int, seed: int = 0,
+                 batch_size: int = 8) -> dict:
+    device = next(model.parameters()).device
+    keys = _keys(seed, length, depth, trials)
+    right = 0
+    for i in range(0, trials, batch_size):
+        ks = keys[i:i + batch_size]
+        ids = torch.tensor([fmt.prompt(length, depth, k) for k in ks], device=device)
+        out = generate(model, ids, max_new_tokens=KEY_DIGITS)[:, length:]
+        want = torch.tensor([[fmt.digits[int(c)] for c in k] for k in ks], device=device)
+        right += int((out == want).all(dim=1).sum())
+    return {"length": length, "depth": depth, "accuracy": right / trials, "trials": trials}
+
+
+def passkey_eval(model, fmt: PasskeyFormat, lengths, depths=DEPTHS, trials: int = 10, seed: int = 0,
+                 batch_size: int = 8, progress: Optional[Callable[[int], None]] = None) -> list:
+    """Accuracy per (length, depth) cell; collective (cells shared out) when a process group exists."""
+    cells = [(L, d) for L in lengths for d in depths]
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    was = model.training
+    model.eval()
+    mine = []
+    try:
+        for i, (L, d) in enumerate(cells):
+            if i % world == rank:
+                mine.append((i, passkey_cell(model, fmt, L, d, trials, seed, batch_size)))
+            if progress is not None:
+                progress(1)
+    finally:
+        model.train(was)
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, mine)
+        mine = [x for part in gathered for x in part]
+    return [row for _, row in sorted(mine, key=lambda t: t[0])]
