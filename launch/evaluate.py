@@ -18,7 +18,6 @@ import json
 import os
 import sys
 
-os.environ.setdefault("TQDM_DISABLE", "0")
 if __package__ in (None, ""):  # run as a script from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

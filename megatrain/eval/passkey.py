@@ -42,10 +42,11 @@ class PasskeyFormat:
 
     @classmethod
     def from_tokenizer(cls, sp) -> "PasskeyFormat":
-        digits = [sp.piece_to_id(str(k)) for k in range(10)]
-        if any(d == sp.unk_id() for d in digits):
-            raise ValueError("passkey: the tokenizer has no single-digit pieces 0-9 (train it with megatrain's "
-                             "train_tokenizer: split_digits)")
+        enc = [sp.encode(str(k)) for k in range(10)]  # a piece or its byte-fallback id: one id either way
+        if any(len(e) != 1 for e in enc):
+            raise ValueError("passkey: the tokenizer does not encode each digit 0-9 as one id (train it with "
+                             "megatrain's train_tokenizer: split_digits)")
+        digits = [e[0] for e in enc]
         return cls(filler=sp.encode(FILLER), before_key=sp.encode(BEFORE_KEY), after_key=sp.encode(AFTER_KEY),
                    question=sp.encode(QUESTION), digits=digits)
 

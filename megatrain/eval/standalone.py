@@ -48,7 +48,7 @@ def evaluate_model(model, shards: str, seq_lens: list, tokens: int, micro_batch_
     windows = {L: load_heldout(shards, L, tokens, vocab_size=model.config.vocab_size, key="--shards")
                for L in seq_lens}  # every window read before any forward: bad data fails first
     total = sum(w.num_windows for w in windows.values())
-    bar = tqdm(total=total, unit="win", desc="held-out", disable=not (show_progress and _rank0()) or None)
+    bar = tqdm(total=total, unit="win", desc="held-out", disable=not (show_progress and _rank0()))
     res = {"shards": shards, "rows": []}
     if positions:
         res["by_position"] = {}
@@ -65,7 +65,7 @@ def evaluate_model(model, shards: str, seq_lens: list, tokens: int, micro_batch_
     if passkey_format is not None:
         lengths = passkey_lengths or seq_lens
         pbar = tqdm(total=len(lengths) * len(passkey_depths), unit="cell", desc="passkey",
-                    disable=not (show_progress and _rank0()) or None)
+                    disable=not (show_progress and _rank0()))
         res["passkey"] = passkey_eval(model, passkey_format, lengths, passkey_depths, passkey_trials, seed,
                                       progress=pbar.update)
         pbar.close()
