@@ -6,10 +6,11 @@ key stated at depth d of a context of L tokens, a question at the end, greedy de
     rows = passkey_eval(model, fmt, lengths=[256, 1024], depths=DEPTHS, trials=10)
     # [{"length", "depth", "accuracy", "trials"}]
 
-A prompt of exactly L tokens: filler (repeated, cut to fit) with the key sentence inserted after round(d x F)
-filler tokens (F = the filler tokens of the prompt: d = 0 the start, 1 right before the question), then the question;
-the model answers with 5 tokens by greedy decoding (megatrain.generate); a trial is right when they are the key's
-digits. Keys come from a generator seeded by (seed, L, d): the same prompts every time. Under several ranks the
+A context of exactly L tokens, the answer included: a prompt of L - 5 tokens -- filler (repeated, cut to fit) with
+the key sentence inserted after round(d x F) filler tokens (F = the prompt's filler tokens: d = 0 the start, 1 right
+before the question), then the question -- and the 5 tokens the model answers by greedy decoding
+(megatrain.generate), so that a chunked model's answer lies in the chunk of the question; a trial is right when
+they are the key's digits. Keys come from a generator seeded by (seed, L, d): the same prompts every time. Under several ranks the
 (L, d) cells are shared out, each cell run whole on one rank (a prompt must fit one device), results gathered.
 """
 from __future__ import annotations
@@ -54,10 +55,11 @@ class PasskeyFormat:
         return len(self.before_key) + KEY_DIGITS + len(self.after_key) + len(self.question)
 
     def prompt(self, length: int, depth: float, key: str) -> list:
-        n_fill = length - self.fixed_tokens()
+        """The L - 5 prompt ids of a context of `length` tokens."""
+        n_fill = length - KEY_DIGITS - self.fixed_tokens()
         if n_fill < 0:
-            raise ValueError(f"passkey length {length}: shorter than the key sentence and question "
-                             f"({self.fixed_tokens()} tokens)")
+            raise ValueError(f"passkey length {length}: shorter than the key sentence, the question and the answer "
+                             f"({self.fixed_tokens() + KEY_DIGITS} tokens)")
         fill = (self.filler * (n_fill // max(len(self.filler), 1) + 1))[:n_fill]
         cut = round(depth * n_fill)
         key_ids = [self.digits[int(c)] for c in key]
@@ -78,7 +80,7 @@ def passkey_cell(model, fmt: PasskeyFormat, length: int, depth: float, trials: i
     for i in range(0, trials, batch_size):
         ks = keys[i:i + batch_size]
         ids = torch.tensor([fmt.prompt(length, depth, k) for k in ks], device=device)
-        out = generate(model, ids, max_new_tokens=KEY_DIGITS)[:, length:]
+        out = generate(model, ids, max_new_tokens=KEY_DIGITS)[:, ids.shape[1]:]
         want = torch.tensor([[fmt.digits[int(c)] for c in k] for k in ks], device=device)
         right += int((out == want).all(dim=1).sum())
     return {"length": length, "depth": depth, "accuracy": right / trials, "trials": trials}
