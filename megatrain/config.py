@@ -105,9 +105,18 @@ class CheckpointCfg:
 
 
 @dataclass
+class WandbCfg:
+    """Optional Weights & Biases logging (pip install 'megatrain[wandb]'): on when `project` is set."""
+    project: str = ""
+    mode: str = "offline"                 # offline (run files under run_dir/wandb; `wandb sync` later) | online
+    name: Optional[str] = None            # run name; None: the run_dir's folder name
+
+
+@dataclass
 class LoggingCfg:
     every_steps: int = 1                  # console progress line period
     tensorboard: bool = True
+    wandb: WandbCfg = field(default_factory=WandbCfg)
     peak_tflops: Optional[float] = None   # per device, for MFU; default: guessed on GPU, none on CPU
 
 
@@ -211,6 +220,12 @@ class Config:
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         self._validate_eval(check_files)
+        wb = self.logging.wandb
+        _one_of("logging.wandb.mode", wb.mode, ("offline", "online"))
+        if wb.project:
+            import importlib.util
+            _check(importlib.util.find_spec("wandb") is not None, "logging.wandb.project", wb.project,
+                   "needs the wandb package (pip install 'megatrain[wandb]'), or leave logging.wandb.project empty")
         if c.resume not in ("auto", "none"):
             _check(os.path.isdir(c.resume), "checkpoint.resume", c.resume,
                    "must be auto, none, or an existing checkpoint directory")

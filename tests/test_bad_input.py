@@ -112,6 +112,8 @@ CASES = [
      ["eval.shards=", "{w}/none/index.json", "no such file"], ["{out}/run"]),
     ("pretrain-eval-seq-len", PRE + " eval.every_steps=2 eval.shards={w}/shards eval.seq_len=36",
      ["eval.seq_len=36", "chunk_size"], ["{out}/run"]),
+    ("pretrain-wandb-mode", PRE + " logging.wandb.project=p logging.wandb.mode=cloud",
+     ["logging.wandb.mode='cloud'", "offline, online"], ["{out}/run"]),
     ("pretrain-eval-every-negative", PRE + " eval.every_steps=-1", ["eval.every_steps=-1", ">= 0"], ["{out}/run"]),
     ("pretrain-eval-other-tokenizer", "{py} {pretrain} --config {tiny} data.shards={w}/tokshards run_dir={out}/run "
      "model.vocab_size=300 eval.every_steps=2 eval.shards={w}/otherheld",

@@ -206,8 +206,11 @@ def build_job(cfg: Config) -> Job:
     if rank == 0:
         os.makedirs(cfg.run_dir, exist_ok=True)
         cfg.save(os.path.join(cfg.run_dir, "config.yaml"))
+    wb = cfg.logging.wandb
     log = MetricsLogger(cfg.run_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
-                        resume_step=counters.step, print_every=cfg.logging.every_steps, total_steps=t.max_steps)
+                        resume_step=counters.step, print_every=cfg.logging.every_steps, total_steps=t.max_steps,
+                        wandb={"project": wb.project, "mode": wb.mode, "name": wb.name, "config": cfg.to_dict()}
+                        if wb.project else None)
     flops_per_token, peak = run_flops(cfg, model)
     return Job(cfg=cfg, groups=groups, engine=engine, stream=stream,
                data=batches(stream, cfg.data.micro_batch_size, engine.device), ckpt=ckpt, log=log, stop=StopFlag(),
