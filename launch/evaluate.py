@@ -118,6 +118,8 @@ def _main(a, env) -> int:
     seq_lens = _ints(a.seq_len, "--seq-len") if a.seq_len else [cfg.data.seq_len if cfg else 4096]
     check_lengths(seq_lens, model.config, a.sp)
     pk_lengths = _ints(a.passkey_lengths, "--passkey-lengths") if a.passkey_lengths else None
+    if pk_lengths and a.sp > 1:  # under SP a passkey context is sliced like a window
+        check_lengths(pk_lengths, model.config, a.sp, "--passkey-lengths")
     fmt = None
     if a.passkey:
         tok = _tokenizer_dir(a, cfg, where)

@@ -11,7 +11,11 @@ the key sentence inserted after round(d x F) filler tokens (F = the prompt's fil
 before the question), then the question -- and the 5 tokens the model answers by greedy decoding
 (megatrain.generate), so that a chunked model's answer lies in the chunk of the question; a trial is right when
 they are the key's digits. Keys come from a generator seeded by (seed, L, d): the same prompts every time. Under several ranks the
-(L, d) cells are shared out, each cell run whole on one rank (a prompt must fit one device), results gathered.
+(L, d) cells are shared out over the DP replicas and gathered.
+Under sequence parallelism (SP > 1: contexts beyond one device) a cell is scored by one teacher-forced forward of
+the whole context (prompt + the key as the answer), sliced over the SP group like training windows: greedy
+decoding returns the key exactly when the argmax at each of the 5 answer positions, given the key's earlier digits,
+is the key's next digit -- so the two give the same accuracy (tests/eval/test_passkey.py checks it).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from megatrain.model.generate import generate
+from megatrain.parallel.sequence import make_ema_boundary, sp_slice
 
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 KEY_DIGITS = 5
@@ -86,19 +91,60 @@ def passkey_cell(model, fmt: PasskeyFormat, length: int, depth: float, trials: i
     return {"length": length, "depth": depth, "accuracy": right / trials, "trials": trials}
 
 
+@torch.no_grad()
+def passkey_cell_forced(model, fmt: PasskeyFormat, length: int, depth: float, trials: int, seed: int = 0,
+                        batch_size: int = 8, sp_group=None, sp_rank: int = 0, sp_size: int = 1) -> dict:
+    """The same accuracy as passkey_cell from one teacher-forced forward per batch, the context sliced over the SP
+    group (every rank of the group calls it; `length` a whole number of chunks per rank)."""
+    device = next(model.parameters()).device
+    keys = _keys(seed, length, depth, trials)
+    local = length // sp_size
+    lo = sp_rank * local
+    # positions whose next token is an answer digit: length - 6 .. length - 2 (global)
+    want_pos = torch.arange(length - KEY_DIGITS - 1, length - 1)
+    mine = want_pos[(want_pos >= lo) & (want_pos < lo + local)]
+    right = 0
+    for i in range(0, trials, batch_size):
+        ks = keys[i:i + batch_size]
+        ids = torch.tensor([fmt.prompt(length, depth, k) + [fmt.digits[int(c)] for c in k] for k in ks],
+                           device=device)
+        piece = sp_slice({"input_ids": ids}, sp_rank, sp_size)["input_ids"]
+        boundary = make_ema_boundary(sp_group) if sp_size > 1 else None
+        h = model.mega(piece, None, None, None, boundary)
+        hits = torch.zeros(len(ks), dtype=torch.long)
+        if len(mine):
+            hs = h[:, mine - lo]
+            if model.dense is not None:
+                hs = torch.tanh(model.dense(hs))
+            pred = model.lm_head(hs).argmax(-1).cpu()
+            hits = (pred == ids[:, mine + 1].cpu()).sum(dim=1)
+        if sp_size > 1:
+            dist.all_reduce(hits, group=sp_group)
+        right += int((hits == KEY_DIGITS).sum())
+    return {"length": length, "depth": depth, "accuracy": right / trials, "trials": trials}
+
+
 def passkey_eval(model, fmt: PasskeyFormat, lengths, depths=DEPTHS, trials: int = 10, seed: int = 0,
-                 batch_size: int = 8, progress: Optional[Callable[[int], None]] = None) -> list:
-    """Accuracy per (length, depth) cell; collective (cells shared out) when a process group exists."""
+                 batch_size: int = 8, progress: Optional[Callable[[int], None]] = None, sp_group=None,
+                 sp_rank: int = 0, sp_size: int = 1) -> list:
+    """Accuracy per (length, depth) cell; collective (cells shared out over the DP replicas, each SP group working
+    on one cell together) when a process group exists."""
     cells = [(L, d) for L in lengths for d in depths]
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
+    replicas, replica = world // sp_size, rank // sp_size
     was = model.training
     model.eval()
     mine = []
     try:
         for i, (L, d) in enumerate(cells):
-            if i % world == rank:
-                mine.append((i, passkey_cell(model, fmt, L, d, trials, seed, batch_size)))
+            if i % replicas == replica:
+                if sp_size > 1:
+                    row = passkey_cell_forced(model, fmt, L, d, trials, seed, batch_size, sp_group, sp_rank, sp_size)
+                else:
+                    row = passkey_cell(model, fmt, L, d, trials, seed, batch_size)
+                if sp_rank == 0:
+                    mine.append((i, row))
             if progress is not None:
                 progress(1)
     finally:

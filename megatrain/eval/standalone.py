@@ -67,6 +67,6 @@ def evaluate_model(model, shards: str, seq_lens: list, tokens: int, micro_batch_
         pbar = tqdm(total=len(lengths) * len(passkey_depths), unit="cell", desc="passkey",
                     disable=not (show_progress and _rank0()))
         res["passkey"] = passkey_eval(model, passkey_format, lengths, passkey_depths, passkey_trials, seed,
-                                      progress=pbar.update)
+                                      progress=pbar.update, sp_group=sp_group, sp_rank=sp_rank, sp_size=sp_size)
         pbar.close()
     return res

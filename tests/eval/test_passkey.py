@@ -14,10 +14,11 @@ import random
 import pytest
 import torch
 
-from megatrain.eval.passkey import KEY_DIGITS, PasskeyFormat, passkey_eval
+from megatrain.eval.passkey import KEY_DIGITS, PasskeyFormat, passkey_cell_forced, passkey_eval
 from megatrain.eval.plots import plot_passkey
 from megatrain.model import MegaConfig, MegaForCausalLM
 from megatrain.ops.lm_loss import IGNORE_INDEX
+from tests.dist_util import run_ranks
 
 FMT = PasskeyFormat(filler=list(range(15, 28)), before_key=[28], after_key=[29], question=[30],
                     digits=list(range(5, 15)))
@@ -45,15 +46,29 @@ def test_prompt_layout():
         FMT.prompt(12, 0.0, "31415")
 
 
-@pytest.mark.slow
-def test_trained_model_retrieves_within_reach_only(tmp_path):
-    torch.manual_seed(0)
-    cfg = MegaConfig(vocab_size=32, hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+def _config():
+    return MegaConfig(vocab_size=32, hidden_size=64, num_hidden_layers=2, intermediate_size=128,
                      ema_projection_size=8, shared_representation_size=32, nffn_hidden_size=128, use_chunking=True,
                      chunk_size=CHUNK, max_positions=64, is_decoder=True, bidirectional=False,
                      initializer_range=0.1, dropout_prob=0.0, hidden_dropout_prob=0.0,
                      attention_probs_dropout_prob=0.0, nffn_activation_dropout_prob=0.0)
-    model = MegaForCausalLM(cfg)
+
+
+def _sp_passkey(rank, world, state, lengths):
+    from megatrain.parallel.groups import ParallelGroups
+    g = ParallelGroups(dp_size=1, sp_size=world)
+    model = MegaForCausalLM(_config())
+    model.load_state_dict(state)
+    return passkey_eval(model, FMT, lengths, trials=20, seed=3, sp_group=g.sp_group, sp_rank=g.sp_rank,
+                        sp_size=g.sp_size)
+
+
+@pytest.mark.slow
+def test_trained_model_retrieves_within_reach_only(tmp_path):
+    """Also: the teacher-forced scoring (one rank and SP = 2, contexts sliced like training windows) gives greedy
+    decoding's accuracy cell for cell."""
+    torch.manual_seed(0)
+    model = MegaForCausalLM(_config())
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     rng = random.Random(1)
     for step in range(600):
@@ -72,3 +87,9 @@ def test_trained_model_retrieves_within_reach_only(tmp_path):
     assert acc[(4 * CHUNK, 1.0)] >= 0.7, acc                                        # key in the question's chunk
     assert max(acc[(4 * CHUNK, d)] for d in (0.0, 0.25, 0.5)) <= 0.1, acc           # beyond reach: chance
     assert open(plot_passkey(rows, str(tmp_path / "pk.png")), "rb").read(4) == b"\x89PNG"
+    for r in rows:
+        assert passkey_cell_forced(model, FMT, r["length"], r["depth"], 20, seed=3) == r
+    lengths = [2 * CHUNK, 4 * CHUNK]  # SP = 2: whole chunks per rank
+    greedy = passkey_eval(model, FMT, lengths, trials=20, seed=3)
+    for ranks_rows in run_ranks(_sp_passkey, 2, model.state_dict(), lengths):
+        assert ranks_rows == greedy
