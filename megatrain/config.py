@@ -7,7 +7,7 @@ Usage::
     cfg.validate(world_size=2)          # every consistency check, before any work starts
     # the DeepSpeed JSON is generated from it: megatrain/parallel/zero.py
 
-Sections: ``model`` (MegaConfig fields), ``data``, ``train``, ``parallel``, ``checkpoint``, ``logging``, plus
+Sections: ``model`` (MegaConfig fields), ``data``, ``eval`` (held-out evaluation during training), ``train``, ``parallel``, ``checkpoint``, ``logging``, plus
 ``run_dir`` and an optional free-form ``deepspeed`` dict whose keys are merged into the generated DeepSpeed JSON
 (pass-through, e.g. offload settings). Unknown keys anywhere else are errors that name the key.
 A part that needs one section receives only it (``build_model(cfg.model)``, ``build_optimizer(model, cfg.train)``,
@@ -64,6 +64,16 @@ class DataCfg:
 
 
 @dataclass
+class EvalCfg:
+    """Held-out evaluation during training (megatrain/eval/in_training.py)."""
+    shards: str = ""                      # held-out manifest (data_tools/build_shards.py --heldout-fraction)
+    every_steps: int = 0                  # evaluate every N optimizer steps and at the last step; 0 = off
+    tokens: int = 65536                   # held-out tokens per evaluation (whole windows: rounded up)
+    seq_len: Optional[int] = None         # None: data.seq_len; may exceed it (long-context evaluation)
+    micro_batch_size: Optional[int] = None  # None: data.micro_batch_size
+
+
+@dataclass
 class TrainCfg:
     max_steps: int = 100
     seed: int = 0
@@ -100,9 +110,18 @@ class CheckpointCfg:
 
 
 @dataclass
+class WandbCfg:
+    """Optional Weights & Biases logging (pip install 'megatrain[wandb]'): on when `project` is set."""
+    project: str = ""
+    mode: str = "offline"                 # offline (run files under run_dir/wandb; `wandb sync` later) | online
+    name: Optional[str] = None            # run name; None: the run_dir's folder name
+
+
+@dataclass
 class LoggingCfg:
     every_steps: int = 1                  # console progress line period
     tensorboard: bool = True
+    wandb: WandbCfg = field(default_factory=WandbCfg)
     peak_tflops: Optional[float] = None   # per device, for MFU; default: guessed on GPU, none on CPU
 
 
@@ -111,6 +130,7 @@ class Config:
     run_dir: str = "runs/default"
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     parallel: ParallelCfg = field(default_factory=ParallelCfg)
     checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
@@ -202,10 +222,42 @@ class Config:
                 check_init_from(m.init_from, m)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+        self._validate_eval(check_files)
+        wb = self.logging.wandb
+        _one_of("logging.wandb.mode", wb.mode, ("offline", "online"))
+        if wb.project:
+            import importlib.util
+            _check(importlib.util.find_spec("wandb") is not None, "logging.wandb.project", wb.project,
+                   "needs the wandb package (pip install 'megatrain[wandb]'), or leave logging.wandb.project empty")
         if c.resume not in ("auto", "none"):
             _check(os.path.isdir(c.resume), "checkpoint.resume", c.resume,
                    "must be auto, none, or an existing checkpoint directory")
         return self
+
+
+    def _validate_eval(self, check_files: bool) -> None:
+        e, m, p = self.eval, self.model, self.parallel
+        _check(e.every_steps >= 0, "eval.every_steps", e.every_steps, "must be >= 0 (0 = off)")
+        if e.every_steps == 0:
+            return
+        _check(bool(e.shards), "eval.shards", e.shards, "must name a held-out manifest when eval.every_steps > 0")
+        _check(self.train.objective == "clm", "eval.every_steps", e.every_steps,
+               "held-out evaluation needs train.objective=clm (set eval.every_steps=0)")
+        _check(e.tokens >= 1, "eval.tokens", e.tokens, "must be >= 1")
+        _check(e.micro_batch_size is None or e.micro_batch_size >= 1, "eval.micro_batch_size", e.micro_batch_size,
+               "must be >= 1 (or null: data.micro_batch_size)")
+        seq = e.seq_len if e.seq_len is not None else self.data.seq_len
+        _check(seq >= 1, "eval.seq_len", seq, "must be >= 1")
+        if m.use_chunking:
+            _check(seq % (m.chunk_size * p.sequence_parallel_size) == 0, "eval.seq_len", seq,
+                   f"must be a multiple of model.chunk_size x parallel.sequence_parallel_size = "
+                   f"{m.chunk_size} x {p.sequence_parallel_size}")
+        try:
+            m.check_attention_span(seq // p.sequence_parallel_size)
+        except ValueError as err:
+            raise ConfigError(f"eval.seq_len={seq}: {err}") from None
+        if check_files and "://" not in e.shards:
+            _check(os.path.exists(e.shards), "eval.shards", e.shards, "no such file or directory")
 
 
 # train.objective decides what the model is; these model fields follow it unless set to a compatible value.

@@ -21,6 +21,7 @@ from tests.dist_util import PRETRAIN, ROOT, free_port, pretrain_env
 TOOLS = os.path.join(ROOT, "data_tools")
 SBATCH = os.path.join(ROOT, "launch", "slurm", "pretrain.sbatch")
 EXPORT = os.path.join(ROOT, "launch", "export_hf.py")
+EVALUATE = os.path.join(ROOT, "launch", "evaluate.py")
 NOT_SP = ("data.seq_len",)  # SP 3 on 2 ranks must blame the world size, not the sequence length
 
 DEMO = "{py} {tools}/demo_corpus.py"
@@ -79,6 +80,12 @@ CASES = [
     ("build-out-is-file", BUILD + " --input {w}/text --out {w}/afile.txt", ["afile.txt", "not a folder"], []),
     ("build-bad-utf8-choice", BUILD + " --input {w}/text --out {out}/s --invalid-utf8 ignore",
      ["--invalid-utf8", "'ignore'"], ["{out}/s"]),
+    ("build-heldout-fraction-one", BUILD + " --input {w}/text --out {out}/s --heldout-fraction 1",
+     ["--heldout-fraction 1", "between 0 and 1"], ["{out}/s"]),
+    ("build-heldout-docs-all", BUILD + " --input {w}/text --out {out}/s --heldout-docs 4",
+     ["--heldout-docs 4", "only 4", "leave some for training"], ["{out}/s"]),
+    ("build-heldout-both", BUILD + " --input {w}/text --out {out}/s --heldout-docs 1 --heldout-fraction 0.5",
+     ["--heldout-fraction", "not allowed with"], ["{out}/s"]),
     # ---- data_tools/inspect_shards.py
     ("inspect-missing", INSPECT + " {w}/nowhere", ["nowhere", "not found"], []),
     ("inspect-not-json", INSPECT + " {w}/notjson", ["notjson", "unreadable"], []),
@@ -102,6 +109,17 @@ CASES = [
      ["shard-000001.tar", "bytes on disk but the manifest records"], ["{out}/run"]),
     ("pretrain-sp3-on-2-ranks", "env RANK=0 WORLD_SIZE=2 " + PRE + " parallel.sequence_parallel_size=3",
      ["parallel.sequence_parallel_size=3", "world size 2"], ["{out}/run"]),
+    ("pretrain-eval-no-shards", PRE + " eval.every_steps=2", ["eval.shards", "held-out manifest"], ["{out}/run"]),
+    ("pretrain-eval-missing-shards", PRE + " eval.every_steps=2 eval.shards={w}/none/index.json",
+     ["eval.shards=", "{w}/none/index.json", "no such file"], ["{out}/run"]),
+    ("pretrain-eval-seq-len", PRE + " eval.every_steps=2 eval.shards={w}/shards eval.seq_len=36",
+     ["eval.seq_len=36", "chunk_size"], ["{out}/run"]),
+    ("pretrain-wandb-mode", PRE + " logging.wandb.project=p logging.wandb.mode=cloud",
+     ["logging.wandb.mode='cloud'", "offline, online"], ["{out}/run"]),
+    ("pretrain-eval-every-negative", PRE + " eval.every_steps=-1", ["eval.every_steps=-1", ">= 0"], ["{out}/run"]),
+    ("pretrain-eval-other-tokenizer", "{py} {pretrain} --config {tiny} data.shards={w}/tokshards run_dir={out}/run "
+     "model.vocab_size=300 eval.every_steps=2 eval.shards={w}/otherheld",
+     ["eval.shards={w}/otherheld", "tokenizer sha256", "must share one tokenizer"], ["{out}/run"]),
     # ---- launch/slurm/pretrain.sbatch outside Slurm
     ("sbatch-no-config", "bash {sbatch}", ["no CONFIG given", "usage"], []),
     ("sbatch-missing-config", "bash {sbatch} {w}/nowhere.yaml", ["nowhere.yaml", "not found"], []),
@@ -132,6 +150,20 @@ EXPORT_CASES = [
     ("export-hub-no-token",  # online as far as huggingface_hub knows, but no token anywhere
      "env HF_HUB_OFFLINE=0 HF_TOKEN= HF_HOME={out}/hf_home " + EXP + " --no-tokenizer --push-to-hub me/x",
      ["--push-to-hub me/x", "no Hugging Face token"], ["{out}/hf"]),
+]
+
+# ---- launch/evaluate.py (SOURCE {w}/export/run: the export_world fixture's run; {w}/shards: the tiny shards)
+EVAL = "{py} {evaluate}"
+EVALUATE_CASES = [
+    ("evaluate-missing-shards", EVAL + " {w}/export/run --shards {w}/none", ["--shards {w}/none", "not found"], []),
+    ("evaluate-unknown-source", EVAL + " {w}/text --shards {w}/shards", ["SOURCE", "text", "transformers MEGA"], []),
+    ("evaluate-missing-source", EVAL + " {w}/nowhere --shards {w}/shards", ["SOURCE {w}/nowhere", "no such folder"],
+     []),
+    ("evaluate-length-not-whole-chunks", EVAL + " {w}/export/run --shards {w}/shards --seq-len 36",
+     ["--seq-len 36", "multiple of chunk_size x SP"], []),
+    ("evaluate-length-not-a-number", EVAL + " {w}/export/run --shards {w}/shards --seq-len 4k",
+     ["--seq-len '4k'", "integers"], []),
+    ("evaluate-sp-not-dividing", EVAL + " {w}/export/run --shards {w}/shards --sp 3", ["--sp 3", "world size 1"], []),
 ]
 
 # Under a launcher with 2 ranks every rank hits the error: it must be printed once (rank 0).
@@ -170,6 +202,15 @@ def world(tmp_path_factory):
     shard.write_bytes(shard.read_bytes()[:-700])
     (w / "notjson").mkdir()
     (w / "notjson" / "index.json").write_text("{")
+    # shards built with w/tok, and a held-out manifest claiming another tokenizer (eval.shards mismatch)
+    p = subprocess.run([sys.executable, os.path.join(TOOLS, "build_shards.py"), "--input", str(w / "text"),
+                        "--tokenizer", str(w / "tok"), "--out", str(w / "tokshards"), "--workers", "1"],
+                       capture_output=True, text=True, env=pretrain_env(), timeout=300)
+    assert p.returncode == 0, p.stderr
+    shutil.copytree(w / "tokshards", w / "otherheld")
+    man = (w / "otherheld" / "index.json").read_text()
+    sha = __import__("json").loads(man)["tokenizer_sha256"]
+    (w / "otherheld" / "index.json").write_text(man.replace(sha, "0" * 64))
     (w / "wrongformat").mkdir()
     (w / "wrongformat" / "index.json").write_text('{"format": "something-else"}')
     return w
@@ -199,7 +240,7 @@ def export_world(world):
 def _run(case, world, tmp_path, prefix=()):
     name, template, expect, absent = case
     fill = dict(py=sys.executable, tools=TOOLS, pretrain=PRETRAIN, sbatch=SBATCH, tiny=TINY, w=world, out=tmp_path,
-                export=EXPORT)
+                export=EXPORT, evaluate=EVALUATE)
     cmd = list(prefix) + [part.format(**fill) for part in template.split()]
     env = pretrain_env()
     for k in [k for k in env if k.startswith("SLURM_") or k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")]:
@@ -220,9 +261,12 @@ def _run(case, world, tmp_path, prefix=()):
     return p, lines
 
 
-@pytest.mark.parametrize("case", CASES + EXPORT_CASES, ids=[c[0] for c in CASES + EXPORT_CASES])
+ALL = CASES + EXPORT_CASES + EVALUATE_CASES
+
+
+@pytest.mark.parametrize("case", ALL, ids=[c[0] for c in ALL])
 def test_bad_input_is_one_line_exit_2(case, world, tmp_path, request):
-    if case[0].startswith("export-"):
+    if case[0].startswith(("export-", "evaluate-")):
         request.getfixturevalue("export_world")  # a checkpoint: made only when an export case runs
     p, lines = _run(case, world, tmp_path)
     assert len(lines) == 1, f"{case[0]}: {len(lines)} error lines:\n{p.stderr[-3000:]}"

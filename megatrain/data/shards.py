@@ -18,6 +18,9 @@ Manifest (index.json), written last by data_tools/build_shards.py:
      "docs": total, "tokens": total, "stats": {...build counters...}}
 "bytes" is the shard file's size, checked before training (check_local_shards); 0 or absent (older manifests):
 not checked until read.
+Optional (written by build_shards, absent in older manifests): "doc_bytes" (UTF-8 bytes of each document, in
+manifest order), "token_bytes" (UTF-8 bytes each token id decodes to: bits per byte, megatrain/eval) and "split"
+(the train/held-out split this folder is one side of: data_tools/build_shards.py --heldout-fraction).
 Shard urls are relative to the manifest's folder unless they contain "://" or start with "pipe:" or "/".
 """
 from __future__ import annotations
@@ -74,6 +77,9 @@ class Manifest:
     tokenizer_sha256: str = ""
     dtype: str = "uint16"
     stats: dict = dataclasses.field(default_factory=dict)
+    doc_bytes: list = dataclasses.field(default_factory=list)    # optional, see the module docstring
+    token_bytes: list = dataclasses.field(default_factory=list)
+    split: dict = dataclasses.field(default_factory=dict)
     root: str = ""  # folder the relative shard urls are resolved against (not saved)
 
     def __post_init__(self):
@@ -110,7 +116,8 @@ class Manifest:
         return {"format": FORMAT, "version": VERSION, "vocab_size": self.vocab_size, "dtype": self.dtype,
                 "special_tokens": dict(self.special_tokens), "tokenizer_sha256": self.tokenizer_sha256,
                 "docs": self.docs, "tokens": self.tokens, "stats": self.stats,
-                "shards": [dataclasses.asdict(s) for s in self.shards]}
+                "shards": [dataclasses.asdict(s) for s in self.shards],
+                **{k: getattr(self, k) for k in ("doc_bytes", "token_bytes", "split") if getattr(self, k)}}
 
     def save(self, path: str) -> None:
         """Atomic write (megatrain.io), so a reader never sees half a manifest."""
@@ -142,7 +149,8 @@ class Manifest:
             return cls(shards=shards, vocab_size=int(d["vocab_size"]),
                        special_tokens={k: int(v) for k, v in d["special_tokens"].items()},
                        tokenizer_sha256=d.get("tokenizer_sha256", ""), dtype=d.get("dtype", "uint16"),
-                       stats=d.get("stats", {}), root=os.path.dirname(os.path.abspath(path)))
+                       stats=d.get("stats", {}), doc_bytes=list(d.get("doc_bytes", [])),
+                       token_bytes=list(d.get("token_bytes", [])), split=dict(d.get("split", {})), root=os.path.dirname(os.path.abspath(path)))
         except KeyError as e:
             raise DataError(f"manifest {path}: missing key {e}") from None
 

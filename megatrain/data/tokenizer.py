@@ -150,3 +150,18 @@ def special_token_ids(sp) -> dict[str, int]:
         ids[name] = int(tid)
     ids["eod"] = ids["eos"]
     return ids
+
+
+def token_byte_lengths(sp) -> list[int]:
+    """UTF-8 bytes each id decodes to (0 for control/unknown ids), so the bytes of any run of ids from a text are
+    the sum over its ids: exact for our lossless tokenizer (a byte-fallback piece is one byte, "▁" one space).
+    Bits per byte (megatrain/eval) divides by these sums; build_shards stores the table in index.json."""
+    out = []
+    for i in range(sp.get_piece_size()):
+        if sp.is_control(i) or sp.is_unknown(i):
+            out.append(0)
+        elif sp.is_byte(i):
+            out.append(1)
+        else:
+            out.append(len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8")))
+    return out

@@ -22,6 +22,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Optional
 
@@ -111,12 +112,13 @@ def eta_seconds(step: int, total: int, first_step: int, t_first: float, now: flo
 
 class MetricsLogger:
     def __init__(self, run_dir: str, enabled: bool, tensorboard: bool = True, resume_step: int = 0,
-                 print_every: int = 1, stream=None, total_steps: Optional[int] = None):
+                 print_every: int = 1, stream=None, total_steps: Optional[int] = None, wandb: Optional[dict] = None):
         self.enabled, self.print_every, self.total = enabled, print_every, total_steps
         self.stream = stream or sys.stdout
         self._first = None  # (step, time) of the first step this process logged: the ETA's clock
         self._tb = None
         self._file = None
+        self._wandb = None
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
@@ -126,6 +128,8 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self._tb = SummaryWriter(os.path.join(run_dir, TENSORBOARD_DIR), purge_step=resume_step + 1)
+        if wandb:
+            self._wandb = _wandb_run(run_dir, **wandb)
         self._t0 = time.time()
 
     def log(self, rec: dict) -> None:
@@ -134,15 +138,32 @@ class MetricsLogger:
         self._file.write(json.dumps(rec) + "\n")
         self._file.flush()  # the file is the record a killed run leaves behind
         step = rec["step"]
-        if self._tb is not None:
-            for k, v in rec.items():
-                if k != "step" and isinstance(v, (int, float)) and v is not None:
-                    self._tb.add_scalar(f"train/{k}", v, step)
+        self._scalars(rec, "train", lambda k: k)
         now = time.time()
         if self._first is None:
             self._first = (step, now)
         if step % self.print_every == 0 or step == self.total:
             print(self._line(rec, now), file=self.stream, flush=True)
+
+    def log_other(self, rec: dict, tb_prefix: str, line: str) -> None:
+        """Another record of a step (e.g. held-out evaluation, megatrain/eval): its metrics.jsonl line, its numbers
+        as TensorBoard ``tb_prefix/<key without "eval_">`` scalars, and its console line, printed always."""
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(rec) + "\n")
+        self._file.flush()
+        self._scalars(rec, tb_prefix, lambda k: k.split("_", 1)[-1])
+        print(line, file=self.stream, flush=True)
+
+    def _scalars(self, rec: dict, prefix: str, name) -> None:
+        """The record's numbers as TensorBoard (and W&B) scalars ``prefix/name(key)`` at its step."""
+        vals = {f"{prefix}/{name(k)}": v for k, v in rec.items()
+                if k != "step" and isinstance(v, (int, float)) and v is not None}
+        if self._tb is not None:
+            for k, v in vals.items():
+                self._tb.add_scalar(k, v, rec["step"])
+        if self._wandb is not None:
+            self._wandb.log(vals, step=rec["step"])
 
     def _line(self, rec: dict, now: float) -> str:
         step, loss, gn = rec["step"], rec.get("loss"), rec.get("grad_norm")
@@ -166,6 +187,25 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _wandb_run(run_dir: str, project: str, mode: str, name: Optional[str] = None, config: Optional[dict] = None):
+    """A W&B run writing under run_dir/wandb; the run id is kept in run_dir/wandb_id so that a resumed job
+    continues the same run (online; offline, each process writes its own offline-run folder for `wandb sync`)."""
+    import wandb
+    id_file = os.path.join(run_dir, "wandb_id")
+    if os.path.exists(id_file):
+        run_id = open(id_file).read().strip()
+    else:
+        run_id = uuid.uuid4().hex[:12]
+        with open(id_file + ".tmp", "w") as f:
+            f.write(run_id + "\n")
+        os.replace(id_file + ".tmp", id_file)
+    return wandb.init(project=project, mode=mode, dir=run_dir, id=run_id, resume="allow",
+                      name=name or os.path.basename(os.path.normpath(run_dir)), config=config)
 
 
 def outputs_line(cfg, step: int) -> str:

@@ -39,6 +39,7 @@ from megatrain.config import Config, ConfigError, load_config
 from megatrain.hf.init_from import init_from_hf
 from megatrain.data import ShardStream
 from megatrain.data.shards import DataError
+from megatrain.eval.in_training import TrainingEval, eval_line
 from megatrain.model import build_model
 from megatrain.parallel.checkpointing import apply_checkpointing, policy_from_config
 from megatrain.parallel.env import discover, exit_process, init_process_group
@@ -146,6 +147,7 @@ class Job:
     tokens_per_step: int                # tokens of one optimizer step, whole job
     flops_per_token: Optional[float]
     peak_tflops: Optional[float]
+    evaluator: Optional[TrainingEval] = None  # held-out evaluation (config eval; None = off)
     log: Optional[MetricsLogger] = None  # opened after the resume: it cuts metrics.jsonl back to the resumed step
 
     def state_dict(self) -> dict:
@@ -171,6 +173,10 @@ def build_job(cfg: Config) -> Job:
         stream = build_stream(cfg, groups.dp_rank, dp)
     except ValueError as e:  # DataError included: a mismatch between config and shards
         raise ConfigError(f"data.shards={cfg.data.shards!r}: {e}") from e
+    try:
+        evaluator = TrainingEval.build(cfg, groups)  # held-out windows, before any heavy work
+    except ValueError as e:  # its messages name eval.shards
+        raise ConfigError(str(e)) from e
 
     ds_config = deepspeed_config(cfg, world)
     ckpt = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint.keep_last, rank)
@@ -206,7 +212,7 @@ def build_job(cfg: Config) -> Job:
               data=batches(stream, cfg.data.micro_batch_size, engine.device), ckpt=ckpt, stop=StopFlag(),
               counters=Counters(), layout=layout,
               tokens_per_step=cfg.data.seq_len * cfg.data.micro_batch_size * t.grad_accum_steps * dp,
-              flops_per_token=flops_per_token, peak_tflops=peak)
+              flops_per_token=flops_per_token, peak_tflops=peak, evaluator=evaluator)
     state = ckpt.load(engine, plan)  # DeepSpeed's state into the engine; ours comes back for the job
     if state is not None:
         try:
@@ -220,9 +226,12 @@ def build_job(cfg: Config) -> Job:
     if rank == 0:
         os.makedirs(cfg.run_dir, exist_ok=True)
         cfg.save(os.path.join(cfg.run_dir, "config.yaml"))
+    wb = cfg.logging.wandb
     job.log = MetricsLogger(cfg.run_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
                             resume_step=job.counters.step, print_every=cfg.logging.every_steps,
-                            total_steps=t.max_steps)
+                            total_steps=t.max_steps,
+                            wandb={"project": wb.project, "mode": wb.mode, "name": wb.name, "config": cfg.to_dict()}
+                            if wb.project else None)
     return job
 
 
@@ -269,6 +278,9 @@ def train(cfg: Config) -> Counters:
                 raise NonFiniteAbort(f"aborting at step {c.step}: {c.consecutive_nonfinite} consecutive steps with "
                                      f"non-finite loss/gradient (loss={res.loss}, grad_norm={res.grad_norm}); "
                                      f"limit is train.max_consecutive_nonfinite={t.max_consecutive_nonfinite}")
+            if job.evaluator is not None and job.evaluator.due(c.step, last=c.step == t.max_steps):
+                rec = job.evaluator.run(job.engine, c.step)  # forward only; leaves training untouched
+                job.log.log_other(rec, "eval", eval_line(rec))
             stopping = job.stop.agreed(job.engine.device)
             if c.step % cfg.checkpoint.every_steps == 0 or c.step == t.max_steps or stopping:
                 job.ckpt.save(job.engine, c.step, job.state_dict(), cfg)

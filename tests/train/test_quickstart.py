@@ -21,8 +21,12 @@ def test_quickstart_smoke(tmp_path):
     assert "loss: step 1 " in out and "-> step 6 " in out
     assert os.path.exists(tmp_path / "hf" / "config.json") and os.path.exists(tmp_path / "hf" / "tokenizer.model")
     assert "verified: logits and tokenizer ids match" in out
-    sample = p.stdout.split("== 6. sample")[1]
+    sample = p.stdout.split("== 6. held-out evaluation and sample")[1]
     assert len(sample.strip().splitlines()) >= 2                    # the loss line and generated text
+    # held-out numbers during training (the last step) and after it, and the position plot in the run folder
+    assert "held-out during training (step 6, " in out and "ppl " in out and "bpb " in out
+    assert "held-out at 256 tokens: ppl " in out and "held-out at 1024 tokens: ppl " in out
+    assert open(tmp_path / "train" / "eval" / "loss_by_position.png", "rb").read(4) == b"\x89PNG"
     # a second run skips every finished step
     again = subprocess.run(cmd, cwd=ROOT, env=pretrain_env(), capture_output=True, text=True, timeout=200)
     assert again.returncode == 0 and again.stdout.count("(outputs exist: skipped)") == 5, again.stdout[-3000:]
