@@ -59,15 +59,15 @@ def load_source(source: str):
     if not os.path.isdir(path):
         raise ValueError(f"SOURCE {source}: no such folder")
     if os.path.isfile(os.path.join(path, "config.json")):  # megatrain export or transformers MEGA folder
-        from megatrain.convert.hf import load_hf
+        from megatrain.hf import load_hf
         return load_hf(path, task="causal"), None, path
-    from megatrain.convert.export import ExportError, resolve_checkpoint
+    from megatrain.export.folder import ExportError, resolve_checkpoint
     try:
         ckpt = resolve_checkpoint(path)
     except ExportError as e:
         raise ValueError(str(e).replace("CHECKPOINT", "SOURCE", 1) + "; expected a run folder, a checkpoint, a "
                          "megatrain export or a transformers MEGA folder") from None
-    from megatrain.convert.checkpoint import load_model
+    from megatrain.export.load import load_model
     model, cfg = load_model(ckpt.tag_dir)
     return model, cfg, ckpt.run_dir or ckpt.tag_dir
 
@@ -78,7 +78,7 @@ def _tokenizer_dir(a, cfg, where):
     if os.path.isfile(os.path.join(where, "tokenizer.model")):
         return where
     if cfg is not None:
-        from megatrain.convert.export import find_tokenizer
+        from megatrain.export.folder import find_tokenizer
         return find_tokenizer(cfg, where)
     return None
 

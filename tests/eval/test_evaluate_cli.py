@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from megatrain.convert.hf import save_hf
+from megatrain.hf import save_hf
 from megatrain.data.tokenizer import load_tokenizer
 from megatrain.eval.heldout import load_heldout
 from tests.dist_util import ROOT, pretrain_env
