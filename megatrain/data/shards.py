@@ -268,6 +268,7 @@ def _decode_tokens(url: str, key: str, payload: bytes | None, vocab_size: int) -
 
 
 COMPRESSED = (".gz", ".tgz", ".bz2", ".xz", ".zst")
+TAR_BUFSIZE = 64 << 10  # tarfile's read size in stream mode: a failed read loses at most this much progress
 
 
 def read_shard(url: str, vocab_size: int, skip_corrupt: bool = False,
@@ -302,7 +303,8 @@ def read_shard(url: str, vocab_size: int, skip_corrupt: bool = False,
         try:
             stream = open_at(url, 0 if compressed else restart)
             base = 0 if compressed else restart
-            with tarfile.open(fileobj=stream, mode="r|*" if compressed or not restart else "r|") as tar:
+            with tarfile.open(fileobj=stream, mode="r|*" if compressed or not restart else "r|",
+                              bufsize=TAR_BUFSIZE) as tar:
                 for member in tar:
                     if not member.isfile():
                         continue

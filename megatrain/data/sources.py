@@ -32,6 +32,7 @@ log = logging.getLogger("megatrain.data")
 T = TypeVar("T")
 REMOTE_SCHEMES = ("http://", "https://", "s3://")
 # botocore error codes that mean "slow down / try again" rather than "wrong request"
+BLOCK_SIZE = 8 << 20  # bytes per range request: a shard streams in blocks of this size (a retry refetches one)
 THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
                   "RequestTimeout", "InternalError", "ServiceUnavailable", "503", "500"}
 
@@ -119,13 +120,18 @@ def transient(e: BaseException) -> bool:
 
 
 def root_cause(e: BaseException) -> BaseException:
-    """fsspec and tarfile wrap the network error; classify by the innermost one that says something."""
-    seen = e
-    while seen.__cause__ is not None or seen.__context__ is not None:
-        nxt = seen.__cause__ or seen.__context__
-        if getattr(nxt, "status", None) is not None or getattr(nxt, "response", None) is not None:
-            return nxt
-        seen = nxt
+    """fsspec and tarfile wrap the network error (fsspec reports a failed HEAD or a refused connection as
+    FileNotFoundError from it): classify by the innermost error that has a status, else by the deepest one
+    under a FileNotFoundError, else by ``e`` itself."""
+    chain, seen = [e], e
+    while (seen.__cause__ or seen.__context__) is not None and len(chain) < 20:
+        seen = seen.__cause__ or seen.__context__
+        chain.append(seen)
+    for x in chain[1:]:
+        if getattr(x, "status", None) is not None or isinstance(getattr(x, "response", None), dict):
+            return x
+    if isinstance(e, FileNotFoundError) and len(chain) > 1:
+        return chain[-1]
     return e
 
 
@@ -158,7 +164,7 @@ def _fs(url: str):
 def open_at(url: str, offset: int = 0):
     """A binary file positioned at ``offset``: local files and fsspec URLs seek; pipe:/others start at 0 only."""
     if is_remote(url):
-        f = _fs(url).open(url, "rb")
+        f = _fs(url).open(url, "rb", block_size=BLOCK_SIZE)
         if offset:
             f.seek(offset)
         return f

@@ -3,11 +3,12 @@
     with http_server(folder) as (url, faults):        # url = "http://127.0.0.1:PORT/"
         faults.add("shard-000001.tar", "503", "503")  # the next two requests for it answer 503
         faults.add("shard-000002.tar", "drop")        # the next GET of it sends half its bytes, then closes
+        faults.add("shard-000003.tar", "drop@4096")   # ... the next GET of a range starting at byte >= 4096
     with s3_server() as endpoint:                     # AWS_ENDPOINT_URL + fake credentials set while inside
         upload(folder, "s3://bucket/prefix/")
 
 The HTTP server speaks Range requests (206) and HEAD, like any static file host / CDN, because fsspec reads
-remote files by ranges. Faults are consumed in order, one per matching request (HEAD requests only see "503").
+remote files by ranges. Faults are consumed in order, one per matching request (HEAD requests only see "503" and "403").
 """
 from __future__ import annotations
 
@@ -31,12 +32,14 @@ class Faults:
         with self.lock:
             self.queue[name].extend(faults)
 
-    def take(self, name: str, method: str) -> str | None:
+    def take(self, name: str, method: str, start: int) -> str | None:
         with self.lock:
             q = self.queue.get(name)
-            if not q or (method == "HEAD" and q[0] != "503"):
+            if not q or (method == "HEAD" and q[0] not in ("503", "403")):
                 return None
-            f = q.popleft()
+            if q[0].startswith("drop@") and start < int(q[0][5:]):
+                return None
+            f = q.popleft().split("@")[0]
             self.hits.append((name, f))
             return f
 
@@ -52,20 +55,20 @@ def _handler(root: str, faults: Faults):
             name = self.path.split("?", 1)[0].lstrip("/")
             faults.requests.append((self.command, name, self.headers.get("Range", "")))
             path = os.path.join(root, name)
-            fault = faults.take(name, self.command)
+            rng = self.headers.get("Range") or ""
+            fault = faults.take(name, self.command, int(rng[6:].partition("-")[0] or 0) if rng else 0)
             if fault in ("503", "403"):
                 self.send_response(int(fault))
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
-            if fault == "403" or not os.path.isfile(path):
+            if not os.path.isfile(path):
                 self.send_response(404)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
             data = open(path, "rb").read()
             start, end = 0, len(data) - 1
-            rng = self.headers.get("Range")
             if rng and rng.startswith("bytes="):
                 a, _, b = rng[6:].partition("-")
                 start = int(a) if a else 0
