@@ -134,7 +134,7 @@ class MetricsLogger:
         if self._tb is not None:
             for k, v in rec.items():
                 if k != "step" and isinstance(v, (int, float)) and v is not None:
-                    self._tb.add_scalar(f"train/{k}", v, step)
+                    self._tb.add_scalar(k if "/" in k else f"train/{k}", v, step)  # data/<source>/tokens as is
         now = time.time()
         if self._first is None:
             self._first = (step, now)
@@ -151,6 +151,8 @@ class MetricsLogger:
                  f"tok/s {rec['tokens_per_s']:.0f}", f"skipped {rec['skipped_steps']}"]
         if rec.get("mfu") is not None:
             parts.append(f"mfu {100 * rec['mfu']:.1f}%")
+        if rec.get("stage") is not None:  # a seq_len schedule: which stage, at which length
+            parts.append(f"stage {rec['stage']}/{rec['stages']} (seq_len {rec['seq_len']})")
         if self.total:
             eta = eta_seconds(step, self.total, *self._first, now, self._t0)
             parts.append(f"{tqdm.format_interval(now - self._t0)}<{tqdm.format_interval(eta)}")
