@@ -195,7 +195,8 @@ class Config:
                 raise ConfigError(f"{key}: {e}" if d.seq_len_schedule else str(e)) from None
             if m.use_chunking:  # windows are never padded, so a window must be whole chunks (SP adds: per slice)
                 _check(st.seq_len % m.chunk_size == 0, key, st.seq_len if not d.seq_len_schedule else
-                       d.seq_len_schedule[i], f"seq_len must be a multiple of model.chunk_size={m.chunk_size}")
+                       d.seq_len_schedule[i], ("its seq_len " if d.seq_len_schedule else "") +
+                       f"must be a multiple of model.chunk_size={m.chunk_size}")
             # Sequence-parallel layout: the SP part owns the rule (slices must be whole chunks).
             from megatrain.parallel.sequence import validate_sp
             try:
