@@ -3,27 +3,31 @@
 Use:
     from megatrain.data import ShardStream
     stream = ShardStream("shards/index.json", seq_len=4096, seed=0, dp_rank=r, dp_size=n, num_workers=2)
+    stream = ShardStream(sources=[Source("web", "s3://b/web/", 0.7), Source("code", "/d/code", 0.3)], ...,
+                         loop=True)                                                        # a mixture (mixture.py)
     loader = torch.utils.data.DataLoader(stream, batch_size=micro_batch, num_workers=0)   # or iterate directly
     for batch in loader: batch["input_ids"], batch["labels"], batch["doc_ids"]            # LongTensor [B, seq_len]
     state = stream.state_dict()          # after k samples were handed out (on every rank: k equal)
-    stream2.load_state_dict(state)       # any dp_size / dp_rank / num_workers: continues the same global order
+    stream2.load_state_dict(state)       # any dp_size / dp_rank / num_workers / seq_len: continues the same stream
+    stream.set_seq_len(32768)            # between iterations (a seq_len schedule stage): the token position carries on
 
-The token stream of epoch e (the same on every rank):
-  * shard order: a permutation of the manifest's shards drawn from (seed, e);
-  * inside a shard: its documents in a random order drawn from (seed, e, shard index);
-  * each document is followed by the end-of-document token (manifest special_tokens["eod"]);
-  * the stream is cut into N = (stream_tokens - 1) // L windows of ``seq_len`` = L tokens; window w holds stream
-    tokens [w*L, w*L + L) and also reads token w*L + L for its last label (consecutive windows share that token).
-  The stream's last < L + 1 tokens are in no window. N is the same every epoch (only the order changes).
+The token stream of a source's epoch e (the same on every rank):
+  * shard order: a permutation of the manifest's shards drawn from (seed, [source salt,] e);
+  * inside a shard: its documents in a random order drawn from (seed, [salt,] e, shard index);
+  * each document is followed by the end-of-document token (manifest special_tokens["eod"]).
+Windows (mixture.py has the plan): when an epoch starts at seq_len L its N = (stream_tokens - 1) // L windows are cut
+into C = ``lanes`` lanes; window i of the epoch (at a fixed L) is lane i % C's (i // C)-th window, and a window at
+token cursor c holds stream tokens [c, c + L) and also reads token c + L for its last label (consecutive windows
+share that token). The stream's last < L + 1 tokens are in no window. Lanes keep token cursors, so after a change
+of L every lane continues where it was (a lane's rest shorter than L gives one last window padded with <pad>,
+labels -100, its own doc id): no token is skipped or repeated.
 Samples: ``input_ids`` = window tokens; clm ``labels[t]`` = the token after input t (pre-shifted);
-mlm ``labels`` = original ids at masked positions (masking.py, seeded by (seed, e, w)), -100 elsewhere;
+mlm ``labels`` = original ids at masked positions (masking.py, seeded by (seed, e, window)), -100 elsewhere;
 ``doc_ids[t]`` = ordinal of the document token t belongs to (its EOD included) in epoch e's stream.
 
-Global order (independent of the layout: DP size, micro-batch, accumulation, SP size, workers):
-  * ``lanes`` = C cuts epoch e's windows into C contiguous lanes (the first N % C one window longer); global
-    window i of epoch e (0 <= i < N) is window ``lane_start[i % C] + i // C``: lanes interleaved round-robin, so a
-    global batch mixes C distant places of the stream (C is part of the data order, like the seed);
-  * epochs follow each other: global position p = e * N + i, an unbounded sequence.
+Global order (independent of the layout: DP size, micro-batch, accumulation, SP size, workers): global window g is
+the plan's g-th window (mixture.Plan: the source most behind its weight, then that source's next lane); sources
+and epochs follow each other in one unbounded sequence of positions.
 Split (the rule the trainer's resume relies on): from the position P the stream started or resumed at, DP rank r of
 D hands out positions P + r, P + r + D, P + r + 2D, ...  A trainer that takes micro_batch x grad_accum = M windows
 per rank per step therefore consumes, at global step s (counted from P), exactly the positions
@@ -32,29 +36,31 @@ SP ranks of one DP replica build the stream with the same dp_rank and slice the 
 
 Workers: ShardStream does its own worker split; use it with DataLoader(num_workers=0) (or iterate it directly).
 With num_workers = W >= 1, worker j (a forked process) produces the rank's k-th window for every k = j (mod W) and
-the consumer takes them in k order: every worker count (0, 1, 2, ...) gives the same sequence.
+the consumer takes them in k order: every worker count (0, 1, 2, ...) gives the same sequence. Every process runs
+the plan over all positions (integer work) and reads only the windows that are its own.
 Reading: each lane is read sequentially (a shard is decoded once per lane reader and dropped when the lane moves
-past it). A rank reads the lanes its positions fall in: when D divides C, rank r reads C/D lanes and no shard is
-decoded by two ranks; when D > C, D/C ranks share a lane (each decodes it, uses 1/(D/C) of its windows). Memory:
-a worker holds about one decoded shard per lane it reads (shards are kept at their stored uint16/uint32 width).
+past it). A rank reads the lanes its positions fall in. Memory: a worker holds about one decoded shard per lane
+it reads (shards are kept at their stored uint16/uint32 width). Remote shards (https://, s3://) stream by ranges
+and retry transient failures (sources.py, shards.read_shard).
 
-Resume: the state is layout-free: the global position (windows consumed by all ranks together since epoch 0 =
-this rank's count x D + start; every rank consumes the same count, so every rank's state is identical) plus the
-settings that define the order (data fingerprint, seq_len, seed, objective, lanes), which must match. Loading it
-into a stream with any dp_size / dp_rank / num_workers continues at that position: across the old and new layout
-every window of the epoch is handed out exactly once. Version-1 states (per-rank order) load only at an epoch
-boundary. Resuming reads only from the shards holding the next windows (positions come from the manifest).
+Resume: the state is layout-free: the plan (position = global windows consumed, token slots, per-source epoch,
+lane cursors and ends, weights) plus the settings that define the order (data fingerprints, seed, objective,
+lanes), which must match. Loading it into a stream with any dp_size / dp_rank / num_workers / seq_len continues at
+that token position: across the old and new layout every window is handed out exactly once. A mixture resumed with
+other weights continues from the per-source positions (``resume_note`` says so). Version-2 states (a window count
+at one seq_len) convert to lane cursors; version-1 states (per-rank order) load only at an epoch boundary.
 
-One ``for`` loop over the stream (``loop=False``) hands out K = (epoch_end - P) // D windows per rank, the same K
-on every rank (collectives never hang): it ends at the last whole round of D before the end of the current epoch;
-the < D windows left over open the next loop, which runs to the end of the next epoch. ``loop=True``: never stops.
-``len(stream)`` = N // D (a loop's length from an epoch start). ``stream.epoch`` = epoch of the latest window.
+One ``for`` loop over a one-source stream (``loop=False``) hands out K = (windows left in the epoch) // D windows
+per rank, the same K on every rank (collectives never hang): it ends at the last whole round of D before the end
+of the current epoch; the < D windows left over open the next loop, which runs to the end of the next epoch.
+``loop=True`` (required for a mixture): never stops. ``len(stream)`` = N // D (N summed over a mixture's sources).
+``stream.epoch`` = the first source's epoch of the latest window; ``source_stats()`` per source.
 
 ``vocab_size=`` (the model's) may exceed the manifest's vocabulary (padded embeddings), never be smaller.
-Bad data: local shards are checked against the manifest's recorded byte sizes when the stream is built (a stat
+Bad data: shards are checked against the manifest's recorded byte sizes when the stream is built (a stat or HEAD
 each, no read): a missing or truncated shard is a DataError naming it before any window is produced (with
-``skip_corrupt`` a size mismatch is a warning). Remote (pipe:, ://) shards and manifests without sizes are checked
-when read. Read errors name the shard and sample key (shards.DataError). With ``skip_corrupt=True`` a bad sample
+``skip_corrupt`` a size mismatch is a warning). pipe: shards and manifests without sizes are checked when read.
+Read errors name the shard and sample key (shards.DataError). With ``skip_corrupt=True`` a bad sample
 (or the unreadable rest of a truncated shard) is dropped, logged, and counted in ``stream.skipped`` (by the rank
 whose window holds the shard's first token); its tokens are replaced by <pad> at the end of that shard's span
 (labels -100), so every rank still sees the planned token layout. A shard holding more docs/tokens than its
