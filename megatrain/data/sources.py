@@ -157,8 +157,12 @@ def with_retries(fn: Callable[[int], T], url: str, policy: RetryPolicy, what: st
 
 
 def _fs(url: str):
-    import fsspec
-    return fsspec.core.url_to_fs(url)[0]
+    try:
+        import fsspec
+        return fsspec.core.url_to_fs(url)[0]
+    except ImportError as e:  # fsspec's http needs aiohttp, s3:// needs s3fs: say which package, not a traceback
+        raise DataError(f"{url}: reading {url.split('://')[0]}:// needs {e.name or 'a package'} "
+                        f"(pip install fsspec aiohttp s3fs)") from None
 
 
 def open_at(url: str, offset: int = 0):

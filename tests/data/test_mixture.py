@@ -184,3 +184,19 @@ def test_window_counted_state_still_resumes(synthetic):
                                for x in ref[:9]]))
     later = content_tokens(list(itertools.islice(r, 10)))
     assert not head & set(later)  # nothing of the first 9 windows is read again
+
+
+def test_per_source_metrics_reach_tensorboard(tmp_path):
+    """data/<name>/tokens and data/<name>/epoch are TensorBoard tags of their own (not under train/)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from megatrain.train.metrics import MetricsLogger
+
+    log = MetricsLogger(str(tmp_path), enabled=True, tensorboard=True, stream=open(os.devnull, "w"))
+    for step in (1, 2):
+        log.log({"step": step, "loss": 1.0, "lr": 0.1, "grad_norm": 0.5, "tokens_per_s": 10.0, "skipped_steps": 0,
+                 "data/web/tokens": 64 * step, "data/web/epoch": 0, "stage": 1, "stages": 2, "seq_len": 32})
+    log.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("data/web/tokens")] == [64, 128]
+    assert "data/web/epoch" in acc.Tags()["scalars"] and "train/loss" in acc.Tags()["scalars"]

@@ -93,3 +93,30 @@ def test_s3_gives_the_local_windows(local):
         assert rows(s, len(ref)) == ref
         with pytest.raises(DataError, match="s3://corpus/v2/index.json"):
             ShardStream("s3://corpus/v2/index.json", seq_len=L, seed=4, loop=True, retry=FAST)
+
+
+def test_what_is_retried():
+    """Throttling, 5xx and dropped connections are retried; 4xx and missing files are not (waiting cannot fix them)."""
+    import aiohttp
+    from botocore.exceptions import ClientError
+
+    def s3(code, http):
+        return ClientError({"Error": {"Code": code, "Message": "x"}, "ResponseMetadata": {"HTTPStatusCode": http}},
+                           "GetObject")
+
+    retried = [s3("SlowDown", 503), s3("InternalError", 500), s3("ThrottlingException", 400),
+               ConnectionResetError(104, "reset"), aiohttp.ClientPayloadError("cut short")]
+    final = [s3("AccessDenied", 403), s3("NoSuchKey", 404), FileNotFoundError("x"), PermissionError("x")]
+    assert [sources.transient(e) for e in retried] == [True] * len(retried)
+    assert [sources.transient(e) for e in final] == [False] * len(final)
+    assert sources.status_of(s3("SlowDown", 503)) == "S3 SlowDown (HTTP 503)"
+    calls = []
+
+    def flaky(attempt):
+        calls.append(attempt)
+        if attempt < 2:
+            raise s3("SlowDown", 503)
+        return "ok"
+    assert sources.with_retries(flaky, "s3://b/k", RetryPolicy(3, 0.0)) == "ok" and calls == [0, 1, 2]
+    with pytest.raises(DataError, match=r"s3://b/k: read failed after 1 retries \(S3 SlowDown \(HTTP 503\)"):
+        sources.with_retries(lambda a: (_ for _ in ()).throw(s3("SlowDown", 503)), "s3://b/k", RetryPolicy(1, 0.0))
