@@ -1,13 +1,18 @@
-"""Data-pipeline throughput: shard build rate (MB/s of raw text) and ShardStream windows/s.
+"""Data-pipeline throughput: shard build rate (MB/s of raw text) and ShardStream windows/s, local and remote.
 
 Run:
     python bench/bench_loader.py                              # demo corpus (38 plays) in a temp folder
     python bench/bench_loader.py --shards shards/ --seq-len 8192 --workers 0 2 --train-tokens-per-s 200000
+    python bench/bench_loader.py --sources local http mixture mixture-http --workers 0 2 --objectives clm
 Prints a table and one JSON line. "x train" = loader tokens/s / --train-tokens-per-s; it should be >= 10.
+Sources: ``local`` the shard folder; ``http`` the same shards from a loopback HTTP server (range requests through
+fsspec, as from a CDN or object store; tests/data/servers.py); ``mixture`` two weighted sources (2:1) over the
+shards; ``mixture-http`` the same with the second source over HTTP.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -31,10 +36,16 @@ def build_demo(tmp: str, vocab: int, threads: int) -> tuple[str, float]:
     return shards, Manifest.load(shards).stats["bytes_in"] / 1e6 / dt
 
 
-def time_stream(shards: str, seq_len: int, workers: int, objective: str, max_windows: int) -> dict:
+def time_stream(shards: str, seq_len: int, workers: int, objective: str, max_windows: int, source: str = "local",
+                url: str | None = None) -> dict:
     from megatrain.data import ShardStream
+    from megatrain.data.mixture import Source
 
-    stream = ShardStream(shards, seq_len=seq_len, seed=0, num_workers=workers, objective=objective)
+    remote = None if url is None else url + "index.json"
+    where = {"local": {"urls_or_manifest": shards}, "http": {"urls_or_manifest": remote},
+             "mixture": {"sources": [Source("a", shards, 2.0), Source("b", shards, 1.0)], "loop": True},
+             "mixture-http": {"sources": [Source("a", shards, 2.0), Source("b", remote, 1.0)], "loop": True}}[source]
+    stream = ShardStream(**where, seq_len=seq_len, seed=0, num_workers=workers, objective=objective)
     t0 = time.perf_counter()
     n = 0
     for sample in stream:
@@ -42,7 +53,7 @@ def time_stream(shards: str, seq_len: int, workers: int, objective: str, max_win
         if n >= max_windows:
             break
     dt = time.perf_counter() - t0  # includes worker start-up and the first shard read
-    return {"objective": objective, "workers": workers, "seq_len": seq_len, "windows": n,
+    return {"source": source, "objective": objective, "workers": workers, "seq_len": seq_len, "windows": n,
             "windows_per_s": n / dt, "tokens_per_s": n * seq_len / dt}
 
 
@@ -54,6 +65,8 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--max-windows", type=int, default=400)
+    p.add_argument("--sources", nargs="+", default=["local"], choices=["local", "http", "mixture", "mixture-http"])
+    p.add_argument("--objectives", nargs="+", default=["clm", "mlm"], choices=["clm", "mlm"])
     p.add_argument("--train-tokens-per-s", type=float, default=100_000.0,
                    help="what training consumes (per rank), for the x-train column")
     a = p.parse_args(argv)
@@ -62,12 +75,19 @@ def main(argv=None) -> int:
         shards = a.shards
         if shards is None:
             shards, build_rate = build_demo(tmp, a.vocab_size, a.threads)
-        rows = [time_stream(shards, a.seq_len, w, obj, a.max_windows) for obj in ("clm", "mlm") for w in a.workers]
-    print(f"\n{'objective':<9} {'workers':>7} {'windows/s':>10} {'tokens/s':>12} {'x train':>8}")
+        with contextlib.ExitStack() as stack:
+            url = None
+            if any("http" in src for src in a.sources):
+                from tests.data.servers import http_server
+                url, _ = stack.enter_context(http_server(shards if os.path.isdir(shards) else
+                                                         os.path.dirname(shards)))
+            rows = [time_stream(shards, a.seq_len, w, obj, a.max_windows, src, url)
+                    for src in a.sources for obj in a.objectives for w in a.workers]
+    print(f"\n{'source':<12} {'objective':<9} {'workers':>7} {'windows/s':>10} {'tokens/s':>12} {'x train':>8}")
     for r in rows:
         r["x_train"] = r["tokens_per_s"] / a.train_tokens_per_s
-        print(f"{r['objective']:<9} {r['workers']:>7} {r['windows_per_s']:>10.1f} {r['tokens_per_s']:>12.0f} "
-              f"{r['x_train']:>8.1f}")
+        print(f"{r['source']:<12} {r['objective']:<9} {r['workers']:>7} {r['windows_per_s']:>10.1f} "
+              f"{r['tokens_per_s']:>12.0f} {r['x_train']:>8.1f}")
     if build_rate is not None:
         print(f"build_shards: {build_rate:.2f} MB/s of raw text ({a.threads} threads)")
     print(json.dumps({"build_mb_per_s": build_rate, "cpus": os.cpu_count(), "load_avg": os.getloadavg(),

@@ -52,8 +52,14 @@ class ModelCfg(MegaConfig):
 
 @dataclass
 class DataCfg:
-    shards: Union[str, list] = ""        # manifest index.json, a directory of shards, a glob, or a list of those
-    seq_len: int = 4096
+    shards: Union[str, list] = ""        # manifest index.json (path, https:// or s3:// URL), a directory of
+                                          # shards, a glob, or a list of those; or, instead, `sources`:
+    sources: list = field(default_factory=list)  # a mixture: [{name, shards, weight}, ...] (megatrain/data/mixture.py)
+    seq_len: int = 4096                   # with seq_len_schedule: the length the tokens per step are counted at
+    seq_len_schedule: list = field(default_factory=list)  # [[step, seq_len], ...] or [[step, seq_len,
+                                          # micro_batch_size, grad_accum_steps], ...]; first step 0 (data_stages)
+    retries: int = 5                      # remote shards: retries of a transient failure (backoff doubles)
+    retry_backoff_s: float = 1.0          # first wait before a retry
     micro_batch_size: int = 1
     num_workers: int = 0
     lanes: Optional[int] = None           # global window order (megatrain/data/stream.py); None: its default
@@ -184,7 +190,13 @@ class Config:
         _check(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 = off)")
         _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
         _check(d.lanes is None or d.lanes >= 1, "data.lanes", d.lanes, "must be >= 1 (or null: the stream's default)")
-        _check(bool(d.shards), "data.shards", d.shards, "must name a manifest, a directory, a glob or a list")
+        _check(bool(d.shards) != bool(d.sources), "data.shards", d.shards,
+               "give data.shards (one corpus) or data.sources (a mixture), exactly one of them"
+               if d.sources else "must name a manifest, a directory, a glob or a list (or use data.sources)")
+        _check_sources(d.sources)
+        _check(d.retries >= 0, "data.retries", d.retries, "must be >= 0")
+        _check(d.retry_backoff_s >= 0, "data.retry_backoff_s", d.retry_backoff_s, "must be >= 0")
+        stages = data_stages(self)  # the schedule's shape; each stage's length is checked like data.seq_len below
         for key, (value, why) in OBJECTIVE_MODEL_FIELDS[t.objective].items():  # set by from_dict; a later edit?
             _check(getattr(m, key) == value, f"model.{key}", getattr(m, key),
                    f"must be {value} for train.objective={t.objective} ({why})")
@@ -198,24 +210,30 @@ class Config:
             _check(accelerator is not False, "train.offload_activations", True,
                    "needs a GPU (it moves checkpointed layer inputs from device to host memory; this run is on CPU)")
         m.validate()
-        try:  # without chunking a rank attends over its whole slice: the model's span rule, at that length
-            m.check_attention_span(d.seq_len // p.sequence_parallel_size)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if m.use_chunking:  # windows are never padded, so a window must be whole chunks (SP adds: per slice)
-            _check(d.seq_len % m.chunk_size == 0, "data.seq_len", d.seq_len,
-                   f"must be a multiple of model.chunk_size={m.chunk_size}")
-        # Sequence-parallel layout: the SP part owns the rule (slices must be whole chunks).
-        from megatrain.parallel.sequence import validate_sp
-        try:
-            validate_sp(d.seq_len, p.sequence_parallel_size, m.chunk_size, m.use_chunking, truncation=m.truncation,
-                        normalization_type=m.normalization_type)
-        except ValueError as e:  # its messages already name the keys
-            raise ConfigError(str(e)) from None
+        for i, st in enumerate(stages):  # every stage of a seq_len schedule obeys the rules of data.seq_len
+            key = "data.seq_len" if not d.seq_len_schedule else f"data.seq_len_schedule[{i}]"
+            try:  # without chunking a rank attends over its whole slice: the model's span rule, at that length
+                m.check_attention_span(st.seq_len // p.sequence_parallel_size)
+            except ValueError as e:
+                raise ConfigError(f"{key}: {e}" if d.seq_len_schedule else str(e)) from None
+            if m.use_chunking:  # windows are never padded, so a window must be whole chunks (SP adds: per slice)
+                _check(st.seq_len % m.chunk_size == 0, key, st.seq_len if not d.seq_len_schedule else
+                       d.seq_len_schedule[i], ("its seq_len " if d.seq_len_schedule else "") +
+                       f"must be a multiple of model.chunk_size={m.chunk_size}")
+            # Sequence-parallel layout: the SP part owns the rule (slices must be whole chunks).
+            from megatrain.parallel.sequence import validate_sp
+            try:
+                validate_sp(st.seq_len, p.sequence_parallel_size, m.chunk_size, m.use_chunking,
+                            truncation=m.truncation, normalization_type=m.normalization_type)
+            except ValueError as e:  # its messages already name the keys
+                raise ConfigError(f"{key}={d.seq_len_schedule[i]!r}: {e}" if d.seq_len_schedule else str(e)
+                                  ) from None
         if check_files:
-            for src in [d.shards] if isinstance(d.shards, str) else d.shards:
-                if isinstance(src, str) and "://" not in src and not any(ch in src for ch in "*?[{"):
-                    _check(os.path.exists(src), "data.shards", src, "no such file or directory")
+            for key, shards in [("data.shards", d.shards or [])] + [(f"data.sources[{i}].shards", s["shards"])
+                                                                      for i, s in enumerate(d.sources)]:
+                for src in [shards] if isinstance(shards, str) else shards:
+                    if isinstance(src, str) and "://" not in src and not any(ch in src for ch in "*?[{"):
+                        _check(os.path.exists(src), key, src, "no such file or directory")
         if check_files and m.init_from:  # the folder must match the model section (read config.json only)
             from megatrain.hf.init_from import check_init_from
             try:
@@ -258,6 +276,82 @@ class Config:
             raise ConfigError(f"eval.seq_len={seq}: {err}") from None
         if check_files and "://" not in e.shards:
             _check(os.path.exists(e.shards), "eval.shards", e.shards, "no such file or directory")
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the seq_len schedule: from optimizer step ``step`` on, windows of ``seq_len`` in micro-batches
+    of ``micro_batch_size``, ``grad_accum_steps`` of them per step (tokens per step unchanged)."""
+    index: int
+    step: int
+    seq_len: int
+    micro_batch_size: int
+    grad_accum_steps: int
+
+
+def data_stages(cfg: "Config") -> list:
+    """The run's stages (one without data.seq_len_schedule). Tokens per optimizer step and DP replica stay
+    data.seq_len x data.micro_batch_size x train.grad_accum_steps; a stage given as [step, seq_len] keeps the
+    accumulation and scales the micro-batch (or, when that is not whole, uses micro-batch 1 and scales the
+    accumulation); [step, seq_len, micro_batch_size, grad_accum_steps] must give the same tokens."""
+    d, t = cfg.data, cfg.train
+    per_step = d.seq_len * d.micro_batch_size * t.grad_accum_steps
+    if not d.seq_len_schedule:
+        return [Stage(0, 0, d.seq_len, d.micro_batch_size, t.grad_accum_steps)]
+    _check(isinstance(d.seq_len_schedule, list), "data.seq_len_schedule", d.seq_len_schedule,
+           "must be a list of [step, seq_len] pairs")
+    stages, last = [], None
+    for i, entry in enumerate(d.seq_len_schedule):
+        key = f"data.seq_len_schedule[{i}]"
+        ok = isinstance(entry, list) and len(entry) in (2, 4) and \
+            all(isinstance(x, int) and not isinstance(x, bool) for x in entry)
+        _check(ok, key, entry, "must be [step, seq_len] or [step, seq_len, micro_batch_size, grad_accum_steps] "
+                               "(integers)")
+        step, seq_len = entry[0], entry[1]
+        _check(step == 0 if i == 0 else True, key, entry, "the first stage must start at step 0")
+        _check(last is None or step > last, key, entry, f"steps must increase (the stage before starts at {last})")
+        _check(seq_len >= 1, key, entry, "seq_len must be >= 1")
+        if len(entry) == 4:
+            mb, accum = entry[2], entry[3]
+            _check(mb >= 1 and accum >= 1, key, entry, "micro_batch_size and grad_accum_steps must be >= 1")
+        elif (per_step // t.grad_accum_steps) % seq_len == 0:
+            mb, accum = per_step // t.grad_accum_steps // seq_len, t.grad_accum_steps
+        else:
+            mb, accum = 1, per_step // seq_len
+        _check(mb * accum * seq_len == per_step, key, entry,
+               f"tokens per step must stay data.seq_len x data.micro_batch_size x train.grad_accum_steps = "
+               f"{per_step} per DP replica (got {mb} x {accum} x {seq_len}); give [step, seq_len, "
+               f"micro_batch_size, grad_accum_steps] or change data.seq_len")
+        stages.append(Stage(i, step, seq_len, mb, accum))
+        last = step
+    return stages
+
+
+def stage_at(stages: list, step: int):
+    """The stage that optimizer step ``step`` (0-based: the step about to run) belongs to."""
+    current = stages[0]
+    for st in stages:
+        if st.step <= step:
+            current = st
+    return current
+
+
+def _check_sources(sources: Any) -> None:
+    _check(isinstance(sources, list), "data.sources", sources, "must be a list of {name, shards, weight}")
+    names = set()
+    for i, s in enumerate(sources):
+        key = f"data.sources[{i}]"
+        _check(isinstance(s, dict), key, s, "must be a mapping {name, shards, weight}")
+        unknown = set(s) - {"name", "shards", "weight"}
+        _check(not unknown, f"{key}.{sorted(unknown)[0] if unknown else ''}", None,
+               "unknown key (a source has name, shards, weight)")
+        _check(isinstance(s.get("name"), str) and bool(s.get("name")) and "/" not in s["name"], f"{key}.name",
+               s.get("name"), "must be a non-empty name without '/'")
+        _check(s["name"] not in names, f"{key}.name", s["name"], "duplicate source name")
+        names.add(s["name"])
+        _check(bool(s.get("shards")) and isinstance(s.get("shards"), (str, list)), f"{key}.shards", s.get("shards"),
+               "must name a manifest, a directory, a glob or a list")
+        w = s.get("weight", 1.0)
+        _check(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 and w != float("inf"),
+               f"{key}.weight", w, f"must be a number > 0 (source {s['name']!r})")
 
 
 # train.objective decides what the model is; these model fields follow it unless set to a compatible value.

@@ -8,6 +8,7 @@ Commands and paths are templates filled from the `world` fixture: {py} this inte
 configs/tiny.yaml, {w} the shared fixture folder (inputs, a tokenizer, shards, a truncated copy; {w}/export: a
 checkpoint, made only for the export cases), {out} a fresh folder per case for outputs.
 """
+import contextlib
 import os
 import shutil
 import subprocess
@@ -17,6 +18,9 @@ import pytest
 
 from tests.tiny_data import TINY, write_shards
 from tests.dist_util import PRETRAIN, ROOT, free_port, pretrain_env
+from tests.data.servers import http_server
+
+FORBIDDEN: list = []  # the 403 server's URL, set by the `world` fixture
 
 TOOLS = os.path.join(ROOT, "data_tools")
 SBATCH = os.path.join(ROOT, "launch", "slurm", "pretrain.sbatch")
@@ -29,6 +33,10 @@ TOK = "{py} {tools}/train_tokenizer.py"
 BUILD = "{py} {tools}/build_shards.py --tokenizer {w}/tok"
 INSPECT = "{py} {tools}/inspect_shards.py"
 PRE = "{py} {pretrain} --config {tiny} data.shards={w}/shards/index.json run_dir={out}/run"
+# data.sources values without spaces (the command is split on whitespace); {{ }} survive the template filling
+SOURCE = 'data.sources=[{{{{"name":"{name}","shards":"{{w}}/shards/index.json","weight":{weight}}}}}]'
+SOURCES2 = ('data.sources=[{{{{"name":"{a}","shards":"{{w}}/shards/index.json"}}}},'
+            '{{{{"name":"{b}","shards":"{{w}}/shards/index.json"}}}}]')
 
 # (id, command, must appear in the error line, must not exist afterwards)
 CASES = [
@@ -120,6 +128,29 @@ CASES = [
     ("pretrain-eval-other-tokenizer", "{py} {pretrain} --config {tiny} data.shards={w}/tokshards run_dir={out}/run "
      "model.vocab_size=300 eval.every_steps=2 eval.shards={w}/otherheld",
      ["eval.shards={w}/otherheld", "tokenizer sha256", "must share one tokenizer"], ["{out}/run"]),
+    # ---- mixtures, remote shards, the seq_len schedule (megatrain/data: mixture.py, sources.py; config.data_stages)
+    ("pretrain-source-weight-zero", PRE + " data.shards= " + SOURCE.format(name="a", weight="0"),
+     ["data.sources[0].weight=0", "must be a number > 0"], ["{out}/run"]),
+    ("pretrain-source-weight-lots", PRE + " data.shards= " + SOURCE.format(name="a", weight='"lots"'),
+     ["data.sources[0].weight='lots'", "must be a number > 0"], ["{out}/run"]),
+    ("pretrain-duplicate-source", PRE + " data.shards= " + SOURCES2.format(a="a", b="a"),
+     ["data.sources[1].name='a'", "duplicate source name"], ["{out}/run"]),
+    ("pretrain-shards-and-sources", PRE + " " + SOURCE.format(name="a", weight="1"),
+     ["data.shards=", "exactly one of them"], ["{out}/run"]),
+    ("pretrain-unreachable-url", PRE + " data.shards=http://127.0.0.1:9/corpus/index.json data.retries=1 "
+     "data.retry_backoff_s=0.01", ["http://127.0.0.1:9/corpus/index.json", "after 1 retries", "Connect"],
+     ["{out}/run"]),
+    ("pretrain-url-403", PRE + " data.shards={forbidden}corpus/index.json",
+     ["{forbidden}corpus/index.json", "HTTP 403"], ["{out}/run"]),
+    ("pretrain-stages-not-increasing", PRE + " data.seq_len_schedule=[[0,32],[4,64],[4,16]]",
+     ["data.seq_len_schedule[2]=[4, 16]", "steps must increase"], ["{out}/run"]),
+    ("pretrain-stage-first-not-0", PRE + " data.seq_len_schedule=[[2,32]]",
+     ["data.seq_len_schedule[0]=[2, 32]", "start at step 0"], ["{out}/run"]),
+    ("pretrain-stage-tokens-change", PRE + " data.seq_len_schedule=[[0,32],[4,48]]",
+     ["data.seq_len_schedule[1]=[4, 48]", "tokens per step must stay"], ["{out}/run"]),
+    ("pretrain-stage-not-whole-chunks", "env RANK=0 WORLD_SIZE=2 " + PRE +
+     " parallel.sequence_parallel_size=2 data.seq_len_schedule=[[0,32],[4,8]]",
+     ["data.seq_len_schedule[1]=[4, 8]", "chunk"], ["{out}/run"]),
     # ---- launch/slurm/pretrain.sbatch outside Slurm
     ("sbatch-no-config", "bash {sbatch}", ["no CONFIG given", "usage"], []),
     ("sbatch-missing-config", "bash {sbatch} {w}/nowhere.yaml", ["nowhere.yaml", "not found"], []),
@@ -175,9 +206,15 @@ LAUNCHER_CASES = [
 
 
 @pytest.fixture(scope="session")
-def world(tmp_path_factory):
-    """Inputs for every case: text, odd files, a tokenizer, shards, a truncated copy, bad manifests."""
+def world(tmp_path_factory, request):
+    """Inputs for every case: text, odd files, a tokenizer, shards, a truncated copy, bad manifests, and a
+    loopback HTTP server that answers 403 to everything ({forbidden})."""
     w = tmp_path_factory.mktemp("bad_input")
+    stack = contextlib.ExitStack()
+    request.addfinalizer(stack.close)
+    url, faults = stack.enter_context(http_server(str(w)))
+    faults.add("corpus/index.json", *["403"] * 1000)
+    FORBIDDEN.append(url)
     (w / "text").mkdir()
     rng = __import__("random").Random(0)
     words = ["alpha", "beta", "gamma", "delta", "épsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda"]
@@ -240,7 +277,7 @@ def export_world(world):
 def _run(case, world, tmp_path, prefix=()):
     name, template, expect, absent = case
     fill = dict(py=sys.executable, tools=TOOLS, pretrain=PRETRAIN, sbatch=SBATCH, tiny=TINY, w=world, out=tmp_path,
-                export=EXPORT, evaluate=EVALUATE)
+                export=EXPORT, evaluate=EVALUATE, forbidden=FORBIDDEN[-1])
     cmd = list(prefix) + [part.format(**fill) for part in template.split()]
     env = pretrain_env()
     for k in [k for k in env if k.startswith("SLURM_") or k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")]:

@@ -21,7 +21,10 @@ not checked until read.
 Optional (written by build_shards, absent in older manifests): "doc_bytes" (UTF-8 bytes of each document, in
 manifest order), "token_bytes" (UTF-8 bytes each token id decodes to: bits per byte, megatrain/eval) and "split"
 (the train/held-out split this folder is one side of: data_tools/build_shards.py --heldout-fraction).
-Shard urls are relative to the manifest's folder unless they contain "://" or start with "pipe:" or "/".
+Shard urls are relative to the manifest's folder unless they contain "://" or start with "pipe:" or "/"; the
+manifest itself may be local or remote (https://, s3://: sources.py), and relative names in a remote manifest
+resolve against its URL's folder. Remote shards are read by ranges (streamed) and a transient failure restarts the
+read at the first tar member of the next unread sample (read_shard), so no sample is lost or read twice.
 """
 from __future__ import annotations
 
@@ -30,15 +33,19 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import tarfile
+import time
 import zlib
 from typing import Iterator
 
 import numpy as np
 
 from megatrain.io import atomic_file
+from megatrain.data.sources import (DataError, RetryPolicy, is_remote, is_url, open_at, parent, read_bytes, resolve,
+                                    root_cause, stat_size, status_of, transient)
 
 FORMAT = "megatrain-shards"
 VERSION = 1
@@ -46,10 +53,7 @@ TOKENS_EXT = "tokens.npy"
 META_EXT = "meta.json"
 MANIFEST_NAME = "index.json"
 REQUIRED_SPECIALS = ("eod", "eos", "pad", "mask", "bos", "unk")
-
-
-class DataError(ValueError):
-    """Bad data: names the shard (and sample key) at fault."""
+log = logging.getLogger("megatrain.data")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -80,7 +84,7 @@ class Manifest:
     doc_bytes: list = dataclasses.field(default_factory=list)    # optional, see the module docstring
     token_bytes: list = dataclasses.field(default_factory=list)
     split: dict = dataclasses.field(default_factory=dict)
-    root: str = ""  # folder the relative shard urls are resolved against (not saved)
+    root: str = ""  # folder (path or URL) the relative shard urls are resolved against (not saved)
 
     def __post_init__(self):
         if self.vocab_size <= 0:
@@ -102,9 +106,7 @@ class Manifest:
 
     def shard_url(self, i: int) -> str:
         url = self.shards[i].url
-        if "://" in url or url.startswith("pipe:") or os.path.isabs(url) or not self.root:
-            return url
-        return os.path.join(self.root, url)
+        return url if not self.root else resolve(self.root, url)
 
     def fingerprint(self) -> str:
         """Hash of everything that decides the token stream (used to refuse resuming on other data)."""
@@ -126,15 +128,20 @@ class Manifest:
             f.write("\n")
 
     @classmethod
-    def load(cls, path: str) -> "Manifest":
-        if os.path.isdir(path):
+    def load(cls, path: str, retry: RetryPolicy = RetryPolicy()) -> "Manifest":
+        """A local file or folder, or an https:// / s3:// URL of an index.json (or of its folder, ending in /)."""
+        if is_remote(path):
+            if path.endswith("/"):
+                path += MANIFEST_NAME
+        elif os.path.isdir(path):
             path = os.path.join(path, MANIFEST_NAME)
         try:
-            with open(path) as f:
-                d = json.load(f)
+            d = json.loads(read_bytes(path, retry))
         except FileNotFoundError:
             raise DataError(f"manifest {path}: file not found") from None
-        except (OSError, json.JSONDecodeError) as e:
+        except DataError as e:
+            raise DataError(f"manifest {e}") from None
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError(f"manifest {path}: unreadable ({e})") from None
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise DataError(f"manifest {path}: not a {FORMAT} manifest (format={d.get('format') if isinstance(d, dict) else None!r})")
@@ -150,29 +157,39 @@ class Manifest:
                        special_tokens={k: int(v) for k, v in d["special_tokens"].items()},
                        tokenizer_sha256=d.get("tokenizer_sha256", ""), dtype=d.get("dtype", "uint16"),
                        stats=d.get("stats", {}), doc_bytes=list(d.get("doc_bytes", [])),
-                       token_bytes=list(d.get("token_bytes", [])), split=dict(d.get("split", {})), root=os.path.dirname(os.path.abspath(path)))
+                       token_bytes=list(d.get("token_bytes", [])), split=dict(d.get("split", {})), 
+                       root=parent(path))
         except KeyError as e:
             raise DataError(f"manifest {path}: missing key {e}") from None
 
 
-def check_local_shards(manifest: Manifest, on_mismatch=None) -> None:
-    """Before any read: every local shard exists, is readable and has the byte size the manifest records.
+def check_local_shards(manifest: Manifest, on_mismatch=None, retry: RetryPolicy = RetryPolicy()) -> None:
+    """Before any read: every shard exists, is readable and has the byte size the manifest records.
 
-    A stat per shard, no read. Remote shards (pipe:, ://) and entries without a recorded size (manifests from
-    before sizes were recorded, streams built from urls) are checked when read instead. A size mismatch raises
-    DataError, or goes to ``on_mismatch(message)`` when given (skip_corrupt); a missing file always raises."""
+    No shard is read: a stat per local shard, a HEAD (https) / HeadObject (s3) per remote one. ``pipe:`` shards
+    and entries without a recorded size (manifests from before sizes were recorded, streams built from urls) are
+    checked when read instead. A size mismatch raises DataError, or goes to ``on_mismatch(message)`` when given
+    (skip_corrupt); a missing or unreachable file always raises."""
     for i, info in enumerate(manifest.shards):
         url = manifest.shard_url(i)
-        if "://" in url or url.startswith("pipe:"):
+        if is_url(url) and not is_remote(url):
             continue
-        try:
-            size = os.path.getsize(url)
-        except FileNotFoundError:
-            raise DataError(f"shard {url}: file not found (listed in the manifest)") from None
-        except OSError as e:
-            raise DataError(f"shard {url}: unreadable ({e.strerror})") from None
-        if not os.access(url, os.R_OK):
-            raise DataError(f"shard {url}: permission denied (not readable)")
+        if is_remote(url):
+            if not info.bytes:
+                continue
+            try:
+                size = stat_size(url, retry)
+            except DataError as e:
+                raise DataError(f"shard {e} (listed in the manifest)") from None
+        else:
+            try:
+                size = os.path.getsize(url)
+            except FileNotFoundError:
+                raise DataError(f"shard {url}: file not found (listed in the manifest)") from None
+            except OSError as e:
+                raise DataError(f"shard {url}: unreadable ({e.strerror})") from None
+            if not os.access(url, os.R_OK):
+                raise DataError(f"shard {url}: permission denied (not readable)")
         if info.bytes and size != info.bytes:
             msg = (f"shard {url}: {size} bytes on disk but the manifest records {info.bytes} bytes "
                    f"(truncated or rewritten after the build)")
@@ -249,17 +266,6 @@ class ShardWriter:
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def _open(url: str):
-    from webdataset import gopen  # local/pipe:/http(s)/gs/... exactly as webdataset resolves them
-
-    if "://" not in url and not url.startswith("pipe:") and not os.path.exists(url):
-        raise DataError(f"shard {url}: file not found")
-    try:
-        return gopen(url, "rb")
-    except Exception as e:  # noqa: BLE001 - any opener failure becomes a named data error
-        raise DataError(f"shard {url}: cannot open ({e})") from None
-
-
 def _decode_tokens(url: str, key: str, payload: bytes | None, vocab_size: int) -> np.ndarray:
     if payload is None:
         raise DataError(f"shard {url} sample {key}: missing {TOKENS_EXT}")
@@ -275,12 +281,20 @@ def _decode_tokens(url: str, key: str, payload: bytes | None, vocab_size: int) -
     return arr
 
 
+COMPRESSED = (".gz", ".tgz", ".bz2", ".xz", ".zst")
+TAR_BUFSIZE = 64 << 10  # tarfile's read size in stream mode: a failed read loses at most this much progress
+
+
 def read_shard(url: str, vocab_size: int, skip_corrupt: bool = False,
-               on_skip=None) -> Iterator[tuple[str, np.ndarray]]:
+               on_skip=None, retry: RetryPolicy = RetryPolicy()) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(key, tokens)`` for every sample of one shard, in file order.
 
     Errors raise DataError naming the shard and sample key. With ``skip_corrupt`` a bad sample is passed to
     ``on_skip(message)`` instead and reading continues (a corrupt/truncated tar ends the shard there).
+    Remote shards (https://, s3://): a transient failure (sources.transient) waits and reopens the shard at the
+    first tar member of the next sample not yet yielded (a compressed shard: from the start, skipping the samples
+    already yielded), so the caller sees every sample once; after ``retry.retries`` retries: one DataError naming
+    the URL, the status and the retry count.
     """
     def fail(msg: str):
         if not skip_corrupt:
@@ -288,37 +302,72 @@ def read_shard(url: str, vocab_size: int, skip_corrupt: bool = False,
         if on_skip is not None:
             on_skip(msg)
 
-    stream = _open(url)
-    key, files = None, {}
-    try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = member.name.rsplit("/", 1)[-1]
-                k, _, ext = base.partition(".")
-                if k != key:
-                    if key is not None:
-                        try:
-                            yield key, _decode_tokens(url, key, files.get(TOKENS_EXT), vocab_size)
-                        except DataError as e:
-                            fail(str(e))
-                    key, files = k, {}
-                files[ext] = tar.extractfile(member).read()
-            if key is not None:
+    def decoded(key, files):
+        try:
+            return _decode_tokens(url, key, files.get(TOKENS_EXT), vocab_size)
+        except DataError as e:
+            fail(str(e))
+            return None
+
+    compressed = url.endswith(COMPRESSED)
+    restart, yielded, attempt = 0, 0, 0  # byte offset of the next unread sample; samples handed out; retries
+    while True:
+        key, files, done, stream = None, {}, 0, None  # done: samples completed in this pass
+        skip = yielded if compressed else 0           # a compressed shard restarts at 0: skip what was handed out
+        try:
+            stream = open_at(url, 0 if compressed else restart)
+            base = 0 if compressed else restart
+            with tarfile.open(fileobj=stream, mode="r|*" if compressed or not restart else "r|",
+                              bufsize=TAR_BUFSIZE) as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    k, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
+                    if k != key:
+                        if key is not None:
+                            done += 1
+                            if done > skip:
+                                yielded += 1
+                                tokens = decoded(key, files)
+                                if tokens is not None:
+                                    yield key, tokens
+                        key, files = k, {}
+                        if not compressed:
+                            restart = base + member.offset  # this sample's first header: where a retry resumes
+                    files[ext] = tar.extractfile(member).read()
+                if key is not None and done + 1 > skip:
+                    yielded += 1
+                    tokens = decoded(key, files)
+                    if tokens is not None:
+                        yield key, tokens
+            return
+        except DataError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - classified: a network hiccup retries, anything else is bad data
+            e = root_cause(exc)  # fsspec reports a failed HEAD as FileNotFoundError from the HTTP error
+            if isinstance(e, FileNotFoundError):
+                raise DataError(f"shard {url}: file not found") from None
+            if is_remote(url) and transient(e):
+                if attempt >= retry.retries:
+                    raise DataError(f"shard {url}: read failed after {attempt} retries ({status_of(e)}: {e})"
+                                    ) from None
+                wait = min(retry.backoff_s * 2 ** attempt, retry.max_backoff_s)
+                attempt += 1
+                log.warning("shard %s: read failed after %d samples (%s: %s); retry %d/%d in %.1fs at byte %d",
+                            url, yielded, status_of(e), e, attempt, retry.retries, wait, 0 if compressed else restart)
+                time.sleep(wait)
+                continue
+            if is_remote(url) and not isinstance(e, (tarfile.TarError, EOFError, zlib.error)):
+                raise DataError(f"shard {url}: cannot read ({status_of(e)}: {e})") from None
+            fail(f"shard {url}: corrupt or truncated tar after sample {key} ({type(e).__name__}: {e})")
+            return
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
                 try:
-                    yield key, _decode_tokens(url, key, files.get(TOKENS_EXT), vocab_size)
-                except DataError as e:
-                    fail(str(e))
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:  # zlib: a corrupt .tar.gz
-        fail(f"shard {url}: corrupt or truncated tar after sample {key} ({type(e).__name__}: {e})")
-    finally:
-        close = getattr(stream, "close", None)
-        if close is not None:
-            try:
-                close()
-            except Exception:  # noqa: BLE001 - a pipe: opener may complain about its exit status on close
-                pass
+                    close()
+                except Exception:  # noqa: BLE001 - a pipe: opener may complain about its exit status on close
+                    pass
 
 
 def write_token_shards(out_dir: str, docs, shard_bytes: int, vocab_size: int, special_tokens: dict[str, int],

@@ -157,7 +157,7 @@ class MetricsLogger:
 
     def _scalars(self, rec: dict, prefix: str, name) -> None:
         """The record's numbers as TensorBoard (and W&B) scalars ``prefix/name(key)`` at its step."""
-        vals = {f"{prefix}/{name(k)}": v for k, v in rec.items()
+        vals = {k if "/" in k else f"{prefix}/{name(k)}": v for k, v in rec.items()  # data/<source>/tokens as is
                 if k != "step" and isinstance(v, (int, float)) and v is not None}
         if self._tb is not None:
             for k, v in vals.items():
@@ -175,6 +175,8 @@ class MetricsLogger:
                  f"tok/s {rec['tokens_per_s']:.0f}", f"skipped {rec['skipped_steps']}"]
         if rec.get("mfu") is not None:
             parts.append(f"mfu {100 * rec['mfu']:.1f}%")
+        if rec.get("stage") is not None:  # a seq_len schedule: which stage, at which length
+            parts.append(f"stage {rec['stage']}/{rec['stages']} (seq_len {rec['seq_len']})")
         if self.total:
             eta = eta_seconds(step, self.total, *self._first, now, self._t0)
             parts.append(f"{tqdm.format_interval(now - self._t0)}<{tqdm.format_interval(eta)}")

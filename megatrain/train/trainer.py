@@ -35,10 +35,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatrain.config import Config, ConfigError, load_config
+from megatrain.config import Config, ConfigError, Stage, data_stages, load_config, stage_at
 from megatrain.hf.init_from import init_from_hf
 from megatrain.data import ShardStream
+from megatrain.data.mixture import Source
 from megatrain.data.shards import DataError
+from megatrain.data.sources import RetryPolicy
 from megatrain.eval.in_training import TrainingEval, eval_line
 from megatrain.model import build_model
 from megatrain.parallel.checkpointing import apply_checkpointing, policy_from_config
@@ -61,13 +63,35 @@ class NonFiniteAbort(RuntimeError):
 
 
 # ---- building blocks ----
-def build_stream(cfg: Config, dp_rank: int, dp_size: int):
-    """This DP rank's ShardStream. Reads data.*, train.seed, train.objective and model.vocab_size."""
+def build_stream(cfg: Config, dp_rank: int, dp_size: int, seq_len: Optional[int] = None):
+    """This DP rank's stream: data.shards, or the data.sources mixture; windows of seq_len (default: the first
+    stage's). Remote shards retry transient failures data.retries times."""
     d = cfg.data
-    return ShardStream(d.shards, seq_len=d.seq_len, seed=cfg.train.seed, dp_rank=dp_rank, dp_size=dp_size,
-                       num_workers=d.num_workers, objective=cfg.train.objective, vocab_size=cfg.model.vocab_size,
-                       mask_token_id=d.mask_token_id, skip_corrupt=d.skip_corrupt, loop=True,
+    where = {"sources": [Source(s["name"], s["shards"], float(s.get("weight", 1.0))) for s in d.sources]} \
+        if d.sources else {"urls_or_manifest": d.shards}
+    return ShardStream(**where, seq_len=seq_len or data_stages(cfg)[0].seq_len, seed=cfg.train.seed,
+                       dp_rank=dp_rank, dp_size=dp_size, num_workers=d.num_workers, objective=cfg.train.objective,
+                       vocab_size=cfg.model.vocab_size, mask_token_id=d.mask_token_id, skip_corrupt=d.skip_corrupt,
+                       loop=True, retry=RetryPolicy(d.retries, d.retry_backoff_s),
                        **({} if d.lanes is None else {"lanes": d.lanes}))
+
+
+def enter_stage(job: "Job", stage: Stage) -> None:
+    """Switch the data and the engine's batch shape to a seq_len stage; the token position carries on."""
+    if job.stage == stage:
+        return
+    was, job.stage = job.stage, stage
+    if job.data is not None:
+        job.data.close()  # stops the stream's workers (they read ahead at the old length)
+    job.stream.set_seq_len(stage.seq_len)
+    job.engine.set_train_micro_batch_size(stage.micro_batch_size)
+    job.engine.set_train_batch_size(stage.micro_batch_size * stage.grad_accum_steps * job.groups.dp_size)
+    job.data = batches(job.stream, stage.micro_batch_size, job.engine.device)
+    if dist.get_rank() == 0 and was is not None:
+        print(f"data: stage {stage.index + 1}/{len(job.stages)} from step {stage.step}: seq_len {was.seq_len} -> "
+              f"{stage.seq_len}, micro_batch_size {stage.micro_batch_size} x grad_accum_steps "
+              f"{stage.grad_accum_steps} (tokens per step unchanged; the stream continues at token "
+              f"{job.stream.tokens})", flush=True)
 
 
 def batches(stream, batch_size: int, device) -> Iterator[dict]:
@@ -108,9 +132,11 @@ class StopFlag:
         return bool(t.item())
 
 
-def resume_line(plan: ResumePlan, layout: dict, cfg: Config) -> str:
+def resume_line(plan: ResumePlan, layout: dict, cfg: Config, data_note: Optional[str] = None) -> str:
     """One line: where the run resumes from and what differs from the run that wrote the checkpoint."""
     parts = [f"resume: from {plan.tag_dir}"]
+    if data_note:  # the stream's own account: new mixture weights, another seq_len
+        parts.append(f"data: {data_note}")
     saved_cfg = os.path.join(plan.tag_dir, "config.yaml")
     if os.path.exists(saved_cfg):
         changes = schedule_changes(load_config(saved_cfg).train, cfg.train)
@@ -139,12 +165,14 @@ class Job:
     groups: ParallelGroups
     engine: object                      # the DeepSpeed engine (model + optimizer + LR schedule)
     stream: object                      # this DP rank's ShardStream
-    data: Iterator[dict]                # micro-batches of windows from the stream
+    data: Optional[Iterator[dict]]      # micro-batches of windows from the stream (set by enter_stage)
     ckpt: Checkpointer
     stop: "StopFlag"
     counters: Counters
     layout: dict                        # world/SP/DP sizes, saved with every checkpoint
     tokens_per_step: int                # tokens of one optimizer step, whole job
+    stages: list                        # the seq_len schedule (config.data_stages); one stage without one
+    stage: Optional[Stage]              # the stage the data and the engine are set up for
     flops_per_token: Optional[float]
     peak_tflops: Optional[float]
     evaluator: Optional[TrainingEval] = None  # held-out evaluation (config eval; None = off)
@@ -169,10 +197,14 @@ def build_job(cfg: Config) -> Job:
     dp = world // sp
     groups = ParallelGroups(dp_size=dp, sp_size=sp)
     t = cfg.train
+    stages = data_stages(cfg)
     try:
         stream = build_stream(cfg, groups.dp_rank, dp)
+        for st in stages[1:] + stages[:1]:  # every stage has windows for every rank: found now, not at step 2000
+            stream.set_seq_len(st.seq_len)
     except ValueError as e:  # DataError included: a mismatch between config and shards
-        raise ConfigError(f"data.shards={cfg.data.shards!r}: {e}") from e
+        key = "data.sources" if cfg.data.sources else "data.shards"
+        raise ConfigError(f"{key}={cfg.data.sources or cfg.data.shards!r}: {e}") from e
     try:
         evaluator = TrainingEval.build(cfg, groups)  # held-out windows, before any heavy work
     except ValueError as e:  # its messages name eval.shards
@@ -208,13 +240,14 @@ def build_job(cfg: Config) -> Job:
     np.random.seed(t.seed + 1 + rank)
 
     flops_per_token, peak = run_flops(cfg, model)
-    job = Job(cfg=cfg, groups=groups, engine=engine, stream=stream,
-              data=batches(stream, cfg.data.micro_batch_size, engine.device), ckpt=ckpt, stop=StopFlag(),
+    job = Job(cfg=cfg, groups=groups, engine=engine, stream=stream, data=None, ckpt=ckpt, stop=StopFlag(),
               counters=Counters(), layout=layout,
               tokens_per_step=cfg.data.seq_len * cfg.data.micro_batch_size * t.grad_accum_steps * dp,
-              flops_per_token=flops_per_token, peak_tflops=peak, evaluator=evaluator)
+              stages=stages, stage=None, flops_per_token=flops_per_token, peak_tflops=peak, evaluator=evaluator)
     state = ckpt.load(engine, plan)  # DeepSpeed's state into the engine; ours comes back for the job
     if state is not None:
+        # the length the resumed step reads (the loader state counts tokens; its windows are cut at this length)
+        stream.set_seq_len(stage_at(stages, state["counters"]["step"]).seq_len)
         try:
             job.load_state_dict(state)
         except ValueError as e:
@@ -222,7 +255,7 @@ def build_job(cfg: Config) -> Job:
         # the LR is a function of (position, config): the optimizer's load restored the old run's rates
         engine.lr_scheduler.sync()
         if rank == 0:
-            print(resume_line(plan, layout, cfg), flush=True)
+            print(resume_line(plan, layout, cfg, stream.resume_note), flush=True)
     if rank == 0:
         os.makedirs(cfg.run_dir, exist_ok=True)
         cfg.save(os.path.join(cfg.run_dir, "config.yaml"))
@@ -232,6 +265,7 @@ def build_job(cfg: Config) -> Job:
                             total_steps=t.max_steps,
                             wandb={"project": wb.project, "mode": wb.mode, "name": wb.name, "config": cfg.to_dict()}
                             if wb.project else None)
+    enter_stage(job, stage_at(stages, job.counters.step))  # a resume inside a later stage starts there
     return job
 
 
@@ -239,7 +273,7 @@ def train_step(job: Job) -> StepResult:
     """One optimizer step: grad_accum_steps micro-batches, each through the SP protocol (slice, EMA boundary,
     forward, SP loss reduction, backward: parallel/protocol.py); the engine steps at the accumulation boundary."""
     cfg, engine, groups = job.cfg, job.engine, job.groups
-    sp, accum = cfg.parallel.sequence_parallel_size, cfg.train.grad_accum_steps
+    sp, accum = cfg.parallel.sequence_parallel_size, job.stage.grad_accum_steps
     causal = cfg.train.objective == "clm"
     t0 = time.time()
     reset_comm_stats()
@@ -262,18 +296,27 @@ def train_step(job: Job) -> StepResult:
                       sp_comm_bytes=COMM_STATS.total_bytes if sp > 1 else None)
 
 
+def data_record(job: Job) -> dict:
+    """The data part of a step's metrics: the stage (with a schedule), per-source tokens and epochs."""
+    rec = {f"data/{name}/{k}": v for name, st in job.stream.source_stats().items() for k, v in st.items()}
+    if len(job.stages) > 1:
+        rec.update(stage=job.stage.index + 1, stages=len(job.stages), seq_len=job.stage.seq_len)
+    return rec
+
+
 def train(cfg: Config) -> Counters:
     """Run the configured job on an initialised process group. Returns the final counters."""
     job = build_job(cfg)
     c, t = job.counters, cfg.train
     try:
         while c.step < t.max_steps:
+            enter_stage(job, stage_at(job.stages, c.step))
             res = train_step(job)
             c.step += 1
             c.tokens += job.tokens_per_step
             c.consecutive_nonfinite = 0 if res.applied else c.consecutive_nonfinite + 1
-            job.log.log(step_record(c.step, c.tokens, res, job.tokens_per_step, dist.get_world_size(),
-                                    job.flops_per_token, job.peak_tflops))
+            job.log.log({**step_record(c.step, c.tokens, res, job.tokens_per_step, dist.get_world_size(),
+                                       job.flops_per_token, job.peak_tflops), **data_record(job)})
             if c.consecutive_nonfinite >= t.max_consecutive_nonfinite:
                 raise NonFiniteAbort(f"aborting at step {c.step}: {c.consecutive_nonfinite} consecutive steps with "
                                      f"non-finite loss/gradient (loss={res.loss}, grad_norm={res.grad_norm}); "

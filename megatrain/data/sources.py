@@ -1,0 +1,203 @@
+"""Where shard bytes come from: local paths, ``pipe:`` commands, ``https://`` and ``s3://`` URLs, with retries.
+
+Use:
+    from megatrain.data.sources import RetryPolicy, open_at, read_bytes, stat_size, resolve
+    f = open_at("s3://bucket/corpus/shard-000001.tar", offset=0)   # a seekable, streaming binary file
+    man_text = read_bytes("https://host/corpus/index.json", RetryPolicy(retries=5, backoff_s=1.0))
+    resolve("https://host/corpus", "shard-000001.tar")   # -> https://host/corpus/shard-000001.tar
+
+Remote files go through fsspec (``http``/``https``: aiohttp; ``s3``: s3fs/botocore), which reads by ranges: a
+shard is streamed block by block, never downloaded whole, and a read can restart at any byte offset (shards.py
+restarts at the first tar member of the next unread sample). S3 credentials and endpoint come from the standard
+places botocore reads (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE, ~/.aws/config and credentials,
+AWS_ENDPOINT_URL or AWS_ENDPOINT_URL_S3 for S3-compatible stores). ``pipe:`` and other webdataset URLs go through
+webdataset's gopen (no restart: a pipe cannot seek).
+
+Failures: ``transient(e)`` decides what is retried -- connection errors (refused, reset, dropped mid-body),
+timeouts, HTTP 5xx and 429, S3 throttling/5xx codes. A 4xx (403, 404) is not retried: it is a wrong URL or wrong
+credentials, and waiting does not fix it. ``with_retries`` waits backoff_s * 2**k (k = 0, 1, ...) between tries and
+after ``retries`` retries raises one DataError naming the URL, the status and the retry count.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import posixpath
+import tarfile
+import time
+from typing import Callable, TypeVar
+
+log = logging.getLogger("megatrain.data")
+T = TypeVar("T")
+REMOTE_SCHEMES = ("http://", "https://", "s3://")
+# botocore error codes that mean "slow down / try again" rather than "wrong request"
+BLOCK_SIZE = 8 << 20  # bytes per range request: a shard streams in blocks of this size (a retry refetches one)
+THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
+                  "RequestTimeout", "InternalError", "ServiceUnavailable", "503", "500"}
+
+
+class DataError(ValueError):
+    """Bad data or an unreadable source: names the shard / URL (and sample key) at fault."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    retries: int = 5          # retries after the first failure (0 = fail at once)
+    backoff_s: float = 1.0    # first wait; doubles each retry (1, 2, 4, 8, 16 s by default)
+    max_backoff_s: float = 60.0
+
+
+def is_remote(url: str) -> bool:
+    return url.startswith(REMOTE_SCHEMES)
+
+
+def is_url(url: str) -> bool:
+    """Anything that is not a plain local path (remote, pipe:, other webdataset schemes)."""
+    return "://" in url or url.startswith("pipe:")
+
+
+def parent(path_or_url: str) -> str:
+    """The folder of a manifest path or URL (what its relative shard names resolve against)."""
+    if is_remote(path_or_url):
+        return posixpath.dirname(path_or_url)
+    return os.path.dirname(os.path.abspath(path_or_url))
+
+
+def resolve(folder: str, name: str) -> str:
+    """A shard name from a manifest in ``folder`` (a path or URL): absolute names and URLs stay as they are."""
+    if is_url(name) or os.path.isabs(name):
+        return name
+    return posixpath.join(folder, name) if is_remote(folder) else os.path.join(folder, name)
+
+
+def status_of(e: BaseException) -> str:
+    """A short status for error lines: the HTTP status, the S3 error code, or the exception's type."""
+    if isinstance(e, FileNotFoundError):
+        return "not found"
+    if isinstance(e, PermissionError):
+        return "permission denied"
+    for attr in ("status", "code", "status_code"):
+        v = getattr(e, attr, None)
+        if isinstance(v, int):
+            return f"HTTP {v}"
+    resp = getattr(e, "response", None)
+    if isinstance(resp, dict):
+        err = resp.get("Error", {})
+        code = err.get("Code")
+        http = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return f"S3 {code}" + (f" (HTTP {http})" if http else "")
+    return type(e).__name__
+
+
+def transient(e: BaseException) -> bool:
+    """Worth retrying: the network or the server hiccuped; not: the request itself is wrong (4xx, not found)."""
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    for attr in ("status", "status_code"):
+        v = getattr(e, attr, None)
+        if isinstance(v, int):
+            return v >= 500 or v == 429
+    resp = getattr(e, "response", None)
+    if isinstance(resp, dict) and "Error" in resp:
+        code = str(resp["Error"].get("Code", ""))
+        http = resp.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return code in THROTTLE_CODES or http >= 500 or http == 429
+    try:
+        import aiohttp
+        if isinstance(e, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)):
+            return True
+    except ImportError:  # pragma: no cover - fsspec's http needs aiohttp; without it there are no http errors
+        pass
+    try:
+        import botocore.exceptions as bx
+        if isinstance(e, (bx.ConnectionError, bx.HTTPClientError, bx.ReadTimeoutError, bx.ResponseStreamingError)):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    # a body cut short shows up as a short read inside tarfile; a reset as ConnectionError / OSError
+    return isinstance(e, (ConnectionError, TimeoutError, EOFError, tarfile.ReadError, OSError))
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """fsspec and tarfile wrap the network error (fsspec reports a failed HEAD or a refused connection as
+    FileNotFoundError from it): classify by the innermost error that has a status, else by the deepest one
+    under a FileNotFoundError, else by ``e`` itself."""
+    chain, seen = [e], e
+    while (seen.__cause__ or seen.__context__) is not None and len(chain) < 20:
+        seen = seen.__cause__ or seen.__context__
+        chain.append(seen)
+    for x in chain[1:]:
+        if getattr(x, "status", None) is not None or isinstance(getattr(x, "response", None), dict):
+            return x
+    if isinstance(e, FileNotFoundError) and len(chain) > 1:
+        return chain[-1]
+    return e
+
+
+def with_retries(fn: Callable[[int], T], url: str, policy: RetryPolicy, what: str = "read") -> T:
+    """``fn(attempt)`` until it succeeds; transient failures wait and retry, anything else raises DataError."""
+    attempt = 0
+    while True:
+        try:
+            return fn(attempt)
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001 - classified below; every failure ends as one named DataError
+            inner = root_cause(e)
+            if not transient(inner) or attempt >= policy.retries:
+                tried = f" after {attempt} retries" if attempt else ""
+                raise DataError(f"{url}: {what} failed{tried} ({status_of(inner)}: {str(inner) or type(inner).__name__})"
+                                ) from None
+            wait = min(policy.backoff_s * 2 ** attempt, policy.max_backoff_s)
+            log.warning("%s: %s failed (%s: %s); retry %d/%d in %.1fs", url, what, status_of(inner), inner,
+                        attempt + 1, policy.retries, wait)
+            time.sleep(wait)
+            attempt += 1
+
+
+def _fs(url: str):
+    try:
+        import fsspec
+        return fsspec.core.url_to_fs(url)[0]
+    except ImportError as e:  # fsspec's http needs aiohttp, s3:// needs s3fs: say which package, not a traceback
+        raise DataError(f"{url}: reading {url.split('://')[0]}:// needs {e.name or 'a package'} "
+                        f"(pip install fsspec aiohttp s3fs)") from None
+
+
+def open_at(url: str, offset: int = 0):
+    """A binary file positioned at ``offset``: local files and fsspec URLs seek; pipe:/others start at 0 only."""
+    if is_remote(url):
+        f = _fs(url).open(url, "rb", block_size=BLOCK_SIZE)
+        if offset:
+            f.seek(offset)
+        return f
+    if not is_url(url):
+        if not os.path.exists(url):
+            raise FileNotFoundError(url)
+        f = open(url, "rb")
+        f.seek(offset)
+        return f
+    if offset:
+        raise DataError(f"{url}: cannot restart a read in the middle (only local files, http(s):// and s3:// can)")
+    from webdataset import gopen  # pipe: and other webdataset schemes exactly as webdataset resolves them
+    return gopen(url, "rb")
+
+
+def read_bytes(url: str, policy: RetryPolicy) -> bytes:
+    """A whole (small) file, e.g. a manifest, with retries."""
+    if not is_remote(url):
+        with open(url, "rb") as f:
+            return f.read()
+
+    def once(_):
+        with _fs(url).open(url, "rb") as f:
+            return f.read()
+    return with_retries(once, url, policy, "read")
+
+
+def stat_size(url: str, policy: RetryPolicy) -> int:
+    """Byte size without reading: os.stat locally, HEAD (http) / HeadObject (s3) remotely."""
+    if not is_remote(url):
+        return os.path.getsize(url)
+    return with_retries(lambda _: int(_fs(url).info(url)["size"]), url, policy, "size check (HEAD)")

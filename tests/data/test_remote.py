@@ -1,0 +1,122 @@
+"""Remote shards on real loopback servers: an HTTP file server with injected faults, and moto's S3. The windows
+equal the local run's; transient faults retry and resume the shard at the right sample; persistent ones end in one
+error line naming the URL, the status and the retries; the size check runs remotely before any read.
+
+Run: PYTHONPATH=. python -m pytest -q tests/data/test_remote.py
+"""
+import json
+import logging
+import os
+import shutil
+
+import pytest
+
+from megatrain.data import DataError, ShardStream
+from megatrain.data import shards, sources
+from megatrain.data.sources import RetryPolicy
+from megatrain.parallel.env import free_port
+from tests.data.servers import http_server, s3_server, upload
+from tests.data.test_elastic import rows
+
+L = 16
+FAST = RetryPolicy(retries=3, backoff_s=0.01)
+
+
+@pytest.fixture(scope="module")
+def local(synthetic):
+    man, _ = synthetic
+    s = ShardStream(man, seq_len=L, seed=4, loop=True)
+    return os.path.dirname(man), rows(s, s.global_windows + 5)
+
+
+def test_http_with_faults_gives_the_local_windows(local, monkeypatch, caplog):
+    folder, ref = local
+    # small reads and range requests (real shards are 256 MB): a connection dropped in the middle of a shard
+    monkeypatch.setattr(sources, "BLOCK_SIZE", 1024)
+    monkeypatch.setattr(shards, "TAR_BUFSIZE", 512)
+    with http_server(folder) as (url, faults):
+        faults.add("index.json", "503")
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".tar"))
+        faults.add(names[1], "503", "503")          # answer 503 twice
+        faults.add(names[2], "drop@4096")           # the connection breaks off half way through the shard
+        with caplog.at_level(logging.WARNING, logger="megatrain.data"):
+            s = ShardStream(url + "index.json", seq_len=L, seed=4, loop=True, retry=FAST)
+            got = rows(s, 40)
+        assert got == ref[:40]
+        assert ("index.json", "503") in faults.hits and faults.hits.count((names[1], "503")) == 2
+        assert (names[2], "drop") in faults.hits
+        resumed = [m for m in caplog.messages if names[2] in m and "retry 1/3" in m]
+        assert resumed and " at byte 0" not in resumed[0]  # restarted mid-shard, at a sample's first header
+        # the sizes were checked by HEAD before the first shard was read (by range)
+        first_get = next(i for i, r in enumerate(faults.requests) if r[1].endswith(".tar") and r[2])
+        assert {r[1] for r in faults.requests[:first_get] if r[0] == "HEAD"} >= set(names)
+
+
+def test_http_persistent_failure_is_one_line(local):
+    folder, _ = local
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".tar"))
+    with http_server(folder) as (url, faults):
+        faults.add(names[0], *["503"] * 10)
+        with pytest.raises(DataError) as e:
+            ShardStream(url + "index.json", seq_len=L, seed=4, loop=True, retry=FAST)
+        msg = str(e.value)
+        assert url + names[0] in msg and "HTTP 503" in msg and "3 retries" in msg and "\n" not in msg
+        faults.queue.clear()
+        faults.add(names[0], "403", "403")  # fsspec asks HEAD, then GET
+        with pytest.raises(DataError, match="HTTP 403") as e:  # not transient: no retries
+            ShardStream(url + "index.json", seq_len=L, seed=4, loop=True, retry=FAST)
+        assert "retries" not in str(e.value)
+    nobody = f"http://127.0.0.1:{free_port()}/index.json"  # nothing listens there
+    with pytest.raises(DataError, match=rf"manifest {nobody}: read failed after 1 retries \(ConnectionRefused"):
+        ShardStream(nobody, seq_len=L, seed=4, loop=True, retry=RetryPolicy(1, 0.01))
+
+
+def test_remote_size_check_before_any_read(local, tmp_path):
+    folder, _ = local
+    shutil.copytree(folder, tmp_path / "s")
+    index = tmp_path / "s" / "index.json"
+    d = json.loads(index.read_text())
+    d["shards"][3]["bytes"] += 512
+    index.write_text(json.dumps(d))
+    with http_server(tmp_path / "s") as (url, faults):
+        with pytest.raises(DataError, match=r"shard-000003\.tar: .* bytes on disk but the manifest records"):
+            ShardStream(url + "index.json", seq_len=L, seed=4, loop=True, retry=FAST)
+        assert not [r for r in faults.requests if r[1].endswith(".tar") and r[2]]
+
+
+def test_s3_gives_the_local_windows(local):
+    folder, ref = local
+    with s3_server():
+        upload(folder, "s3://corpus/v1/")
+        s = ShardStream("s3://corpus/v1/index.json", seq_len=L, seed=4, loop=True, num_workers=2, retry=FAST)
+        assert s.manifest.shard_url(0).startswith("s3://corpus/v1/shard-")  # names resolve against the manifest
+        assert rows(s, len(ref)) == ref
+        with pytest.raises(DataError, match="s3://corpus/v2/index.json"):
+            ShardStream("s3://corpus/v2/index.json", seq_len=L, seed=4, loop=True, retry=FAST)
+
+
+def test_what_is_retried():
+    """Throttling, 5xx and dropped connections are retried; 4xx and missing files are not (waiting cannot fix them)."""
+    import aiohttp
+    from botocore.exceptions import ClientError
+
+    def s3(code, http):
+        return ClientError({"Error": {"Code": code, "Message": "x"}, "ResponseMetadata": {"HTTPStatusCode": http}},
+                           "GetObject")
+
+    retried = [s3("SlowDown", 503), s3("InternalError", 500), s3("ThrottlingException", 400),
+               ConnectionResetError(104, "reset"), aiohttp.ClientPayloadError("cut short")]
+    final = [s3("AccessDenied", 403), s3("NoSuchKey", 404), FileNotFoundError("x"), PermissionError("x")]
+    assert [sources.transient(e) for e in retried] == [True] * len(retried)
+    assert [sources.transient(e) for e in final] == [False] * len(final)
+    assert sources.status_of(s3("SlowDown", 503)) == "S3 SlowDown (HTTP 503)"
+    calls = []
+
+    def flaky(attempt):
+        calls.append(attempt)
+        if attempt < 2:
+            raise s3("SlowDown", 503)
+        return "ok"
+    assert sources.with_retries(flaky, "s3://b/k", RetryPolicy(3, 0.0)) == "ok" and calls == [0, 1, 2]
+    with pytest.raises(DataError, match=r"s3://b/k: read failed after 1 retries \(S3 SlowDown \(HTTP 503\)"):
+        sources.with_retries(lambda a: (_ for _ in ()).throw(s3("SlowDown", 503)), "s3://b/k", RetryPolicy(1, 0.0))
