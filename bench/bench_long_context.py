@@ -12,9 +12,11 @@ dropout 0), gradient checkpointing on, segmented layers (`--segment-size`, MegaC
 4.57.6 MEGA (same weights via save_pretrained + load_hf; `use_cache=False`) runs at the lengths whose estimated
 peak (HF_BYTES_PER_TOKEN) fits `--budget-gb`. Every measurement is its own subprocess (its `ru_maxrss` is that
 run's peak RSS) under an address-space limit of `--budget-gb`, so a run that does not fit is recorded as out of
-memory instead of waking the kernel's OOM killer; `MALLOC_MMAP_THRESHOLD_=64 KiB` (off: `--default-malloc`) makes
-every large tensor its own mapping, returned when freed, so the peak RSS is the peak of live memory rather than of
-a fragmented heap.
+memory instead of waking the kernel's OOM killer. `--allocator process` (the default) measures what a user's
+process gets: no MALLOC_* variable, and megatrain's own glibc settings applied by the process itself at start
+(megatrain/host_alloc.py, as launch/pretrain.py does: freed large tensors go back to the kernel); `--allocator glibc`
+leaves glibc's defaults (its dynamic mmap threshold lets 1-32 MiB tensors fragment the arenas), `--allocator env64k`
+is the old `MALLOC_MMAP_THRESHOLD_=64 KiB` environment setting.
 Output: a table, one JSON object (`--out`, plus the PNG plot next to it: peak RSS and tokens/s against L, both
 implementations) and the goals: L = 1,048,576 in <= 8 GB; tokens/s at 1M >= 80% of 32K; the largest L in 22 GB.
 The per-token cost (slope of peak RSS between the two longest megatrain runs) extrapolates to lengths not run.
@@ -42,6 +44,7 @@ IMPLS = ("megatrain", "hf")
 # transformers' MEGA train step at this config: ~0.5 MB per token (it stops near 48K tokens in 24 GB)
 HF_BYTES_PER_TOKEN = 24 * 2**30 / 48_000
 GOAL_1M_GB, GOAL_SPEED_RATIO = 8.0, 0.8
+ALLOCATORS = ("process", "glibc", "env64k")
 
 
 def parse_args(argv=None):
@@ -58,7 +61,12 @@ def parse_args(argv=None):
     ap.add_argument("--find-max-gb", type=float, default=None,
                     help="also find the largest L (a multiple of --segment-size) whose step fits in this many GB: "
                          "extrapolated from the per-token cost, then run (stepping down until it fits)")
-    ap.add_argument("--default-malloc", action="store_true", help="do not set MALLOC_MMAP_THRESHOLD_")
+    ap.add_argument("--allocator", choices=ALLOCATORS, default="process",
+                    help="process: megatrain's own glibc settings (megatrain.host_alloc; what launch/pretrain.py "
+                         "applies: the default process of a user); glibc: glibc's defaults untouched; env64k: "
+                         "MALLOC_MMAP_THRESHOLD_=64 KiB in the environment (the old setting)")
+    ap.add_argument("--mmap-threshold", type=int, default=None,
+                    help="with --allocator process: this M_MMAP_THRESHOLD in bytes instead of megatrain's default")
     ap.add_argument("--out", default=None, help="write the JSON here and the plot next to it (.png)")
     ap.add_argument("--from-json", default=None, help="render an earlier --out JSON (table, goals, plot)")
     ap.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
@@ -88,6 +96,10 @@ def parse_args(argv=None):
 def worker(a) -> dict:
     limit = int(a.budget_gb * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    sys.path.insert(0, ROOT)
+    if a.allocator == "process":  # first, as launch/pretrain.py does it: before any large allocation
+        from megatrain.host_alloc import DEFAULT_MMAP_THRESHOLD, configure_host_allocator
+        configure_host_allocator(a.mmap_threshold or DEFAULT_MMAP_THRESHOLD)
     import torch
     torch.set_num_threads(a.threads)
     if a.worker == "hf":
@@ -96,7 +108,6 @@ def worker(a) -> dict:
         model.config.use_cache = False  # its use_cache=True training path differs (see BRIEF: truncation)
         kw = {"use_cache": False}
     else:
-        sys.path.insert(0, ROOT)
         from megatrain.hf import load_hf
         model = load_hf(a.model_dir)
         model.config.segment_size = a.segment_size
@@ -134,8 +145,11 @@ def worker(a) -> dict:
 def run_one(a, impl: str, seq_len: int, model_dir: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--model-dir", model_dir,
            "--seq-len", str(seq_len), "--steps", str(a.steps), "--warmup", str(a.warmup),
-           "--threads", str(a.threads), "--budget-gb", str(a.budget_gb), "--segment-size", str(a.segment_size)]
-    env = dict(os.environ, **({} if a.default_malloc else LIVE_MEMORY_ENV))
+           "--threads", str(a.threads), "--budget-gb", str(a.budget_gb), "--segment-size", str(a.segment_size),
+           "--allocator", a.allocator, *(["--mmap-threshold", str(a.mmap_threshold)] if a.mmap_threshold else [])]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # a user's default process...
+    if a.allocator == "env64k":
+        env.update(LIVE_MEMORY_ENV)                                              # ...unless asked otherwise
     base = dict(impl=impl, seq_len=seq_len, segment_size=a.segment_size if impl == "megatrain" else None)
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, cwd=ROOT, env=env)
@@ -275,7 +289,8 @@ def main(argv=None) -> None:
                     machine=dict(platform=platform.platform(), cpus=os.cpu_count(), threads=a.threads),
                     config=dict(HF_CONFIG, gradient_checkpointing=True, segment_size=a.segment_size),
                     warmup=a.warmup, steps=a.steps, budget_gb=a.budget_gb,
-                    malloc_env=None if a.default_malloc else LIVE_MEMORY_ENV)
+                    allocator=a.allocator, mmap_threshold=a.mmap_threshold,
+                    malloc_env=LIVE_MEMORY_ENV if a.allocator == "env64k" else None)
     fit = per_token(results)
     report = dict(meta, results=results, per_token=fit, goals=goals(results, fit, max_fit))
     print(table(results))

@@ -42,6 +42,7 @@ from megatrain.data.mixture import Source
 from megatrain.data.shards import DataError
 from megatrain.data.sources import RetryPolicy
 from megatrain.eval.in_training import TrainingEval, eval_line
+from megatrain.host_alloc import configure_host_allocator
 from megatrain.model import build_model
 from megatrain.parallel.checkpointing import apply_checkpointing, policy_from_config
 from megatrain.parallel.env import discover, exit_process, init_process_group
@@ -357,6 +358,7 @@ def main(argv=None) -> int:
 
     Every rank finds the same bad input, so only rank 0 prints its one line; the rank comes from the launcher's
     environment (discover), known before any process group exists, and the other ranks exit 2 silently."""
+    configure_host_allocator()  # first: glibc's settings for long-context host memory (megatrain/host_alloc.py)
     try:
         env = discover()
     except ValueError as e:  # a broken launcher environment: no rank to go by, each process says it
