@@ -130,6 +130,7 @@ class Manifest:
     @classmethod
     def load(cls, path: str, retry: RetryPolicy = RetryPolicy()) -> "Manifest":
         """A local file or folder, or an https:// / s3:// URL of an index.json (or of its folder, ending in /)."""
+        path = os.fspath(path)
         if is_remote(path):
             if path.endswith("/"):
                 path += MANIFEST_NAME

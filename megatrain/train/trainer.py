@@ -299,7 +299,8 @@ def train_step(job: Job) -> StepResult:
 
 def data_record(job: Job) -> dict:
     """The data part of a step's metrics: the stage (with a schedule), per-source tokens and epochs."""
-    rec = {f"data/{name}/{k}": v for name, st in job.stream.source_stats().items() for k, v in st.items()}
+    rec = {f"data/{name}/{k}": v for name, st in job.stream.source_stats().items() for k, v in st.items()} \
+        if job.cfg.data.sources else {}  # per-source figures for a mixture only
     if len(job.stages) > 1:
         rec.update(stage=job.stage.index + 1, stages=len(job.stages), seq_len=job.stage.seq_len)
     return rec

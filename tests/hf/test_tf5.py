@@ -59,7 +59,7 @@ def test_venv_sees_the_running_interpreters_packages(tmp_path):
         f.write("WHERE = 'user venv'\n")
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     made = tmp_path / "tf5"
-    subprocess.run([str(user_py), "-c", f"import sys; sys.path.insert(0, {repo!r}); from tests.convert import tf5; "
+    subprocess.run([str(user_py), "-c", f"import sys; sys.path.insert(0, {repo!r}); from tests.hf import tf5; "
                     f"tf5.create_venv({str(made)!r}, with_pip=False)"], check=True, timeout=120)
     r = subprocess.run([str(made / "bin" / "python"), "-c", "import _mt_only_in_user_venv as m; print(m.WHERE)"],
                        capture_output=True, text=True, timeout=60)
