@@ -159,7 +159,12 @@ def with_retries(fn: Callable[[int], T], url: str, policy: RetryPolicy, what: st
 def _fs(url: str):
     try:
         import fsspec
-        return fsspec.core.url_to_fs(url)[0]
+        kw = {}
+        if url.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
+            # named explicitly: fsspec caches filesystems by their arguments, and a cached S3FileSystem keeps the
+            # endpoint it was made with, so a changed AWS_ENDPOINT_URL would otherwise go unseen in this process
+            kw["client_kwargs"] = {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}
+        return fsspec.core.url_to_fs(url, **kw)[0]
     except ImportError as e:  # fsspec's http needs aiohttp, s3:// needs s3fs: say which package, not a traceback
         raise DataError(f"{url}: reading {url.split('://')[0]}:// needs {e.name or 'a package'} "
                         f"(pip install fsspec aiohttp s3fs)") from None
