@@ -72,7 +72,9 @@ class DataCfg:
 @dataclass
 class EvalCfg:
     """Held-out evaluation during training (megatrain/eval/in_training.py)."""
-    shards: str = ""                      # held-out manifest (data_tools/build_shards.py --heldout-fraction)
+    shards: str = ""                      # held-out manifest (data_tools/build_shards.py --heldout-fraction); or,
+    sources: list = field(default_factory=list)  # instead, one per source: [{name, shards}, ...] (each evaluated,
+                                          # reported as eval/<name>/*, beside the token-weighted total)
     every_steps: int = 0                  # evaluate every N optimizer steps and at the last step; 0 = off
     tokens: int = 65536                   # held-out tokens per evaluation (whole windows: rounded up)
     seq_len: Optional[int] = None         # None: data.seq_len; may exceed it (long-context evaluation)
@@ -258,7 +260,10 @@ class Config:
         _check(e.every_steps >= 0, "eval.every_steps", e.every_steps, "must be >= 0 (0 = off)")
         if e.every_steps == 0:
             return
-        _check(bool(e.shards), "eval.shards", e.shards, "must name a held-out manifest when eval.every_steps > 0")
+        _check_sources(e.sources, "eval.sources", ("name", "shards"))
+        _check(bool(e.shards) != bool(e.sources), "eval.shards", e.shards,
+               "give eval.shards (one held-out manifest) or eval.sources (one per source), exactly one of them"
+               if e.sources else "must name a held-out manifest when eval.every_steps > 0 (or use eval.sources)")
         _check(self.train.objective == "clm", "eval.every_steps", e.every_steps,
                "held-out evaluation needs train.objective=clm (set eval.every_steps=0)")
         _check(e.tokens >= 1, "eval.tokens", e.tokens, "must be >= 1")
@@ -274,8 +279,12 @@ class Config:
             m.check_attention_span(seq // p.sequence_parallel_size)
         except ValueError as err:
             raise ConfigError(f"eval.seq_len={seq}: {err}") from None
-        if check_files and "://" not in e.shards:
-            _check(os.path.exists(e.shards), "eval.shards", e.shards, "no such file or directory")
+        if check_files:
+            for key, src in [("eval.shards", e.shards)] if e.shards else \
+                    [(f"eval.sources[{i}].shards", s["shards"]) for i, s in enumerate(e.sources)]:
+                _check(isinstance(src, str), key, src, "must name one held-out manifest")
+                if "://" not in src:
+                    _check(os.path.exists(src), key, src, "no such file or directory")
 @dataclass(frozen=True)
 class Stage:
     """One stage of the seq_len schedule: from optimizer step ``step`` on, windows of ``seq_len`` in micro-batches
@@ -334,15 +343,17 @@ def stage_at(stages: list, step: int):
     return current
 
 
-def _check_sources(sources: Any) -> None:
-    _check(isinstance(sources, list), "data.sources", sources, "must be a list of {name, shards, weight}")
+def _check_sources(sources: Any, where: str = "data.sources", fields: tuple = ("name", "shards", "weight")) -> None:
+    """A list of named sources (data.sources: a mixture; eval.sources: held-out sets, without weights)."""
+    shape = "{" + ", ".join(fields) + "}"
+    _check(isinstance(sources, list), where, sources, f"must be a list of {shape}")
     names = set()
     for i, s in enumerate(sources):
-        key = f"data.sources[{i}]"
-        _check(isinstance(s, dict), key, s, "must be a mapping {name, shards, weight}")
-        unknown = set(s) - {"name", "shards", "weight"}
+        key = f"{where}[{i}]"
+        _check(isinstance(s, dict), key, s, f"must be a mapping {shape}")
+        unknown = set(s) - set(fields)
         _check(not unknown, f"{key}.{sorted(unknown)[0] if unknown else ''}", None,
-               "unknown key (a source has name, shards, weight)")
+               f"unknown key (a source has {', '.join(fields)})")
         _check(isinstance(s.get("name"), str) and bool(s.get("name")) and "/" not in s["name"], f"{key}.name",
                s.get("name"), "must be a non-empty name without '/'")
         _check(s["name"] not in names, f"{key}.name", s["name"], "duplicate source name")
