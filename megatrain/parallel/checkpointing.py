@@ -78,10 +78,22 @@ class CheckpointRunner:
         outermost = self._depth == 0 and self._recomputing == 0
         offload = _host_offload_hooks() if self.policy.offload and outermost else contextlib.nullcontext()
         self._depth += 1
+        calls = 0
+
+        def run(*a):
+            # the first call is the forward; any later one is backward recomputing the piece. Told apart here,
+            # not by checkpoint's context_fn: a custom context_fn is refused when the recompute runs under a
+            # tracing mode (eager FlexAttention's backward traces its graph while unpacking saved tensors, and
+            # that unpacking is what triggers the recompute), tests/ops/test_flex_compiled.py
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                return fn(*a)
+            with self._recompute(owner):
+                return fn(*a)
         try:
             with offload:
-                return checkpoint(fn, *args, use_reentrant=False,
-                                  context_fn=lambda: (contextlib.nullcontext(), self._recompute(owner)))
+                return checkpoint(run, *args, use_reentrant=False)
         finally:
             self._depth -= 1
 

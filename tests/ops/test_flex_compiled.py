@@ -60,12 +60,15 @@ def test_document_block_mask_built_once_per_micro_batch(segment_size, count_bloc
         assert len(count_block_masks) == segments * (step + 1)
 
 
-@pytest.mark.xfail(strict=True, reason="FOUND, not fixed here (megatrain/parallel/checkpointing.py: CheckpointRunner's context_fn): eager "
-                   "FlexAttention's backward traces its graph (make_fx: a proxy mode) while unpacking saved tensors, "
-                   "which runs the layer checkpoint's recompute under that mode; the nested EMA checkpoint's custom "
-                   "context_fn then fails torch.utils.checkpoint's 'In torch.compile mode, context_fn ... must "
-                   "generate a tuple of two TorchDispatchModes'. CPU with kernel_backend=triton; whether CUDA's "
-                   "compiled (AOT) backward hits it is unverified. Remove this marker with the fix.")
+@pytest.mark.xfail(strict=True, reason="FOUND, not fixed (a torch limitation, eager only): eager FlexAttention under "
+                   "autograd traces its joint graph (make_fx) on the real inputs, and that trace's autograd.grad "
+                   "unpacks the enclosing non-reentrant checkpoint's saved tensors, which recomputes the layer under "
+                   "the proxy mode; the nested checkpoint's frame then hands an UntypedStorage to the tracer "
+                   "(NotImplementedError in torch/fx/proxy.py). An earlier failure on the way (our custom "
+                   "context_fn, refused under a proxy mode) is fixed: megatrain/parallel/checkpointing.py tells the "
+                   "recompute apart without it (tests/parallel/test_checkpointing.py::test_torch_compile). "
+                   "Compiled FlexAttention (the CUDA path) is traced by dynamo on fake inputs, not by this eager "
+                   "route; unverified on a GPU. Remove this marker when it passes.")
 def test_flex_backward_under_gradient_checkpointing(triton_interpreter, monkeypatch):
     monkeypatch.setattr(flex_mod, "_validate_device", lambda *a: None)
     from megatrain.parallel.checkpointing import CheckpointPolicy, apply_checkpointing
