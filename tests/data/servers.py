@@ -6,6 +6,8 @@
         faults.add("shard-000003.tar", "drop@4096")   # ... the next GET of a range starting at byte >= 4096
     with s3_server() as endpoint:                     # AWS_ENDPOINT_URL + fake credentials set while inside
         upload(folder, "s3://bucket/prefix/")
+    with s3_server(faults=Faults()) as endpoint:      # the same, behind a proxy that injects S3 faults by key name:
+        faults.add("shard-000001.tar", "503")         # "503": an S3 SlowDown (throttling) error, "drop": half a GET
 
 The HTTP server speaks Range requests (206) and HEAD, like any static file host / CDN, because fsspec reads
 remote files by ranges. Faults are consumed in order, one per matching request (HEAD requests only see "503" and "403").
@@ -120,9 +122,84 @@ def http_server(root: str):
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
+def _s3_fault_proxy(upstream: str, faults: Faults):
+    """A loopback HTTP proxy in front of moto: forwards every request as is (S3 requests are self-contained: method,
+    path, query, headers and body) and answers from `faults` by object key instead -- "503": S3's throttling error
+    (SlowDown, the XML body real S3 sends), "drop": the promised Content-Length, half the body, a closed socket."""
+    import http.client
+    import socket
+    import urllib.parse
+
+    up = urllib.parse.urlsplit(upstream)
+
+    class Proxy(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def _body(self) -> bytes:
+            if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            out = b""  # botocore streams uploads in HTTP chunks: reassembled, sent on with a Content-Length
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return out
+                out += self.rfile.read(size)
+                self.rfile.readline()
+
+        def _forward(self):
+            key = urllib.parse.unquote(self.path.split("?", 1)[0]).rsplit("/", 1)[-1]
+            rng = self.headers.get("Range") or ""
+            faults.requests.append((self.command, key, rng))
+            body = self._body()
+            fault = faults.take(key, self.command, int(rng[6:].partition("-")[0] or 0) if rng else 0)
+            if fault == "503":
+                xml = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                       b'<Message>Please reduce your request rate.</Message></Error>')
+                self.send_response(503)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", "0" if self.command == "HEAD" else str(len(xml)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(xml)
+                return
+            conn = http.client.HTTPConnection(up.hostname, up.port, timeout=30)
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "content-length")}
+            conn.request(self.command, self.path, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+            conn.close()
+            self.send_response(resp.status)
+            for k, v in resp.getheaders():
+                if k.lower() not in ("transfer-encoding", "connection", "content-length", "date", "server"):
+                    self.send_header(k, v)
+            # a HEAD's Content-Length is the object's size (what the size check reads), not its empty body's
+            self.send_header("Content-Length", resp.getheader("Content-Length", "0") if self.command == "HEAD"
+                             else str(len(data)))
+            self.end_headers()
+            if self.command == "HEAD":
+                return
+            if fault == "drop":
+                self.wfile.write(data[:len(data) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            self.wfile.write(data)
+
+        do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
+
+    return Proxy
+
+
 @contextlib.contextmanager
-def s3_server():
-    """moto's S3 in server mode on loopback; the standard AWS variables point botocore (and s3fs) at it."""
+def s3_server(faults: Faults | None = None):
+    """moto's S3 in server mode on loopback; the standard AWS variables point botocore (and s3fs) at it. With
+    `faults`: at a fault-injecting proxy in front of it (_s3_fault_proxy)."""
     import logging
     from moto.server import ThreadedMotoServer
 
@@ -131,11 +208,20 @@ def s3_server():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
+    proxy = None
+    if faults is not None:
+        proxy = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), _s3_fault_proxy(endpoint, faults))
+        proxy.daemon_threads = True
+        threading.Thread(target=proxy.serve_forever, daemon=True).start()
+        endpoint = f"http://127.0.0.1:{proxy.server_address[1]}"
     saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL"]}
     os.environ.update({**S3_ENV, "AWS_ENDPOINT_URL": endpoint})
     try:
         yield endpoint
     finally:
+        if proxy is not None:
+            proxy.shutdown()
+            proxy.server_close()
         server.stop()
         for k, v in saved.items():
             if v is None:

@@ -15,7 +15,7 @@ from megatrain.data import DataError, ShardStream
 from megatrain.data import shards, sources
 from megatrain.data.sources import RetryPolicy
 from megatrain.parallel.env import free_port
-from tests.data.servers import http_server, s3_server, upload
+from tests.data.servers import Faults, http_server, s3_server, upload
 from tests.data.test_elastic import rows
 
 L = 16
@@ -93,6 +93,43 @@ def test_s3_gives_the_local_windows(local):
         assert rows(s, len(ref)) == ref
         with pytest.raises(DataError, match="s3://corpus/v2/index.json"):
             ShardStream("s3://corpus/v2/index.json", seq_len=L, seed=4, loop=True, retry=FAST)
+
+
+def test_s3_with_throttling_and_a_dropped_read_gives_the_local_windows(local, monkeypatch):
+    """S3 answering SlowDown (throttling) and a GET cut off half way, through a proxy in front of moto: the windows
+    are the local run's, and the read after the cut starts mid-shard, not at byte 0. (botocore and s3fs retry these
+    themselves before megatrain's RetryPolicy sees them; either way no window is lost or repeated.)"""
+    folder, ref = local
+    monkeypatch.setattr(sources, "BLOCK_SIZE", 1024)   # small range reads, as in the HTTP test
+    monkeypatch.setattr(shards, "TAR_BUFSIZE", 512)
+    faults = Faults()
+    with s3_server(faults=faults):
+        upload(folder, "s3://corpus/v1/")
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".tar"))
+        faults.add(names[1], "503", "503", "503")
+        faults.add(names[2], "drop@4096")
+        s = ShardStream("s3://corpus/v1/index.json", seq_len=L, seed=4, loop=True, retry=FAST)
+        got = rows(s, 40)
+    assert got == ref[:40]
+    assert faults.hits.count((names[1], "503")) == 3 and (names[2], "drop") in faults.hits
+    gets = [int(r[2][6:].partition("-")[0]) for r in faults.requests if r[:2] == ("GET", names[2]) and r[2]]
+    cut = next(i for i, start in enumerate(gets) if start >= 4096)  # the GET the proxy cut off
+    assert len(gets) > cut + 1 and gets[cut + 1] > 0, gets
+
+
+def test_s3_persistent_throttling_is_one_line(local, monkeypatch):
+    folder, _ = local
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries off: megatrain's RetryPolicy decides
+    faults = Faults()
+    with s3_server(faults=faults):
+        upload(folder, "s3://corpus/v1/")
+        name = sorted(n for n in os.listdir(folder) if n.endswith(".tar"))[0]
+        faults.add(name, *["503"] * 200)
+        with pytest.raises(DataError) as e:
+            rows(ShardStream("s3://corpus/v1/index.json", seq_len=L, seed=4, loop=True, retry=FAST), 3)
+    msg = str(e.value)
+    assert "\n" not in msg and f"s3://corpus/v1/{name}" in msg and "HTTP 503" in msg and "3 retries" in msg, msg
+    assert faults.hits.count((name, "503")) == 4  # the first try and 3 retries: the status came from the proxy
 
 
 def test_what_is_retried():
