@@ -71,10 +71,11 @@ class CollectiveProbe(TorchDispatchMode):
         if func.namespace == "c10d":
             self.seen += 1
             if any(getattr(t, HOST, False) for t in _tensors((args, kwargs))):
-                # the innermost frame of this repository (DeepSpeed's own collectives: its caller here)
+                # the innermost frame of this repository (DeepSpeed's own collectives: its caller here); not of
+                # a venv inside it (CI's .venv: torch's own frames would count as ours)
                 caller = next((f"{os.path.relpath(f.filename, ROOT)}:{f.lineno}" for f in
                                reversed(traceback.extract_stack()) if f.filename.startswith(ROOT)
-                               and not f.name.startswith("__torch_")), "?")
+                               and "site-packages" not in f.filename and not f.name.startswith("__torch_")), "?")
                 ds = next((f"deepspeed/{f.filename.split('/deepspeed/', 1)[1]}:{f.lineno}" for f in
                            reversed(traceback.extract_stack()) if "/deepspeed/" in f.filename
                            and "/deepspeed/comm/" not in f.filename), None)
