@@ -199,11 +199,7 @@ def test_client_transformers_5(results_5, exports, name, task):
 
 def test_one_list_for_card_checks_and_tests():
     """Every CLIENTS entry has its check and its assertions, names a known version, and is a test in each."""
-    sys.path.insert(0, os.path.dirname(CHECK))
-    try:
-        import clients_check
-    finally:
-        sys.path.pop(0)
+    from tests.hf import clients_check
     names = [c.name for c in CLIENTS]
     assert sorted(names) == sorted(clients_check.CHECKS) == sorted(ASSERT)
     for c in CLIENTS:
