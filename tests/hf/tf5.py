@@ -107,10 +107,12 @@ def tf5_python(create: bool = True) -> str:
     if os.path.exists(py) and create:
         link_parent_site(d)
     v = _version(py) if os.path.exists(py) else None
-    if v and v.startswith("5.") and not _missing(py):
+    missing = _missing(py) if v and v.startswith("5.") else None
+    if missing == []:
         return py
     if not create:
-        raise Unavailable(f"no transformers 5.x venv with {REQUIREMENT} at {d} (create it: python -m tests.hf.tf5)")
+        what = f"the venv at {d} lacks {', '.join(missing)}" if missing else f"no transformers 5.x venv at {d}"
+        raise Unavailable(f"{what} (create it: python -m tests.hf.tf5)")
     if not os.path.exists(py):
         create_venv(d)
     p = subprocess.run([py, "-m", "pip", "install", "-q", "--retries", "2", *REQUIREMENTS], capture_output=True,
