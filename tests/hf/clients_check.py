@@ -51,7 +51,16 @@ def run_card(client, folder: str, work: str, **inputs) -> dict:
 def check_trainer(c, folder, work, inputs):
     ns = run_card(c, folder, work, texts=inputs["texts"], labels=inputs["labels"])
     model = ns["trainer"].model
+    # what the fine-tune leaves: the trainer's saved folder (megatrain's load_hf reads it) and its logits
+    ns["trainer"].save_model(os.path.join(work, "final"))
+    batch = ns["tok"](inputs["texts"][:4], padding=True, return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        logits = model(**batch).logits
+    torch.save({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "logits": logits},
+               os.path.join(work, "final_logits.pt"))
     return {"losses": [h["loss"] for h in ns["trainer"].state.log_history if "loss" in h],
+            "final_dir": os.path.join(work, "final"), "logits": os.path.join(work, "final_logits.pt"),
             "class": type(model).__name__,
             # Trainer's flag reached megatrain's model (checkpointing applied from outside, as the trainer does)
             "checkpointing": bool(model.is_gradient_checkpointing and model._mt.config.gradient_checkpointing)}

@@ -7,7 +7,8 @@ Two tiny training runs (tests/export/run_fixture.py: a causal and a masked LM, 2
 through megatrain.export (tokenizer, remote code, card) are what a user gets. tests/hf/clients_check.py runs every
 client on them in one process per transformers version (this python: 4.57; the cached 5.x venv of tests/hf/tf5.py,
 slow). Each client is a test here:
-  trainer          Trainer + AutoModelForSequenceClassification, gradient_checkpointing=True, 20 steps: the loss falls
+  trainer          Trainer + AutoModelForSequenceClassification, gradient_checkpointing=True, 20 steps: the loss
+                   falls; megatrain's load_hf reads the saved fine-tune with the same logits on a padded batch
   peft-lora        LoRA on the card's target modules trains (loss falls), merges into exactly those weights, saves;
                    megatrain's load_hf reads the merged folder with the same logits (<= 1e-5)
   text-generation  pipeline greedy tokens == megatrain.generate's
@@ -96,6 +97,12 @@ def assert_trainer(r, folder, model, sp):
     assert len(losses) == 20 and all(map(math.isfinite, losses))
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 0.02, losses
+    from megatrain.hf import load_hf  # the fine-tuned folder as transformers saved it, padded batch included
+    back, saved = load_hf(r["final_dir"]), torch.load(r["logits"])
+    assert type(back).__name__ == "MegaForSequenceClassification" and saved["attention_mask"].min() == 0
+    with torch.no_grad():
+        got = back(saved["input_ids"], attention_mask=saved["attention_mask"]).logits
+    assert (got - saved["logits"]).abs().max() <= 1e-5
 
 
 def assert_peft_lora(r, folder, model, sp):
