@@ -74,11 +74,11 @@ def test_cached_venv_missing_a_client_is_completed(tmp_path, monkeypatch):
     py = d / "bin" / "python"
     py.write_text("#!/bin/sh\n"
                   "if [ \"$1\" = -m ]; then echo \"ERROR: pip ran: $*\" >&2; exit 1; fi\n"
-                  "case \"$2\" in *importlib.metadata*) echo 'peft>=0.18' ;; *) echo 5.1.0 ;; esac\n")
+                  "case \"$2\" in *importlib.metadata*) echo 'peft>=0.18.1' ;; *) echo 5.1.0 ;; esac\n")
     py.chmod(py.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("MEGATRAIN_TF5_VENV", str(d))
-    assert tf5._missing(str(py)) == ["peft>=0.18"]
-    with pytest.raises(tf5.Unavailable, match="failed: ERROR: pip ran: -m pip install .*peft>=0.18"):
+    assert tf5._missing(str(py)) == ["peft>=0.18.1"]
+    with pytest.raises(tf5.Unavailable, match="failed: ERROR: pip ran: -m pip install .*peft>=0.18.1"):
         tf5.tf5_python()
-    with pytest.raises(tf5.Unavailable, match="lacks peft>=0.18"):
+    with pytest.raises(tf5.Unavailable, match="lacks peft>=0.18.1"):
         tf5.tf5_python(create=False)

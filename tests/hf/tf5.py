@@ -8,9 +8,9 @@
 A venv at $MEGATRAIN_TF5_VENV, else $XDG_CACHE_HOME/megatrain/tf5 (default ~/.cache/megatrain/tf5), into which pip
 installs REQUIREMENTS (~1 min, a few small wheels; see .ci/run): transformers 5 and the clients of
 tests/hf/test_hf_clients.py that depend on it (peft, accelerate) or on its huggingface_hub (datasets), resolved
-together so that they agree with transformers 5 (an existing venv missing one of them is completed). It reuses the *running* interpreter's packages
-(torch, triton, ...) through a `.pth` file that lists this interpreter's site-packages after the venv's own: not
-`--system-site-packages`, which inherits the *base* interpreter's packages, so that from inside a user's venv (where
+together so that they agree with transformers 5 (a cached venv missing one of them is completed). It reuses the
+*running* interpreter's packages (torch, triton, ...) through a `.pth` file that lists this interpreter's
+site-packages after the venv's own: not `--system-site-packages`, which inherits the *base* interpreter's packages, so that from inside a user's venv (where
 torch lives) the 5.x venv had no torch. The `.pth` is rewritten whenever the running interpreter differs, so one cached
 venv follows whichever environment runs the tests.
 """
@@ -24,10 +24,11 @@ import sys
 import sysconfig
 import time
 
-# what pip picked (2026-12, on top of the dev extras): transformers 5.24.0, peft 0.21.2 and accelerate 1.16.0 (the
-# dev extras' own, already compatible), huggingface_hub 1.33.0 (datasets 4.x caps it below 2.0; transformers 5 alone
-# took 2.4). peft < 0.18 predates transformers 5.
-REQUIREMENTS = ("transformers>=5,<6", "peft>=0.18", "accelerate>=1.2", "datasets>=4")
+# what pip picked in a fresh venv (2026-12, over the dev extras): transformers 5.24.0, peft 0.21.2 and accelerate
+# 1.16.0 (the dev extras' own: they satisfy these), huggingface_hub 1.33.0 (datasets 4.x wants it below 2.0;
+# transformers 5 alone took 2.4). transformers 5 needs peft >= 0.18 (0.18.1 guards an import 5.x removed);
+# accelerate >= 1.13 is the release projects moved to for transformers 5
+REQUIREMENTS = ("transformers>=5,<6", "peft>=0.18.1", "accelerate>=1.13", "datasets>=4")
 REQUIREMENT = " ".join(REQUIREMENTS)
 # run in the venv: the REQUIREMENTS its interpreter does not satisfy (not installed, or another version)
 _MISSING = """import sys, importlib.metadata as md
