@@ -9,7 +9,8 @@ Recipe (default): BPE with byte_fallback, identity normalization, no whitespace 
 decode(encode(s)) == s for any UTF-8 string, with one sentencepiece-inherent exception: the character U+2581 "▁"
 (sentencepiece's internal space marker) decodes as a plain space.
 Fixed ids: <unk>=0, <s>=1, </s>=2 (also the end-of-document token), <pad>=3, <mask>=4 (control symbols: text that
-spells "<mask>" is tokenized as ordinary characters, never as the special id). "\n" and "\t" are single tokens.
+spells "<mask>" is tokenized as ordinary characters, never as the special id; a masked LM's HF folder alone maps
+them, see save_hf_tokenizer). "\n" and "\t" are single tokens.
 
 Training input: documents are split into lines, and lines longer than ``max_sentence_length`` bytes are cut into
 pieces of that size (sentencepiece silently skips longer lines). At most ``input_sentence_size`` of those lines are
@@ -98,11 +99,14 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_dir: str) ->
     return path
 
 
-def save_hf_tokenizer(out_dir: str) -> None:
-    """Write tokenizer.json/tokenizer_config.json so ``AutoTokenizer.from_pretrained(out_dir)`` gives sentencepiece's ids.
+def save_hf_tokenizer(out_dir: str, specials_in_text: bool = False) -> None:
+    """Write tokenizer.json/tokenizer_config.json so ``AutoTokenizer.from_pretrained(out_dir)`` gives
+    ``hf_encode(sp, text, specials_in_text)``: sentencepiece's ids, by default for any text.
 
-    LlamaTokenizerFast converts the .model exactly when the prefix space is off; split_special_tokens keeps text
-    such as "<s>" from turning into special ids (sentencepiece never does that either).
+    LlamaTokenizerFast converts the .model exactly when the prefix space is off. specials_in_text=False
+    (split_special_tokens): text such as "<s>" is ordinary characters, as in sentencepiece (a causal LM's folder).
+    True (a masked LM's folder): text that spells a special piece is its id, so "Paris is the <mask> of France" has
+    the mask id where pipeline("fill-mask") and every masked-LM user put it.
     """
     try:
         from transformers import LlamaTokenizerFast
@@ -111,10 +115,29 @@ def save_hf_tokenizer(out_dir: str) -> None:
         return
     tok = LlamaTokenizerFast(vocab_file=os.path.join(out_dir, MODEL_FILE), from_slow=True, legacy=False,
                              add_prefix_space=False, add_bos_token=False, add_eos_token=False,
-                             split_special_tokens=True, unk_token=SPECIAL_PIECES["unk"],
+                             split_special_tokens=not specials_in_text, unk_token=SPECIAL_PIECES["unk"],
                              bos_token=SPECIAL_PIECES["bos"], eos_token=SPECIAL_PIECES["eos"],
                              pad_token=SPECIAL_PIECES["pad"], mask_token=SPECIAL_PIECES["mask"])
     tok.save_pretrained(out_dir)
+
+
+def hf_encode(sp, text: str, specials_in_text: bool = False) -> list[int]:
+    """The ids a folder written by ``save_hf_tokenizer(.., specials_in_text)`` gives `text` (no added specials):
+    sentencepiece's; with specials_in_text, each spelled special piece is its id and the text between is
+    sentencepiece's."""
+    if not specials_in_text:
+        return sp.encode(text)
+    pieces = sorted(SPECIAL_PIECES.values(), key=len, reverse=True)
+    out, rest = [], text
+    while rest:
+        hits = [(rest.find(p), -len(p), p) for p in pieces if p in rest]
+        if not hits:
+            out += sp.encode(rest)
+            break
+        at, _, piece = min(hits)
+        out += sp.encode(rest[:at]) + [sp.piece_to_id(piece)]
+        rest = rest[at + len(piece):]
+    return out
 
 
 def model_path(tokenizer: str) -> str:

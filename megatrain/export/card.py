@@ -1,15 +1,119 @@
 """The model card (README.md) of an export: what was trained, how to load it, what works where.
 
-    from megatrain.export.card import model_card
+    from megatrain.export.card import model_card, CLIENTS
     text = model_card(run_config, tag_dir, run_dir, task="causal", why_not_native=None, dtype="fp32")
-Tests: PYTHONPATH=. python -m pytest -q tests/export/test_export.py
+Tests: PYTHONPATH=. python -m pytest -q tests/export/test_export.py tests/hf/test_hf_clients.py
+
+CLIENTS is the one list of the downstream clients an export works with (Trainer, PEFT LoRA, pipelines,
+lm-evaluation-harness): the card's "Works with" section is written from it, and tests/hf/clients_check.py runs each
+client's command *as the card prints it* (PATH_OR_REPO replaced by a real export) in every transformers version
+the entry names; tests/hf/test_hf_clients.py compares the outcome with megatrain's own numbers.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 from megatrain.hf.format import REMOTE_ONLY_MODEL_TYPE
+
+# the linear layers of every MEGA layer and the LM's hidden dense: PEFT LoRA's target_modules
+LORA_TARGETS = ("v_proj", "mx_proj", "h_proj", "fc1", "fc2", "dense")
+
+
+@dataclass(frozen=True)
+class Client:
+    name: str                 # the check in tests/hf/clients_check.py
+    title: str
+    tasks: tuple              # exports it applies to: "causal", "masked"
+    versions: tuple           # transformers versions it is tested in (a card claim: each one is a test)
+    lang: str                 # "python" (run as is) or "bash" (one command line)
+    command: str              # PATH_OR_REPO: the export; other inputs are named in its comments
+    files: tuple = ()         # (file name, text) the command reads, written next to it
+
+    def versions_text(self) -> str:
+        return ", ".join(VERSIONS[v] for v in self.versions)
+
+
+VERSIONS = {"4.57": "transformers 4.57", "5.x": "transformers 5.x"}
+PPL_TASK = "megatrain_ppl"
+FILL_MASK_TEXT = "The quick brown <mask> jumps over the lazy dog."
+CLIENTS = (
+    Client("trainer", "`Trainer` fine-tunes `AutoModelForSequenceClassification` with gradient checkpointing",
+           ("causal", "masked"), ("4.57", "5.x"), "python", """\
+from datasets import Dataset
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
+tok = AutoTokenizer.from_pretrained("PATH_OR_REPO", trust_remote_code=True)
+model = AutoModelForSequenceClassification.from_pretrained("PATH_OR_REPO", num_labels=2, trust_remote_code=True)
+data = Dataset.from_dict({"text": texts, "label": labels}).map(lambda b: tok(b["text"]), batched=True)  # your data
+args = TrainingArguments("finetuned", max_steps=20, per_device_train_batch_size=4, learning_rate=3e-3,
+                         gradient_checkpointing=True, logging_steps=1, save_strategy="no", report_to="none")
+trainer = Trainer(model=model, args=args, train_dataset=data, processing_class=tok)
+trainer.train()
+"""),
+    Client("peft-lora", "PEFT LoRA trains, merges back and saves a checkpoint megatrain reads", ("causal",),
+           ("4.57", "5.x"), "python", f"""\
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO", trust_remote_code=True)
+lora = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules={list(LORA_TARGETS)!r}))
+opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=3e-3)
+for input_ids in batches:  # your data: LongTensors [batch, length]
+    lora(input_ids=input_ids, labels=input_ids).loss.backward()
+    opt.step()
+    opt.zero_grad()
+lora.merge_and_unload().save_pretrained("merged")  # a plain checkpoint: megatrain.hf.load_hf("merged") reads it
+"""),
+    Client("text-generation", '`pipeline("text-generation")` (greedy: megatrain.generate\'s tokens)', ("causal",),
+           ("4.57", "5.x"), "python", """\
+from transformers import pipeline
+generate = pipeline("text-generation", model="PATH_OR_REPO", trust_remote_code=True)
+out = generate(prompt, max_new_tokens=12, do_sample=False)  # prompt: your text
+print(out[0]["generated_text"])
+"""),
+    Client("fill-mask", '`pipeline("fill-mask")` (the tokenizer maps `<mask>` in text to the mask id)', ("masked",),
+           ("4.57", "5.x"), "python", f"""\
+from transformers import pipeline
+fill = pipeline("fill-mask", model="PATH_OR_REPO", trust_remote_code=True)
+out = fill({FILL_MASK_TEXT!r}, top_k=5)
+print([(o["token_str"], round(o["score"], 4)) for o in out])
+"""),
+    Client("lm-eval", "lm-evaluation-harness: rolling loglikelihood / perplexity of a local text file "
+           "(equal to megatrain's own evaluation)", ("causal",), ("4.57", "5.x"), "bash",
+           f"lm_eval --model hf --model_args pretrained=PATH_OR_REPO,trust_remote_code=True,dtype=float32 "
+           f"--tasks {PPL_TASK} --include_path tasks --batch_size 1 --output_path results",
+           ((f"tasks/{PPL_TASK}.yaml", f"""\
+# docs.jsonl: one {{"text": ...}} per line
+task: {PPL_TASK}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: docs.jsonl
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+"""),)),
+)
+
+
+def works_with(task: str) -> str:
+    """The card's "Works with" section for an export of `task`: CLIENTS that apply, with their commands."""
+    rows, blocks = [], []
+    for c in (c for c in CLIENTS if task in c.tasks):
+        rows.append(f"| {c.title} | {c.versions_text()} |")
+        files = "".join(f"`{name}`:\n```yaml\n{text}```\n" for name, text in c.files)
+        blocks.append(f"### {c.name}\n\n{files}```{c.lang}\n{c.command.rstrip()}\n```\n")
+    lora = ("\nPEFT LoRA target modules: " + ", ".join(f"`{t}`" for t in LORA_TARGETS) +
+            ' (or `target_modules="all-linear"`).\n' if task == "causal" else "")
+    return ("## Works with\n\nEach command below runs in megatrain's CI on a real export "
+            "(`tests/hf/test_hf_clients.py`), in the transformers versions named:\n\n"
+            "| client | tested in |\n|---|---|\n" + "\n".join(rows) + "\n" + lora + "\n" + "\n".join(blocks))
 
 
 def model_card(cfg, tag_dir: str, run_dir: str, task: str, why_not_native: Optional[str], dtype: str) -> str:
@@ -79,14 +183,9 @@ are transformers'); the same code runs in transformers 4.57 and 5.x. Tested in m
 | `resize_token_embeddings`, PEFT LoRA, `model.mega.save_pretrained` | yes | yes | — |
 | cross-attention (`add_cross_attention`) | no (refused) | no | — |
 
-PEFT LoRA: the linear layers are `mega_layer.v_proj`, `mega_layer.mx_proj`, `mega_layer.h_proj`,
-`nffn.fc1`, `nffn.fc2` in every layer and the LM's `dense`:
-```python
-from peft import LoraConfig, get_peft_model
-model = get_peft_model(model, LoraConfig(r=8, target_modules=["v_proj", "mx_proj", "h_proj", "fc1", "fc2"]))
-# or target_modules="all-linear"; after training: model.merge_and_unload().save_pretrained("merged")
-```
+Commands for each client (PEFT LoRA's target modules included): **Works with** below.
 
+{works_with(task)}
 ## Config
 
 ```yaml

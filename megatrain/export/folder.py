@@ -25,7 +25,7 @@ from megatrain.config import ConfigError, load_config
 from megatrain.data.tokenizer import load_tokenizer, save_hf_tokenizer, tokenizer_sha256
 from megatrain.export.card import model_card
 from megatrain.export.load import load_model
-from megatrain.export.verify import verify
+from megatrain.export.verify import specials_in_text, verify
 from megatrain.hf.remote_code import DTYPES, save_remote
 from megatrain.io import replace_folder
 from megatrain.train.checkpoint import LATEST, read_latest
@@ -133,8 +133,9 @@ def write_folder(model, cfg, ckpt: Checkpoint, tmp: str, tok_dir: Optional[str],
         for name in TOKENIZER_FILES:
             if os.path.isfile(os.path.join(tok_dir, name)):
                 shutil.copy2(os.path.join(tok_dir, name), tmp)
-        if not os.path.exists(os.path.join(tmp, "tokenizer.json")):  # a bare sentencepiece model: add HF files
-            save_hf_tokenizer(tmp)
+        if specials_in_text(task) or not os.path.exists(os.path.join(tmp, "tokenizer.json")):
+            # a bare sentencepiece model: add HF files; a masked LM: files that map a spelled "<mask>" to its id
+            save_hf_tokenizer(tmp, specials_in_text(task))
     with open(os.path.join(tmp, "README.md"), "w") as f:
         f.write(model_card(cfg, ckpt.tag_dir, ckpt.run_dir, task, why, dtype))
     return {"task": task, "native": why is None, "why_not_native": why}

@@ -64,3 +64,21 @@ def test_venv_sees_the_running_interpreters_packages(tmp_path):
     r = subprocess.run([str(made / "bin" / "python"), "-c", "import _mt_only_in_user_venv as m; print(m.WHERE)"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "user venv", r.stderr
+
+
+def test_cached_venv_missing_a_client_is_completed(tmp_path, monkeypatch):
+    """A cached venv that has transformers 5 but not every REQUIREMENT (one made before peft was added) gets pip
+    run on it, instead of being returned as ready."""
+    d = tmp_path / "venv"
+    (d / "bin").mkdir(parents=True)
+    py = d / "bin" / "python"
+    py.write_text("#!/bin/sh\n"
+                  "if [ \"$1\" = -m ]; then echo \"ERROR: pip ran: $*\" >&2; exit 1; fi\n"
+                  "case \"$2\" in *importlib.metadata*) echo 'peft>=0.18.1' ;; *) echo 5.1.0 ;; esac\n")
+    py.chmod(py.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("MEGATRAIN_TF5_VENV", str(d))
+    assert tf5._missing(str(py)) == ["peft>=0.18.1"]
+    with pytest.raises(tf5.Unavailable, match="failed: ERROR: pip ran: -m pip install .*peft>=0.18.1"):
+        tf5.tf5_python()
+    with pytest.raises(tf5.Unavailable, match="lacks peft>=0.18.1"):
+        tf5.tf5_python(create=False)

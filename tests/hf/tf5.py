@@ -6,9 +6,11 @@
                                          # unreachable package registry skips it with that reason
 
 A venv at $MEGATRAIN_TF5_VENV, else $XDG_CACHE_HOME/megatrain/tf5 (default ~/.cache/megatrain/tf5), into which pip
-installs "transformers>=5,<6" (~1 min, a few small wheels; see .ci/run). It reuses the *running* interpreter's packages
-(torch, triton, ...) through a `.pth` file that lists this interpreter's site-packages after the venv's own: not
-`--system-site-packages`, which inherits the *base* interpreter's packages, so that from inside a user's venv (where
+installs REQUIREMENTS (~1 min, a few small wheels; see .ci/run): transformers 5 and the clients of
+tests/hf/test_hf_clients.py that depend on it (peft, accelerate) or on its huggingface_hub (datasets), resolved
+together so that they agree with transformers 5 (a cached venv missing one of them is completed). It reuses the
+*running* interpreter's packages (torch, triton, ...) through a `.pth` file that lists this interpreter's
+site-packages after the venv's own: not `--system-site-packages`, which inherits the *base* interpreter's packages, so that from inside a user's venv (where
 torch lives) the 5.x venv had no torch. The `.pth` is rewritten whenever the running interpreter differs, so one cached
 venv follows whichever environment runs the tests.
 """
@@ -22,7 +24,23 @@ import sys
 import sysconfig
 import time
 
-REQUIREMENT = "transformers>=5,<6"
+# what pip picked in a fresh venv (2026-12, over the dev extras): transformers 5.24.0, peft 0.21.2 and accelerate
+# 1.16.0 (the dev extras' own: they satisfy these), huggingface_hub 1.33.0 (datasets 4.x wants it below 2.0;
+# transformers 5 alone took 2.4). transformers 5 needs peft >= 0.18 (0.18.1 guards an import 5.x removed);
+# accelerate >= 1.13 is the release projects moved to for transformers 5
+REQUIREMENTS = ("transformers>=5,<6", "peft>=0.18.1", "accelerate>=1.13", "datasets>=4")
+REQUIREMENT = " ".join(REQUIREMENTS)
+# run in the venv: the REQUIREMENTS its interpreter does not satisfy (not installed, or another version)
+_MISSING = """import sys, importlib.metadata as md
+from packaging.requirements import Requirement
+for r in map(Requirement, sys.argv[1:]):
+    try:
+        ok = r.specifier.contains(md.version(r.name), prereleases=True)
+    except md.PackageNotFoundError:
+        ok = False
+    if not ok:
+        print(r)
+"""
 # what pip prints when it cannot reach the index (as opposed to a broken venv or an unsatisfiable requirement)
 _UNREACHABLE = re.compile(r"NewConnectionError|Failed to establish a new connection|Temporary failure in name "
                           r"resolution|Name or service not known|Network is unreachable|Connection refused|"
@@ -48,6 +66,11 @@ def _version(py: str):
     p = subprocess.run([py, "-c", "import transformers; print(transformers.__version__)"], capture_output=True,
                        text=True, timeout=120)
     return p.stdout.strip() if p.returncode == 0 else None
+
+
+def _missing(py: str) -> list[str]:
+    p = subprocess.run([py, "-c", _MISSING, *REQUIREMENTS], capture_output=True, text=True, timeout=120)
+    return p.stdout.split("\n")[:-1] if p.returncode == 0 else list(REQUIREMENTS)
 
 
 PTH = "_megatrain_parent_site.pth"
@@ -85,13 +108,15 @@ def tf5_python(create: bool = True) -> str:
     if os.path.exists(py) and create:
         link_parent_site(d)
     v = _version(py) if os.path.exists(py) else None
-    if v and v.startswith("5."):
+    missing = _missing(py) if v and v.startswith("5.") else None
+    if missing == []:
         return py
     if not create:
-        raise Unavailable(f"no transformers 5.x venv at {d} (create it: python -m tests.hf.tf5)")
+        what = f"the venv at {d} lacks {', '.join(missing)}" if missing else f"no transformers 5.x venv at {d}"
+        raise Unavailable(f"{what} (create it: python -m tests.hf.tf5)")
     if not os.path.exists(py):
         create_venv(d)
-    p = subprocess.run([py, "-m", "pip", "install", "-q", "--retries", "2", REQUIREMENT], capture_output=True,
+    p = subprocess.run([py, "-m", "pip", "install", "-q", "--retries", "2", *REQUIREMENTS], capture_output=True,
                        text=True, timeout=900)
     if p.returncode != 0:
         last = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}"
@@ -102,6 +127,8 @@ def tf5_python(create: bool = True) -> str:
     v = _version(py)
     if not (v and v.startswith("5.")):
         raise Unavailable(f"{d}: transformers {v} is not 5.x")
+    if _missing(py):
+        raise Unavailable(f"{d}: pip installed, but {', '.join(_missing(py))} is still not satisfied")
     return py
 
 
