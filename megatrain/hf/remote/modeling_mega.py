@@ -261,6 +261,7 @@ class MegaModel(MegaPreTrainedModel):
         self._hidden: Optional[list] = None
         self._attn: Optional[list] = None
         self._embeds: Optional[list] = None
+        self._length = 0
         backbone_mt = mt.mega
         backbone_mt.embeddings.register_forward_hook(self._record(0))
         for i, layer in enumerate(backbone_mt.layers):
@@ -283,8 +284,17 @@ class MegaModel(MegaPreTrainedModel):
     # ---- observation hooks (see the module docstring) ----
     def _record(self, index: int):
         def hook(module, args, output):
-            if self._hidden is not None and torch.is_tensor(output):
-                self._hidden[index].append(output)
+            if self._hidden is None or not torch.is_tensor(output):
+                return None
+            n = self._length
+            if output.shape[1] > n:
+                # megatrain's chunk padding: the real positions are recorded and what follows is computed from
+                # them (a gradient reaches the returned hidden state, as in transformers' MEGA: retain_grad works)
+                real = output[:, :n]
+                self._hidden[index].append(real)
+                return torch.cat([real, output[:, n:]], dim=1)
+            self._hidden[index].append(output)
+            return None
         return hook
 
     def _observe_attention(self, index: int, attn: nn.Module) -> None:
@@ -294,13 +304,20 @@ class MegaModel(MegaPreTrainedModel):
                                "output_attentions needs it (megatrain/hf/remote/modeling_mega.py)")
 
         def attend(q, k, v, bias, **mask):
-            if self._attn is not None:
-                # probs @ I = probs: the one attention op, on an identity value matrix (no dropout: transformers
-                # returns the probabilities before it)
-                eye = torch.eye(k.shape[-2], dtype=q.dtype, device=q.device).expand(*k.shape[:-1], k.shape[-2])
-                self._attn[index].append(chunk_attention(q, k, eye, bias, scale=attn.scaling,
-                                                         activation=attn.attn_act_name, **mask))
-            return inner(q, k, v, bias, **mask)
+            if self._attn is None:
+                return inner(q, k, v, bias, **mask)
+            # probs @ I = probs: the one attention op, on an identity value matrix (no dropout: transformers
+            # returns the probabilities before it)
+            eye = torch.eye(k.shape[-2], dtype=q.dtype, device=q.device).expand(*k.shape[:-1], k.shape[-2])
+            probs = chunk_attention(q, k, eye, bias, scale=attn.scaling, activation=attn.attn_act_name, **mask)
+            self._attn[index].append(probs)
+            if not (torch.is_grad_enabled() and probs.requires_grad):
+                return inner(q, k, v, bias, **mask)  # the op itself: its numbers exactly
+            # under autograd the output is computed from the very probabilities returned, so that a gradient
+            # reaches them (retain_grad, losses on attentions), as in transformers' eager attention: the same
+            # computation as inner's (its dropouts on the probabilities and on the values), written out
+            p = attn.attention_dropout.p if attn.training else 0.0
+            return torch.matmul(nn.functional.dropout(probs, p) if p else probs, attn.hidden_dropout(v))
 
         attn._attend = attend  # an instance attribute: this model's attention modules only
 
@@ -322,6 +339,7 @@ class MegaModel(MegaPreTrainedModel):
             input_ids = torch.full(inputs_embeds.shape[:2], pad, dtype=torch.long, device=inputs_embeds.device)
             self._embeds = [inputs_embeds, 0]
         n = len(self._mt.mega.layers)
+        self._length = input_ids.shape[1]
         self._hidden = [[] for _ in range(n + 1)] if hidden else None
         self._attn = [[] for _ in range(n)] if attentions else None
         try:
@@ -329,7 +347,9 @@ class MegaModel(MegaPreTrainedModel):
             states = probs = None
             if hidden:
                 length = input_ids.shape[1]
-                states = tuple(torch.cat(parts, dim=1)[:, -length:] if len(parts) > 1 else parts[0][:, :length]
+                # one piece: the very tensor the next layer took (see _record); a cached prompt that ran in
+                # two pieces: joined
+                states = tuple(torch.cat(parts, dim=1)[:, -length:] if len(parts) > 1 else parts[0]
                                for parts in self._hidden)
             if attentions:  # one entry per attention call (a cached prompt may run in two pieces: the last)
                 probs = tuple(parts[-1] for parts in self._attn)
@@ -465,12 +485,18 @@ class MegaForMultipleChoice(MegaPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None, labels=None,
                 output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
-        if inputs_embeds is not None:
-            raise NotImplementedError("MegaForMultipleChoice: inputs_embeds is not supported; pass input_ids")
+        given = input_ids if input_ids is not None else inputs_embeds
+        if given is None or given.dim() != (3 if input_ids is not None else 4):
+            raise ValueError("MegaForMultipleChoice: give input_ids [batch, choices, length] or inputs_embeds "
+                             "[batch, choices, length, hidden]")
+        choices = given.shape[:3]
         mt = self._megatrain()
-        out, states, probs = self._run(input_ids.reshape(-1, input_ids.shape[-1]), None, output_hidden_states,
-                                       output_attentions,
-                                       lambda ids: mt(input_ids, attention_mask, token_type_ids, labels=labels))
+        # each choice is one row of the backbone: the rows' embeddings replace theirs (MegaModel._substitute)
+        out, states, probs = self._run(
+            None if input_ids is None else input_ids.reshape(-1, choices[-1]),
+            None if inputs_embeds is None else inputs_embeds.reshape(-1, *inputs_embeds.shape[2:]),
+            output_hidden_states, output_attentions,
+            lambda ids: mt(ids.reshape(choices), attention_mask, token_type_ids, labels=labels))
         res = MultipleChoiceModelOutput(loss=out.loss, logits=out.logits, hidden_states=states, attentions=probs)
         return res if _return_dict(return_dict, self.config) else res.to_tuple()
 
