@@ -47,6 +47,9 @@ from transformers.utils import logging
 
 from megatrain.hf.format import build_for_task, to_hf_key
 from megatrain.hf.remote.configuration_mega import MegaConfig
+from megatrain.model.attention import MovingAverageGatedAttention, RotaryRelativeBias, SimpleRelativeBias
+from megatrain.model.ema import MultiDimDampedEMA
+from megatrain.model.layers import BatchNorm, LayerNorm, RMSNorm, ScaleNorm
 from megatrain.model.heads import MegaModelWithPooler
 from megatrain.model.backbone import MegaCache
 from megatrain.ops.attention import chunk_attention
@@ -78,6 +81,26 @@ def _init_zeros(t: torch.Tensor) -> None:
     except ImportError:
         with torch.no_grad():
             t.zero_()
+
+
+def _init_ones(t: torch.Tensor) -> None:
+    try:
+        from transformers import initialization as init
+        init.ones_(t)
+    except ImportError:
+        with torch.no_grad():
+            t.fill_(1.0)
+
+
+def _init_as_megatrain(owner: nn.Module, name: str, t: torch.Tensor, std: float) -> None:
+    """Tensor `name` of megatrain module `owner` as megatrain.model.backbone.init_weights_ starts it (the qk
+    weights and relative biases normal(0, std), the qk bias zero) or as the norms are built (identity)."""
+    if isinstance(owner, MovingAverageGatedAttention) and name in ("qk_weight", "qk_bias"):
+        (_init_normal(t, std) if name == "qk_weight" else _init_zeros(t))
+    elif isinstance(owner, (RotaryRelativeBias, SimpleRelativeBias)):
+        _init_normal(t, std)
+    elif isinstance(owner, (ScaleNorm, RMSNorm, LayerNorm, BatchNorm)):
+        (_init_zeros(t) if name == "bias" else _init_ones(t))
 
 
 class _Names(nn.Module):
@@ -198,7 +221,8 @@ class MegaPreTrainedModel(PreTrainedModel):
         # megatrain's modules initialised everything else when built
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
-            _init_normal(module.weight, std)
+            if module.weight is not self.get_input_embeddings().weight:  # a tied head: initialised as the embedding
+                _init_normal(module.weight, std)
             if module.bias is not None:
                 _init_zeros(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -206,6 +230,29 @@ class MegaPreTrainedModel(PreTrainedModel):
             if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
                 with torch.no_grad():
                     module.weight[module.padding_idx].zero_()
+        elif isinstance(module, MultiDimDampedEMA):
+            # the EMA's own init (megatrain.model.ema), unless its tensors were loaded (5.x flags each tensor;
+            # 4.x does not call this for a module it loaded)
+            if not any(getattr(p, "_is_hf_initialized", False) for p in module.parameters(recurse=False)):
+                c = self.config
+                module.reset_parameters(c.ema_delta_alpha_range, c.ema_beta_range, c.ema_gamma_omega_range)
+        else:
+            # megatrain's other tensors, wherever they are registered: on their own module, or re-homed into a
+            # transformers-named container (_rehome: the bindings name their megatrain owner)
+            owners = self._tensor_owners()
+            for name, t in module.named_parameters(recurse=False):
+                owner, leaf = owners.get((id(module), name), (module, name))
+                _init_as_megatrain(owner, leaf, t, std)
+
+    def _tensor_owners(self) -> dict:
+        """(id(transformers holder), name) -> (megatrain module, name) for every re-homed tensor of this model."""
+        cached = self.__dict__.get("_owners")
+        if cached is None:
+            cached = {(id(hf_owner), hf_leaf): (mt_owner, mt_leaf)
+                      for m in self.modules() if isinstance(m, MegaPreTrainedModel)
+                      for kind, mt_owner, mt_leaf, hf_owner, hf_leaf in m._bindings if kind == "p"}
+            self.__dict__["_owners"] = cached
+        return cached
 
     def train(self, mode: bool = True):
         super().train(mode)
