@@ -17,7 +17,6 @@ padding against the same model without the cache, and in 4.x against transformer
 """
 from __future__ import annotations
 
-import copy
 import os
 import sys
 import tempfile
@@ -56,6 +55,21 @@ def _remote_classes():
     return config, tuple(get_class_from_dynamic_module(f"modeling_mega.{n}", d) for n in CLASS_NAMES)
 
 
+def _map_mega_names() -> None:
+    """The mixin tells a class's task (labels to make, inputs to expand, base models to leave out of training) by
+    transformers' *_MAPPING_NAMES; 5.x dropped MEGA's rows: put back the rows 4.57 has (test process only)."""
+    from transformers.models.auto import modeling_auto as ma
+    rows = {"MODEL_MAPPING_NAMES": "MegaModel", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES": "MegaForCausalLM",
+            "MODEL_FOR_MASKED_LM_MAPPING_NAMES": "MegaForMaskedLM",
+            "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES": "MegaForSequenceClassification",
+            "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES": "MegaForTokenClassification",
+            "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES": "MegaForQuestionAnswering",
+            "MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES": "MegaForMultipleChoice"}
+    for table, cls in rows.items():
+        getattr(ma, table).setdefault("mega", cls)
+
+
+_map_mega_names()
 EXPORT_CONFIG, EXPORT_CLASSES = _remote_classes()
 if hasattr(transformers, "MegaModel"):
     NATIVE_CONFIG, NATIVE_CLASSES = transformers.MegaConfig, tuple(getattr(transformers, n) for n in CLASS_NAMES)
@@ -111,26 +125,6 @@ class _MegaMixinTest(ModelTesterMixin):
         if not self.all_model_classes:
             self.skipTest("this transformers has no such classes")
         self.model_tester = MegaModelTester(self, self.config_class)
-
-    def _prepare_for_class(self, inputs_dict, model_class, return_labels=False):
-        # by MEGA task, as the mixin does for the class names its version still maps (5.x maps no Mega* name)
-        name, t = model_class.__name__, self.model_tester
-        inputs_dict = copy.deepcopy(inputs_dict)
-        if name == "MegaForMultipleChoice":
-            inputs_dict = {k: v.unsqueeze(1).expand(-1, t.num_choices, -1).contiguous()
-                           if isinstance(v, torch.Tensor) and v.ndim > 1 else v for k, v in inputs_dict.items()}
-        if return_labels:
-            b, n = t.batch_size, t.seq_length
-            if name == "MegaForMultipleChoice":
-                inputs_dict["labels"] = torch.ones(b, dtype=torch.long)
-            elif name == "MegaForQuestionAnswering":
-                inputs_dict["start_positions"] = torch.zeros(b, dtype=torch.long)
-                inputs_dict["end_positions"] = torch.zeros(b, dtype=torch.long)
-            elif name == "MegaForSequenceClassification":
-                inputs_dict["labels"] = torch.zeros(b, dtype=torch.long)
-            elif name in ("MegaForTokenClassification", "MegaForCausalLM", "MegaForMaskedLM"):
-                inputs_dict["labels"] = torch.zeros((b, n), dtype=torch.long)
-        return inputs_dict
 
 
 class MegaExportModelTest(_MegaMixinTest, unittest.TestCase):

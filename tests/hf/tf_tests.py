@@ -1,6 +1,7 @@
 """transformers' own model-test mixins, from its source distribution on the package registry (never committed).
 
     python -m tests.hf.tf_tests [VERSION]     # fetch/refresh (what .ci/run does); default: this python's transformers
+    python -m tests.hf.tf_tests --tf5         # ... for the version in the 5.x venv (tests/hf/tf5.py; made if missing)
     from tests.hf.tf_tests import tests_dir; d = tests_dir("4.57.6")   # the folder to put on sys.path, or raises
     d = tests_dir_for_test(version)             # in a test: fetched if missing; a failure FAILS the test, except that
                                                 # an unreachable package registry skips it with pip's reason
@@ -34,6 +35,7 @@ import time
 from tests.hf.tf5 import _UNREACHABLE, RegistryUnreachable, Unavailable
 
 PACKAGE = "transformers_tests"
+_VERSION = r"[0-9][0-9A-Za-z.+-]*"
 DONE = ".complete"
 PLACEHOLDER_LIST = "PLACEHOLDERS.txt"
 # the fetched files whose relative imports must resolve (everything else of tests/ is unpacked but not needed)
@@ -109,7 +111,7 @@ def _complete(pkg_dir: str) -> list[str]:
 def tests_dir(version: str | None = None, create: bool = True) -> str:
     """The folder holding `transformers_tests` for transformers `version` (default: this python's)."""
     version = version or _installed_version()
-    if not re.fullmatch(r"[0-9][0-9A-Za-z.+-]*", version):
+    if not re.fullmatch(_VERSION, version):
         raise Unavailable(f"not a transformers version: {version!r}")
     d = os.path.join(cache_root(), version)
     if os.path.exists(os.path.join(d, PACKAGE, DONE)):
@@ -163,12 +165,20 @@ def tests_dir_for_test(version: str | None = None) -> str:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    if len(args) > 1 or (args and args[0].startswith("-")):
-        print("usage: python -m tests.hf.tf_tests [VERSION]", file=sys.stderr)
+    if len(args) > 1 or (args and args[0].startswith("-") and args[0] != "--tf5"):
+        print("usage: python -m tests.hf.tf_tests [VERSION | --tf5]", file=sys.stderr)
         sys.exit(2)
     t = time.perf_counter()
     try:
-        out = tests_dir(args[0] if args else None)
+        version = args[0] if args else None
+        if version == "--tf5":
+            from tests.hf.tf5 import tf5_python
+            version = subprocess.run([tf5_python(), "-c", "import transformers; print(transformers.__version__)"],
+                                     capture_output=True, text=True, check=True, timeout=300).stdout.strip()
+        if version and not re.fullmatch(_VERSION, version):
+            print(f"error: not a transformers version: {version!r}", file=sys.stderr)
+            sys.exit(2)
+        out = tests_dir(version)
     except Unavailable as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
