@@ -34,6 +34,7 @@ through transformers' GenerationMixin; beam search reorders it (_reorder_cache).
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -53,9 +54,14 @@ from megatrain.model.layers import BatchNorm, LayerNorm, RMSNorm, ScaleNorm
 from megatrain.model.heads import MegaModelWithPooler
 from megatrain.model.backbone import MegaCache
 from megatrain.ops.attention import chunk_attention
+from megatrain.model.pieces import PIECES
 from megatrain.parallel.checkpointing import CheckpointPolicy, apply_checkpointing
 
 logger = logging.get_logger(__name__)
+try:  # transformers >= 4.52: the per-layer checkpointing protocol (Trainer, PEFT and 5.x's tests find these layers)
+    from transformers.modeling_layers import GradientCheckpointingLayer
+except ImportError:
+    GradientCheckpointingLayer = None
 _TF_MAJOR = int(transformers.__version__.split(".")[0])
 _EMBEDDING = "mega.embedding_layer.word_embeddings.weight"
 
@@ -105,6 +111,33 @@ def _init_as_megatrain(owner: nn.Module, name: str, t: torch.Tensor, std: float)
 
 class _Names(nn.Module):
     """A transformers-named container: modules and tensors re-homed from megatrain (see the module docstring)."""
+
+
+if GradientCheckpointingLayer is not None:
+    class _CheckpointingNames(_Names, GradientCheckpointingLayer):
+        """The transformers-named container of one megatrain MegaBlock, as a GradientCheckpointingLayer: the block's
+        forward runs through it (see _as_checkpointing_layer), so transformers' checkpoint function, hooks on the
+        layer and every_n_layers act on the layer transformers sees."""
+
+        def forward(self, *args, **kwargs):
+            return self._block_forward(*args, **kwargs)
+else:
+    _CheckpointingNames = None
+
+
+def _as_checkpointing_layer(holder: nn.Module, block: nn.Module) -> Optional[nn.Module]:
+    """Make `holder` (the module at transformers' `layers.i`) the GradientCheckpointingLayer through which megatrain's
+    `block` runs: the block's forward calls the holder, whose (checkpointed) forward is the block's own. Returns the
+    holder (None without GradientCheckpointingLayer: transformers < 4.52)."""
+    if _CheckpointingNames is None:
+        return None
+    if holder is block or not isinstance(holder, _Names):  # re-homed as it is: nothing to route through
+        raise RuntimeError("megatrain's MegaBlock is expected under a transformers-named container (_rehome)")
+    if not isinstance(holder, _CheckpointingNames):
+        holder.__class__ = _CheckpointingNames
+        object.__setattr__(holder, "_block_forward", functools.partial(type(block).forward, block))
+        block.forward = lambda *args, **kwargs: holder(*args, **kwargs)
+    return holder
 
 
 def _rehome(hf_root: nn.Module, mt_root: nn.Module, hf_name: Callable[[str], str], skip: tuple = ()) -> list:
@@ -267,16 +300,25 @@ class MegaPreTrainedModel(PreTrainedModel):
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None,
                                     every_n_layers: int = 1) -> None:
-        # megatrain checkpoints natively (each layer, the EMA and the FFN nested: parallel/checkpointing.py);
-        # transformers' checkpoint function is not used (megatrain's is non-reentrant torch.utils.checkpoint too)
-        if enable and every_n_layers != 1:
-            raise NotImplementedError(f"every_n_layers={every_n_layers}: megatrain checkpoints every layer (1)")
+        # each layer through transformers' checkpoint function (its gradient_checkpointing_kwargs apply; the layers
+        # are GradientCheckpointingLayers), the EMA and the FFN inside it nested through megatrain's own runner
+        # (parallel/checkpointing.py, non-reentrant torch.utils.checkpoint), applied from outside the model as the
+        # trainer applies it. Without GradientCheckpointingLayer (transformers < 4.52) megatrain's runner does all.
+        from torch.utils.checkpoint import checkpoint
+        func = gradient_checkpointing_func or functools.partial(checkpoint, use_reentrant=False)
         for m in self.modules():
             if isinstance(m, MegaPreTrainedModel):
                 m.gradient_checkpointing = enable
-        # applied from outside the model, as the trainer applies it (the model itself never reads the flag)
+        layers = [m for m in self.modules() if _CheckpointingNames is not None and isinstance(m, _CheckpointingNames)]
+        for i, layer in enumerate(layers):
+            layer.gradient_checkpointing = enable and i % every_n_layers == 0
+            layer._gradient_checkpointing_func = func
+        if enable and every_n_layers != 1 and not layers:
+            raise NotImplementedError(f"every_n_layers={every_n_layers}: this transformers has no "
+                                      "GradientCheckpointingLayer; megatrain checkpoints every layer (1)")
         self._mt.config.gradient_checkpointing = enable
-        apply_checkpointing(self._mt, CheckpointPolicy() if enable else None)
+        pieces = frozenset(p for p in PIECES if not (layers and p == "layer"))
+        apply_checkpointing(self._mt, CheckpointPolicy(pieces=pieces) if enable else None)
 
     def _run(self, input_ids, inputs_embeds, output_hidden_states, output_attentions, call):
         """call(input_ids) under the hooks: (its result, the hidden states or None, the attentions or None)."""
@@ -312,6 +354,7 @@ class MegaModel(MegaPreTrainedModel):
         backbone_mt = mt.mega
         backbone_mt.embeddings.register_forward_hook(self._record(0))
         for i, layer in enumerate(backbone_mt.layers):
+            _as_checkpointing_layer(self.get_submodule(f"layers.{i}"), layer)
             layer.register_forward_hook(self._record(i + 1))
             self._observe_attention(i, layer.attn)
         backbone_mt.embeddings.word_embeddings.register_forward_hook(self._substitute)
