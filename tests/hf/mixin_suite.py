@@ -41,15 +41,6 @@ KNOWN_GAPS = {
     "test_generation_tester_mixin_inheritance": ((4, 5),
         "GenerationTesterMixin is not in transformers' sdist (tests/generation/ is not shipped): the check would "
         "test a placeholder"),
-    "test_causal_lm_loss_honors_shift_labels": ((5,),
-        "5.x's `shift_labels` (targets pre-shifted for transformers' sequence/context parallelism) is no argument "
-        "of megatrain's LM loss, which shifts the labels itself; megatrain's sequence parallelism is its trainer's"),
-    "test_model_weights_reload_no_missing_tied_weights": ((5,),
-        "the LM head and the embedding are one Parameter from construction on (megatrain's tie); 5.x flags the tied "
-        "target as initialised before loading, which flags the shared embedding too: a checkpoint without the "
-        "embedding neither reports it missing nor initialises it (open: untie before loading, tie after)"),
-    "test_can_init_all_missing_weights": ((5,),
-        "the same shared tied Parameter: with an empty state dict 5.x leaves it on the meta device (see above)"),
 }
 
 

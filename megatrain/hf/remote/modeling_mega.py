@@ -287,6 +287,19 @@ class MegaPreTrainedModel(PreTrainedModel):
             self.__dict__["_owners"] = cached
         return cached
 
+    def mark_tied_weights_as_initialized(self, loading_info):
+        # transformers 5.x (from_pretrained): it flags every tied target as initialised before initialising what
+        # the checkpoint lacked. Here a tied head and the embedding are one Parameter from construction on
+        # (megatrain's tie), so the flag would mark a missing embedding as loaded: give the target its own tensor
+        # first (tie_weights, right after, ties them again)
+        for target, source in (getattr(self, "all_tied_weights_keys", None) or {}).items():
+            t = self.get_parameter(target)
+            if t is self.get_parameter(source):
+                holder, _, leaf = target.rpartition(".")
+                self.get_submodule(holder).register_parameter(
+                    leaf, nn.Parameter(torch.empty_like(t), requires_grad=t.requires_grad))
+        return super().mark_tied_weights_as_initialized(loading_info)
+
     def train(self, mode: bool = True):
         super().train(mode)
         self._mt.train(mode)  # megatrain's parameter-free modules (dropout) are not in the transformers tree
@@ -473,12 +486,16 @@ class MegaForCausalLM(MegaPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None, labels=None,
                 past_key_values=None, use_cache=None, output_attentions=None, output_hidden_states=None,
-                return_dict=None, encoder_hidden_states=None, **kwargs):
+                return_dict=None, encoder_hidden_states=None, shift_labels=None, **kwargs):
         self._refuse(encoder_hidden_states)
         cache = past_key_values if isinstance(past_key_values, MegaCache) else None
         mt = self._megatrain()
+        # shift_labels (transformers 5.x: targets already aligned with the logits, as sequence-parallel trainers
+        # pass them) are megatrain's labels_shifted; they take the place of labels
+        target = labels if shift_labels is None else shift_labels
         out, states, probs = self._run(input_ids, inputs_embeds, output_hidden_states, output_attentions,
-                                       lambda ids: mt(ids, attention_mask, token_type_ids, labels=labels, cache=cache))
+                                       lambda ids: mt(ids, attention_mask, token_type_ids, labels=target, cache=cache,
+                                                      labels_shifted=shift_labels is not None))
         res = CausalLMOutputWithPast(loss=out.loss, logits=out.logits, past_key_values=cache, hidden_states=states,
                                      attentions=probs)
         return res if _return_dict(return_dict, self.config) else res.to_tuple()
