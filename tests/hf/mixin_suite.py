@@ -155,3 +155,76 @@ for _name, (_majors, _why) in KNOWN_GAPS.items():
 class MegaNativeModelTest(_MegaMixinTest, unittest.TestCase):
     config_class = NATIVE_CONFIG
     all_model_classes = NATIVE_CLASSES
+
+
+class MegaGenerationTest(unittest.TestCase):
+    """What GenerationTesterMixin would check of the exported causal LM (ours: that mixin is not in the sdist):
+    greedy decoding with the cache equals the argmax of full forwards without it (cache reuse), seeded sampling
+    repeats and top_k=1 sampling is greedy, beam search returns distinct beams, a left-padded row with its
+    attention_mask generates what it generates alone, and under 4.x greedy decoding gives the tokens of transformers'
+    own MEGA on the same weights (its full forwards: 4.57's MEGA has no working generate). Contrastive search:
+    generate refuses it for a stateful cache (MEGA's EMA state), which is checked."""
+
+    def setUp(self):
+        self.tester = MegaModelTester(self, EXPORT_CONFIG, is_decoder=True, use_chunking=True, chunk_size=4)
+        torch.manual_seed(0)
+        self.model = EXPORT_CLASSES[1](self.tester.get_config()).eval()
+        self.ids = ids_tensor([2, 6], self.tester.vocab_size)
+        self.ids[self.ids < 3] = 3  # no bos/pad/eos inside the prompt
+
+    def generate(self, model=None, ids=None, **kw):
+        kw = {"max_new_tokens": 6, "eos_token_id": None, "pad_token_id": 1, "do_sample": False, **kw}
+        with torch.no_grad():
+            return (model or self.model).generate(self.ids if ids is None else ids, **kw)
+
+    def native(self):
+        if NATIVE_CONFIG is None:
+            self.skipTest("this transformers has no native MEGA")
+        native = NATIVE_CLASSES[1](NATIVE_CONFIG(**self.tester.kwargs)).eval()
+        missing, _ = native.load_state_dict(self.model.state_dict(), strict=False)
+        self.assertFalse([k for k in missing if "_float_tensor" not in k], missing)
+        return native
+
+    def test_greedy_with_the_cache_is_the_argmax_of_full_forwards(self):
+        out = self.generate()
+        with torch.no_grad():
+            logits = self.model(out[:, :-1]).logits  # no cache: the whole sequence at once
+        self.assertEqual(out[:, 6:].tolist(), logits[:, 5:].argmax(-1).tolist())
+
+    def test_sampling(self):
+        torch.manual_seed(3)
+        a = self.generate(do_sample=True, top_k=0)
+        torch.manual_seed(3)
+        self.assertEqual(a.tolist(), self.generate(do_sample=True, top_k=0).tolist())
+        self.assertEqual(self.generate(do_sample=True, top_k=1).tolist(), self.generate().tolist())
+
+    def test_beam_search(self):
+        out = self.generate(num_beams=3, num_return_sequences=3, early_stopping=True)
+        self.assertEqual(out.shape, (6, 12))
+        self.assertEqual(len({tuple(r) for r in out[:3].tolist()}), 3)
+
+    def test_left_padding_with_attention_mask(self):
+        alone = self.generate(ids=self.ids[1:, 2:])
+        padded = torch.cat([self.ids[:1], torch.cat([torch.full((1, 2), 1), self.ids[1:, 2:]], 1)])
+        mask = torch.ones_like(padded)
+        mask[1, :2] = 0
+        out = self.generate(ids=padded, attention_mask=mask)
+        self.assertEqual(out[1, 6:].tolist(), alone[0, 4:].tolist())
+
+    def test_contrastive_search_is_refused_for_the_stateful_cache(self):
+        with self.assertRaisesRegex(ValueError, "(?i)contrastive|stateful"):
+            self.generate(penalty_alpha=0.6, top_k=4)
+
+    def test_greedy_is_native_megas_argmax(self):
+        # 4.57's MegaForCausalLM cannot generate (no GenerationMixin; with one added, its legacy cache breaks
+        # in generate): its full forwards without the cache are the oracle
+        # without chunking: 4.57's chunked MEGA takes only whole chunks (or one shorter) without its cache
+        self.tester = MegaModelTester(self, EXPORT_CONFIG, is_decoder=True)
+        torch.manual_seed(0)
+        self.model = EXPORT_CLASSES[1](self.tester.get_config()).eval()
+        native = self.native()
+        x = self.ids
+        with torch.no_grad():
+            for _ in range(6):
+                x = torch.cat([x, native(x, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+        self.assertEqual(self.generate().tolist(), x.tolist())
