@@ -22,10 +22,14 @@ dtype casts). `_sync()` copies such replacements into the megatrain tree before 
 forward always runs what the transformers tree holds.
 
 Hidden states and attention probabilities are observed, not recomputed by a second model: forward hooks on
-megatrain's embedding and layers record their outputs during the one forward (cut back to the input length; joined
-when a cached prompt runs in two pieces), and each attention's `_attend` is wrapped to also run the same op
-(megatrain.ops.attention.chunk_attention) on an identity value matrix, which returns the probabilities
-[B, chunks, chunk, chunk] transformers' MEGA returns (the fused kernels keep none).
+megatrain's embedding and layers record their outputs during the one forward (cut back to the input length, and
+what follows is computed from the recorded tensor, so gradients reach it; joined when a cached prompt runs in two
+pieces), and each attention's `_attend` is wrapped to also run the same op (megatrain.ops.attention.chunk_attention)
+on an identity value matrix, which returns the probabilities [B, chunks, chunk, chunk] transformers' MEGA returns
+(the fused kernels keep none); under autograd the layer's output is then computed from those probabilities.
+Gradient checkpointing: each `layers.i` container is a transformers GradientCheckpointingLayer through which its
+megatrain block runs (transformers' checkpoint function, kwargs and every_n_layers apply there); the EMA and FFN
+inside are nested checkpoints of megatrain's own runner (parallel/checkpointing.py).
 inputs_embeds replace the embedding lookup the same way (a hook on the word embedding returns the given vectors).
 Generation: past_key_values is megatrain's MegaCache (per layer: EMA state + current-chunk keys/values), carried
 through transformers' GenerationMixin; beam search reorders it (_reorder_cache). Cross-attention is refused
