@@ -83,3 +83,32 @@ def test_export_passes_the_mixin_under_transformers_5(tmp_path):
     assert len(_names(res, "MegaExportModelTest", "passed")) >= MIN_PASSED, res["__log__"]
     assert len(_names(res, "MegaGenerationTest", "passed")) >= 5, res["__log__"]
     assert not failed, f"export fails under 5.x: {failed}\nKNOWN_GAPS (skipped):\n{res['__gaps__']}\n{res['__log__']}"
+
+
+def test_gradient_checkpointing_counts_a_batchnorm_batch_once():
+    """With batchnorm the layers stay checkpointed by megatrain's runner, whose recompute leaves the running
+    statistics alone (transformers' checkpoint function would count the batch twice); with the other norms they
+    are GradientCheckpointingLayers run by transformers' function."""
+    import torch
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from megatrain.hf.remote import modeling_mega as mm
+    from megatrain.hf.remote.configuration_mega import MegaConfig
+    from megatrain.model.layers import BatchNorm
+    kw = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, intermediate_size=24, ema_projection_size=4,
+              shared_representation_size=8, nffn_hidden_size=24, is_decoder=True, bidirectional=False)
+    x = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    stats = []
+    for enable in (False, True):
+        torch.manual_seed(0)
+        m = mm.MegaForCausalLM(MegaConfig(**kw, normalization_type="batchnorm")).train()
+        if enable:
+            m.gradient_checkpointing_enable()
+            assert not any(getattr(l, "gradient_checkpointing", False)
+                           for l in m.modules() if isinstance(l, GradientCheckpointingLayer))
+        m(x, labels=x).loss.backward()
+        stats.append([b.running_mean.clone() for b in m._mt.modules() if isinstance(b, BatchNorm)])
+    assert stats[0] and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*stats))
+    m = mm.MegaForCausalLM(MegaConfig(**kw)).train()
+    m.gradient_checkpointing_enable()
+    assert [l.gradient_checkpointing for l in m.modules() if isinstance(l, GradientCheckpointingLayer)] == [True] * 2

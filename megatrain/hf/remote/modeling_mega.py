@@ -327,12 +327,19 @@ class MegaPreTrainedModel(PreTrainedModel):
             if isinstance(m, MegaPreTrainedModel):
                 m.gradient_checkpointing = enable
         layers = [m for m in self.modules() if _CheckpointingNames is not None and isinstance(m, _CheckpointingNames)]
+        if any(isinstance(m, BatchNorm) for m in self._mt.modules()):
+            # a recompute by transformers' function would count the batch in the running statistics twice;
+            # megatrain's runner does not (BatchNorm.update_stats): it checkpoints the layers too
+            for layer in layers:
+                layer.gradient_checkpointing = False
+            layers = []
         for i, layer in enumerate(layers):
             layer.gradient_checkpointing = enable and i % every_n_layers == 0
             layer._gradient_checkpointing_func = func
         if enable and every_n_layers != 1 and not layers:
-            raise NotImplementedError(f"every_n_layers={every_n_layers}: this transformers has no "
-                                      "GradientCheckpointingLayer; megatrain checkpoints every layer (1)")
+            raise NotImplementedError(f"every_n_layers={every_n_layers}: megatrain's runner checkpoints every layer "
+                                      "(1); others need transformers' GradientCheckpointingLayer (>= 4.52) and no "
+                                      "batchnorm")
         self._mt.config.gradient_checkpointing = enable
         pieces = frozenset(p for p in PIECES if not (layers and p == "layer"))
         apply_checkpointing(self._mt, CheckpointPolicy(pieces=pieces) if enable else None)
