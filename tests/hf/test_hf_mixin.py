@@ -112,3 +112,32 @@ def test_gradient_checkpointing_counts_a_batchnorm_batch_once():
     m = mm.MegaForCausalLM(MegaConfig(**kw)).train()
     m.gradient_checkpointing_enable()
     assert [l.gradient_checkpointing for l in m.modules() if isinstance(l, GradientCheckpointingLayer)] == [True] * 2
+
+
+def test_fetch_placeholders_what_the_sdist_lacks_and_skips_only_an_unreachable_registry(tmp_path, monkeypatch):
+    """tests/hf/tf_tests.py: a module the fetched files import but the sdist lacks becomes a placeholder (the
+    package imports, the placeholder says what it is); pip failing to reach the registry skips, other failures
+    fail (as tests/hf/tf5.py)."""
+    import importlib
+    import subprocess as sp
+    pkg = tmp_path / "transformers_tests"
+    pkg.mkdir()
+    (pkg / "test_modeling_common.py").write_text("from .generation.test_utils import GenerationTesterMixin\n"
+                                                 "from .utils import helpers\nX = GenerationTesterMixin\n")
+    (pkg / "utils").mkdir()
+    (pkg / "utils" / "helpers.py").write_text("Y = 1\n")
+    assert tf_tests._complete(str(pkg)) == ["generation.test_utils"]
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module("transformers_tests.test_modeling_common")
+    assert mod.X._megatrain_placeholder and tf_tests.placeholders(str(tmp_path)) == ["generation.test_utils"]
+
+    def pip(stderr):
+        return lambda *a, **k: sp.CompletedProcess(a, 1, "", stderr)
+    monkeypatch.setenv("MEGATRAIN_TF_TESTS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tf_tests.subprocess, "run", pip("ERROR: Could not find a version ... NewConnectionError: "
+                                                        "Failed to establish a new connection\n"))
+    with pytest.raises(pytest.skip.Exception, match="unreachable"):
+        tf_tests.tests_dir_for_test("4.57.6")
+    monkeypatch.setattr(tf_tests.subprocess, "run", pip("ERROR: No matching distribution found for transformers\n"))
+    with pytest.raises(pytest.fail.Exception, match="No matching distribution"):
+        tf_tests.tests_dir_for_test("4.57.6")
