@@ -159,7 +159,8 @@ class MegaNativeModelTest(_MegaMixinTest, unittest.TestCase):
 
 class MegaGenerationTest(unittest.TestCase):
     """What GenerationTesterMixin would check of the exported causal LM (ours: that mixin is not in the sdist):
-    greedy decoding with the cache equals the argmax of full forwards without it (cache reuse), seeded sampling
+    greedy decoding with the cache equals the argmax of full forwards without it (cache reuse), a forward with
+    use_cache=True returns the cache a next forward continues from, seeded sampling
     repeats and top_k=1 sampling is greedy, beam search returns distinct beams, a left-padded row with its
     attention_mask generates what it generates alone, and under 4.x greedy decoding gives the tokens of transformers'
     own MEGA on the same weights (its full forwards: 4.57's MEGA has no working generate). Contrastive search:
@@ -190,6 +191,15 @@ class MegaGenerationTest(unittest.TestCase):
         with torch.no_grad():
             logits = self.model(out[:, :-1]).logits  # no cache: the whole sequence at once
         self.assertEqual(out[:, 6:].tolist(), logits[:, 5:].argmax(-1).tolist())
+
+    def test_use_cache_returns_a_cache_to_continue_from(self):
+        with torch.no_grad():
+            full = self.model(self.ids).logits
+            first = self.model(self.ids[:, :5], use_cache=True)
+            self.assertIsNotNone(first.past_key_values)
+            last = self.model(self.ids[:, 5:], past_key_values=first.past_key_values).logits
+        torch.testing.assert_close(first.logits, full[:, :5], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(last, full[:, 5:], atol=1e-5, rtol=1e-5)
 
     def test_sampling(self):
         torch.manual_seed(3)

@@ -501,6 +501,10 @@ class MegaForCausalLM(MegaPreTrainedModel, GenerationMixin):
         self._refuse(encoder_hidden_states)
         cache = past_key_values if isinstance(past_key_values, MegaCache) else None
         mt = self._megatrain()
+        if cache is None and use_cache is True:
+            # asked for explicitly (not from config.use_cache: a plain forward stays the one whole-sequence pass):
+            # a fresh cache, filled by this forward and returned to continue from
+            cache = mt.new_cache()
         # shift_labels (transformers 5.x: targets already aligned with the logits, as sequence-parallel trainers
         # pass them) are megatrain's labels_shifted; they take the place of labels
         target = labels if shift_labels is None else shift_labels
