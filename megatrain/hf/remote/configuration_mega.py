@@ -1,3 +1,4 @@
+# Copyright 2026 The megatrain authors. (transformers' model tests read a model file's year from this line.)
 """MegaConfig for transformers (remote code): every field of megatrain's MegaConfig, with its default.
 
     config = AutoConfig.from_pretrained("hf_dir", trust_remote_code=True)    # this class, from the export's auto_map

@@ -22,10 +22,14 @@ dtype casts). `_sync()` copies such replacements into the megatrain tree before 
 forward always runs what the transformers tree holds.
 
 Hidden states and attention probabilities are observed, not recomputed by a second model: forward hooks on
-megatrain's embedding and layers record their outputs during the one forward (cut back to the input length; joined
-when a cached prompt runs in two pieces), and each attention's `_attend` is wrapped to also run the same op
-(megatrain.ops.attention.chunk_attention) on an identity value matrix, which returns the probabilities
-[B, chunks, chunk, chunk] transformers' MEGA returns (the fused kernels keep none).
+megatrain's embedding and layers record their outputs during the one forward (cut back to the input length, and
+what follows is computed from the recorded tensor, so gradients reach it; joined when a cached prompt runs in two
+pieces), and each attention's `_attend` is wrapped to also run the same op (megatrain.ops.attention.chunk_attention)
+on an identity value matrix, which returns the probabilities [B, chunks, chunk, chunk] transformers' MEGA returns
+(the fused kernels keep none); under autograd the layer's output is then computed from those probabilities.
+Gradient checkpointing: each `layers.i` container is a transformers GradientCheckpointingLayer through which its
+megatrain block runs (transformers' checkpoint function, kwargs and every_n_layers apply there); the EMA and FFN
+inside are nested checkpoints of megatrain's own runner (parallel/checkpointing.py).
 inputs_embeds replace the embedding lookup the same way (a hook on the word embedding returns the given vectors).
 Generation: past_key_values is megatrain's MegaCache (per layer: EMA state + current-chunk keys/values), carried
 through transformers' GenerationMixin; beam search reorders it (_reorder_cache). Cross-attention is refused
@@ -34,6 +38,7 @@ through transformers' GenerationMixin; beam search reorders it (_reorder_cache).
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -47,12 +52,20 @@ from transformers.utils import logging
 
 from megatrain.hf.format import build_for_task, to_hf_key
 from megatrain.hf.remote.configuration_mega import MegaConfig
+from megatrain.model.attention import MovingAverageGatedAttention, RotaryRelativeBias, SimpleRelativeBias
+from megatrain.model.ema import MultiDimDampedEMA
+from megatrain.model.layers import BatchNorm, LayerNorm, RMSNorm, ScaleNorm
 from megatrain.model.heads import MegaModelWithPooler
 from megatrain.model.backbone import MegaCache
 from megatrain.ops.attention import chunk_attention
+from megatrain.model.pieces import PIECES
 from megatrain.parallel.checkpointing import CheckpointPolicy, apply_checkpointing
 
 logger = logging.get_logger(__name__)
+try:  # transformers >= 4.52: the per-layer checkpointing protocol (Trainer, PEFT and 5.x's tests find these layers)
+    from transformers.modeling_layers import GradientCheckpointingLayer
+except ImportError:
+    GradientCheckpointingLayer = None
 _TF_MAJOR = int(transformers.__version__.split(".")[0])
 _EMBEDDING = "mega.embedding_layer.word_embeddings.weight"
 
@@ -80,8 +93,55 @@ def _init_zeros(t: torch.Tensor) -> None:
             t.zero_()
 
 
+def _init_ones(t: torch.Tensor) -> None:
+    try:
+        from transformers import initialization as init
+        init.ones_(t)
+    except ImportError:
+        with torch.no_grad():
+            t.fill_(1.0)
+
+
+def _init_as_megatrain(owner: nn.Module, name: str, t: torch.Tensor, std: float) -> None:
+    """Tensor `name` of megatrain module `owner` as megatrain.model.backbone.init_weights_ starts it (the qk
+    weights and relative biases normal(0, std), the qk bias zero) or as the norms are built (identity)."""
+    if isinstance(owner, MovingAverageGatedAttention) and name in ("qk_weight", "qk_bias"):
+        (_init_normal(t, std) if name == "qk_weight" else _init_zeros(t))
+    elif isinstance(owner, (RotaryRelativeBias, SimpleRelativeBias)):
+        _init_normal(t, std)
+    elif isinstance(owner, (ScaleNorm, RMSNorm, LayerNorm, BatchNorm)):
+        (_init_zeros(t) if name == "bias" else _init_ones(t))
+
+
 class _Names(nn.Module):
     """A transformers-named container: modules and tensors re-homed from megatrain (see the module docstring)."""
+
+
+if GradientCheckpointingLayer is not None:
+    class _CheckpointingNames(_Names, GradientCheckpointingLayer):
+        """The transformers-named container of one megatrain MegaBlock, as a GradientCheckpointingLayer: the block's
+        forward runs through it (see _as_checkpointing_layer), so transformers' checkpoint function, hooks on the
+        layer and every_n_layers act on the layer transformers sees."""
+
+        def forward(self, *args, **kwargs):
+            return self._block_forward(*args, **kwargs)
+else:
+    _CheckpointingNames = None
+
+
+def _as_checkpointing_layer(holder: nn.Module, block: nn.Module) -> Optional[nn.Module]:
+    """Make `holder` (the module at transformers' `layers.i`) the GradientCheckpointingLayer through which megatrain's
+    `block` runs: the block's forward calls the holder, whose (checkpointed) forward is the block's own. Returns the
+    holder (None without GradientCheckpointingLayer: transformers < 4.52)."""
+    if _CheckpointingNames is None:
+        return None
+    if holder is block or not isinstance(holder, _Names):  # re-homed as it is: nothing to route through
+        raise RuntimeError("megatrain's MegaBlock is expected under a transformers-named container (_rehome)")
+    if not isinstance(holder, _CheckpointingNames):
+        holder.__class__ = _CheckpointingNames
+        object.__setattr__(holder, "_block_forward", functools.partial(type(block).forward, block))
+        block.forward = lambda *args, **kwargs: holder(*args, **kwargs)
+    return holder
 
 
 def _rehome(hf_root: nn.Module, mt_root: nn.Module, hf_name: Callable[[str], str], skip: tuple = ()) -> list:
@@ -198,7 +258,8 @@ class MegaPreTrainedModel(PreTrainedModel):
         # megatrain's modules initialised everything else when built
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
-            _init_normal(module.weight, std)
+            if module.weight is not self.get_input_embeddings().weight:  # a tied head: initialised as the embedding
+                _init_normal(module.weight, std)
             if module.bias is not None:
                 _init_zeros(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -206,6 +267,42 @@ class MegaPreTrainedModel(PreTrainedModel):
             if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
                 with torch.no_grad():
                     module.weight[module.padding_idx].zero_()
+        elif isinstance(module, MultiDimDampedEMA):
+            # the EMA's own init (megatrain.model.ema), unless its tensors were loaded (5.x flags each tensor;
+            # 4.x does not call this for a module it loaded)
+            if not any(getattr(p, "_is_hf_initialized", False) for p in module.parameters(recurse=False)):
+                c = self.config
+                module.reset_parameters(c.ema_delta_alpha_range, c.ema_beta_range, c.ema_gamma_omega_range)
+        else:
+            # megatrain's other tensors, wherever they are registered: on their own module, or re-homed into a
+            # transformers-named container (_rehome: the bindings name their megatrain owner)
+            owners = self._tensor_owners()
+            for name, t in module.named_parameters(recurse=False):
+                owner, leaf = owners.get((id(module), name), (module, name))
+                _init_as_megatrain(owner, leaf, t, std)
+
+    def _tensor_owners(self) -> dict:
+        """(id(transformers holder), name) -> (megatrain module, name) for every re-homed tensor of this model."""
+        cached = self.__dict__.get("_owners")
+        if cached is None:
+            cached = {(id(hf_owner), hf_leaf): (mt_owner, mt_leaf)
+                      for m in self.modules() if isinstance(m, MegaPreTrainedModel)
+                      for kind, mt_owner, mt_leaf, hf_owner, hf_leaf in m._bindings if kind == "p"}
+            self.__dict__["_owners"] = cached
+        return cached
+
+    def mark_tied_weights_as_initialized(self, loading_info):
+        # transformers 5.x (from_pretrained): it flags every tied target as initialised before initialising what
+        # the checkpoint lacked. Here a tied head and the embedding are one Parameter from construction on
+        # (megatrain's tie), so the flag would mark a missing embedding as loaded: give the target its own tensor
+        # first (tie_weights, right after, ties them again)
+        for target, source in (getattr(self, "all_tied_weights_keys", None) or {}).items():
+            t = self.get_parameter(target)
+            if t is self.get_parameter(source):
+                holder, _, leaf = target.rpartition(".")
+                self.get_submodule(holder).register_parameter(
+                    leaf, nn.Parameter(torch.empty_like(t), requires_grad=t.requires_grad))
+        return super().mark_tied_weights_as_initialized(loading_info)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -220,16 +317,32 @@ class MegaPreTrainedModel(PreTrainedModel):
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None,
                                     every_n_layers: int = 1) -> None:
-        # megatrain checkpoints natively (each layer, the EMA and the FFN nested: parallel/checkpointing.py);
-        # transformers' checkpoint function is not used (megatrain's is non-reentrant torch.utils.checkpoint too)
-        if enable and every_n_layers != 1:
-            raise NotImplementedError(f"every_n_layers={every_n_layers}: megatrain checkpoints every layer (1)")
+        # each layer through transformers' checkpoint function (its gradient_checkpointing_kwargs apply; the layers
+        # are GradientCheckpointingLayers), the EMA and the FFN inside it nested through megatrain's own runner
+        # (parallel/checkpointing.py, non-reentrant torch.utils.checkpoint), applied from outside the model as the
+        # trainer applies it. Without GradientCheckpointingLayer (transformers < 4.52) megatrain's runner does all.
+        from torch.utils.checkpoint import checkpoint
+        func = gradient_checkpointing_func or functools.partial(checkpoint, use_reentrant=False)
         for m in self.modules():
             if isinstance(m, MegaPreTrainedModel):
                 m.gradient_checkpointing = enable
-        # applied from outside the model, as the trainer applies it (the model itself never reads the flag)
+        layers = [m for m in self.modules() if _CheckpointingNames is not None and isinstance(m, _CheckpointingNames)]
+        if any(isinstance(m, BatchNorm) for m in self._mt.modules()):
+            # a recompute by transformers' function would count the batch in the running statistics twice;
+            # megatrain's runner does not (BatchNorm.update_stats): it checkpoints the layers too
+            for layer in layers:
+                layer.gradient_checkpointing = False
+            layers = []
+        for i, layer in enumerate(layers):
+            layer.gradient_checkpointing = enable and i % every_n_layers == 0
+            layer._gradient_checkpointing_func = func
+        if enable and every_n_layers != 1 and not layers:
+            raise NotImplementedError(f"every_n_layers={every_n_layers}: megatrain's runner checkpoints every layer "
+                                      "(1); others need transformers' GradientCheckpointingLayer (>= 4.52) and no "
+                                      "batchnorm")
         self._mt.config.gradient_checkpointing = enable
-        apply_checkpointing(self._mt, CheckpointPolicy() if enable else None)
+        pieces = frozenset(p for p in PIECES if not (layers and p == "layer"))
+        apply_checkpointing(self._mt, CheckpointPolicy(pieces=pieces) if enable else None)
 
     def _run(self, input_ids, inputs_embeds, output_hidden_states, output_attentions, call):
         """call(input_ids) under the hooks: (its result, the hidden states or None, the attentions or None)."""
@@ -261,9 +374,11 @@ class MegaModel(MegaPreTrainedModel):
         self._hidden: Optional[list] = None
         self._attn: Optional[list] = None
         self._embeds: Optional[list] = None
+        self._length = 0
         backbone_mt = mt.mega
         backbone_mt.embeddings.register_forward_hook(self._record(0))
         for i, layer in enumerate(backbone_mt.layers):
+            _as_checkpointing_layer(self.get_submodule(f"layers.{i}"), layer)
             layer.register_forward_hook(self._record(i + 1))
             self._observe_attention(i, layer.attn)
         backbone_mt.embeddings.word_embeddings.register_forward_hook(self._substitute)
@@ -283,8 +398,17 @@ class MegaModel(MegaPreTrainedModel):
     # ---- observation hooks (see the module docstring) ----
     def _record(self, index: int):
         def hook(module, args, output):
-            if self._hidden is not None and torch.is_tensor(output):
-                self._hidden[index].append(output)
+            if self._hidden is None or not torch.is_tensor(output):
+                return None
+            n = self._length
+            if output.shape[1] > n:
+                # megatrain's chunk padding: the real positions are recorded and what follows is computed from
+                # them (a gradient reaches the returned hidden state, as in transformers' MEGA: retain_grad works)
+                real = output[:, :n]
+                self._hidden[index].append(real)
+                return torch.cat([real, output[:, n:]], dim=1)
+            self._hidden[index].append(output)
+            return None
         return hook
 
     def _observe_attention(self, index: int, attn: nn.Module) -> None:
@@ -294,13 +418,20 @@ class MegaModel(MegaPreTrainedModel):
                                "output_attentions needs it (megatrain/hf/remote/modeling_mega.py)")
 
         def attend(q, k, v, bias, **mask):
-            if self._attn is not None:
-                # probs @ I = probs: the one attention op, on an identity value matrix (no dropout: transformers
-                # returns the probabilities before it)
-                eye = torch.eye(k.shape[-2], dtype=q.dtype, device=q.device).expand(*k.shape[:-1], k.shape[-2])
-                self._attn[index].append(chunk_attention(q, k, eye, bias, scale=attn.scaling,
-                                                         activation=attn.attn_act_name, **mask))
-            return inner(q, k, v, bias, **mask)
+            if self._attn is None:
+                return inner(q, k, v, bias, **mask)
+            # probs @ I = probs: the one attention op, on an identity value matrix (no dropout: transformers
+            # returns the probabilities before it)
+            eye = torch.eye(k.shape[-2], dtype=q.dtype, device=q.device).expand(*k.shape[:-1], k.shape[-2])
+            probs = chunk_attention(q, k, eye, bias, scale=attn.scaling, activation=attn.attn_act_name, **mask)
+            self._attn[index].append(probs)
+            if not (torch.is_grad_enabled() and probs.requires_grad):
+                return inner(q, k, v, bias, **mask)  # the op itself: its numbers exactly
+            # under autograd the output is computed from the very probabilities returned, so that a gradient
+            # reaches them (retain_grad, losses on attentions), as in transformers' eager attention: the same
+            # computation as inner's (its dropouts on the probabilities and on the values), written out
+            p = attn.attention_dropout.p if attn.training else 0.0
+            return torch.matmul(nn.functional.dropout(probs, p) if p else probs, attn.hidden_dropout(v))
 
         attn._attend = attend  # an instance attribute: this model's attention modules only
 
@@ -322,6 +453,7 @@ class MegaModel(MegaPreTrainedModel):
             input_ids = torch.full(inputs_embeds.shape[:2], pad, dtype=torch.long, device=inputs_embeds.device)
             self._embeds = [inputs_embeds, 0]
         n = len(self._mt.mega.layers)
+        self._length = input_ids.shape[1]
         self._hidden = [[] for _ in range(n + 1)] if hidden else None
         self._attn = [[] for _ in range(n)] if attentions else None
         try:
@@ -329,7 +461,9 @@ class MegaModel(MegaPreTrainedModel):
             states = probs = None
             if hidden:
                 length = input_ids.shape[1]
-                states = tuple(torch.cat(parts, dim=1)[:, -length:] if len(parts) > 1 else parts[0][:, :length]
+                # one piece: the very tensor the next layer took (see _record); a cached prompt that ran in
+                # two pieces: joined
+                states = tuple(torch.cat(parts, dim=1)[:, -length:] if len(parts) > 1 else parts[0]
                                for parts in self._hidden)
             if attentions:  # one entry per attention call (a cached prompt may run in two pieces: the last)
                 probs = tuple(parts[-1] for parts in self._attn)
@@ -363,12 +497,20 @@ class MegaForCausalLM(MegaPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None, labels=None,
                 past_key_values=None, use_cache=None, output_attentions=None, output_hidden_states=None,
-                return_dict=None, encoder_hidden_states=None, **kwargs):
+                return_dict=None, encoder_hidden_states=None, shift_labels=None, **kwargs):
         self._refuse(encoder_hidden_states)
         cache = past_key_values if isinstance(past_key_values, MegaCache) else None
         mt = self._megatrain()
+        if cache is None and use_cache is True:
+            # asked for explicitly (not from config.use_cache: a plain forward stays the one whole-sequence pass):
+            # a fresh cache, filled by this forward and returned to continue from
+            cache = mt.new_cache()
+        # shift_labels (transformers 5.x: targets already aligned with the logits, as sequence-parallel trainers
+        # pass them) are megatrain's labels_shifted; they take the place of labels
+        target = labels if shift_labels is None else shift_labels
         out, states, probs = self._run(input_ids, inputs_embeds, output_hidden_states, output_attentions,
-                                       lambda ids: mt(ids, attention_mask, token_type_ids, labels=labels, cache=cache))
+                                       lambda ids: mt(ids, attention_mask, token_type_ids, labels=target, cache=cache,
+                                                      labels_shifted=shift_labels is not None))
         res = CausalLMOutputWithPast(loss=out.loss, logits=out.logits, past_key_values=cache, hidden_states=states,
                                      attentions=probs)
         return res if _return_dict(return_dict, self.config) else res.to_tuple()
@@ -465,12 +607,18 @@ class MegaForMultipleChoice(MegaPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None, labels=None,
                 output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
-        if inputs_embeds is not None:
-            raise NotImplementedError("MegaForMultipleChoice: inputs_embeds is not supported; pass input_ids")
+        given = input_ids if input_ids is not None else inputs_embeds
+        if given is None or given.dim() != (3 if input_ids is not None else 4):
+            raise ValueError("MegaForMultipleChoice: give input_ids [batch, choices, length] or inputs_embeds "
+                             "[batch, choices, length, hidden]")
+        choices = given.shape[:3]
         mt = self._megatrain()
-        out, states, probs = self._run(input_ids.reshape(-1, input_ids.shape[-1]), None, output_hidden_states,
-                                       output_attentions,
-                                       lambda ids: mt(input_ids, attention_mask, token_type_ids, labels=labels))
+        # each choice is one row of the backbone: the rows' embeddings replace theirs (MegaModel._substitute)
+        out, states, probs = self._run(
+            None if input_ids is None else input_ids.reshape(-1, choices[-1]),
+            None if inputs_embeds is None else inputs_embeds.reshape(-1, *inputs_embeds.shape[2:]),
+            output_hidden_states, output_attentions,
+            lambda ids: mt(ids.reshape(choices), attention_mask, token_type_ids, labels=labels))
         res = MultipleChoiceModelOutput(loss=out.loss, logits=out.logits, hidden_states=states, attentions=probs)
         return res if _return_dict(return_dict, self.config) else res.to_tuple()
 
