@@ -89,9 +89,11 @@ def test_block_mask_memo_sees_in_place_writes(count_block_masks):
 
 
 @pytest.mark.slow
+# as on CUDA: shapes static. Through dynamo's own patch, not monkeypatch: monkeypatch's undo on torch's config module
+# deleted the key ("torch._dynamo.config.automatic_dynamic_shapes does not exist" in every later compile)
+@torch._dynamo.config.patch(automatic_dynamic_shapes=False)
 def test_compiled_forward_matches_pytorch_path_and_never_recompiles(triton_interpreter, monkeypatch):
     monkeypatch.setenv("MEGATRAIN_FLEX_COMPILE", "inductor")
-    monkeypatch.setattr(torch._dynamo.config, "automatic_dynamic_shapes", False)  # as on CUDA: shapes static
     flex_path._compiled_flex.cache_clear()
     torch._dynamo.reset()
 
