@@ -37,7 +37,6 @@ through transformers' GenerationMixin; beam search reorders it (_reorder_cache).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Callable, Optional
 
@@ -75,42 +74,27 @@ def _tied_keys(head: str):
     return {f"{head}.weight": _EMBEDDING} if _TF_MAJOR >= 5 else [f"{head}.weight"]
 
 
-def _init_normal(t: torch.Tensor, std: float) -> None:
-    try:  # transformers 5.x: skips tensors it has loaded
-        from transformers import initialization as init
-        init.normal_(t, mean=0.0, std=std)
-    except ImportError:  # 4.x calls _init_weights only for modules with missing weights
-        with torch.no_grad():
-            t.normal_(0.0, std)
-
-
-def _init_zeros(t: torch.Tensor) -> None:
+def _init(t: torch.Tensor, fn: str, **kw) -> None:
+    """torch.nn.init's `fn` ("normal_", "zeros_", "ones_") on `t`; in transformers 5.x its own guarded twin, which
+    skips tensors it has loaded (4.x calls _init_weights only for modules with missing weights)."""
     try:
         from transformers import initialization as init
-        init.zeros_(t)
     except ImportError:
-        with torch.no_grad():
-            t.zero_()
-
-
-def _init_ones(t: torch.Tensor) -> None:
-    try:
-        from transformers import initialization as init
-        init.ones_(t)
-    except ImportError:
-        with torch.no_grad():
-            t.fill_(1.0)
+        init = torch.nn.init
+    getattr(init, fn)(t, **kw)
 
 
 def _init_as_megatrain(owner: nn.Module, name: str, t: torch.Tensor, std: float) -> None:
     """Tensor `name` of megatrain module `owner` as megatrain.model.backbone.init_weights_ starts it (the qk
     weights and relative biases normal(0, std), the qk bias zero) or as the norms are built (identity)."""
-    if isinstance(owner, MovingAverageGatedAttention) and name in ("qk_weight", "qk_bias"):
-        (_init_normal(t, std) if name == "qk_weight" else _init_zeros(t))
+    if isinstance(owner, MovingAverageGatedAttention) and name == "qk_weight":
+        _init(t, "normal_", std=std)
+    elif isinstance(owner, MovingAverageGatedAttention) and name == "qk_bias":
+        _init(t, "zeros_")
     elif isinstance(owner, (RotaryRelativeBias, SimpleRelativeBias)):
-        _init_normal(t, std)
+        _init(t, "normal_", std=std)
     elif isinstance(owner, (ScaleNorm, RMSNorm, LayerNorm, BatchNorm)):
-        (_init_zeros(t) if name == "bias" else _init_ones(t))
+        _init(t, "zeros_" if name == "bias" else "ones_")
 
 
 class _Names(nn.Module):
@@ -259,11 +243,11 @@ class MegaPreTrainedModel(PreTrainedModel):
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
             if module.weight is not self.get_input_embeddings().weight:  # a tied head: initialised as the embedding
-                _init_normal(module.weight, std)
+                _init(module.weight, "normal_", std=std)
             if module.bias is not None:
-                _init_zeros(module.bias)
+                _init(module.bias, "zeros_")
         elif isinstance(module, nn.Embedding):
-            _init_normal(module.weight, std)
+            _init(module.weight, "normal_", std=std)
             if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
                 with torch.no_grad():
                     module.weight[module.padding_idx].zero_()
