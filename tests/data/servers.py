@@ -18,6 +18,7 @@ import collections
 import contextlib
 import http.server
 import os
+import socket
 import threading
 
 from megatrain.parallel.env import free_port
@@ -44,6 +45,17 @@ class Faults:
             f = q.popleft().split("@")[0]
             self.hits.append((name, f))
             return f
+
+
+def _send_body(handler: http.server.BaseHTTPRequestHandler, body: bytes, drop: bool) -> None:
+    """A response's body; `drop`: the connection dies mid-body (half the promised bytes, then a closed socket)."""
+    if not drop:
+        handler.wfile.write(body)
+        return
+    handler.wfile.write(body[:len(body) // 2])
+    handler.wfile.flush()
+    handler.close_connection = True
+    handler.connection.shutdown(socket.SHUT_RDWR)
 
 
 def _handler(root: str, faults: Faults):
@@ -86,14 +98,7 @@ def _handler(root: str, faults: Faults):
             self.end_headers()
             if head:
                 return
-            if fault == "drop":  # the connection dies mid-body: half the promised bytes, then a closed socket
-                self.wfile.write(body[:len(body) // 2])
-                self.wfile.flush()
-                self.close_connection = True
-                import socket
-                self.connection.shutdown(socket.SHUT_RDWR)
-                return
-            self.wfile.write(body)
+            _send_body(self, body, drop=fault == "drop")
 
         def do_GET(self):
             self._serve(head=False)
@@ -127,7 +132,6 @@ def _s3_fault_proxy(upstream: str, faults: Faults):
     path, query, headers and body) and answers from `faults` by object key instead -- "503": S3's throttling error
     (SlowDown, the XML body real S3 sends), "drop": the promised Content-Length, half the body, a closed socket."""
     import http.client
-    import socket
     import urllib.parse
 
     up = urllib.parse.urlsplit(upstream)
@@ -183,13 +187,7 @@ def _s3_fault_proxy(upstream: str, faults: Faults):
             self.end_headers()
             if self.command == "HEAD":
                 return
-            if fault == "drop":
-                self.wfile.write(data[:len(data) // 2])
-                self.wfile.flush()
-                self.close_connection = True
-                self.connection.shutdown(socket.SHUT_RDWR)
-                return
-            self.wfile.write(data)
+            _send_body(self, data, drop=fault == "drop")
 
         do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
 
