@@ -82,9 +82,8 @@ class CheckpointRunner:
 
         def run(*a):
             # the first call is the forward; any later one is backward recomputing the piece. Told apart here,
-            # not by checkpoint's context_fn: a custom context_fn is refused when the recompute runs under a
-            # tracing mode (eager FlexAttention's backward traces its graph while unpacking saved tensors, and
-            # that unpacking is what triggers the recompute), tests/ops/test_flex_compiled.py
+            # not by checkpoint's context_fn: a custom context_fn is refused under torch.compile (dynamo, and AOT
+            # autograd's proxy-mode trace): tests/parallel/test_checkpointing.py::test_torch_compile
             nonlocal calls
             calls += 1
             if calls == 1:
