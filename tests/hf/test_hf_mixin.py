@@ -19,6 +19,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from tests.hf import tf_tests
+from tests.hf.tf5 import installed_version
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SUITE = os.path.join(ROOT, "tests", "hf", "mixin_suite.py")
@@ -54,11 +55,6 @@ def _names(results: dict, cls: str, outcome: str) -> set:
             if c == cls and o == outcome}
 
 
-def _python_version(python: str) -> str:
-    return subprocess.run([python, "-c", "import transformers; print(transformers.__version__)"],
-                          capture_output=True, text=True, check=True, timeout=300).stdout.strip()
-
-
 def test_export_passes_every_mixin_test_native_mega_passes(tmp_path):
     import transformers
     if not hasattr(transformers, "MegaModel"):
@@ -78,7 +74,7 @@ def test_export_passes_every_mixin_test_native_mega_passes(tmp_path):
 def test_export_passes_the_mixin_under_transformers_5(tmp_path):
     from tests.hf.tf5 import tf5_python_for_test
     py = tf5_python_for_test()
-    res = run_suite(py, _python_version(py), tmp_path, select="Export or Generation")
+    res = run_suite(py, installed_version(py), tmp_path, select="Export or Generation")
     failed = sorted(_names(res, "MegaExportModelTest", "failed") | _names(res, "MegaGenerationTest", "failed"))
     assert len(_names(res, "MegaExportModelTest", "passed")) >= MIN_PASSED, res["__log__"]
     assert len(_names(res, "MegaGenerationTest", "passed")) >= 5, res["__log__"]
@@ -134,10 +130,10 @@ def test_fetch_placeholders_what_the_sdist_lacks_and_skips_only_an_unreachable_r
     def pip(stderr):
         return lambda *a, **k: sp.CompletedProcess(a, 1, "", stderr)
     monkeypatch.setenv("MEGATRAIN_TF_TESTS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(tf_tests.subprocess, "run", pip("ERROR: Could not find a version ... NewConnectionError: "
+    monkeypatch.setattr(sp, "run", pip("ERROR: Could not find a version ... NewConnectionError: "
                                                         "Failed to establish a new connection\n"))
     with pytest.raises(pytest.skip.Exception, match="unreachable"):
         tf_tests.tests_dir_for_test("4.57.6")
-    monkeypatch.setattr(tf_tests.subprocess, "run", pip("ERROR: No matching distribution found for transformers\n"))
+    monkeypatch.setattr(sp, "run", pip("ERROR: No matching distribution found for transformers\n"))
     with pytest.raises(pytest.fail.Exception, match="No matching distribution"):
         tf_tests.tests_dir_for_test("4.57.6")

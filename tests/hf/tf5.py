@@ -62,7 +62,8 @@ def venv_dir() -> str:
     return os.path.join(cache, "megatrain", "tf5")
 
 
-def _version(py: str):
+def installed_version(py: str):
+    """transformers' version in interpreter `py` (None: not importable)."""
     p = subprocess.run([py, "-c", "import transformers; print(transformers.__version__)"], capture_output=True,
                        text=True, timeout=120)
     return p.stdout.strip() if p.returncode == 0 else None
@@ -107,7 +108,7 @@ def tf5_python(create: bool = True) -> str:
     py = os.path.join(d, "bin", "python")
     if os.path.exists(py) and create:
         link_parent_site(d)
-    v = _version(py) if os.path.exists(py) else None
+    v = installed_version(py) if os.path.exists(py) else None
     missing = _missing(py) if v and v.startswith("5.") else None
     if missing == []:
         return py
@@ -116,15 +117,8 @@ def tf5_python(create: bool = True) -> str:
         raise Unavailable(f"{what} (create it: python -m tests.hf.tf5)")
     if not os.path.exists(py):
         create_venv(d)
-    p = subprocess.run([py, "-m", "pip", "install", "-q", "--retries", "2", *REQUIREMENTS], capture_output=True,
-                       text=True, timeout=900)
-    if p.returncode != 0:
-        last = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}"
-        if _UNREACHABLE.search(p.stderr):
-            raise RegistryUnreachable(f"pip install '{REQUIREMENT}' into {d}: the package registry is unreachable "
-                                      f"({last})")
-        raise Unavailable(f"pip install '{REQUIREMENT}' into {d} failed: {last}")
-    v = _version(py)
+    run_pip(py, ["install", "-q", "--retries", "2", *REQUIREMENTS], f"pip install '{REQUIREMENT}' into {d}")
+    v = installed_version(py)
     if not (v and v.startswith("5.")):
         raise Unavailable(f"{d}: transformers {v} is not 5.x")
     if _missing(py):
@@ -132,14 +126,30 @@ def tf5_python(create: bool = True) -> str:
     return py
 
 
-def tf5_python_for_test() -> str:
+def run_pip(py: str, args: list, what: str) -> None:
+    """`py -m pip ARGS`; on failure RegistryUnreachable (the index could not be reached) or Unavailable, each
+    naming `what` and pip's last line (also used by tests/hf/tf_tests.py)."""
+    p = subprocess.run([py, "-m", "pip", *args], capture_output=True, text=True, timeout=900)
+    if p.returncode != 0:
+        last = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}"
+        if _UNREACHABLE.search(p.stderr):
+            raise RegistryUnreachable(f"{what}: the package registry is unreachable ({last})")
+        raise Unavailable(f"{what} failed: {last}")
+
+
+def for_test(make, *args):
+    """make(*args) inside a test: an unreachable registry skips it (with pip's reason), any other failure fails."""
     import pytest
     try:
-        return tf5_python()
+        return make(*args)
     except RegistryUnreachable as e:
         pytest.skip(str(e))
     except Unavailable as e:
         pytest.fail(str(e), pytrace=False)
+
+
+def tf5_python_for_test() -> str:
+    return for_test(tf5_python)
 
 
 if __name__ == "__main__":

@@ -26,13 +26,12 @@ import glob
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
 import time
 
-from tests.hf.tf5 import _UNREACHABLE, RegistryUnreachable, Unavailable
+from tests.hf.tf5 import Unavailable, for_test, run_pip
 
 PACKAGE = "transformers_tests"
 _VERSION = r"[0-9][0-9A-Za-z.+-]*"
@@ -120,13 +119,8 @@ def tests_dir(version: str | None = None, create: bool = True) -> str:
         raise Unavailable(f"no transformers {version} tests at {d} (fetch them: python -m tests.hf.tf_tests {version})")
     with tempfile.TemporaryDirectory() as tmp:
         req = f"transformers=={version}"
-        p = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--retries", "2", "--no-deps",
-                            "--no-binary", ":all:", req, "-d", tmp], capture_output=True, text=True, timeout=900)
-        if p.returncode != 0:
-            last = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}"
-            if _UNREACHABLE.search(p.stderr):
-                raise RegistryUnreachable(f"pip download {req} (sdist): the package registry is unreachable ({last})")
-            raise Unavailable(f"pip download {req} (sdist) failed: {last}")
+        run_pip(sys.executable, ["download", "-q", "--retries", "2", "--no-deps", "--no-binary", ":all:", req,
+                                 "-d", tmp], f"pip download {req} (sdist)")
         tars = glob.glob(os.path.join(tmp, "*.tar.gz"))
         if len(tars) != 1:
             raise Unavailable(f"pip download {req}: expected one sdist, got {os.listdir(tmp)}")
@@ -154,13 +148,7 @@ def tests_dir(version: str | None = None, create: bool = True) -> str:
 
 
 def tests_dir_for_test(version: str | None = None) -> str:
-    import pytest
-    try:
-        return tests_dir(version)
-    except RegistryUnreachable as e:
-        pytest.skip(str(e))
-    except Unavailable as e:
-        pytest.fail(str(e), pytrace=False)
+    return for_test(tests_dir, version)
 
 
 if __name__ == "__main__":
@@ -172,9 +160,10 @@ if __name__ == "__main__":
     try:
         version = args[0] if args else None
         if version == "--tf5":
-            from tests.hf.tf5 import tf5_python
-            version = subprocess.run([tf5_python(), "-c", "import transformers; print(transformers.__version__)"],
-                                     capture_output=True, text=True, check=True, timeout=300).stdout.strip()
+            from tests.hf.tf5 import installed_version, tf5_python
+            version = installed_version(tf5_python())
+            if version is None:
+                raise Unavailable("the transformers 5.x venv cannot import transformers")
         if version and not re.fullmatch(_VERSION, version):
             print(f"error: not a transformers version: {version!r}", file=sys.stderr)
             sys.exit(2)
