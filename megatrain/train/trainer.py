@@ -359,7 +359,7 @@ def main(argv=None) -> int:
 
     Every rank finds the same bad input, so only rank 0 prints its one line; the rank comes from the launcher's
     environment (discover), known before any process group exists, and the other ranks exit 2 silently."""
-    configure_host_allocator()  # first: glibc's settings for long-context host memory (megatrain/host_alloc.py)
+    configure_host_allocator()  # first (launch/pretrain.py did it before importing torch): megatrain/host_alloc.py
     try:
         env = discover()
     except ValueError as e:  # a broken launcher environment: no rank to go by, each process says it
