@@ -13,8 +13,9 @@ dropout 0), gradient checkpointing on, segmented layers (`--segment-size`, MegaC
 peak (HF_BYTES_PER_TOKEN) fits `--budget-gb`. Every measurement is its own subprocess (its `ru_maxrss` is that
 run's peak RSS) under an address-space limit of `--budget-gb`, so a run that does not fit is recorded as out of
 memory instead of waking the kernel's OOM killer. `--allocator process` (the default) measures what a user's
-process gets: no MALLOC_* variable, and megatrain's own glibc settings applied by the process itself at start
-(megatrain/host_alloc.py, as launch/pretrain.py does: freed large tensors go back to the kernel); `--allocator glibc`
+process gets: no MALLOC_* variable, and megatrain's own choice applied by the process itself at start
+(megatrain/host_alloc.py, as launch/pretrain.py does: tcmalloc where the system has it, else glibc's malloc set so
+that freed large tensors go back to the kernel; MEGATRAIN_MALLOC=system measures the latter); `--allocator glibc`
 leaves glibc's defaults (its dynamic mmap threshold lets 1-32 MiB tensors fragment the arenas), `--allocator env64k`
 is the old `MALLOC_MMAP_THRESHOLD_=64 KiB` environment setting.
 Output: a table, one JSON object (`--out`, plus the PNG plot next to it: peak RSS and tokens/s against L, both
@@ -91,15 +92,23 @@ def parse_args(argv=None):
     return a
 
 
+# the user's variables that change host allocation, recorded with the results (a preloaded malloc, PyTorch's THP)
+ALLOCATOR_ENV = ("LD_PRELOAD", "MEGATRAIN_MALLOC", "THP_MEM_ALLOC_ENABLE", "GLIBC_TUNABLES")
+
+
 # ---------------------------------------------------------------- one measurement (subprocess)
 
 def worker(a) -> dict:
+    sys.path.insert(0, ROOT)
+    if a.allocator == "process":   # as launch/pretrain.py: tcmalloc where installed (a re-exec of this worker)
+        from megatrain.host_alloc import preload_fast_malloc
+        preload_fast_malloc()
     limit = int(a.budget_gb * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    sys.path.insert(0, ROOT)
-    if a.allocator == "process":  # first, as launch/pretrain.py does it: before any large allocation
+    applied = {}
+    if a.allocator == "process":  # first, as launch/pretrain.py does it: before torch allocates anything
         from megatrain.host_alloc import DEFAULT_MMAP_THRESHOLD, configure_host_allocator
-        configure_host_allocator(a.mmap_threshold or DEFAULT_MMAP_THRESHOLD)
+        applied = configure_host_allocator(a.mmap_threshold or DEFAULT_MMAP_THRESHOLD)
     import torch
     torch.set_num_threads(a.threads)
     if a.worker == "hf":
@@ -137,7 +146,8 @@ def worker(a) -> dict:
             raise
         return dict(status=f"out of memory (> {a.budget_gb:g} GB)", loaded_rss_mb=loaded, peak_rss_mb=_peak_rss_mb())
     tokens = a.steps * a.seq_len
-    return dict(status="ok", loss0=losses[0], loaded_rss_mb=loaded,
+    return dict(status="ok", loss0=losses[0], loaded_rss_mb=loaded, host_alloc=applied,
+                malloc=os.environ.get("LD_PRELOAD") or "glibc",
                 peak_rss_mb=_peak_rss_mb(), tokens_per_s=tokens / wall, tokens_per_cpu_s=tokens / cpu,
                 step_s=wall / a.steps)
 
@@ -290,7 +300,8 @@ def main(argv=None) -> None:
                     config=dict(HF_CONFIG, gradient_checkpointing=True, segment_size=a.segment_size),
                     warmup=a.warmup, steps=a.steps, budget_gb=a.budget_gb,
                     allocator=a.allocator, mmap_threshold=a.mmap_threshold,
-                    malloc_env=LIVE_MEMORY_ENV if a.allocator == "env64k" else None)
+                    malloc_env=LIVE_MEMORY_ENV if a.allocator == "env64k" else None,
+                    env={k: os.environ[k] for k in ALLOCATOR_ENV if k in os.environ})
     fit = per_token(results)
     report = dict(meta, results=results, per_token=fit, goals=goals(results, fit, max_fit))
     print(table(results))

@@ -12,8 +12,9 @@ import sys
 if __package__ in (None, ""):  # run as a script from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatrain.host_alloc import configure_host_allocator  # noqa: E402
+from megatrain.host_alloc import configure_host_allocator, preload_fast_malloc  # noqa: E402
 
+preload_fast_malloc()       # tcmalloc where the system has it: megatrain/host_alloc.py (a re-exec, so first)
 configure_host_allocator()  # before torch is imported: PyTorch reads THP_MEM_ALLOC_ENABLE at its first allocation
 from megatrain.parallel.env import exit_process  # noqa: E402
 from megatrain.train.trainer import main  # noqa: E402

@@ -1,7 +1,15 @@
-"""glibc malloc settings a training process applies to itself, so its host memory is what the benchmarks measured.
+"""Host malloc for a training process, applied by the process itself, so its memory is what the benchmarks measured.
 
-    from megatrain.host_alloc import configure_host_allocator
-    configure_host_allocator()          # at process start, before torch allocates (launch/pretrain.py, the benchmarks)
+    from megatrain.host_alloc import configure_host_allocator, preload_fast_malloc
+    preload_fast_malloc()               # first line of an entry point: re-execs under tcmalloc where it is installed
+    configure_host_allocator()          # then, before torch allocates (launch/pretrain.py, the benchmarks)
+
+The fastest bounded choice measured is tcmalloc (gperftools; `apt install libtcmalloc-minimal4`): at 131K tokens it
+peaks where the settings below do and steps as fast as glibc's unbounded defaults or faster (BENCHMARKS.md, "The
+memory a user's process gets"). No wheel ships it, so where the system has it the entry point re-execs itself with
+it in LD_PRELOAD (same PID and arguments: launchers do not notice); MEGATRAIN_MALLOC=system keeps glibc's malloc,
+MEGATRAIN_MALLOC=/path/lib.so preloads that library, and a user's own LD_PRELOAD is left alone. Without it, glibc's
+malloc with the settings below:
 
 Why: glibc serves an allocation from its heap arenas unless it is above the *mmap threshold*, and that threshold is
 dynamic: every freed mmap-ed chunk raises it to that chunk's size, up to 32 MiB on 64-bit. A long-context step frees
@@ -36,6 +44,39 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 DEFAULT_MMAP_THRESHOLD = 1 << 20   # bytes; see the module docstring and BENCHMARKS.md for the choice
 DEFAULT_TRIM_THRESHOLD = 32 << 20
 HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"   # read by PyTorch's CPU allocator (c10 alloc_cpu), not by glibc
+MALLOC_ENV = "MEGATRAIN_MALLOC"           # auto (unset) | system | the path of a malloc library to preload
+FAST_MALLOCS = ("tcmalloc_minimal", "tcmalloc")   # ctypes.util.find_library names, first found wins
+
+
+def malloc_choice() -> str | None:
+    """The library to preload (a soname or a path), or None for glibc's malloc; ValueError on a bad MEGATRAIN_MALLOC."""
+    choice = os.environ.get(MALLOC_ENV, "auto")
+    if choice == "system" or not sys.platform.startswith("linux"):
+        return None
+    if choice == "auto":
+        return next(filter(None, map(ctypes.util.find_library, FAST_MALLOCS)), None)
+    if not os.path.isfile(choice):
+        raise ValueError(f"{MALLOC_ENV}={choice!r}: no such file (expected auto, system or the path of a malloc "
+                         f"library such as /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4)")
+    return choice
+
+
+def preload_fast_malloc() -> None:
+    """Re-exec this process with the chosen malloc in LD_PRELOAD; returns when none is due (already preloaded, the
+    user's own LD_PRELOAD, none installed, MEGATRAIN_MALLOC=system) or the value is bad (the caller's validation
+    reports it: trainer.main says it once, exit 2). Call it before anything else starts: threads, files, torch."""
+    if "LD_PRELOAD" in os.environ:   # ours after the re-exec (so this runs once), or the user's: theirs wins
+        return
+    try:
+        lib = malloc_choice()
+    except ValueError:
+        return
+    if lib is None:
+        return
+    os.environ["LD_PRELOAD"] = lib
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, sys.orig_argv)   # orig_argv keeps the interpreter's own flags (deepspeed's -u)
 
 
 def configure_host_allocator(mmap_threshold: int = DEFAULT_MMAP_THRESHOLD,

@@ -108,6 +108,8 @@ CASES = [
     ("pretrain-unknown-key", PRE + " train.lrr=1", ["unknown config key 'train.lrr'"], ["{out}/run"]),
     ("pretrain-steps-lots", PRE + " train.max_steps=lots", ["train.max_steps", "'lots'"], ["{out}/run"]),
     ("pretrain-lanes-zero", PRE + " data.lanes=0", ["data.lanes=0"], ["{out}/run"]),
+    ("pretrain-malloc-missing", "env MEGATRAIN_MALLOC={w}/no/libtcmalloc.so " + PRE,
+     ["MEGATRAIN_MALLOC=", "no/libtcmalloc.so", "no such file", "auto, system"], ["{out}/run"]),
     ("pretrain-kernel-backend", PRE + " model.kernel_backend=cuda",
      ["kernel_backend='cuda'", "must be one of auto, torch, triton"], ["{out}/run"]),
     ("pretrain-missing-shards", PRE + " data.shards={w}/none/index.json", ["data.shards=", "no such file"],

@@ -4,6 +4,7 @@ them in fragmented arenas (the long-context step's 16 MiB segment tensors: 8.83 
 Run: python -m pytest -q tests/test_host_alloc.py
 """
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -91,3 +92,50 @@ def test_large_tensors_fault_in_huge_pages_unless_the_user_says_no():
     assert _huge_mb("configured") > 32                          # most of the 64 MiB tensor in 2 MiB pages
     assert _huge_mb("default") == 0                              # PyTorch alone does not madvise
     assert _huge_mb("configured", THP_MEM_ALLOC_ENABLE="0") == 0  # the user's explicit setting wins
+
+
+REEXEC_PROBE = textwrap.dedent("""
+    import json, os, runpy, sys
+    with open("/proc/self/maps") as f:   # before any import can load the library itself
+        mapped = f.read()
+    print("start", flush=True)   # printed once per exec: twice when the entry point re-execs itself
+    runpy.run_path("launch/pretrain.py", run_name="probe")
+    print(json.dumps({"argv": sys.argv[1:], "ld_preload": os.environ.get("LD_PRELOAD"),
+                      "mapped": [lib for lib in sys.argv[1:] if lib in mapped]}))
+""")
+
+
+def _a_preloadable_library() -> str:
+    """tcmalloc where installed (what the entry point picks by itself), else a harmless library the probe does not
+    load on its own (zlib): the mechanism is the same, LD_PRELOAD and a re-exec."""
+    import ctypes.util
+    import glob
+    for name in ("tcmalloc_minimal", "tcmalloc", "z"):
+        soname = ctypes.util.find_library(name)
+        for d in ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib/aarch64-linux-gnu",
+                  "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/lib64", "/usr/lib"):
+            if soname and glob.glob(os.path.join(d, soname)):
+                return os.path.realpath(os.path.join(d, soname))
+    pytest.skip("no shared library found to preload")
+
+
+def _reexec(**env) -> tuple:
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ".", **env}
+    lib = _a_preloadable_library()
+    p = subprocess.run([sys.executable, "-c", REEXEC_PROBE, lib], capture_output=True, text=True, timeout=120,
+                       env=env)
+    assert p.returncode == 0, p.stderr
+    return p.stdout.count("start"), json.loads(p.stdout.strip().splitlines()[-1]), lib
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD")
+def test_entry_point_reexecs_once_under_the_chosen_malloc():
+
+    starts, got, lib = _reexec(MEGATRAIN_MALLOC=_a_preloadable_library())   # or unset, where tcmalloc is installed
+    assert starts == 2, starts                      # one re-exec, not a loop
+    assert got["ld_preload"] == lib and got["mapped"] == [lib], got
+    assert got["argv"] == [lib]                      # the arguments survive the re-exec
+    starts, got, _ = _reexec(MEGATRAIN_MALLOC="system")
+    assert (starts, got["ld_preload"], got["mapped"]) == (1, None, []), got
+    starts, got, _ = _reexec(MEGATRAIN_MALLOC=lib, LD_PRELOAD="")   # the user's own LD_PRELOAD is left alone
+    assert (starts, got["ld_preload"], got["mapped"]) == (1, "", []), got
