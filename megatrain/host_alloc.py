@@ -21,10 +21,10 @@ many small tensors stay in the (fast) arenas. 64 KiB (the benchmarks' old MALLOC
 step time in page faults; the default here is measured in BENCHMARKS.md ("Long context"). The trim threshold is set
 with it so that freed arena tops return too.
 The price of handing memory back is the kernel's fault-and-zero of every fresh page on next touch (~0.4 s per GB in
-4 KiB pages; a long-context step at 131K tokens allocates ~100 GB of 1-64 MiB tensors): +32% step time measured.
+4 KiB pages; a long-context step at 131K tokens allocates ~100 GB of 1-64 MiB tensors): 1.3-1.7x glibc's step time.
 So the process also turns on PyTorch's own transparent-huge-page allocation (THP_MEM_ALLOC_ENABLE=1: tensors of
-2 MiB and more are madvise(MADV_HUGEPAGE)-d), which faults them in 2 MiB pages: ~0.12 s per GB, and the step is
-within 9% of glibc's defaults at the same bounded memory (BENCHMARKS.md, "The memory a user's process gets").
+2 MiB and more are madvise(MADV_HUGEPAGE)-d), which faults them in 2 MiB pages (~0.12 s per GB): 1.09-1.4x glibc's
+time at the same bounded memory, where tcmalloc is 0.87-1.0x (BENCHMARKS.md, "The memory a user's process gets").
 PyTorch reads that variable once, at its first allocation of any size (a torch.ones(1) is enough to miss it), so
 this runs before torch allocates anything: launch/pretrain.py calls it before importing the trainer.
 No environment variable is needed, and an explicit MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_/THP_MEM_ALLOC_ENABLE
