@@ -100,15 +100,14 @@ ALLOCATOR_ENV = ("LD_PRELOAD", "MEGATRAIN_MALLOC", "THP_MEM_ALLOC_ENABLE", "GLIB
 
 def worker(a) -> dict:
     sys.path.insert(0, ROOT)
-    if a.allocator == "process":   # as launch/pretrain.py: tcmalloc where installed (a re-exec of this worker)
-        from megatrain.host_alloc import preload_fast_malloc
+    applied = {}
+    if a.allocator == "process":  # first, as launch/pretrain.py does it: tcmalloc where installed (a re-exec of
+        # this worker), then the settings, before torch allocates anything
+        from megatrain.host_alloc import DEFAULT_MMAP_THRESHOLD, configure_host_allocator, preload_fast_malloc
         preload_fast_malloc()
+        applied = configure_host_allocator(a.mmap_threshold or DEFAULT_MMAP_THRESHOLD)
     limit = int(a.budget_gb * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    applied = {}
-    if a.allocator == "process":  # first, as launch/pretrain.py does it: before torch allocates anything
-        from megatrain.host_alloc import DEFAULT_MMAP_THRESHOLD, configure_host_allocator
-        applied = configure_host_allocator(a.mmap_threshold or DEFAULT_MMAP_THRESHOLD)
     import torch
     torch.set_num_threads(a.threads)
     if a.worker == "hf":

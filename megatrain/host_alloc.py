@@ -48,16 +48,23 @@ MALLOC_ENV = "MEGATRAIN_MALLOC"           # auto (unset) | system | the path of 
 FAST_MALLOCS = ("tcmalloc_minimal", "tcmalloc")   # ctypes.util.find_library names, first found wins
 
 
+def malloc_setting() -> str:
+    """MEGATRAIN_MALLOC as given (auto, system or a library's path); ValueError naming it when it is none of those.
+    Cheap (no library search), so trainer.main checks it on every rank before any work."""
+    choice = os.environ.get(MALLOC_ENV, "auto")
+    if choice not in ("auto", "system") and not os.path.isfile(choice):
+        raise ValueError(f"{MALLOC_ENV}={choice!r}: no such file (expected auto, system or the path of a malloc "
+                         f"library such as /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4)")
+    return choice
+
+
 def malloc_choice() -> str | None:
     """The library to preload (a soname or a path), or None for glibc's malloc; ValueError on a bad MEGATRAIN_MALLOC."""
-    choice = os.environ.get(MALLOC_ENV, "auto")
+    choice = malloc_setting()
     if choice == "system" or not sys.platform.startswith("linux"):
         return None
     if choice == "auto":
         return next(filter(None, map(ctypes.util.find_library, FAST_MALLOCS)), None)
-    if not os.path.isfile(choice):
-        raise ValueError(f"{MALLOC_ENV}={choice!r}: no such file (expected auto, system or the path of a malloc "
-                         f"library such as /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4)")
     return choice
 
 
@@ -80,10 +87,10 @@ def preload_fast_malloc() -> None:
 
 
 def configure_host_allocator(mmap_threshold: int = DEFAULT_MMAP_THRESHOLD,
-                             trim_threshold: int = DEFAULT_TRIM_THRESHOLD, huge_pages: bool = True) -> dict:
+                             trim_threshold: int = DEFAULT_TRIM_THRESHOLD) -> dict:
     """Apply the settings (unless the user set the variables); return what was applied, for the logs."""
     applied = {}
-    if huge_pages and HUGE_PAGES_ENV not in os.environ and sys.platform.startswith("linux"):
+    if HUGE_PAGES_ENV not in os.environ and sys.platform.startswith("linux"):
         os.environ[HUGE_PAGES_ENV] = "1"   # before PyTorch's first allocation: it reads it once
         applied[HUGE_PAGES_ENV.lower()] = 1
     libc_name = ctypes.util.find_library("c")

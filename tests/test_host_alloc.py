@@ -35,11 +35,17 @@ PROBE = textwrap.dedent("""
 """)
 
 
-def _retained(mode: str) -> float:
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": "."}  # no MALLOC_* variables: a user's default process
-    p = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=120, env=env)
+def _probe(code: str, arg: str, **env) -> tuple:
+    """Run a probe in a fresh interpreter with only `env` set (no MALLOC_* variables: a user's default process);
+    return its stdout and its last line's JSON."""
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ".", **env}
+    p = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, timeout=120, env=env)
     assert p.returncode == 0, p.stderr
-    return json.loads(p.stdout.strip().splitlines()[-1])["retained_mb"]
+    return p.stdout, json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _retained(mode: str) -> float:
+    return _probe(PROBE, mode)[1]["retained_mb"]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
@@ -80,10 +86,7 @@ def _thp_mode() -> str:
 
 
 def _huge_mb(mode: str, **env) -> float:
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ".", **env}
-    p = subprocess.run([sys.executable, "-c", HUGE_PROBE, mode], capture_output=True, text=True, timeout=120, env=env)
-    assert p.returncode == 0, p.stderr
-    return json.loads(p.stdout.strip().splitlines()[-1])["huge_mb"]
+    return _probe(HUGE_PROBE, mode, **env)[1]["huge_mb"]
 
 
 @pytest.mark.skipif(_thp_mode() != "madvise", reason="needs the kernel's THP in `madvise` mode (the common default)")
@@ -119,23 +122,19 @@ def _a_preloadable_library() -> str:
     pytest.skip("no shared library found to preload")
 
 
-def _reexec(**env) -> tuple:
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ".", **env}
-    lib = _a_preloadable_library()
-    p = subprocess.run([sys.executable, "-c", REEXEC_PROBE, lib], capture_output=True, text=True, timeout=120,
-                       env=env)
-    assert p.returncode == 0, p.stderr
-    return p.stdout.count("start"), json.loads(p.stdout.strip().splitlines()[-1]), lib
+def _reexec(lib: str, **env) -> tuple:
+    out, got = _probe(REEXEC_PROBE, lib, **env)
+    return out.count("start"), got
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD")
 def test_entry_point_reexecs_once_under_the_chosen_malloc():
-
-    starts, got, lib = _reexec(MEGATRAIN_MALLOC=_a_preloadable_library())   # or unset, where tcmalloc is installed
+    lib = _a_preloadable_library()
+    starts, got = _reexec(lib, MEGATRAIN_MALLOC=lib)   # or unset, where tcmalloc is installed
     assert starts == 2, starts                      # one re-exec, not a loop
     assert got["ld_preload"] == lib and got["mapped"] == [lib], got
     assert got["argv"] == [lib]                      # the arguments survive the re-exec
-    starts, got, _ = _reexec(MEGATRAIN_MALLOC="system")
+    starts, got = _reexec(lib, MEGATRAIN_MALLOC="system")
     assert (starts, got["ld_preload"], got["mapped"]) == (1, None, []), got
-    starts, got, _ = _reexec(MEGATRAIN_MALLOC=lib, LD_PRELOAD="")   # the user's own LD_PRELOAD is left alone
+    starts, got = _reexec(lib, MEGATRAIN_MALLOC=lib, LD_PRELOAD="")   # the user's own LD_PRELOAD is left alone
     assert (starts, got["ld_preload"], got["mapped"]) == (1, "", []), got

@@ -42,7 +42,7 @@ from megatrain.data.mixture import Source
 from megatrain.data.shards import DataError
 from megatrain.data.sources import RetryPolicy
 from megatrain.eval.in_training import TrainingEval, eval_line
-from megatrain.host_alloc import configure_host_allocator, malloc_choice
+from megatrain.host_alloc import configure_host_allocator, malloc_setting
 from megatrain.model import build_model
 from megatrain.parallel.checkpointing import apply_checkpointing, policy_from_config
 from megatrain.parallel.env import discover, exit_process, init_process_group
@@ -376,7 +376,7 @@ def main(argv=None) -> int:
     with contextlib.redirect_stderr(io.StringIO()) if env.rank else contextlib.nullcontext():
         args = parse_args(argv)  # argparse's usage error (exit 2) from rank 0 only
     try:
-        malloc_choice()  # a bad MEGATRAIN_MALLOC (preload_fast_malloc left it to this line)
+        malloc_setting()  # a bad MEGATRAIN_MALLOC (preload_fast_malloc left it to this line)
         cfg = load_config(args.config, args.overrides)
         # bad input fails here, before any work
         cfg.validate(world_size=env.world_size, check_files=True, accelerator=torch.cuda.is_available())
