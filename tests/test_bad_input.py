@@ -130,7 +130,7 @@ CASES = [
     ("pretrain-eval-other-tokenizer", "{py} {pretrain} --config {tiny} data.shards={w}/tokshards run_dir={out}/run "
      "model.vocab_size=300 eval.every_steps=2 eval.shards={w}/otherheld",
      ["eval.shards={w}/otherheld", "tokenizer sha256", "must share one tokenizer"], ["{out}/run"]),
-    # ---- mixtures, remote shards, the seq_len schedule (megatrain/data: mixture.py, sources.py; config.data_stages)
+    # ---- mixtures, remote shards, the seq_len schedule (megatrain/data: mixture.py, remote.py; config.data_stages)
     ("pretrain-source-weight-zero", PRE + " data.shards= " + SOURCE.format(name="a", weight="0"),
      ["data.sources[0].weight=0", "must be a number > 0"], ["{out}/run"]),
     ("pretrain-source-weight-lots", PRE + " data.shards= " + SOURCE.format(name="a", weight='"lots"'),

@@ -22,7 +22,7 @@ Optional (written by build_shards, absent in older manifests): "doc_bytes" (UTF-
 manifest order), "token_bytes" (UTF-8 bytes each token id decodes to: bits per byte, megatrain/eval) and "split"
 (the train/held-out split this folder is one side of: data_tools/build_shards.py --heldout-fraction).
 Shard urls are relative to the manifest's folder unless they contain "://" or start with "pipe:" or "/"; the
-manifest itself may be local or remote (https://, s3://: sources.py), and relative names in a remote manifest
+manifest itself may be local or remote (https://, s3://: remote.py), and relative names in a remote manifest
 resolve against its URL's folder. Remote shards are read by ranges (streamed) and a transient failure restarts the
 read at the first tar member of the next unread sample (read_shard), so no sample is lost or read twice.
 """
@@ -44,8 +44,8 @@ from typing import Iterator
 import numpy as np
 
 from megatrain.io import atomic_file
-from megatrain.data.sources import (DataError, RetryPolicy, is_remote, is_url, open_at, parent, read_bytes, resolve,
-                                    root_cause, stat_size, status_of, transient)
+from megatrain.data.remote import (DataError, RetryPolicy, attempts, is_remote, is_url, open_at, parent, read_bytes,
+                                   resolve, root_cause, stat_size, transient)
 
 FORMAT = "megatrain-shards"
 VERSION = 1
@@ -292,7 +292,7 @@ def read_shard(url: str, vocab_size: int, skip_corrupt: bool = False,
 
     Errors raise DataError naming the shard and sample key. With ``skip_corrupt`` a bad sample is passed to
     ``on_skip(message)`` instead and reading continues (a corrupt/truncated tar ends the shard there).
-    Remote shards (https://, s3://): a transient failure (sources.transient) waits and reopens the shard at the
+    Remote shards (https://, s3://): a transient failure (remote.transient) waits and reopens the shard at the
     first tar member of the next sample not yet yielded (a compressed shard: from the start, skipping the samples
     already yielded), so the caller sees every sample once; after ``retry.retries`` retries: one DataError naming
     the URL, the status and the retry count.
@@ -311,64 +311,54 @@ def read_shard(url: str, vocab_size: int, skip_corrupt: bool = False,
             return None
 
     compressed = url.endswith(COMPRESSED)
-    restart, yielded, attempt = 0, 0, 0  # byte offset of the next unread sample; samples handed out; retries
-    while True:
-        key, files, done, stream = None, {}, 0, None  # done: samples completed in this pass
-        skip = yielded if compressed else 0           # a compressed shard restarts at 0: skip what was handed out
-        try:
-            stream = open_at(url, 0 if compressed else restart)
-            base = 0 if compressed else restart
-            with tarfile.open(fileobj=stream, mode="r|*" if compressed or not restart else "r|",
-                              bufsize=TAR_BUFSIZE) as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    k, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
-                    if k != key:
-                        if key is not None:
-                            done += 1
-                            if done > skip:
-                                yielded += 1
-                                tokens = decoded(key, files)
-                                if tokens is not None:
-                                    yield key, tokens
-                        key, files = k, {}
-                        if not compressed:
-                            restart = base + member.offset  # this sample's first header: where a retry resumes
-                    files[ext] = tar.extractfile(member).read()
-                if key is not None and done + 1 > skip:
-                    yielded += 1
-                    tokens = decoded(key, files)
-                    if tokens is not None:
-                        yield key, tokens
-            return
-        except DataError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - classified: a network hiccup retries, anything else is bad data
-            e = root_cause(exc)  # fsspec reports a failed HEAD as FileNotFoundError from the HTTP error
-            if isinstance(e, FileNotFoundError):
-                raise DataError(f"shard {url}: file not found") from None
-            if is_remote(url) and transient(e):
-                if attempt >= retry.retries:
-                    raise DataError(f"shard {url}: read failed after {attempt} retries ({status_of(e)}: {e})"
-                                    ) from None
-                wait = min(retry.backoff_s * 2 ** attempt, retry.max_backoff_s)
-                attempt += 1
-                log.warning("shard %s: read failed after %d samples (%s: %s); retry %d/%d in %.1fs at byte %d",
-                            url, yielded, status_of(e), e, attempt, retry.retries, wait, 0 if compressed else restart)
-                time.sleep(wait)
-                continue
-            if is_remote(url) and not isinstance(e, (tarfile.TarError, EOFError, zlib.error)):
-                raise DataError(f"shard {url}: cannot read ({status_of(e)}: {e})") from None
-            fail(f"shard {url}: corrupt or truncated tar after sample {key} ({type(e).__name__}: {e})")
-            return
-        finally:
-            close = getattr(stream, "close", None)
-            if close is not None:
-                try:
-                    close()
-                except Exception:  # noqa: BLE001 - a pipe: opener may complain about its exit status on close
-                    pass
+    restart, yielded = 0, 0  # byte offset of the next unread sample; samples handed out
+    where = lambda: f" after {yielded} samples; resuming at byte {0 if compressed else restart}"  # noqa: E731
+    for attempt in attempts(f"shard {url}", retry, "read", not_found="file not found", progress=where):
+        with attempt:
+            key, files, done, stream = None, {}, 0, None  # done: samples completed in this pass
+            skip = yielded if compressed else 0           # a compressed shard restarts at 0: skip what was handed out
+            try:
+                stream = open_at(url, 0 if compressed else restart)
+                base = 0 if compressed else restart
+                with tarfile.open(fileobj=stream, mode="r|*" if compressed or not restart else "r|",
+                                  bufsize=TAR_BUFSIZE) as tar:
+                    for member in tar:
+                        if not member.isfile():
+                            continue
+                        k, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
+                        if k != key:
+                            if key is not None:
+                                done += 1
+                                if done > skip:
+                                    yielded += 1
+                                    tokens = decoded(key, files)
+                                    if tokens is not None:
+                                        yield key, tokens
+                            key, files = k, {}
+                            if not compressed:
+                                restart = base + member.offset  # this sample's first header: a retry resumes here
+                        files[ext] = tar.extractfile(member).read()
+                    if key is not None and done + 1 > skip:
+                        yielded += 1
+                        tokens = decoded(key, files)
+                        if tokens is not None:
+                            yield key, tokens
+            except (DataError, GeneratorExit):
+                raise
+            except Exception as exc:  # noqa: BLE001 - a network hiccup goes to the retry loop, bad data ends here
+                e = root_cause(exc)
+                remote_fault = is_remote(url) and (transient(e) or not isinstance(
+                    e, (tarfile.TarError, EOFError, zlib.error)))
+                if isinstance(e, FileNotFoundError) or remote_fault:
+                    raise
+                fail(f"shard {url}: corrupt or truncated tar after sample {key} ({type(e).__name__}: {e})")
+            finally:
+                close = getattr(stream, "close", None)
+                if close is not None:
+                    try:
+                        close()
+                    except Exception:  # noqa: BLE001 - a pipe: opener may complain about its exit status on close
+                        pass
 
 
 def write_token_shards(out_dir: str, docs, shard_bytes: int, vocab_size: int, special_tokens: dict[str, int],

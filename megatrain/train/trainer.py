@@ -40,7 +40,7 @@ from megatrain.hf.init_from import init_from_hf
 from megatrain.data import ShardStream
 from megatrain.data.mixture import Source
 from megatrain.data.shards import DataError
-from megatrain.data.sources import RetryPolicy
+from megatrain.data.remote import RetryPolicy
 from megatrain.eval.in_training import TrainingEval, eval_line
 from megatrain.host_alloc import configure_host_allocator, malloc_setting
 from megatrain.model import build_model

@@ -1,7 +1,7 @@
 """Where shard bytes come from: local paths, ``pipe:`` commands, ``https://`` and ``s3://`` URLs, with retries.
 
 Use:
-    from megatrain.data.sources import RetryPolicy, open_at, read_bytes, stat_size, resolve
+    from megatrain.data.remote import RetryPolicy, open_at, read_bytes, stat_size, resolve
     f = open_at("s3://bucket/corpus/shard-000001.tar", offset=0)   # a seekable, streaming binary file
     man_text = read_bytes("https://host/corpus/index.json", RetryPolicy(retries=5, backoff_s=1.0))
     resolve("https://host/corpus", "shard-000001.tar")   # -> https://host/corpus/shard-000001.tar
@@ -61,6 +61,8 @@ def parent(path_or_url: str) -> str:
     """The folder of a manifest path or URL (what its relative shard names resolve against)."""
     if is_remote(path_or_url):
         return posixpath.dirname(path_or_url)
+    if is_url(path_or_url):  # a pipe: command has no folder: its shard names must be absolute paths or URLs
+        return ""
     return os.path.dirname(os.path.abspath(path_or_url))
 
 
@@ -135,25 +137,68 @@ def root_cause(e: BaseException) -> BaseException:
     return e
 
 
+class _Attempt:
+    """One try of a retry loop (``attempts``): its ``with`` block swallows a transient failure (after waiting) so
+    the loop tries again, and turns anything else, or the last failure, into one DataError."""
+
+    def __init__(self, loop: "attempts", number: int):
+        self.loop, self.number = loop, number
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if exc is None:
+            self.loop.done = True
+            return False
+        if isinstance(exc, (DataError, GeneratorExit, KeyboardInterrupt)) or not isinstance(exc, Exception):
+            return False
+        inner = root_cause(exc)
+        what, label, policy = self.loop.what, self.loop.label, self.loop.policy
+        if isinstance(inner, FileNotFoundError) and self.loop.not_found:
+            raise DataError(f"{label}: {self.loop.not_found}") from None
+        if not transient(inner) or self.number >= policy.retries:
+            tried = f" after {self.number} retries" if self.number else ""
+            raise DataError(f"{label}: {what} failed{tried} ({status_of(inner)}: "
+                            f"{str(inner) or type(inner).__name__})") from None
+        wait = min(policy.backoff_s * 2 ** self.number, policy.max_backoff_s)
+        log.warning("%s: %s failed%s (%s: %s); retry %d/%d in %.1fs", label, what, self.loop.progress(),
+                    status_of(inner), inner, self.number + 1, policy.retries, wait)
+        time.sleep(wait)
+        return True  # swallowed: the loop makes the next attempt
+
+
+class attempts:
+    """The one retry loop of megatrain's remote I/O, usable around plain code and inside generators alike:
+
+        for attempt in attempts("s3://b/k", policy, "read"):
+            with attempt:
+                ...            # raise on failure; attempt.number counts the retries so far
+
+    A transient failure (``transient`` of its root cause) waits backoff_s * 2**k (k = 0, 1, ...; at most
+    max_backoff_s) and runs the block again; a permanent one, or the failure after ``policy.retries`` retries,
+    raises one DataError "{label}: {what} failed[ after N retries] ({status}: {error})". ``not_found``: the
+    message for a missing file instead (a 404 / NoSuchKey / no such path). ``progress``: a callable giving text
+    for the warning (e.g. where a read resumes)."""
+
+    def __init__(self, label: str, policy: RetryPolicy, what: str = "read", not_found: str = "",
+                 progress: Callable[[], str] = lambda: ""):
+        self.label, self.policy, self.what, self.not_found, self.progress = label, policy, what, not_found, progress
+        self.done = False
+
+    def __iter__(self):
+        number = 0
+        while not self.done:
+            yield _Attempt(self, number)
+            number += 1
+
+
 def with_retries(fn: Callable[[int], T], url: str, policy: RetryPolicy, what: str = "read") -> T:
-    """``fn(attempt)`` until it succeeds; transient failures wait and retry, anything else raises DataError."""
-    attempt = 0
-    while True:
-        try:
-            return fn(attempt)
-        except DataError:
-            raise
-        except Exception as e:  # noqa: BLE001 - classified below; every failure ends as one named DataError
-            inner = root_cause(e)
-            if not transient(inner) or attempt >= policy.retries:
-                tried = f" after {attempt} retries" if attempt else ""
-                raise DataError(f"{url}: {what} failed{tried} ({status_of(inner)}: {str(inner) or type(inner).__name__})"
-                                ) from None
-            wait = min(policy.backoff_s * 2 ** attempt, policy.max_backoff_s)
-            log.warning("%s: %s failed (%s: %s); retry %d/%d in %.1fs", url, what, status_of(inner), inner,
-                        attempt + 1, policy.retries, wait)
-            time.sleep(wait)
-            attempt += 1
+    """``fn(attempt)`` until it succeeds, through ``attempts`` (transient failures wait and retry)."""
+    for attempt in attempts(url, policy, what):
+        with attempt:
+            return fn(attempt.number)
+    raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
 
 def _fs(url: str):
@@ -190,7 +235,13 @@ def open_at(url: str, offset: int = 0):
 
 
 def read_bytes(url: str, policy: RetryPolicy) -> bytes:
-    """A whole (small) file, e.g. a manifest, with retries."""
+    """A whole (small) file, e.g. a manifest, with retries (remote) or through webdataset's gopen (pipe:)."""
+    if is_url(url) and not is_remote(url):
+        stream = open_at(url)
+        try:
+            return stream.read()
+        finally:
+            stream.close()
     if not is_remote(url):
         with open(url, "rb") as f:
             return f.read()
