@@ -201,7 +201,8 @@ def with_retries(fn: Callable[[int], T], url: str, policy: RetryPolicy, what: st
     raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
 
-def _fs(url: str):
+def remote_fs(url: str):
+    """The fsspec filesystem of a remote URL (S3 endpoint from AWS_ENDPOINT_URL when set)."""
     try:
         import fsspec
         kw = {}
@@ -218,7 +219,7 @@ def _fs(url: str):
 def open_at(url: str, offset: int = 0):
     """A binary file positioned at ``offset``: local files and fsspec URLs seek; pipe:/others start at 0 only."""
     if is_remote(url):
-        f = _fs(url).open(url, "rb", block_size=BLOCK_SIZE)
+        f = remote_fs(url).open(url, "rb", block_size=BLOCK_SIZE)
         if offset:
             f.seek(offset)
         return f
@@ -247,7 +248,7 @@ def read_bytes(url: str, policy: RetryPolicy) -> bytes:
             return f.read()
 
     def once(_):
-        with _fs(url).open(url, "rb") as f:
+        with remote_fs(url).open(url, "rb") as f:
             return f.read()
     return with_retries(once, url, policy, "read")
 
@@ -256,4 +257,69 @@ def stat_size(url: str, policy: RetryPolicy) -> int:
     """Byte size without reading: os.stat locally, HEAD (http) / HeadObject (s3) remotely."""
     if not is_remote(url):
         return os.path.getsize(url)
-    return with_retries(lambda _: int(_fs(url).info(url)["size"]), url, policy, "size check (HEAD)")
+    return with_retries(lambda _: int(remote_fs(url).info(url)["size"]), url, policy, "size check (HEAD)")
+
+
+# ---------------------------------------------------------------------------------------------- writing
+# What data_tools/build_shards.py writes to its --out (a local folder or an s3:// prefix). Every remote write is one
+# whole-object PUT (S3 has no half objects), retried with the same policy as reads; local files go through
+# megatrain.io.atomic_file (a temporary renamed into place).
+def join(folder: str, *names: str) -> str:
+    return posixpath.join(folder, *names) if is_remote(folder) else os.path.join(folder, *names)
+
+
+def write_bytes(url: str, data: bytes, policy: RetryPolicy = RetryPolicy()) -> None:
+    """The whole file at once: a reader sees the old file, or none, or the new one."""
+    if not is_remote(url):
+        from megatrain.io import atomic_write
+        os.makedirs(os.path.dirname(os.path.abspath(url)), exist_ok=True)
+        atomic_write(url, data)
+        return
+    with_retries(lambda _: remote_fs(url).pipe_file(url, data), url, policy, "write")
+
+
+def upload(local: str, url: str, policy: RetryPolicy = RetryPolicy()) -> None:
+    """A finished local file to ``url`` (one PUT / multipart upload: the object appears whole or not at all)."""
+    with_retries(lambda _: remote_fs(url).put_file(local, url), url, policy, "upload")
+
+
+def move(src: str, dst: str, policy: RetryPolicy = RetryPolicy()) -> None:
+    """Rename (local) or server-side copy + delete (S3: no bytes through this machine)."""
+    if not is_remote(src):
+        os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+        os.replace(src, dst)
+        return
+    with_retries(lambda _: remote_fs(src).mv(src, dst), src, policy, "move")
+
+
+def exists(url: str, policy: RetryPolicy = RetryPolicy()) -> bool:
+    if not is_remote(url):
+        return os.path.exists(url)
+    return with_retries(lambda _: remote_fs(url).exists(url), url, policy, "existence check (HEAD)")
+
+
+def listdir(url: str, policy: RetryPolicy = RetryPolicy()) -> list[str]:
+    """Names directly under a folder / prefix ([] when there is none)."""
+    if not is_remote(url):
+        return sorted(os.listdir(url)) if os.path.isdir(url) else []
+
+    def ls(_):
+        try:
+            return [posixpath.basename(p.rstrip("/")) for p in remote_fs(url).ls(url.rstrip("/"), detail=False)]
+        except FileNotFoundError:
+            return []
+    return sorted(with_retries(ls, url, policy, "listing"))
+
+
+def remove_tree(url: str, policy: RetryPolicy = RetryPolicy()) -> None:
+    if not is_remote(url):
+        import shutil
+        shutil.rmtree(url, ignore_errors=True)
+        return
+
+    def rm(_):
+        try:
+            remote_fs(url).rm(url.rstrip("/"), recursive=True)
+        except FileNotFoundError:
+            pass
+    with_retries(rm, url, policy, "delete")

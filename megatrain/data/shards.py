@@ -9,9 +9,10 @@ Use:
 Sample layout inside a tar (webdataset convention, key = file name up to the first dot):
     {key}.tokens.npy   1-D token ids, uint16 when vocab_size <= 65536, else uint32 (no EOD appended)
     {key}.meta.json    {"source": input file, "doc": index of the document in that file, "tokens": count}
-Keys are 10-digit document numbers (no dots). Tar members have fixed mtime/owner so equal inputs give equal bytes.
+Keys are 10-digit document numbers within the build unit (build.py; no dots): a shard and a key name one document.
+Tar members have fixed mtime/owner so equal inputs give equal bytes.
 
-Manifest (index.json), written last by data_tools/build_shards.py:
+Manifest (index.json), written last by megatrain/data/build.py (data_tools/build_shards.py, tests, benches):
     {"format": "megatrain-shards", "version": 1, "vocab_size": V, "dtype": "uint16",
      "special_tokens": {"unk": 0, "bos": 1, "eos": 2, "eod": 2, "pad": 3, "mask": 4},
      "tokenizer_sha256": "...", "shards": [{"url": "shard-000000.tar", "docs": 12, "tokens": 34567, "bytes": 69632}],
@@ -35,9 +36,7 @@ import io
 import json
 import logging
 import os
-import re
 import tarfile
-import time
 import zlib
 from typing import Iterator
 
@@ -224,7 +223,7 @@ class ShardWriter:
     leaves no half shard behind.
     """
 
-    def __init__(self, out_dir: str, shard_bytes: int, dtype: np.dtype):
+    def __init__(self, out_dir: str, shard_bytes: int, dtype: np.dtype, on_close=None):
         if shard_bytes <= 0:
             raise ValueError(f"shard size must be positive, got {shard_bytes}")
         self.out_dir, self.shard_bytes, self.dtype = out_dir, shard_bytes, np.dtype(dtype)
@@ -232,6 +231,7 @@ class ShardWriter:
         self._tar = None
         self._file = None  # the open megatrain.io.atomic_file of the current shard
         self._cur: ShardInfo | None = None
+        self.on_close = on_close  # called with each finished shard's file name (build.py uploads it)
 
     def write(self, key: str, tokens: np.ndarray, meta: dict) -> None:
         if "." in key or "/" in key:
@@ -259,6 +259,8 @@ class ShardWriter:
         self._cur.bytes = os.path.getsize(path)
         self.shards.append(self._cur)
         self._tar, self._cur = None, None
+        if self.on_close is not None:
+            self.on_close(self.shards[-1].url)
 
     def close(self) -> list[ShardInfo]:
         if self._cur is not None:
@@ -359,27 +361,3 @@ def read_shard(url: str, vocab_size: int, skip_corrupt: bool = False,
                         close()
                     except Exception:  # noqa: BLE001 - a pipe: opener may complain about its exit status on close
                         pass
-
-
-def write_token_shards(out_dir: str, docs, shard_bytes: int, vocab_size: int, special_tokens: dict[str, int],
-                       tokenizer_sha256: str = "", stats: dict | None = None) -> Manifest:
-    """Write ``(key, tokens, meta)`` documents as shards plus index.json into ``out_dir``; return the manifest.
-
-    Re-runnable: shards of an earlier build in ``out_dir`` that this build does not produce are removed, and
-    index.json is replaced atomically at the end.
-    """
-    os.makedirs(out_dir, exist_ok=True)
-    writer = ShardWriter(out_dir, shard_bytes, token_dtype(vocab_size))
-    for key, tokens, meta in docs:
-        writer.write(key, tokens, meta)
-    shards = writer.close()
-    keep = {s.url for s in shards}
-    for name in os.listdir(out_dir):
-        stale = name.startswith("shard-") and (name.endswith(".tar") or name.endswith(".tar.tmp")) and name not in keep
-        if stale or re.match(r"^\.shard-\d+\.tar\.tmp\d+$", name):  # (the second: a killed build's temporary)
-            os.remove(os.path.join(out_dir, name))
-    man = Manifest(shards=shards, vocab_size=vocab_size, special_tokens=dict(special_tokens),
-                   tokenizer_sha256=tokenizer_sha256, dtype=str(token_dtype(vocab_size)), stats=dict(stats or {}),
-                   root=os.path.abspath(out_dir))
-    man.save(os.path.join(out_dir, MANIFEST_NAME))
-    return man
