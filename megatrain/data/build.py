@@ -392,8 +392,11 @@ def build_unit(job: UnitJob) -> dict:
     sp = load_tokenizer(job.tokenizer)
     cfg = TextConfig(**job.text)
     policy = RetryPolicy(job.retries, job.backoff_s)
+    # a transient network failure restarts the unit; with local inputs there is nothing to wait for
+    unit_policy = policy if any(is_remote(f) for f in job.files) or is_remote(job.part) else RetryPolicy(0)
     cpu0 = time.process_time()
-    for attempt in attempts(f"unit {job.unit} ({job.files[0]}{' ...' if len(job.files) > 1 else ''})", policy):
+    for attempt in attempts(f"unit {job.unit} ({job.files[0]}{' ...' if len(job.files) > 1 else ''})",
+                            unit_policy):
         with attempt:
             stats: dict = {}
             docs = encoded(job.files, cfg, sp, job.threads, job.batch_bytes, stats, token_dtype(sp.vocab_size()))

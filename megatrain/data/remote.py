@@ -151,8 +151,8 @@ class _Attempt:
         if exc is None:
             self.loop.done = True
             return False
-        if isinstance(exc, (DataError, GeneratorExit, KeyboardInterrupt)) or not isinstance(exc, Exception):
-            return False
+        if isinstance(exc, ValueError) or not isinstance(exc, Exception):
+            return False  # bad input (DataError included) already says what it is; waiting does not fix it
         inner = root_cause(exc)
         what, label, policy = self.loop.what, self.loop.label, self.loop.policy
         if isinstance(inner, FileNotFoundError) and self.loop.not_found:

@@ -51,7 +51,7 @@ VERSION = 1
 TOKENS_EXT = "tokens.npy"
 META_EXT = "meta.json"
 MANIFEST_NAME = "index.json"
-REQUIRED_SPECIALS = ("eod", "eos", "pad", "mask", "bos", "unk")
+REQUIRED_SPECIALS = ("eod",)  # the others are the tokenizer's own (a foreign model may lack pad, mask, ...)
 log = logging.getLogger("megatrain.data")
 
 
@@ -106,6 +106,13 @@ class Manifest:
     def shard_url(self, i: int) -> str:
         url = self.shards[i].url
         return url if not self.root else resolve(self.root, url)
+
+    def model_token_ids(self) -> dict[str, int | None]:
+        """The model config's pad/bos/eos ids this data asks for: the tokenizer's own (None where it has none).
+        Empty for a stream of bare shard urls (no tokenizer recorded: no "eos")."""
+        if "eos" not in self.special_tokens:
+            return {}
+        return {f"{k}_token_id": self.special_tokens.get(k) for k in ("pad", "bos", "eos")}
 
     def fingerprint(self) -> str:
         """Hash of everything that decides the token stream (used to refuse resuming on other data)."""

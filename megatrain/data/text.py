@@ -28,6 +28,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import glob
+import io
 import json
 import lzma
 import os
@@ -222,7 +223,8 @@ def open_input(path: str):
         return raw
     import fsspec.compression
     try:
-        return fsspec.compression.compr[codec](raw, mode="rb")
+        # buffered: line iteration (zstandard's reader has no readline) and large reads from the codec
+        return io.BufferedReader(fsspec.compression.compr[codec](raw, mode="rb"), buffer_size=1 << 20)
     except (ImportError, KeyError):  # .zst needs zstandard
         raw.close()
         raise ValueError(f"input {path!r}: reading {codec} needs the zstandard package (pip install zstandard)"
