@@ -109,7 +109,10 @@ class _Layout:
     retry: RetryPolicy
 
     def special(self, name: str) -> int:
-        return dict(self.specials)[name]
+        ids = dict(self.specials)
+        if name == "pad" and "pad" not in ids:  # a tokenizer without pad: fill with eod (the positions are masked)
+            return ids["eod"]
+        return ids[name]
 
     @property
     def total(self) -> int:

@@ -181,12 +181,13 @@ def expand_inputs(patterns: Iterable[str], retry: RetryPolicy = RetryPolicy()) -
                 raise ValueError(f"input {p!r} matches no files")
             files.extend(hits)
             continue
-        if os.path.isdir(p):
-            hits = _datasets_folder(p)
-            if hits is None:
-                hits = sorted(os.path.join(d, f) for d, _, fs in os.walk(p) for f in fs)
-        else:
-            hits = sorted(glob.glob(p, recursive=True)) if any(c in p for c in "*?[") else [p]
+        hits = []
+        for h in sorted(glob.glob(p, recursive=True)) if any(c in p for c in "*?[") else [p]:
+            if os.path.isdir(h):  # a datasets folder: its Arrow files; any other folder: every file in it
+                ds = _datasets_folder(h)
+                hits += ds if ds is not None else sorted(os.path.join(d, f) for d, _, fs in os.walk(h) for f in fs)
+            else:
+                hits.append(h)
         if not hits:
             raise ValueError(f"input {p!r} matches no files")
         for f in hits:

@@ -107,7 +107,8 @@ def save_hf_tokenizer(out_dir: str, specials_in_text: bool = False) -> None:
     """Write tokenizer.json/tokenizer_config.json so ``AutoTokenizer.from_pretrained(out_dir)`` gives
     ``hf_encode(sp, text, specials_in_text)``: sentencepiece's ids, by default for any text.
 
-    LlamaTokenizerFast converts the .model exactly when the prefix space is off. specials_in_text=False
+    LlamaTokenizerFast converts the .model exactly for identity normalization (ours; Llama-2's), with the prefix
+    space as the model's own add_dummy_prefix (ours: off; Llama-2's: on). specials_in_text=False
     (split_special_tokens): text such as "<s>" is ordinary characters, as in sentencepiece (a causal LM's folder).
     True (a masked LM's folder): text that spells a special piece is its id, so "Paris is the <mask> of France" has
     the mask id where pipeline("fill-mask") and every masked-LM user put it.
@@ -119,10 +120,20 @@ def save_hf_tokenizer(out_dir: str, specials_in_text: bool = False) -> None:
         return
     pieces = special_pieces(load_tokenizer(out_dir))  # the model's own specials: a foreign layout keeps its ids
     tok = LlamaTokenizerFast(vocab_file=os.path.join(out_dir, MODEL_FILE), from_slow=True, legacy=False,
-                             add_prefix_space=False, add_bos_token=False, add_eos_token=False,
+                             add_prefix_space=_dummy_prefix(os.path.join(out_dir, MODEL_FILE)), add_bos_token=False, add_eos_token=False,
                              split_special_tokens=not specials_in_text,
                              **{f"{name}_token": pieces.get(name) for name in SPECIAL_PIECES})
     tok.save_pretrained(out_dir)
+
+
+def _dummy_prefix(path: str) -> bool:
+    """Whether the model prepends "▁" to a text (ours: no; Llama-2's: yes), read from its normalizer spec."""
+    from sentencepiece import sentencepiece_model_pb2  # needs protobuf, as transformers' conversion does
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(path, "rb") as f:
+        proto.ParseFromString(f.read())
+    return bool(proto.normalizer_spec.add_dummy_prefix)
 
 
 def hf_encode(sp, text: str, specials_in_text: bool = False) -> list[int]:
