@@ -89,6 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="input bytes per build unit (default 1GB): a shard never spans two units")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="units built at once, each in its own process (default: the CPU count)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="sentencepiece threads per worker (default: the CPU count / --workers)")
     p.add_argument("--text-field", default=TextConfig.text_field, help="JSON field / Parquet column holding the text")
     p.add_argument("--invalid-utf8", default=TextConfig.invalid_utf8, choices=["replace", "reject"])
     p.add_argument("--min-chars", type=int, default=0, help="drop documents with fewer characters")
@@ -132,6 +134,8 @@ def _validate(a) -> None:
     parse_size(a.unit_size, "--unit-size")
     if a.workers < 1:
         raise ValueError(f"--workers {a.workers}: expected a positive number of worker processes")
+    if a.threads is not None and a.threads < 1:
+        raise ValueError(f"--threads {a.threads}: expected a positive number of threads")
     if not a.batch_mb > 0:
         raise ValueError(f"--batch-mb {a.batch_mb}: expected a positive size in MB")
     if a.heldout_fraction is not None and not 0 < a.heldout_fraction < 1:
@@ -235,7 +239,7 @@ def main(argv=None) -> int:
     cut = heldout_cut(files, text_cfg, a.heldout_docs, a.dedup) if a.heldout_docs is not None else None
     mine = [u for u in range(len(units)) if u % num_tasks == task_index]
     workers = min(a.workers, max(1, len(mine)))
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = a.threads or max(1, (os.cpu_count() or 1) // workers)
 
     def jobs_for(out: str) -> list[UnitJob]:
         todo = []
