@@ -78,9 +78,12 @@ def build(inputs: str, tok: str, out: str, workers: int) -> dict:
            "--out", out, "--workers", str(workers), "--threads", "1", "--unit-size", "1"]
     t0 = time.perf_counter()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT, TQDM_DISABLE="1"))
+    timed = ["/usr/bin/time", "-f", "maxrss_kb=%M"] if os.path.exists("/usr/bin/time") else []
+    p = subprocess.run(timed + cmd, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=ROOT, TQDM_DISABLE="1"))
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    rss = [ln for ln in p.stderr.splitlines() if ln.startswith("maxrss_kb=")]
     if p.returncode:
         raise RuntimeError(p.stderr[-2000:])
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("rate:")][-1]
@@ -91,7 +94,7 @@ def build(inputs: str, tok: str, out: str, workers: int) -> dict:
     return {"wall_s": wall, "mb": mb, "tokens": tokens, "tokens_per_cpu_s": per_cpu_tokens,
             "mb_per_cpu_s": per_cpu_mb, "mb_per_s_wall": mb / wall,
             "child_cpu_s": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
-            "maxrss_mb": after.ru_maxrss / 1024}
+            "maxrss_mb": int(rss[-1].split("=")[1]) / 1024 if rss else None}  # the main process (GNU time)
 
 
 def main(argv=None) -> int:
