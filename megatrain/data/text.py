@@ -254,7 +254,9 @@ def _table_batches(path: str, cfg: TextConfig):
     f = open_at(path)
     try:
         if path.endswith(".parquet"):
-            reader = pq.ParquetFile(f)
+            # no pre-buffering, 1 MiB reads: memory stays at about one row group (pre-buffered reads grew with the
+            # file: BENCHMARKS.md, build rates)
+            reader = pq.ParquetFile(f, pre_buffer=False, buffer_size=1 << 20)
             names = reader.schema_arrow.names
         else:  # datasets' save_to_disk: Arrow IPC stream files (a file-format .arrow also opens here)
             try:
