@@ -47,11 +47,12 @@ from megatrain.data.remote import (DataError, RetryPolicy, attempts, is_remote, 
                                    resolve, root_cause, stat_size, transient)
 
 FORMAT = "megatrain-shards"
-VERSION = 1
+VERSION = 2  # 2: special_tokens holds the tokenizer's own ids (only eod required); written only when a version 1
+# manifest could not say it (a special missing), so a megatrain-tokenizer build stays version 1, byte for byte
 TOKENS_EXT = "tokens.npy"
 META_EXT = "meta.json"
 MANIFEST_NAME = "index.json"
-REQUIRED_SPECIALS = ("eod",)  # the others are the tokenizer's own (a foreign model may lack pad, mask, ...)
+REQUIRED_SPECIALS = {1: ("eod", "eos", "pad", "mask", "bos", "unk"), 2: ("eod",)}  # by manifest version
 log = logging.getLogger("megatrain.data")
 
 
@@ -121,7 +122,8 @@ class Manifest:
         return hashlib.sha256(body.encode()).hexdigest()[:16]
 
     def to_json(self) -> dict:
-        return {"format": FORMAT, "version": VERSION, "vocab_size": self.vocab_size, "dtype": self.dtype,
+        version = 1 if all(k in self.special_tokens for k in REQUIRED_SPECIALS[1]) else VERSION
+        return {"format": FORMAT, "version": version, "vocab_size": self.vocab_size, "dtype": self.dtype,
                 "special_tokens": dict(self.special_tokens), "tokenizer_sha256": self.tokenizer_sha256,
                 "docs": self.docs, "tokens": self.tokens, "stats": self.stats,
                 "shards": [dataclasses.asdict(s) for s in self.shards],
@@ -152,11 +154,12 @@ class Manifest:
             raise DataError(f"manifest {path}: unreadable ({e})") from None
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise DataError(f"manifest {path}: not a {FORMAT} manifest (format={d.get('format') if isinstance(d, dict) else None!r})")
-        if d.get("version") != VERSION:
-            raise DataError(f"manifest {path}: unsupported version {d.get('version')!r} (expected {VERSION})")
-        missing = [k for k in REQUIRED_SPECIALS if k not in d.get("special_tokens", {})]
+        if d.get("version") not in REQUIRED_SPECIALS:
+            raise DataError(f"manifest {path}: unsupported version {d.get('version')!r} (expected 1 or {VERSION})")
+        need = REQUIRED_SPECIALS[d["version"]]
+        missing = [k for k in need if k not in d.get("special_tokens", {})]
         if missing:
-            raise DataError(f"manifest {path}: special_tokens lacks {missing} (need {list(REQUIRED_SPECIALS)})")
+            raise DataError(f"manifest {path}: special_tokens lacks {missing} (need {list(need)})")
         try:
             shards = [ShardInfo(url=s["url"], docs=int(s["docs"]), tokens=int(s["tokens"]), bytes=int(s.get("bytes", 0)))
                       for s in d["shards"]]

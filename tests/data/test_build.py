@@ -216,7 +216,7 @@ def test_hf_tokenizer_follows_a_foreign_layout(corpus, tmp_path):
 def test_foreign_tokenizer_from_s3_through_training_evaluation_and_export(corpus, tmp_path):
     """The issue's bar: S3 corpus + foreign tokenizer -> 3-task array into S3 -> merge -> launch/pretrain.py on
     data.shards=s3://... -> launch/evaluate.py -> launch/export_hf.py: the model's pad/bos/eos and AutoTokenizer
-    follow the manifest's ids. ~60 s."""
+    follow the manifest's ids. ~60 s. (Its own bucket: moto's server keeps one store per process.)"""
     folder, texts, tok = corpus
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     with s3_server():
@@ -225,9 +225,9 @@ def test_foreign_tokenizer_from_s3_through_training_evaluation_and_export(corpus
         raw.mkdir()
         for n in ("a.parquet", "b.jsonl.zst"):
             (raw / n).write_bytes(open(os.path.join(folder, n), "rb").read())
-        upload(str(raw), "s3://corpus/raw/")
-        build = [sys.executable, "data_tools/build_shards.py", "--input", "s3://corpus/raw/*", "--tokenizer", tok,
-                 "--unit-size", "1", "--heldout-fraction", "0.3", "--out", "s3://corpus/shards/", "--workers", "1"]
+        upload(str(raw), "s3://e2e/raw/")
+        build = [sys.executable, "data_tools/build_shards.py", "--input", "s3://e2e/raw/*", "--tokenizer", tok,
+                 "--unit-size", "1", "--heldout-fraction", "0.3", "--out", "s3://e2e/shards/", "--workers", "1"]
 
         def run(cmd, **kw):
             p = subprocess.run(cmd, cwd=ROOT, env=dict(env, **kw), capture_output=True, text=True, timeout=300)
@@ -237,13 +237,13 @@ def test_foreign_tokenizer_from_s3_through_training_evaluation_and_export(corpus
             run(build, SLURM_ARRAY_TASK_ID=str(i), SLURM_ARRAY_TASK_COUNT="3")
         run(build + ["--merge"])
         run(build[:-4] + ["--out", str(tmp_path / "local")])
-        assert _s3_tree("s3://corpus/shards/") == _tree(tmp_path / "local")
+        assert _s3_tree("s3://e2e/shards/") == _tree(tmp_path / "local")
         train = run([sys.executable, "launch/pretrain.py", "--config", os.path.join(ROOT, "configs", "tiny.yaml"),
-                     "data.shards=s3://corpus/shards/index.json", f"run_dir={tmp_path}/run", "model.vocab_size=400",
+                     "data.shards=s3://e2e/shards/index.json", f"run_dir={tmp_path}/run", "model.vocab_size=400",
                      "train.max_steps=2", "checkpoint.every_steps=2", "logging.tensorboard=false", "data.seq_len=32"])
         assert "model.pad_token_id 3 -> None" in train.stdout and "model.bos_token_id 1 -> 0" in train.stdout
         res = tmp_path / "eval.json"
-        run([sys.executable, "launch/evaluate.py", f"{tmp_path}/run", "--shards", "s3://corpus/shards/heldout/index.json",
+        run([sys.executable, "launch/evaluate.py", f"{tmp_path}/run", "--shards", "s3://e2e/shards/heldout/index.json",
              "--seq-len", "32", "--tokens", "64", "--out", str(res)])
         assert json.loads(res.read_text())
         run([sys.executable, "launch/export_hf.py", f"{tmp_path}/run", str(tmp_path / "hf"), "--tokenizer", tok])
