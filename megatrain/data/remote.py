@@ -1,4 +1,5 @@
-"""Where shard bytes come from: local paths, ``pipe:`` commands, ``https://`` and ``s3://`` URLs, with retries.
+"""Remote byte I/O for megatrain's data: local paths, ``pipe:`` commands, ``https://`` and ``s3://`` URLs, read
+(shards, manifests, raw corpora) and written (build_shards' --out), with the one retry loop, and ``DataError``.
 
 Use:
     from megatrain.data.remote import RetryPolicy, open_at, read_bytes, stat_size, resolve
@@ -15,8 +16,13 @@ webdataset's gopen (no restart: a pipe cannot seek).
 
 Failures: ``transient(e)`` decides what is retried -- connection errors (refused, reset, dropped mid-body),
 timeouts, HTTP 5xx and 429, S3 throttling/5xx codes. A 4xx (403, 404) is not retried: it is a wrong URL or wrong
-credentials, and waiting does not fix it. ``with_retries`` waits backoff_s * 2**k (k = 0, 1, ...) between tries and
-after ``retries`` retries raises one DataError naming the URL, the status and the retry count.
+credentials, and waiting does not fix it. ``attempts`` is the one retry loop (``with_retries`` wraps a call in it;
+read_shard's resuming reads and build.py's units run inside it): it waits backoff_s * 2**k (k = 0, 1, ...) between
+tries and after ``retries`` retries raises one DataError naming the URL, the status and the retry count.
+``is_url``: anything that is not a plain local path (remote, ``pipe:``, other webdataset schemes) -- the one test
+config, evaluation and the loader use.
+Writes (build_shards' --out): ``write_bytes`` / ``upload`` (one whole object per PUT), ``move`` (rename, or S3's
+server-side copy), ``listdir``, ``exists``, ``remove_tree``.
 """
 from __future__ import annotations
 
