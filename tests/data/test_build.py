@@ -254,3 +254,20 @@ def test_foreign_tokenizer_from_s3_through_training_evaluation_and_export(corpus
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (0, 1, None)
     for t in texts[:5]:
         assert hf(t, add_special_tokens=False)["input_ids"] == sp.encode(t)
+
+
+def test_merge_refuses_a_half_written_part(corpus, tmp_path):
+    from megatrain.data import DataError
+
+    folder, _, tok = corpus
+    args = ["--input", os.path.join(folder, "*.parquet"), os.path.join(folder, "*.xz"), "--tokenizer", tok,
+            "--unit-size", "1", "--workers", "1", "--out", str(tmp_path / "o"), "--num-tasks", "2"]
+    for i in ("0", "1"):
+        build_shards.main(args + ["--task-index", i])
+    shard = tmp_path / "o" / "_parts" / "u000001" / "train" / "shard-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:-512])  # a part whose shard did not arrive whole
+    with pytest.raises(DataError, match=r"u000001/train/shard-000000.tar is missing or has \d+ bytes.*rerun task 1"):
+        build_shards.main(args + ["--merge"])
+    assert not (tmp_path / "o" / "index.json").exists()
+    with pytest.raises(DataError, match="built with other inputs or settings"):
+        build_shards.main(args[:-2] + ["--shard-size", "1MB", "--num-tasks", "2", "--merge"])
