@@ -59,7 +59,8 @@ def run_ranks(fn, world: int, *args) -> list:
                                start_method="spawn")
         except Exception as e:
             errs = [open(os.path.join(outdir, f)).read() for f in sorted(os.listdir(outdir)) if f.endswith(".err")]
-            raise AssertionError("rank failed:\n" + "\n".join(errs)) from e
+            # A rank that died below Python (a signal, the OOM killer) writes no .err: say how it ended.
+            raise AssertionError(f"rank failed ({type(e).__name__}: {e}):\n" + "\n".join(errs)) from e
         out = []
         for r in range(world):
             with open(os.path.join(outdir, f"{r}.pkl"), "rb") as f:
