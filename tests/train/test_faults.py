@@ -1,0 +1,222 @@
+"""The faults nobody causes (docs/FAULTS.md, "Faults survived: weeks-long runs"): a loss spike rolled back or
+skipped with its windows recorded, a rerun telling hardware from data, a hang caught by the watchdog, a straggler
+named, a checkpoint save that fails on a full disk. Each run is the real launch/pretrain.py on the tiny config.
+
+The faults are injected by tests/train/fault_plugin/sitecustomize.py (a fault hook the test puts on the ranks'
+PYTHONPATH; megatrain has no fault switch) and by the test's own shards: a poisoned document of a token the data
+never holds, whose loss the hook multiplies (a tiny model cannot be confidently wrong enough for a natural spike).
+
+Run: PYTHONPATH=. python -m pytest -q tests/train/test_faults.py
+"""
+import json
+import os
+import resource
+import shutil
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from megatrain.data import ShardStream
+from megatrain.data.shards import doc_key, write_token_shards
+from megatrain.train.checkpoint import load_rank_file, read_latest, tag_for, verify
+from megatrain.train.metrics import read_metrics
+from megatrain.train.trainer import EXIT_HARDWARE, EXIT_REQUEUE
+from tests.dist_util import launch_pretrain, tail_logs, wait_all
+from tests.tiny_data import SPECIALS, TINY, VOCAB, make_docs
+from tests.train.test_resume import checkpoint_differences, kill_all
+
+POISON = 5  # not a content id (tests/tiny_data.py: FIRST = 8)
+PLUGIN = os.path.join(os.path.dirname(__file__), "fault_plugin", "sitecustomize.py")
+STABLE = ["logging.tensorboard=false", "data.lanes=1", "train.spike.window=16", "train.spike.min_history=4",
+          "train.spike.grad_norm=false"]
+
+
+@pytest.fixture(scope="module")
+def poisoned(tmp_path_factory) -> str:
+    """The tiny corpus plus one document of 64 POISON tokens."""
+    out = str(tmp_path_factory.mktemp("poisoned"))
+    docs = make_docs(60, 0)
+    docs.insert(30, np.full(64, POISON))
+    write_token_shards(out, ((doc_key(i), d.astype(np.int64), {"doc": i}) for i, d in enumerate(docs)), 2000,
+                       VOCAB, SPECIALS)
+    return os.path.join(out, "index.json")
+
+
+def poisoned_positions(shards: str, n: int = 200) -> list:
+    """Global positions (32-token windows, lanes 1) whose window holds a row of >= 16 POISON tokens: what the hook
+    scales."""
+    s = ShardStream(shards, seq_len=32, seed=0, dp_rank=0, dp_size=1, lanes=1, loop=True, vocab_size=VOCAB)
+    return [k for k, w in zip(range(n), s) if int((w["input_ids"] == POISON).sum()) >= 16]
+
+
+def plugin(tmp_path, **fault) -> dict:
+    d = tmp_path / f"plugin{len(os.listdir(tmp_path))}"
+    d.mkdir()
+    shutil.copy(PLUGIN, d / "sitecustomize.py")
+    (d / "fault.json").write_text(json.dumps(fault))
+    return {"PYTHONPATH": str(d)}
+
+
+def run_args(d, shards, *extra):
+    return ["--config", TINY, f"data.shards={shards}", f"run_dir={d}", *STABLE, *extra]
+
+
+def loader_state(run, step):
+    return load_rank_file(os.path.join(run, "checkpoints", tag_for(step), "trainer_rank00000.pt"))["loader"]
+
+
+def trajectory(run) -> list:
+    """metrics.jsonl without the wall-clock fields."""
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "tflops", "mfu", "rank_seconds")}
+            for r in read_metrics(os.path.join(run, "metrics.jsonl"))]
+
+
+ROLLBACK = ["train.max_steps=30", "checkpoint.every_steps=5", "train.spike.action=rollback",
+            "train.spike.recheck=true", "train.spike.skip_steps_past=1"]
+
+
+@pytest.mark.slow
+def test_spike_rolls_back_skips_the_windows_and_resumes_bitwise(tmp_path, poisoned):
+    """1 rank, 2 windows per step. The poisoned windows spike the loss at step S: the rerun gives the same loss (the
+    data, not the hardware), the run returns to the last checkpoint C and passes over the windows of steps C+1..S+1
+    (skip_steps_past=1), recorded by position in the loader state and metrics.jsonl; no poisoned window is trained
+    on. A second run killed after the rollback and resumed ends bitwise equal to the first."""
+    poison = poisoned_positions(poisoned)
+    spike = poison[0] // 2 + 1
+    back = (spike - 1) // 5 * 5
+    assert 5 <= back < spike <= 25, poison  # the data is laid out so
+    a = tmp_path / "a"
+    a.mkdir()
+    env = plugin(tmp_path, poison={"token": POISON, "scale": 10})
+    wait_all(launch_pretrain(run_args(a, poisoned, *ROLLBACK), 1, str(a), env=env), 300, str(a))
+    log = open(a / "rank0.log").read()
+    assert f"recheck: step {spike} loss" in log and "the rerun gave the same losses on every rank: the data" in log
+    assert f"spike: step {spike} loss" in log and f"rolled back to step {back}" in log
+    first, end = 2 * back, 2 * (spike + 1)
+    assert f"windows [{first}, {end}) (tokens [{32 * first}, {32 * end})) skipped" in log
+    assert all(first <= p < end or p >= 2 * 30 + end - first for p in poison)  # never trained on
+    events = [r for r in read_metrics(os.path.join(a, "metrics.jsonl")) if r.get("event")]
+    assert [(e["event"], e["step"], e["skipped_windows"], e["spike"]["step"]) for e in events] == \
+        [("rollback", back, [first, end], spike)]
+    assert [r["step"] for r in trajectory(a) if not r.get("event")] == list(range(1, 31))
+    state = loader_state(a, 30)
+    assert state["skipped_windows"] == [{"positions": [first, end], "tokens": [32 * first, 32 * end],
+                                         "reason": "rollback", "spike_step": spike, "from_step": back}]
+    assert state["position"] == 2 * 30 + (end - first)
+
+    # the same run, killed -9 two steps after its rollback (a checkpoint after it exists), resumed
+    b = tmp_path / "b"
+    b.mkdir()
+    procs = launch_pretrain(run_args(b, poisoned, *ROLLBACK), 1, str(b), env=env)
+    t0 = time.time()
+    while True:
+        lines = read_metrics(os.path.join(b, "metrics.jsonl")) if os.path.exists(b / "metrics.jsonl") else []
+        after = [r for r in lines[[i for i, r in enumerate(lines) if r.get("event")][0]:]] \
+            if any(r.get("event") for r in lines) else []
+        if any(r.get("step", 0) >= back + 7 for r in after):
+            break
+        assert procs[0].poll() is None and time.time() - t0 < 200, tail_logs(str(b))
+        time.sleep(0.02)
+    kill_all(procs)
+    wait_all(launch_pretrain(run_args(b, poisoned, *ROLLBACK), 1, str(b), env=env), 300, str(b))
+    assert trajectory(b) == trajectory(a)
+    assert checkpoint_differences(str(a / "checkpoints"), str(b / "checkpoints"), tag_for(30)) == []
+
+
+@pytest.mark.slow
+def test_spike_skip_withholds_the_update_on_two_ranks(tmp_path, poisoned):
+    """DP 2 (4 windows per step), action skip: the poisoned steps' updates are withheld on the device (the engine
+    counts skipped steps, the LR holds), their windows recorded; every step logs both ranks' times."""
+    poison = poisoned_positions(poisoned)
+    steps = sorted({p // 4 + 1 for p in poison})
+    d = tmp_path / "run"
+    d.mkdir()
+    wait_all(launch_pretrain(run_args(d, poisoned, "train.max_steps=16", "checkpoint.every_steps=16",
+                                      "train.spike.action=skip", "parallel.zero_stage=1"), 2, str(d),
+                             env=plugin(tmp_path, poison={"token": POISON, "scale": 10})), 300, str(d))
+    m = read_metrics(os.path.join(d, "metrics.jsonl"))
+    withheld = [r["step"] for r in m if r.get("withheld")]
+    assert withheld == steps and all(len(r["rank_seconds"]) == 2 for r in m)
+    for r in m:
+        if r.get("withheld"):
+            assert r["spike"]["signal"] == "loss" and r["skipped_windows"] == [4 * (r["step"] - 1), 4 * r["step"]]
+    assert m[-1]["skipped_steps"] == len(steps) and "nonfinite" not in json.dumps(m)
+    by_step = {r["step"]: r for r in m}
+    assert all(by_step[s + 1]["lr"] == by_step[s]["lr"] for s in steps)  # the schedule held its position
+    state = loader_state(d, 16)
+    assert [s["positions"] for s in state["skipped_windows"]] == [[4 * (s - 1), 4 * s] for s in steps]
+    assert "spike: step" in open(d / "rank0.log").read()
+
+
+@pytest.mark.slow
+def test_a_step_that_differs_on_rerun_is_hardware(tmp_path, tiny_shards):
+    """Rank 1's forward of step 8 goes wrong once (the hook scales its loss: not reproducible). The rerun from the
+    same state differs on rank 1 only: exit EXIT_HARDWARE on every rank, one line naming rank 1 and its host."""
+    d = tmp_path / "run"
+    d.mkdir()
+    procs = launch_pretrain(run_args(d, tiny_shards, "train.max_steps=12", "checkpoint.every_steps=4",
+                                     "train.spike.action=skip", "train.spike.recheck=true"), 2, str(d),
+                            env=plugin(tmp_path, corrupt={"rank": 1, "call": 8, "scale": 10}))
+    wait_all(procs, 300, str(d), expect=EXIT_HARDWARE)
+    log = open(d / "rank0.log").read()
+    errors = [line for line in log.splitlines() if line.startswith("pretrain: error:")]
+    assert len(errors) == 1 and "step 8 loss" in errors[0] and "rank 1 (host " in errors[0], log
+    assert "rank 0 (host" not in errors[0] and "suspect hardware" in errors[0]
+    assert "Traceback" not in log and not open(d / "rank1.log").read().count("pretrain: error:")
+    assert read_latest(str(d / "checkpoints")) == tag_for(4)
+
+
+@pytest.mark.slow
+def test_hang_dumps_every_rank_and_requeues_and_a_straggler_is_named(tmp_path, tiny_shards):
+    """Rank 1 is slow in every forward (a straggler: named in a warning after 3 steps), then sleeps inside step 10
+    (a hang): both watchdogs write their stacks to run_dir/hangs/10/, rank 0 names rank 1 as the slowest, both
+    exit 75; resume=auto then finishes the run."""
+    d = tmp_path / "run"
+    d.mkdir()
+    args = run_args(d, tiny_shards, "train.max_steps=12", "checkpoint.every_steps=4", "train.step_timeout_s=5",
+                    "train.straggler_steps=3", "train.straggler_factor=1.5")
+    procs = launch_pretrain(args, 2, str(d), env=plugin(tmp_path, sleep={"rank": 1, "call": 10, "seconds": 300,
+                                                                           "every": 0.4}))
+    t0 = time.time()
+    wait_all(procs, 120, str(d), expect=EXIT_REQUEUE)
+    assert time.time() - t0 < 100
+    log = open(d / "rank0.log").read()
+    assert "straggler: rank 1 (host " in log and log.count("straggler:") == 1
+    hang = [line for line in log.splitlines() if "megatrain: hang:" in line]
+    assert len(hang) == 1 and "step 10 (step)" in hang[0] and "slowest rank 1 (host" in hang[0], log
+    stacks = {r: open(d / "hangs" / "10" / f"rank{r}.txt").read() for r in (0, 1)}
+    assert "sitecustomize.py" in stacks[1] and "in sp_forward" in stacks[1]   # asleep in the hook
+    assert "in train_step" in stacks[0] and "in sp_forward" not in stacks[0]  # waiting for rank 1
+    m = read_metrics(os.path.join(d, "metrics.jsonl"))
+    assert all(r["rank_seconds"][1] > r["rank_seconds"][0] for r in m)
+    assert read_latest(str(d / "checkpoints")) == tag_for(8)
+    wait_all(launch_pretrain(args, 2, str(d)), 300, str(d))  # requeued: continues from step 8, no fault now
+    assert [r["step"] for r in read_metrics(os.path.join(d, "metrics.jsonl"))] == list(range(1, 13))
+
+
+@pytest.mark.slow
+def test_failed_save_mid_run_exits_1_and_keeps_the_previous_checkpoint(tmp_path, tiny_shards):
+    """A disk that fills (a file-size limit, RLIMIT_FSIZE, on the resumed run: its first save cannot write the model
+    file) mid-run: one line, exit 1 (a failure while training, not bad input), `latest` and the previous checkpoint
+    intact and verified by checksum."""
+    d = tmp_path / "run"
+    d.mkdir()
+    args = run_args(d, tiny_shards, "checkpoint.every_steps=2", "parallel.zero_stage=1")
+    wait_all(launch_pretrain(args + ["train.max_steps=4"], 1, str(d)), 300, str(d))
+    limit = 100_000  # the model file is ~430 KB; the logs stay far below
+
+    def disk_full():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    procs = launch_pretrain(args + ["train.max_steps=8"], 1, str(d), preexec_fn=disk_full)
+    procs[0].wait(timeout=300)
+    log = open(d / "rank0.log").read()
+    errors = [line for line in log.splitlines() if line.startswith("pretrain: error:")]
+    assert procs[0].returncode == 1, log
+    assert len(errors) == 1 and "checkpoint save at step 6" in errors[0] and "File too large" in errors[0]
+    assert errors[0].endswith(f"still names {tag_for(4)}") and "Traceback" not in log
+    assert read_latest(str(d / "checkpoints")) == tag_for(4)
+    assert verify(str(d / "checkpoints" / tag_for(4)), checksums=True) is None
