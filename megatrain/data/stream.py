@@ -43,9 +43,9 @@ past it). A rank reads the lanes its positions fall in. Memory: a worker holds a
 it reads (shards are kept at their stored uint16/uint32 width). Remote shards (https://, s3://) stream by ranges
 and retry transient failures (sources.py, shards.read_shard).
 
-Skipping: ``stream.skip(n, **note)`` passes over the next n global positions unread (a loss-spike rollback skips the
-windows it rolled back over); ``mark_skipped(first, end, ...)`` records windows handed out but not trained on. Both
-land in ``skipped_windows`` (position and token ranges), which the state carries.
+Skipping: ``stream.skip(n)`` passes over the next n global positions unread (a loss-spike rollback skips the windows
+it rolled back over); ``mark_skipped(first, end, ...)`` records a range of positions not trained on (passed over,
+or handed out for a withheld update) in ``skipped_windows`` (position and token ranges), which the state carries.
 Resume: the state is layout-free: the plan (position = global windows consumed, token slots, per-source epoch,
 lane cursors and ends, weights) plus the settings that define the order (data fingerprints, seed, objective,
 lanes), which must match. Loading it into a stream with any dp_size / dp_rank / num_workers / seq_len continues at
@@ -363,14 +363,13 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.global_windows = sum(windows_per_epoch(lay.total, seq_len) for lay in self.layouts)
         self.windows_per_epoch = self.global_windows // self.dp_size
 
-    def skip(self, windows: int, **note) -> dict:
+    def skip(self, windows: int) -> None:
         """Pass over the next ``windows`` global positions at this seq_len without reading them (all ranks call
-        it alike: positions are global). Call it between iterations. The range is recorded in ``skipped_windows``
-        (and the state): positions only move forward, so this run never hands those windows out."""
-        first, tokens = self.position, self.tokens
+        it alike: positions are global; positions only move forward, so this run never hands them out). Call it
+        between iterations; record what was passed over with ``mark_skipped`` (several calls, one range, when the
+        seq_len changes in between)."""
         for _ in range(windows):
             self.plan.take(self.seq_len)
-        return self.mark_skipped(first, self.position, tokens, self.tokens, **note)
 
     def mark_skipped(self, first: int, end: int, tokens_first: int, tokens_end: int, **note) -> dict:
         """Record positions [first, end) (tokens [tokens_first, tokens_end)) as windows not trained on, e.g.

@@ -428,7 +428,7 @@ def rollback(job: Job, spike) -> Optional[dict]:
     """Return to the newest complete checkpoint and pass over the windows from there to the spike's step (plus
     train.spike.skip_steps_past steps), recorded in the stream's skipped_windows. None when there is no checkpoint
     of this layout to return to (the caller skips the step instead). SpikeAbort past the rollback limit."""
-    sc, c = job.cfg.train.spike, job.counters
+    sc = job.cfg.train.spike
     job.spikes.rollbacks.append({"spike_step": spike.step})
     n = job.spikes.count_rollbacks(spike.step)
     if n > sc.max_rollbacks:
@@ -443,6 +443,7 @@ def rollback(job: Job, spike) -> Optional[dict]:
     job.data.close()
     job.data, job.stage = None, None
     load_checkpoint(job, plan, rollbacks=False)
+    c = job.counters  # the checkpoint's
     job.spikes.rollbacks = rollbacks
     job.spikes.rollbacks[-1]["to_step"] = c.step
     first, tokens = job.stream.position, job.stream.tokens
@@ -483,8 +484,8 @@ def judge_step(job: Job, res: StepResult, first_pos: tuple, rec: dict) -> Option
         if back is not None:
             if rank0:
                 w, tk = back["skipped_windows"], back["skipped_tokens"]
-                print(f"megatrain: spike: {spike.describe()}: rolled back to step {back['step']} ({job.ckpt.dir}/{back['checkpoint']}"
-                      f"); windows [{w[0]}, {w[1]}) (tokens [{tk[0]}, {tk[1]})) skipped; rollback {back['rollbacks']} "
+                print(f"megatrain: spike: {spike.describe()}: rolled back to step {back['step']} "
+                      f"({os.path.join(job.ckpt.dir, back['checkpoint'])}); windows [{w[0]}, {w[1]}) (tokens [{tk[0]}, {tk[1]})) skipped; rollback {back['rollbacks']} "
                       f"of at most {sc.max_rollbacks} in {sc.rollback_window} steps", flush=True)
             return back
         action = "skip"  # no checkpoint of this layout yet: withhold the step instead

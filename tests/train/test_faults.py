@@ -30,8 +30,9 @@ from tests.train.test_resume import checkpoint_differences, kill_all
 
 POISON = 5  # not a content id (tests/tiny_data.py: FIRST = 8)
 PLUGIN = os.path.join(os.path.dirname(__file__), "fault_plugin", "sitecustomize.py")
+# a short history, and a wide threshold: the tiny model's loss wobbles by ~1% once it learns; the hook's x10 does not
 STABLE = ["logging.tensorboard=false", "data.lanes=1", "train.spike.window=16", "train.spike.min_history=4",
-          "train.spike.grad_norm=false"]
+          "train.spike.grad_norm=false", "train.spike.sigma=40"]
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,7 @@ def trajectory(run) -> list:
 
 
 ROLLBACK = ["train.max_steps=30", "checkpoint.every_steps=5", "train.spike.action=rollback",
-            "train.spike.recheck=true", "train.spike.skip_steps_past=1"]
+            "train.spike.recheck=true", "train.spike.skip_steps_past=1", "parallel.zero_stage=1"]
 
 
 @pytest.mark.slow
@@ -131,7 +132,7 @@ def test_spike_skip_withholds_the_update_on_two_ranks(tmp_path, poisoned):
     """DP 2 (4 windows per step), action skip: the poisoned steps' updates are withheld on the device (the engine
     counts skipped steps, the LR holds), their windows recorded; every step logs both ranks' times."""
     poison = poisoned_positions(poisoned)
-    steps = sorted({p // 4 + 1 for p in poison})
+    steps = sorted({p // 4 + 1 for p in poison if p < 4 * 16})
     d = tmp_path / "run"
     d.mkdir()
     wait_all(launch_pretrain(run_args(d, poisoned, "train.max_steps=16", "checkpoint.every_steps=16",
