@@ -337,6 +337,20 @@ def _one_line(e: Exception) -> str:
     return f"{type(e).__name__}: {text[:300]}"
 
 
+def _write_limits(folder: str) -> str:
+    """Why a write may have failed, when torch's error does not say (its C++ writer reports only a position)."""
+    import resource
+    notes = []
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if soft != resource.RLIM_INFINITY:
+        notes.append(f"this process has a file-size limit of {soft} bytes (ulimit -f)")
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(folder).free
+        if free < 1 << 30:
+            notes.append(f"{free} bytes free on the checkpoint disk")
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
 def _warn(msg: str) -> None:
     print(f"resume: warning: {msg}", file=sys.stderr, flush=True)
 
@@ -382,7 +396,7 @@ class Checkpointer:
             if self.rank == 0:
                 config.save(os.path.join(tag_dir, "config.yaml"))
         except Exception as e:  # OSError, or torch's RuntimeError around a failed write (disk full, file-size limit)
-            err = _one_line(e)
+            err = _one_line(e) + _write_limits(self.dir)
         self._agree(err, step)  # also the barrier: every rank's files are on disk
         # 3. Checksums: every rank hashes a share of the files (right after writing: mostly from the page cache).
         share, err = {}, None

@@ -493,8 +493,8 @@ def judge_step(job: Job, res: StepResult, first_pos: tuple, rec: dict) -> Option
     else:
         note = action
     if action == "skip" and spike.withheld:
-        skipped = job.stream.mark_skipped(*first_pos, job.stream.position, job.stream.tokens, reason="skip",
-                                          step=c.step)
+        skipped = job.stream.mark_skipped(first_pos[0], job.stream.position, first_pos[1], job.stream.tokens,
+                                          reason="skip", step=c.step)
         rec["skipped_windows"] = skipped["positions"]
         note += f"; update withheld, windows [{skipped['positions'][0]}, {skipped['positions'][1]}) skipped"
     elif action == "skip":

@@ -217,7 +217,7 @@ def test_failed_save_mid_run_exits_1_and_keeps_the_previous_checkpoint(tmp_path,
     log = open(d / "rank0.log").read()
     errors = [line for line in log.splitlines() if line.startswith("pretrain: error:")]
     assert procs[0].returncode == 1, log
-    assert len(errors) == 1 and "checkpoint save at step 6" in errors[0] and "File too large" in errors[0]
+    assert len(errors) == 1 and "checkpoint save at step 6" in errors[0] and "file-size limit of 100000" in errors[0]
     assert errors[0].endswith(f"still names {tag_for(4)}") and "Traceback" not in log
     assert read_latest(str(d / "checkpoints")) == tag_for(4)
     assert verify(str(d / "checkpoints" / tag_for(4)), checksums=True) is None
