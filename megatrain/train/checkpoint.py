@@ -276,6 +276,33 @@ def no_complete(ckpt_dir: str, latest: str, warnings: list) -> str:
             + "); set checkpoint.resume=none to start afresh")
 
 
+def prune(ckpt_dir: str, keep_last: int, keep: str, dry_run: bool = False) -> list:
+    """Delete the oldest tags so that ``keep_last`` remain, never ``keep`` (the tag ``latest`` names, even if a
+    newer incomplete one exists). Returns the tags deleted (or, ``dry_run``, that would be)."""
+    old = [t for t in _steps_desc(ckpt_dir)[::-1] if t != keep]
+    old = old[: max(0, len(old) + 1 - keep_last)]
+    if not dry_run:
+        for t in old:
+            shutil.rmtree(os.path.join(ckpt_dir, t), ignore_errors=True)
+    return old
+
+
+def describe(tag_dir: str) -> dict:
+    """What ``launch/checkpoints.py ls`` shows of a tag: step, tokens, files, bytes, layout (None where unknown)."""
+    out = {"tag": os.path.basename(tag_dir), "step": None, "tokens": None, "files": None, "bytes": None,
+           "layout": None}
+    m = TAG_RE.match(out["tag"])
+    out["step"] = int(m.group(1)) if m else None
+    with contextlib.suppress(OSError, ValueError):
+        manifest = read_manifest(tag_dir)
+        if manifest is not None:
+            sizes = [_entry(v)[0] for v in manifest.get("files", {}).values()]
+            out.update(step=manifest.get("step"), files=len(sizes), bytes=sum(sizes), layout=manifest.get("layout"))
+    with contextlib.suppress(Exception):  # an unreadable rank file: tokens unknown
+        out["tokens"] = load_rank_file(os.path.join(tag_dir, "trainer_rank00000.pt"))["counters"]["tokens"]
+    return out
+
+
 LAYOUT_KEYS = ("world_size", "sp_size", "dp_size", "zero_stage")  # what a checkpoint's layout records
 RESHARD_KEYS = LAYOUT_KEYS[:3]  # a change in any of these: rank 0's loader state, no RNG states
 
@@ -434,11 +461,7 @@ class Checkpointer:
                                   f"{prev or 'no checkpoint'}")
 
     def _prune(self, keep: str) -> None:
-        tags = sorted(t for t in os.listdir(self.dir) if TAG_RE.match(t) and os.path.isdir(os.path.join(self.dir, t)))
-        # never delete the tag `latest` points at, even if a newer incomplete one exists
-        old = [t for t in tags if t != keep][: max(0, len(tags) - self.keep_last)]
-        for t in old:
-            shutil.rmtree(os.path.join(self.dir, t), ignore_errors=True)
+        prune(self.dir, self.keep_last, keep)
 
     # ---- resume ----
     def resolve(self, resume: str) -> Optional[tuple]:
