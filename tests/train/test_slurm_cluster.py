@@ -210,3 +210,30 @@ def test_preempted_job_requeues_and_resumes_bitwise(slurm_conf, tiny_shards, tmp
         assert f"megatrain: job {job} stopped with steps to do: requeueing it" in log, log[-4000:]
     assert _trajectory(run_dir) == uninterrupted["metrics"]  # bitwise: == on floats
     assert open(run_dir / "checkpoints" / "latest").read() == "step00000060"
+
+
+def test_lost_rank_requeues_and_resumes_bitwise(slurm_conf, tiny_shards, tmp_path, uninterrupted):
+    """A task killed with -9 mid-run: the other one's next collective fails (it exits 75), srun ends, the batch
+    script requeues the job (a failure requeue, counted in the job's Comment), which resumes from `latest` and ends
+    COMPLETED with the uninterrupted job's metrics, bitwise."""
+    import psutil
+    env, run_dir, out = _job_env(slurm_conf), tmp_path / "run", tmp_path / "job.out"
+    job = _submit(env, out, run_dir, tiny_shards, *LONG)
+    _wait_for(lambda: _last_step(run_dir) >= 12, "step 12", job, env, out)
+
+    def task1():
+        for p in psutil.process_iter():
+            try:
+                if f"run_dir={run_dir}" in " ".join(p.cmdline()) and p.environ().get("SLURM_PROCID") == "1":
+                    return p
+            except psutil.Error:
+                pass
+    victim = task1()
+    assert victim is not None
+    victim.kill()
+    state, info, log = _wait_done(job, env, out)
+    assert state == "COMPLETED" and "ExitCode=0:0" in info, f"job {job} ended {state}\n{info}\n{log[-4000:]}"
+    assert _restarts(info) == 1, f"{info}\n{log[-4000:]}"
+    assert re.search(rf"megatrain: job {job} (lost a rank \(exit \d+\)|stopped with steps to do): requeueing", log), \
+        log[-4000:]
+    assert _trajectory(run_dir) == uninterrupted["metrics"]
