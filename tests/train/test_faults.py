@@ -221,3 +221,73 @@ def test_failed_save_mid_run_exits_1_and_keeps_the_previous_checkpoint(tmp_path,
     assert errors[0].endswith(f"still names {tag_for(4)}") and "Traceback" not in log
     assert read_latest(str(d / "checkpoints")) == tag_for(4)
     assert verify(str(d / "checkpoints" / tag_for(4)), checksums=True) is None
+
+
+# ---- the pieces, without a run ----
+def test_spike_detector_robust_threshold_and_history():
+    from megatrain.config import SpikeCfg
+    from megatrain.train.faults import SpikeDetector
+    det = SpikeDetector(SpikeCfg(window=8, min_history=4, sigma=6.0))
+    for i, loss in enumerate([4.0, 3.9, 3.95, 3.85]):
+        assert det.judge(i + 1, loss, 1.0, withheld=False) is None
+    assert det.loss_threshold() == pytest.approx(3.925 + 6 * 1.4826 * 0.05)
+    spike = det.judge(5, 9.0, 1.0, withheld=True)
+    assert spike.signal == "loss" and spike.withheld and spike.step == 5 and len(det.losses) == 4  # not in history
+    assert det.judge(6, 3.8, 50.0, withheld=False).signal == "grad_norm"
+    assert det.judge(7, float("nan"), None, withheld=False) is None and len(det.losses) == 4  # non-finite: skipped
+    state = det.state_dict()
+    again = SpikeDetector(SpikeCfg(window=8, min_history=4))
+    again.load_state_dict(state)
+    assert again.loss_threshold() == det.loss_threshold()
+    assert SpikeDetector(SpikeCfg(action="off")).judge(1, 1e9, 1e9, withheld=False) is None
+
+
+def test_rollback_limit_counts_within_the_window():
+    from megatrain.config import SpikeCfg
+    from megatrain.train.faults import SpikeDetector
+    det = SpikeDetector(SpikeCfg(max_rollbacks=2, rollback_window=100))
+    det.rollbacks = [{"spike_step": 10}, {"spike_step": 150}]
+    assert det.count_rollbacks(160) == 1 and det.count_rollbacks(105) == 2
+
+
+def test_stragglers_named_once_until_they_recover():
+    from megatrain.train.faults import Stragglers
+    s = Stragglers(factor=1.5, steps=3)
+    lines = [s.observe(i, [1.0, 1.0, 2.0], ["a", "b", "c"]) for i in range(1, 6)]
+    assert lines[:2] == [None, None] and "rank 2 (host c)" in lines[2] and lines[3:] == [None, None]
+    assert s.observe(6, [1.0, 1.0, 1.0]) is None  # recovered: named again if it falls behind again
+    assert [s.observe(i, [1.0, 1.0, 2.0]) is not None for i in range(7, 10)] == [False, False, True]
+
+
+def test_hang_line_names_the_least_progress_or_a_silent_rank():
+    from megatrain.train.faults import hang_line
+    reports = {0: {"rank": 0, "host": "a", "progress": 9}, 1: {"rank": 1, "host": "b", "progress": 7}}
+    assert "slowest rank 1 (host b, progress 7" in hang_line(4, "step", 60, reports, 2, "/r/hangs/4")
+    assert "rank 2 (no answer" in hang_line(4, "step", 60, reports, 3, "/r/hangs/4")
+
+
+def test_metrics_rewind_keeps_rollback_lines_and_resume_drops_those_after_its_checkpoint(tmp_path):
+    from megatrain.train.metrics import truncate_metrics
+    path = tmp_path / "metrics.jsonl"
+    recs = [{"step": 1}, {"step": 2}, {"step": 2, "event": "rollback"}, {"step": 3}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    truncate_metrics(str(path), 2, resume=False)  # a rollback to step 2: the earlier rollback line stays
+    assert read_metrics(str(path)) == recs[:3]
+    truncate_metrics(str(path), 2)  # a resume at step 2: the rollback line came after that checkpoint
+    assert read_metrics(str(path)) == recs[:2]
+
+
+def test_exit_codes_come_from_one_table():
+    from megatrain.config import ConfigError
+    from megatrain.data.shards import DataError
+    from megatrain.train.checkpoint import CheckpointError
+    from megatrain.train.faults import HardwareFault, SpikeAbort
+    from megatrain.train.trainer import NonFiniteAbort, exit_code
+    assert exit_code(CheckpointError("resume"), started=False) == (2, False)   # bad input before the first step
+    assert exit_code(CheckpointError("save"), started=True) == (1, False)      # a failure while training
+    assert exit_code(ConfigError("x"), started=False) == (2, False)
+    assert exit_code(DataError("shard"), started=True) == (1, True)
+    assert exit_code(NonFiniteAbort("x"), True) == exit_code(SpikeAbort("x"), True) == (1, False)
+    assert exit_code(HardwareFault("x"), True) == (EXIT_HARDWARE, False)
+    assert exit_code(RuntimeError("[pair.cc:537] Read error: Connection reset by peer"), True) == (EXIT_REQUEUE, True)
+    assert exit_code(RuntimeError("a bug"), True) is None  # a crash keeps its traceback
