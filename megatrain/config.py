@@ -7,7 +7,8 @@ Usage::
     cfg.validate(world_size=2)          # every consistency check, before any work starts
     # the DeepSpeed JSON is generated from it: megatrain/parallel/zero.py
 
-Sections: ``model`` (MegaConfig fields), ``data``, ``eval`` (held-out evaluation during training), ``train``, ``parallel``, ``checkpoint``, ``logging``, plus
+Sections: ``model`` (MegaConfig fields), ``data``, ``eval`` (held-out evaluation during training), ``train`` (with
+``train.spike``: loss spikes), ``parallel``, ``checkpoint``, ``logging``, plus
 ``run_dir`` and an optional free-form ``deepspeed`` dict whose keys are merged into the generated DeepSpeed JSON
 (pass-through, e.g. offload settings). Unknown keys anywhere else are errors that name the key.
 A part that needs one section receives only it (``build_model(cfg.model)``, ``build_optimizer(model, cfg.train)``,

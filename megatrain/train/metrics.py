@@ -14,6 +14,10 @@ since the first step of this process, checkpoint saves included).
 
 On resume, ``metrics.jsonl`` is cut back to the steps the checkpoint covers, so the file always holds one
 trajectory: lines written by a killed run after its last checkpoint are dropped, then re-made by the resumed run.
+A loss-spike rollback cuts it back the same way (``rewind``) and writes one ``"event": "rollback"`` line (the spike,
+the checkpoint, the skipped windows) at the step it returned to. Besides the step's figures a line may carry
+``rank_seconds`` (every rank's busy time, runs of more than one rank), ``spike`` (train.spike's verdict),
+``withheld`` + ``skipped_windows`` (a skipped spike) and ``nonfinite``.
 """
 from __future__ import annotations
 
