@@ -24,7 +24,7 @@ _TARGET = "megatrain.train.trainer"
 
 def _patch(trainer) -> None:
     real = trainer.sp_forward
-    rank = int(os.environ.get("RANK", "0"))
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))  # srun: RANK comes later
     calls = [0]
 
     def scaled(loss, k):
