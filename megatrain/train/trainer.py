@@ -211,12 +211,11 @@ class Job:
         return {"loader": self.stream.state_dict(), "counters": vars(self.counters).copy(), "layout": self.layout,
                 "spikes": self.spikes.state_dict()}
 
-    def load_state_dict(self, state: dict, rollbacks: bool = True) -> None:
-        """Undo ``state_dict`` (the saved layout is the old run's: kept by the plan, not loaded). ``rollbacks``:
-        also take the checkpoint's list of rollbacks (a rollback keeps its own, newer one)."""
+    def load_state_dict(self, state: dict) -> None:
+        """Undo ``state_dict`` (the saved layout is the old run's: kept by the plan, not loaded)."""
         self.stream.load_state_dict(state["loader"])  # ValueError: the checkpoint's stream is not this data
         self.counters = Counters(**state["counters"])
-        self.spikes.load_state_dict(state.get("spikes", {}), rollbacks=rollbacks)
+        self.spikes.load_state_dict(state.get("spikes", {}))
 
 
 def build_job(cfg: Config) -> Job:
@@ -300,18 +299,24 @@ def build_engine(cfg: Config, groups: ParallelGroups, ckpt: Checkpointer, plan: 
     return (engine, *run_flops(cfg, model))
 
 
-def load_checkpoint(job: Job, plan: ResumePlan, rollbacks: bool = True) -> None:
+def load_checkpoint(job: Job, plan: ResumePlan, rollback: bool = False) -> dict:
     """DeepSpeed's state into the engine, ours into the job (stream at the resumed step's length, counters, spike
-    history, RNG), the LR from (position, config)."""
+    history, RNG), the LR from (position, config); returns our state. ``rollback``: the stream stays where it is
+    (nothing it handed out since the checkpoint is handed out again) and the job keeps its list of rollbacks."""
     state = job.ckpt.load(job.engine, plan)
-    # the length the resumed step reads (the loader state counts tokens; its windows are cut at this length)
-    job.stream.set_seq_len(stage_at(job.stages, state["counters"]["step"]).seq_len)
     try:
-        job.load_state_dict(state, rollbacks=rollbacks)
+        if rollback:
+            job.counters = Counters(**state["counters"])
+            job.spikes.load_state_dict(state.get("spikes", {}), rollbacks=False)
+        else:
+            # the length the resumed step reads (the loader state counts tokens; its windows are cut at this length)
+            job.stream.set_seq_len(stage_at(job.stages, state["counters"]["step"]).seq_len)
+            job.load_state_dict(state)
     except ValueError as e:
         raise CheckpointError(f"checkpoint {plan.tag_dir}: {e}") from e
     # the LR is a function of (position, config): the optimizer's load restored the old run's rates
     job.engine.lr_scheduler.sync()
+    return state
 
 
 def resume(job: Job, plan: Optional[ResumePlan]) -> None:
@@ -439,20 +444,19 @@ def rollback(job: Job, spike) -> Optional[dict]:
     if plan is None or plan.layout_changed or plan.universal:
         job.spikes.rollbacks.pop()
         return None
-    rollbacks = job.spikes.rollbacks
     job.data.close()
     job.data, job.stage = None, None
-    load_checkpoint(job, plan, rollbacks=False)
+    saved = load_checkpoint(job, plan, rollback=True)["loader"]
     c = job.counters  # the checkpoint's
-    job.spikes.rollbacks = rollbacks
     job.spikes.rollbacks[-1]["to_step"] = c.step
-    first, tokens = job.stream.position, job.stream.tokens
-    for s in range(c.step, spike.step + sc.skip_steps_past):  # the 0-based steps whose windows are passed over
+    # Everything the stream handed out since the checkpoint (the spike's windows included; a second rollback to the
+    # same checkpoint: the first one's skip too) is passed over, and so are the next skip_steps_past steps' windows.
+    for s in range(spike.step, spike.step + sc.skip_steps_past):  # 0-based steps after the spike
         st = stage_at(job.stages, s)
         job.stream.set_seq_len(st.seq_len)
         job.stream.skip(st.micro_batch_size * st.grad_accum_steps * job.groups.dp_size)
-    skipped = job.stream.mark_skipped(first, job.stream.position, tokens, job.stream.tokens, reason="rollback",
-                                      spike_step=spike.step, from_step=c.step)
+    skipped = job.stream.mark_skipped(saved["position"], job.stream.position, saved["tokens"], job.stream.tokens,
+                                      reason="rollback", spike_step=spike.step, from_step=c.step)
     enter_stage(job, stage_at(job.stages, c.step))
     return {"step": c.step, "event": "rollback", "spike": spike.record(), "checkpoint": plan.tag,
             "skipped_windows": skipped["positions"], "skipped_tokens": skipped["tokens"], "rollbacks": n}

@@ -76,37 +76,38 @@ def trajectory(run) -> list:
 
 
 ROLLBACK = ["train.max_steps=30", "checkpoint.every_steps=5", "train.spike.action=rollback",
-            "train.spike.recheck=true", "train.spike.skip_steps_past=1", "parallel.zero_stage=1"]
+            "train.spike.recheck=true", "parallel.zero_stage=1"]
 
 
 @pytest.mark.slow
 def test_spike_rolls_back_skips_the_windows_and_resumes_bitwise(tmp_path, poisoned):
-    """1 rank, 2 windows per step. The poisoned windows spike the loss at step S: the rerun gives the same loss (the
-    data, not the hardware), the run returns to the last checkpoint C and passes over the windows of steps C+1..S+1
-    (skip_steps_past=1), recorded by position in the loader state and metrics.jsonl; no poisoned window is trained
-    on. A second run killed after the rollback and resumed ends bitwise equal to the first."""
-    poison = poisoned_positions(poisoned)
-    spike = poison[0] // 2 + 1
-    back = (spike - 1) // 5 * 5
-    assert 5 <= back < spike <= 25, poison  # the data is laid out so
+    """1 rank, 2 windows per step; the poisoned windows are 43 and 44. Step 22 (windows 42, 43) spikes: the rerun
+    gives the same loss (the data, not the hardware), the run returns to the checkpoint of step 20 and passes over
+    windows [40, 44). The new step 21 reads windows 44, 45: a spike again, back to step 20 once more, and this time
+    [40, 46) is passed over (everything handed out since that checkpoint). Both ranges are recorded by position in
+    the loader state and metrics.jsonl; no poisoned window is trained on. A second run killed after the rollbacks
+    and resumed ends bitwise equal to the first."""
+    # the shuffle puts the poisoned document at windows 42-44 (43 and 44 hold >= 16 poisoned tokens; the next epoch
+    # has it again, past this run)
+    assert [p for p in poisoned_positions(poisoned) if p < 100] == [43, 44]
     a = tmp_path / "a"
     a.mkdir()
     env = plugin(tmp_path, poison={"token": POISON, "scale": 10})
     wait_all(launch_pretrain(run_args(a, poisoned, *ROLLBACK), 1, str(a), env=env), 300, str(a))
     log = open(a / "rank0.log").read()
-    assert f"recheck: step {spike} loss" in log and "the rerun gave the same losses on every rank: the data" in log
-    assert f"spike: step {spike} loss" in log and f"rolled back to step {back}" in log
-    first, end = 2 * back, 2 * (spike + 1)
-    assert f"windows [{first}, {end}) (tokens [{32 * first}, {32 * end})) skipped" in log
-    assert all(first <= p < end or p >= 2 * 30 + end - first for p in poison)  # never trained on
+    assert "recheck: step 22 loss" in log and "the rerun gave the same losses on every rank: the data" in log
+    assert "spike: step 22 loss" in log and "windows [40, 44) (tokens [1280, 1408)) skipped; rollback 1 of" in log
+    assert "spike: step 21 loss" in log and "windows [40, 46) (tokens [1280, 1472)) skipped; rollback 2 of" in log
     events = [r for r in read_metrics(os.path.join(a, "metrics.jsonl")) if r.get("event")]
     assert [(e["event"], e["step"], e["skipped_windows"], e["spike"]["step"]) for e in events] == \
-        [("rollback", back, [first, end], spike)]
+        [("rollback", 20, [40, 44], 22), ("rollback", 20, [40, 46], 21)]
     assert [r["step"] for r in trajectory(a) if not r.get("event")] == list(range(1, 31))
     state = loader_state(a, 30)
-    assert state["skipped_windows"] == [{"positions": [first, end], "tokens": [32 * first, 32 * end],
-                                         "reason": "rollback", "spike_step": spike, "from_step": back}]
-    assert state["position"] == 2 * 30 + (end - first)
+    assert state["skipped_windows"] == [
+        {"positions": [40, 44], "tokens": [1280, 1408], "reason": "rollback", "spike_step": 22, "from_step": 20},
+        {"positions": [40, 46], "tokens": [1280, 1472], "reason": "rollback", "spike_step": 21, "from_step": 20}]
+    assert state["position"] == 2 * 30 + 6  # 30 steps trained, 6 windows passed over
+    back = 20
 
     # the same run, killed -9 two steps after its rollback (a checkpoint after it exists), resumed
     b = tmp_path / "b"
@@ -125,6 +126,19 @@ def test_spike_rolls_back_skips_the_windows_and_resumes_bitwise(tmp_path, poison
     wait_all(launch_pretrain(run_args(b, poisoned, *ROLLBACK), 1, str(b), env=env), 300, str(b))
     assert trajectory(b) == trajectory(a)
     assert checkpoint_differences(str(a / "checkpoints"), str(b / "checkpoints"), tag_for(30)) == []
+
+
+@pytest.mark.slow
+def test_rollback_skips_more_steps_past_the_spike(tmp_path, poisoned):
+    """train.spike.skip_steps_past=2: the windows of the two steps after the spike go too (the PaLM recipe's wider
+    skip), so step 21 no longer meets window 44: one rollback, [40, 48) passed over."""
+    d = tmp_path / "run"
+    d.mkdir()
+    wait_all(launch_pretrain(run_args(d, poisoned, *ROLLBACK, "train.spike.skip_steps_past=2"), 1, str(d),
+                             env=plugin(tmp_path, poison={"token": POISON, "scale": 10})), 300, str(d))
+    events = [r for r in read_metrics(os.path.join(d, "metrics.jsonl")) if r.get("event")]
+    assert [(e["step"], e["skipped_windows"], e["spike"]["step"]) for e in events] == [(20, [40, 48], 22)]
+    assert loader_state(d, 30)["position"] == 2 * 30 + 8
 
 
 @pytest.mark.slow
