@@ -29,6 +29,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from megatrain.data.remote import is_url
 from megatrain.io import atomic_file
 from megatrain.model.config import MegaConfig
 
@@ -279,7 +280,7 @@ class Config:
             for key, shards in [("data.shards", d.shards or [])] + [(f"data.sources[{i}].shards", s["shards"])
                                                                       for i, s in enumerate(d.sources)]:
                 for src in [shards] if isinstance(shards, str) else shards:
-                    if isinstance(src, str) and "://" not in src and not any(ch in src for ch in "*?[{"):
+                    if isinstance(src, str) and not is_url(src) and not any(ch in src for ch in "*?[{"):
                         _check(os.path.exists(src), key, src, "no such file or directory")
 
     def _validate_model(self, check_files: bool) -> None:
@@ -315,7 +316,7 @@ class Config:
             for key, src in [("eval.shards", e.shards)] if e.shards else \
                     [(f"eval.sources[{i}].shards", s["shards"]) for i, s in enumerate(e.sources)]:
                 _check(isinstance(src, str), key, src, "must name one held-out manifest")
-                if "://" not in src:
+                if not is_url(src):
                     _check(os.path.exists(src), key, src, "no such file or directory")
 
     def _validate_logging(self) -> None:
