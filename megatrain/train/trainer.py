@@ -270,7 +270,7 @@ def open_data(cfg: Config, groups: ParallelGroups) -> tuple:
     except ValueError as e:  # DataError included: a mismatch between config and shards
         key = "data.sources" if cfg.data.sources else "data.shards"
         raise ConfigError(f"{key}={cfg.data.sources or cfg.data.shards!r}: {e}") from e
-    follow_tokenizer_ids(cfg, stream.manifest, rank)
+    follow_tokenizer_ids(cfg, stream.manifest, dist.get_rank())
     try:
         evaluator = TrainingEval.build(cfg, groups)  # held-out windows, before any heavy work
     except ValueError as e:  # its messages name eval.shards
