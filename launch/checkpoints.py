@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # run as a script from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatrain.cli import ArgumentParser, run  # noqa: E402
-from megatrain.train.checkpoint import (LATEST, TAG_RE, _steps_desc, describe, prune, read_latest,  # noqa: E402
+from megatrain.train.checkpoint import (LATEST, step_tags, describe, prune, read_latest,  # noqa: E402
                                         to_universal, verify)
 
 
@@ -26,7 +26,7 @@ def checkpoint_dir(path: str) -> str:
     if not os.path.isdir(path):
         raise ValueError(f"RUN {path}: no such folder")
     for cand in (path, os.path.join(path, "checkpoints")):
-        if os.path.isdir(cand) and (_steps_desc(cand) or os.path.exists(os.path.join(cand, LATEST))):
+        if os.path.isdir(cand) and (step_tags(cand) or os.path.exists(os.path.join(cand, LATEST))):
             return cand
     cfg = os.path.join(path, "config.yaml")
     if os.path.exists(cfg):
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     u.add_argument("tag", nargs="?", help="default: the tag `latest` names")
     a = p.parse_args(argv)
     d = checkpoint_dir(a.run)
-    tags = _steps_desc(d)[::-1]
+    tags = step_tags(d)[::-1]
     latest = read_latest(d)
 
     def known(tag):

@@ -227,7 +227,8 @@ def verify_collective(tag_dir: str) -> Optional[str]:
     return next((w for w in whys if w), None)
 
 
-def _steps_desc(ckpt_dir: str) -> list:
+def step_tags(ckpt_dir: str) -> list:
+    """The step######## folders of a checkpoint directory, newest first."""
     tags = [t for t in os.listdir(ckpt_dir) if TAG_RE.match(t) and os.path.isdir(os.path.join(ckpt_dir, t))]
     return sorted(tags, reverse=True)
 
@@ -239,7 +240,7 @@ def auto_candidates(ckpt_dir: str) -> tuple:
     if not os.path.isdir(ckpt_dir):
         return None, [], []
     warnings = []
-    tags = _steps_desc(ckpt_dir)
+    tags = step_tags(ckpt_dir)
     latest_path = os.path.join(ckpt_dir, LATEST)
     latest = None
     if os.path.exists(latest_path):
@@ -279,7 +280,7 @@ def no_complete(ckpt_dir: str, latest: str, warnings: list) -> str:
 def prune(ckpt_dir: str, keep_last: int, keep: str, dry_run: bool = False) -> list:
     """Delete the oldest tags so that ``keep_last`` remain, never ``keep`` (the tag ``latest`` names, even if a
     newer incomplete one exists). Returns the tags deleted (or, ``dry_run``, that would be)."""
-    old = [t for t in _steps_desc(ckpt_dir)[::-1] if t != keep]
+    old = [t for t in step_tags(ckpt_dir)[::-1] if t != keep]
     old = old[: max(0, len(old) + 1 - keep_last)]
     if not dry_run:
         for t in old:

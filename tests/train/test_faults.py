@@ -12,12 +12,10 @@ import json
 import os
 import resource
 import shutil
-import signal
 import time
 
 import numpy as np
 import pytest
-import torch
 
 from megatrain.data import ShardStream
 from megatrain.data.shards import doc_key, write_token_shards
