@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from megatrain.data import ShardStream
-from megatrain.data.shards import doc_key, write_token_shards
+from megatrain.data.build import write_shards as write_shard_folder
+from megatrain.data.shards import doc_key
 from megatrain.train.checkpoint import load_rank_file, read_latest, tag_for, verify
 from megatrain.train.metrics import read_metrics
 from megatrain.train.trainer import EXIT_HARDWARE, EXIT_REQUEUE
@@ -39,7 +40,7 @@ def poisoned(tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("poisoned"))
     docs = make_docs(60, 0)
     docs.insert(30, np.full(64, POISON))
-    write_token_shards(out, ((doc_key(i), d.astype(np.int64), {"doc": i}) for i, d in enumerate(docs)), 2000,
+    write_shard_folder(out, ((doc_key(i), d.astype(np.int64), {"doc": i}) for i, d in enumerate(docs)), 2000,
                        VOCAB, SPECIALS)
     return os.path.join(out, "index.json")
 
