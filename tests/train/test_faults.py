@@ -166,6 +166,20 @@ def test_spike_skip_withholds_the_update_on_two_ranks(tmp_path, poisoned):
 
 
 @pytest.mark.slow
+def test_withheld_update_under_bf16_zero3(tmp_path, poisoned):
+    """The NaN-scaled backward is withheld by DeepSpeed's own optimizer paths too (bf16, ZeRO-3: its overflow
+    check): skipped and counted, and the next steps' losses are finite (the weights were not touched)."""
+    d = tmp_path / "run"
+    d.mkdir()
+    wait_all(launch_pretrain(run_args(d, poisoned, "train.max_steps=24", "checkpoint.every_steps=24",
+                                      "train.spike.action=skip", "train.precision=bf16", "parallel.zero_stage=3"),
+                             1, str(d), env=plugin(tmp_path, poison={"token": POISON, "scale": 10})), 300, str(d))
+    m = read_metrics(os.path.join(d, "metrics.jsonl"))
+    assert [r["step"] for r in m if r.get("withheld")] == [22, 23]
+    assert m[-1]["skipped_steps"] == 2 and all(r["loss"] is not None and r["loss"] < 5 for r in m[23:])
+
+
+@pytest.mark.slow
 def test_a_step_that_differs_on_rerun_is_hardware(tmp_path, tiny_shards):
     """Rank 1's forward of step 8 goes wrong once (the hook scales its loss: not reproducible). The rerun from the
     same state differs on rank 1 only: exit EXIT_HARDWARE on every rank, one line naming rank 1 and its host."""
