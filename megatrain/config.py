@@ -7,7 +7,8 @@ Usage::
     cfg.validate(world_size=2)          # every consistency check, before any work starts
     # the DeepSpeed JSON is generated from it: megatrain/parallel/zero.py
 
-Sections: ``model`` (MegaConfig fields), ``data``, ``eval`` (held-out evaluation during training), ``train``, ``parallel``, ``checkpoint``, ``logging``, plus
+Sections: ``model`` (MegaConfig fields), ``data``, ``eval`` (held-out evaluation during training), ``train`` (with
+``train.spike``: loss spikes), ``parallel``, ``checkpoint``, ``logging``, plus
 ``run_dir`` and an optional free-form ``deepspeed`` dict whose keys are merged into the generated DeepSpeed JSON
 (pass-through, e.g. offload settings). Unknown keys anywhere else are errors that name the key.
 A part that needs one section receives only it (``build_model(cfg.model)``, ``build_optimizer(model, cfg.train)``,
@@ -83,6 +84,24 @@ class EvalCfg:
 
 
 @dataclass
+class SpikeCfg:
+    """Loss spikes (megatrain/train/faults.py). A step is a spike when its loss exceeds median + sigma x the
+    robust standard deviation (1.4826 x MAD) of the last ``window`` steps' losses (once ``min_history`` are known),
+    or its gradient norm does the same over the gradient norms (``grad_norm``). Defaults after OLMo-core's
+    SkipStepOptimizer (6 standard deviations over a rolling window of 128 steps)."""
+    action: str = "warn"                  # off | warn (a line) | skip (withhold the update) | rollback (PaLM:
+                                          # back to the last checkpoint, the windows since then skipped)
+    window: int = 128                     # steps of history
+    min_history: int = 32                 # no verdict before this many steps of history
+    sigma: float = 6.0                    # threshold in robust standard deviations above the median
+    grad_norm: bool = True                # also judge the gradient norm (known after the update: see faults.py)
+    recheck: bool = False                 # rerun a spiking / non-finite step: a different result is hardware
+    skip_steps_past: int = 0              # rollback: also skip the windows of this many steps after the spike
+    max_rollbacks: int = 3                # more rollbacks than this ...
+    rollback_window: int = 1000           # ... within this many steps: stop (exit 1)
+
+
+@dataclass
 class TrainCfg:
     max_steps: int = 100
     seed: int = 0
@@ -101,6 +120,13 @@ class TrainCfg:
     max_consecutive_nonfinite: int = 5    # abort after this many non-finite steps in a row
     offload_activations: bool = False     # keep the checkpointed layer inputs in host memory (GPU; needs
                                           # model.gradient_checkpointing; megatrain.parallel.checkpointing)
+    spike: SpikeCfg = field(default_factory=SpikeCfg)  # loss spikes (megatrain/train/faults.py)
+    step_timeout_s: Optional[float] = None  # a step (or a collective in it) longer than this is a hang: stacks
+                                          # to run_dir/hangs/<step>/, exit 75; None: max(step_timeout_floor_s,
+                                          # 10 x the median step time)
+    step_timeout_floor_s: float = 600.0   # the least a step may take before it is called a hang (None above)
+    straggler_factor: float = 1.5         # a rank slower than the median rank by this factor ...
+    straggler_steps: int = 20             # ... this many steps in a row is named in a warning line
 
 
 @dataclass
@@ -108,6 +134,7 @@ class ParallelCfg:
     sequence_parallel_size: int = 1
     zero_stage: int = 0
     backend: str = "auto"                 # auto (nccl on GPU, gloo on CPU) | nccl | gloo; nccl = "cpu:gloo,cuda:nccl"
+    timeout_s: float = 1800.0             # process-group timeout: a collective that waits longer fails
 
 
 @dataclass
@@ -166,31 +193,72 @@ class Config:
     # ---- validation ----
     def validate(self, world_size: Optional[int] = None, check_files: bool = False,
                  accelerator: Optional[bool] = None) -> "Config":
-        """Every cross-field check, up front. Raises ConfigError naming the key. ``check_files``: also require
-        local data paths (no glob, no URL) to exist (the launcher does; config-file tests do not).
-        ``accelerator``: whether this process trains on an accelerator (the launcher passes it; None = unknown)."""
-        m, d, t, p, c = self.model, self.data, self.train, self.parallel, self.checkpoint
+        """Every cross-field check, up front, one method per section. Raises ConfigError naming the key.
+        ``check_files``: also require local data paths (no glob, no URL) to exist (the launcher does; config-file
+        tests do not). ``accelerator``: whether this process trains on an accelerator (the launcher passes it;
+        None = unknown)."""
         _check(bool(self.run_dir), "run_dir", self.run_dir, "must be a non-empty path")
+        self._validate_train(accelerator)
+        self._validate_parallel(world_size)
+        self._validate_data(check_files)
+        self._validate_model(check_files)
+        self._validate_eval(check_files)
+        self._validate_logging()
+        self._validate_checkpoint()
+        return self
+
+    def _validate_train(self, accelerator: Optional[bool]) -> None:
+        t, m = self.train, self.model
         _one_of("train.objective", t.objective, ("clm", "mlm"))
         _one_of("train.precision", t.precision, ("fp32", "bf16"))
         _one_of("train.lr_schedule", t.lr_schedule, ("cosine", "linear", "constant"))
-        _one_of("parallel.zero_stage", p.zero_stage, (0, 1, 2, 3))
-        _one_of("parallel.backend", p.backend, ("auto", "nccl", "gloo"))
-        for key, v in [("train.max_steps", t.max_steps), ("train.grad_accum_steps", t.grad_accum_steps),
-                       ("data.seq_len", d.seq_len), ("data.micro_batch_size", d.micro_batch_size),
-                       ("parallel.sequence_parallel_size", p.sequence_parallel_size),
-                       ("checkpoint.every_steps", c.every_steps), ("checkpoint.keep_last", c.keep_last),
-                       ("logging.every_steps", self.logging.every_steps),
-                       ("train.max_consecutive_nonfinite", t.max_consecutive_nonfinite)]:
-            _check(v >= 1, key, v, "must be >= 1")
-        if world_size is not None:
-            _check(world_size % p.sequence_parallel_size == 0, "parallel.sequence_parallel_size",
-                   p.sequence_parallel_size, f"must divide the world size {world_size}")
+        for key in ("max_steps", "grad_accum_steps", "max_consecutive_nonfinite", "straggler_steps"):
+            _at_least(f"train.{key}", getattr(t, key), 1)
         _check(t.lr > 0, "train.lr", t.lr, "must be > 0")
         _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
         _check(0 <= t.warmup_steps <= t.max_steps, "train.warmup_steps", t.warmup_steps,
                f"must be in [0, train.max_steps={t.max_steps}]")
         _check(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 = off)")
+        _check(t.step_timeout_s is None or t.step_timeout_s > 0, "train.step_timeout_s", t.step_timeout_s,
+               "must be > 0 seconds (or null: from the median step time)")
+        _check(t.step_timeout_floor_s > 0, "train.step_timeout_floor_s", t.step_timeout_floor_s, "must be > 0")
+        _check(t.straggler_factor > 1, "train.straggler_factor", t.straggler_factor, "must be > 1")
+        if t.offload_activations:
+            _check(m.gradient_checkpointing, "train.offload_activations", True,
+                   "needs model.gradient_checkpointing=true (it offloads the checkpointed layer inputs)")
+            # on CPU there is nowhere to offload to: a memory option that silently does nothing misleads
+            _check(accelerator is not False, "train.offload_activations", True,
+                   "needs a GPU (it moves checkpointed layer inputs from device to host memory; this run is on CPU)")
+        self._validate_spike()
+
+    def _validate_spike(self) -> None:
+        sp = self.train.spike
+        _one_of("train.spike.action", sp.action, ("off", "warn", "skip", "rollback"))
+        for key in ("window", "min_history", "max_rollbacks", "rollback_window"):
+            _at_least(f"train.spike.{key}", getattr(sp, key), 1)
+        _check(sp.min_history <= sp.window, "train.spike.min_history", sp.min_history,
+               f"must be <= train.spike.window={sp.window}")
+        _check(sp.sigma > 0, "train.spike.sigma", sp.sigma, "must be > 0")
+        _at_least("train.spike.skip_steps_past", sp.skip_steps_past, 0)
+        # the rerun needs the step's state: only a withheld update leaves it
+        _check(not sp.recheck or sp.action in ("skip", "rollback"), "train.spike.recheck", sp.recheck,
+               f"needs train.spike.action=skip or rollback (the rerun starts from the state before the step; "
+               f"action={sp.action} applies the update)")
+
+    def _validate_parallel(self, world_size: Optional[int]) -> None:
+        p = self.parallel
+        _one_of("parallel.zero_stage", p.zero_stage, (0, 1, 2, 3))
+        _one_of("parallel.backend", p.backend, ("auto", "nccl", "gloo"))
+        _at_least("parallel.sequence_parallel_size", p.sequence_parallel_size, 1)
+        _check(p.timeout_s > 0, "parallel.timeout_s", p.timeout_s, "must be > 0 seconds")
+        if world_size is not None:
+            _check(world_size % p.sequence_parallel_size == 0, "parallel.sequence_parallel_size",
+                   p.sequence_parallel_size, f"must divide the world size {world_size}")
+
+    def _validate_data(self, check_files: bool) -> None:
+        d, m, sp = self.data, self.model, self.parallel.sequence_parallel_size
+        _at_least("data.seq_len", d.seq_len, 1)
+        _at_least("data.micro_batch_size", d.micro_batch_size, 1)
         _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
         _check(d.lanes is None or d.lanes >= 1, "data.lanes", d.lanes, "must be >= 1 (or null: the stream's default)")
         _check(bool(d.shards) != bool(d.sources), "data.shards", d.shards,
@@ -199,62 +267,33 @@ class Config:
         _check_sources(d.sources)
         _check(d.retries >= 0, "data.retries", d.retries, "must be >= 0")
         _check(d.retry_backoff_s >= 0, "data.retry_backoff_s", d.retry_backoff_s, "must be >= 0")
-        stages = data_stages(self)  # the schedule's shape; each stage's length is checked like data.seq_len below
-        for key, (value, why) in OBJECTIVE_MODEL_FIELDS[t.objective].items():  # set by from_dict; a later edit?
-            _check(getattr(m, key) == value, f"model.{key}", getattr(m, key),
-                   f"must be {value} for train.objective={t.objective} ({why})")
         if d.mask_token_id is not None:  # None: the shard manifest names it
             _check(0 <= d.mask_token_id < m.vocab_size, "data.mask_token_id", d.mask_token_id,
                    f"must be a token id in [0, model.vocab_size={m.vocab_size})")
-        if t.offload_activations:
-            _check(m.gradient_checkpointing, "train.offload_activations", True,
-                   "needs model.gradient_checkpointing=true (it offloads the checkpointed layer inputs)")
-            # on CPU there is nowhere to offload to: a memory option that silently does nothing misleads
-            _check(accelerator is not False, "train.offload_activations", True,
-                   "needs a GPU (it moves checkpointed layer inputs from device to host memory; this run is on CPU)")
-        m.validate()
-        for i, st in enumerate(stages):  # every stage of a seq_len schedule obeys the rules of data.seq_len
-            key = "data.seq_len" if not d.seq_len_schedule else f"data.seq_len_schedule[{i}]"
-            try:  # without chunking a rank attends over its whole slice: the model's span rule, at that length
-                m.check_attention_span(st.seq_len // p.sequence_parallel_size)
-            except ValueError as e:
-                raise ConfigError(f"{key}: {e}" if d.seq_len_schedule else str(e)) from None
-            if m.use_chunking:  # windows are never padded, so a window must be whole chunks (SP adds: per slice)
-                _check(st.seq_len % m.chunk_size == 0, key, st.seq_len if not d.seq_len_schedule else
-                       d.seq_len_schedule[i], ("its seq_len " if d.seq_len_schedule else "") +
-                       f"must be a multiple of model.chunk_size={m.chunk_size}")
-            # Sequence-parallel layout: the SP part owns the rule (slices must be whole chunks).
-            from megatrain.parallel.sequence import validate_sp
-            try:
-                validate_sp(st.seq_len, p.sequence_parallel_size, m.chunk_size, m.use_chunking,
-                            truncation=m.truncation, normalization_type=m.normalization_type)
-            except ValueError as e:  # its messages already name the keys
-                raise ConfigError(f"{key}={d.seq_len_schedule[i]!r}: {e}" if d.seq_len_schedule else str(e)
-                                  ) from None
+        m.validate()  # the window rule below reads the model's chunking
+        for i, st in enumerate(data_stages(self)):  # every stage of a seq_len schedule obeys the window rule
+            if d.seq_len_schedule:
+                _window(st.seq_len, sp, m, f"data.seq_len_schedule[{i}]", d.seq_len_schedule[i])
+            else:
+                _window(st.seq_len, sp, m, "data.seq_len", st.seq_len)
         if check_files:
             for key, shards in [("data.shards", d.shards or [])] + [(f"data.sources[{i}].shards", s["shards"])
                                                                       for i, s in enumerate(d.sources)]:
                 for src in [shards] if isinstance(shards, str) else shards:
                     if isinstance(src, str) and not is_url(src) and not any(ch in src for ch in "*?[{"):
                         _check(os.path.exists(src), key, src, "no such file or directory")
+
+    def _validate_model(self, check_files: bool) -> None:
+        m, t = self.model, self.train
+        for key, (value, why) in OBJECTIVE_MODEL_FIELDS[t.objective].items():  # set by from_dict; a later edit?
+            _check(getattr(m, key) == value, f"model.{key}", getattr(m, key),
+                   f"must be {value} for train.objective={t.objective} ({why})")
         if check_files and m.init_from:  # the folder must match the model section (read config.json only)
             from megatrain.hf.init_from import check_init_from
             try:
                 check_init_from(m.init_from, m)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
-        self._validate_eval(check_files)
-        wb = self.logging.wandb
-        _one_of("logging.wandb.mode", wb.mode, ("offline", "online"))
-        if wb.project:
-            import importlib.util
-            _check(importlib.util.find_spec("wandb") is not None, "logging.wandb.project", wb.project,
-                   "needs the wandb package (pip install 'megatrain[wandb]'), or leave logging.wandb.project empty")
-        if c.resume not in ("auto", "none"):
-            _check(os.path.isdir(c.resume), "checkpoint.resume", c.resume,
-                   "must be auto, none, or an existing checkpoint directory")
-        return self
-
 
     def _validate_eval(self, check_files: bool) -> None:
         e, m, p = self.eval, self.model, self.parallel
@@ -271,21 +310,42 @@ class Config:
         _check(e.micro_batch_size is None or e.micro_batch_size >= 1, "eval.micro_batch_size", e.micro_batch_size,
                "must be >= 1 (or null: data.micro_batch_size)")
         seq = e.seq_len if e.seq_len is not None else self.data.seq_len
-        _check(seq >= 1, "eval.seq_len", seq, "must be >= 1")
-        if m.use_chunking:
-            _check(seq % (m.chunk_size * p.sequence_parallel_size) == 0, "eval.seq_len", seq,
-                   f"must be a multiple of model.chunk_size x parallel.sequence_parallel_size = "
-                   f"{m.chunk_size} x {p.sequence_parallel_size}")
-        try:
-            m.check_attention_span(seq // p.sequence_parallel_size)
-        except ValueError as err:
-            raise ConfigError(f"eval.seq_len={seq}: {err}") from None
+        _at_least("eval.seq_len", seq, 1)
+        _window(seq, p.sequence_parallel_size, m, "eval.seq_len", seq)
         if check_files:
             for key, src in [("eval.shards", e.shards)] if e.shards else \
                     [(f"eval.sources[{i}].shards", s["shards"]) for i, s in enumerate(e.sources)]:
                 _check(isinstance(src, str), key, src, "must name one held-out manifest")
                 if not is_url(src):
                     _check(os.path.exists(src), key, src, "no such file or directory")
+
+    def _validate_logging(self) -> None:
+        lg = self.logging
+        _at_least("logging.every_steps", lg.every_steps, 1)
+        _one_of("logging.wandb.mode", lg.wandb.mode, ("offline", "online"))
+        if lg.wandb.project:
+            import importlib.util
+            _check(importlib.util.find_spec("wandb") is not None, "logging.wandb.project", lg.wandb.project,
+                   "needs the wandb package (pip install 'megatrain[wandb]'), or leave logging.wandb.project empty")
+
+    def _validate_checkpoint(self) -> None:
+        c = self.checkpoint
+        _at_least("checkpoint.every_steps", c.every_steps, 1)
+        _at_least("checkpoint.keep_last", c.keep_last, 1)
+        if c.resume not in ("auto", "none"):
+            _check(os.path.isdir(c.resume), "checkpoint.resume", c.resume,
+                   "must be auto, none, or an existing checkpoint directory")
+
+
+def _window(seq_len: int, sp_size: int, m: "ModelCfg", key: str, shown: Any) -> None:
+    """The window rule (megatrain/parallel/sequence.py check_window) as a ConfigError naming ``key``."""
+    from megatrain.parallel.sequence import check_window
+    try:
+        check_window(seq_len, sp_size, m, key=key, shown=shown)
+    except ValueError as e:  # its messages name the keys
+        raise ConfigError(str(e)) from None
+
+
 @dataclass(frozen=True)
 class Stage:
     """One stage of the seq_len schedule: from optimizer step ``step`` on, windows of ``seq_len`` in micro-batches
@@ -397,6 +457,10 @@ def _follow_objective(tree: dict) -> dict:
 def _check(ok: bool, key: str, value: Any, why: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r}: {why}")
+
+
+def _at_least(key: str, value: Any, low: int) -> None:
+    _check(value >= low, key, value, f"must be >= {low}")
 
 
 def _one_of(key: str, value: Any, allowed: tuple) -> None:

@@ -78,14 +78,21 @@ def pretrain_env(extra: dict | None = None) -> dict:
     return env
 
 
-def launch_pretrain(args: list, world: int, log_dir: str, port: int | None = None) -> list:
-    """Start ``world`` ranks of launch/pretrain.py; stdout+stderr of rank r go to ``log_dir/rank{r}.log``."""
+def launch_pretrain(args: list, world: int, log_dir: str, port: int | None = None, env: dict | None = None,
+                    preexec_fn=None) -> list:
+    """Start ``world`` ranks of launch/pretrain.py; stdout+stderr of rank r go to ``log_dir/rank{r}.log``. ``env``:
+    more environment (a PYTHONPATH given there goes first); ``preexec_fn``: run in each child before it starts."""
     port = port or free_port()
     procs = []
     for r in range(world):
         log = open(os.path.join(log_dir, f"rank{r}.log"), "ab")
+        e = pretrain_env(rank_env(r, world, port))
+        if env:
+            e.update({k: v for k, v in env.items() if k != "PYTHONPATH"})
+            if "PYTHONPATH" in env:
+                e["PYTHONPATH"] = env["PYTHONPATH"] + os.pathsep + e["PYTHONPATH"]
         procs.append(subprocess.Popen([sys.executable, PRETRAIN, *args], cwd=ROOT, stdout=log,
-                                      stderr=subprocess.STDOUT, env=pretrain_env(rank_env(r, world, port))))
+                                      stderr=subprocess.STDOUT, env=e, preexec_fn=preexec_fn))
     return procs
 
 

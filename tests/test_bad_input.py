@@ -143,6 +143,15 @@ CASES = [
     ("pretrain-wandb-mode", PRE + " logging.wandb.project=p logging.wandb.mode=cloud",
      ["logging.wandb.mode='cloud'", "offline, online"], ["{out}/run"]),
     ("pretrain-eval-every-negative", PRE + " eval.every_steps=-1", ["eval.every_steps=-1", ">= 0"], ["{out}/run"]),
+    # ---- faults nobody causes (megatrain/train/faults.py): their settings
+    ("pretrain-spike-action", PRE + " train.spike.action=ignore", ["train.spike.action='ignore'", "rollback"],
+     ["{out}/run"]),
+    ("pretrain-spike-recheck-warn", PRE + " train.spike.recheck=true",
+     ["train.spike.recheck=True", "action=skip or rollback"], ["{out}/run"]),
+    ("pretrain-step-timeout", PRE + " train.step_timeout_s=0", ["train.step_timeout_s=0", "> 0"], ["{out}/run"]),
+    ("pretrain-pg-timeout", PRE + " parallel.timeout_s=-5", ["parallel.timeout_s=-5", "> 0"], ["{out}/run"]),
+    ("checkpoints-no-run", "{py} {root}/launch/checkpoints.py {w}/none ls", ["RUN {w}/none", "no such folder"], []),
+    ("checkpoints-no-command", "{py} {root}/launch/checkpoints.py {w}", ["checkpoints: error:"], []),
     ("pretrain-eval-other-tokenizer", "{py} {pretrain} --config {tiny} data.shards={w}/tokshards run_dir={out}/run "
      "model.vocab_size=300 eval.every_steps=2 eval.shards={w}/otherheld",
      ["eval.shards={w}/otherheld", "tokenizer sha256", "must share one tokenizer"], ["{out}/run"]),
@@ -306,6 +315,7 @@ def export_world(world):
 def _run(case, world, tmp_path, prefix=()):
     name, template, expect, absent = case
     fill = dict(py=sys.executable, tools=TOOLS, pretrain=PRETRAIN, sbatch=SBATCH, tiny=TINY, w=world, out=tmp_path,
+                root=ROOT,
                 export=EXPORT, evaluate=EVALUATE, forbidden=FORBIDDEN[-1])
     cmd = list(prefix) + [part.format(**fill) for part in template.split()]
     env = pretrain_env()

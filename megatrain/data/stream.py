@@ -43,6 +43,9 @@ past it). A rank reads the lanes its positions fall in. Memory: a worker holds a
 it reads (shards are kept at their stored uint16/uint32 width). Remote shards (https://, s3://) stream by ranges
 and retry transient failures (remote.py, shards.read_shard).
 
+Skipping: ``stream.skip(n)`` passes over the next n global positions unread (a loss-spike rollback skips the windows
+it rolled back over); ``mark_skipped(first, end, ...)`` records a range of positions not trained on (passed over,
+or handed out for a withheld update) in ``skipped_windows`` (position and token ranges), which the state carries.
 Resume: the state is layout-free: the plan (position = global windows consumed, token slots, per-source epoch,
 lane cursors and ends, weights) plus the settings that define the order (data fingerprints, seed, objective,
 lanes), which must match. Loading it into a stream with any dp_size / dp_rank / num_workers / seq_len continues at
@@ -333,6 +336,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.plan = Plan([s.name for s in self.sources], [lay.total for lay in self.layouts],
                          [s.weight for s in self.sources], lanes)
         self.skipped = 0
+        self.skipped_windows: list[dict] = []  # ranges of positions passed over on purpose (skip / mark_skipped)
         self.resume_note = None  # one line when a resume changed the weights or the seq_len (the trainer prints it)
         self.set_seq_len(seq_len)
 
@@ -350,6 +354,21 @@ class ShardStream(torch.utils.data.IterableDataset):
         # N: windows of one epoch at this seq_len, all ranks together (a mixture: summed over its sources)
         self.global_windows = sum(windows_per_epoch(lay.total, seq_len) for lay in self.layouts)
         self.windows_per_epoch = self.global_windows // self.dp_size
+
+    def skip(self, windows: int) -> None:
+        """Pass over the next ``windows`` global positions at this seq_len without reading them (all ranks call
+        it alike: positions are global; positions only move forward, so this run never hands them out). Call it
+        between iterations; record what was passed over with ``mark_skipped`` (several calls, one range, when the
+        seq_len changes in between)."""
+        for _ in range(windows):
+            self.plan.take(self.seq_len)
+
+    def mark_skipped(self, first: int, end: int, tokens_first: int, tokens_end: int, **note) -> dict:
+        """Record positions [first, end) (tokens [tokens_first, tokens_end)) as windows not trained on, e.g.
+        handed out for a step whose update was withheld."""
+        rec = {"positions": [int(first), int(end)], "tokens": [int(tokens_first), int(tokens_end)], **note}
+        self.skipped_windows.append(rec)
+        return rec
 
     @property
     def position(self) -> int:
@@ -495,6 +514,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         return {"version": STATE_VERSION, "position": self.position, "tokens": self.tokens,
                 "epoch": first.epoch + done, "offset": 0 if done else first.taken,
                 "seq_len": self.seq_len, "windows_per_epoch": self.global_windows, "skipped": self.skipped,
+                "skipped_windows": [dict(r) for r in self.skipped_windows],
                 "sources": sources, **self._settings()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -514,6 +534,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         if int(state.get("seq_len", self.seq_len)) != self.seq_len:
             notes.append(f"seq_len {state['seq_len']} -> {self.seq_len} (continuing at token {plan.tokens})")
         self.plan, self.skipped = plan, int(state.get("skipped", 0))
+        self.skipped_windows = [dict(r) for r in state.get("skipped_windows", [])]
         self.resume_note = "; ".join(notes) or None
 
     def _plan_from_window_state(self, state: dict) -> Plan:

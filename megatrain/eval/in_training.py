@@ -2,7 +2,7 @@
 
 Use (megatrain/train/trainer.py)::
 
-    ev = TrainingEval.build(cfg, groups, device)      # None when eval.every_steps == 0; reads the windows once
+    ev = TrainingEval.build(cfg, groups)              # None when eval.every_steps == 0; reads the windows once
     if ev is not None and ev.due(step, last=step == max_steps):
         rec = ev.run(engine, step)                    # {"step", "eval_loss", "eval_ppl", "eval_bpb", "eval_tokens",
                                                       #  "eval_seconds"}: metrics.jsonl, TensorBoard eval/*, a line
@@ -55,9 +55,10 @@ class TrainingEval:
     heldouts: dict          # name -> HeldOut; one entry named "" for eval.shards
 
     @classmethod
-    def build(cls, cfg, groups, device=None):
+    def build(cls, cfg, groups):
         """The hook of a run, or None (eval.every_steps == 0). Reads the held-out windows now (before the model is
-        built: a bad held-out manifest fails before any heavy work); ValueError naming eval.shards."""
+        built: a bad held-out manifest fails before any heavy work); ValueError naming eval.shards. The windows stay
+        on the host until ``run`` moves each micro-batch to the engine's device."""
         e = cfg.eval
         if e.every_steps == 0:
             return None

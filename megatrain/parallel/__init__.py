@@ -10,7 +10,7 @@ imports checkpointing.py alone, and nothing distributed may come with it (tests/
 _LAZY = {
     **{name: "megatrain.parallel.sequence" for name in (
         "COMM_STATS", "BoundaryHandle", "EMABoundary", "make_ema_boundary", "reduce_sp_loss", "reset_comm_stats",
-        "sum_grads_over", "validate_sp")},
+        "sum_grads_over", "check_window", "validate_sp")},
     "discover": "megatrain.parallel.env",
     "DistEnv": "megatrain.parallel.env",
     "ParallelGroups": "megatrain.parallel.groups",

@@ -164,7 +164,8 @@ def process_group_backend(backend: str, cuda: bool) -> str:
 
 
 def init_process_group(env: DistEnv, backend: str = "auto", timeout_s: float = 600.0) -> str:
-    """Initialise torch.distributed (through DeepSpeed's comm layer, which the engine needs) for ``env``.
+    """Initialise torch.distributed (through DeepSpeed's comm layer, which the engine needs) for ``env``;
+    ``timeout_s``: how long a collective may wait (config parallel.timeout_s).
 
     Returns the backend used. On CPU, DeepSpeed's shared-memory all-reduce op is switched off first: it is only
     used by inference all-reduce, and building it would JIT-compile C++ (~4 min) on the first launch."""
@@ -187,9 +188,17 @@ def init_process_group(env: DistEnv, backend: str = "auto", timeout_s: float = 6
         torch.cuda.set_device(env.local_rank)
     else:
         disable_deepspeed_shm_op()
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun (--max-restarts) keeps its store across restarts of the workers: a restarted group that used it
+        # as is would read the dead attempt's addresses ("Connection refused"). One key space per attempt; DeepSpeed
+        # then takes the group as it finds it.
+        import torch.distributed as dist
+        store = dist.PrefixStore(f"megatrain/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}",
+                                 dist.TCPStore(env.master_addr, env.master_port, is_master=False, timeout=timeout))
+        dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
     import deepspeed
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                               timeout=datetime.timedelta(seconds=timeout_s))
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
     return backend
 
 

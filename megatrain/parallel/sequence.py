@@ -64,6 +64,7 @@ benchmarks without DeepSpeed sum over the SP group with `sum_grads_over`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Iterable, NamedTuple, Optional
 
 import torch
@@ -82,6 +83,7 @@ __all__ = [
     "reduce_sp_loss",
     "reset_comm_stats",
     "sum_grads_over",
+    "check_window",
     "validate_sp",
 ]
 
@@ -93,35 +95,51 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 # ----------------------------------------------------------------------------------------------------------------
 # Validation (the trainer calls this before building anything)
 # ----------------------------------------------------------------------------------------------------------------
+def check_window(seq_len: int, sp_size: int, model, *, key: str = "data.seq_len", shown=None) -> int:
+    """The window rule, once (training stages, in-training evaluation and SP all obey it): a window of
+    ``seq_len`` tokens splits into ``sp_size`` contiguous slices of whole chunks (windows are never padded; SP > 1
+    also needs the model's state-carry rule), and the attention span at the slice length fits the model. Returns
+    the slice length; ValueError naming ``key`` (shown as ``shown``, default the length) and what is expected.
+    ``model``: a MegaConfig (or anything with its chunking fields; ``check_attention_span`` when it has one)."""
+    shown = seq_len if shown is None else shown
+    for name, value in ((key, seq_len), ("parallel.sequence_parallel_size", sp_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {shown if name == key else value!r}")
+    chunk, chunking = model.chunk_size, model.use_chunking
+    if seq_len % sp_size:
+        raise ValueError(f"{key}={shown} is not divisible by parallel.sequence_parallel_size={sp_size}")
+    slice_len = seq_len // sp_size
+    if sp_size > 1:
+        problem = MegaConfig.state_carry_problem(chunking, getattr(model, "truncation", None),
+                                                 getattr(model, "normalization_type", None))
+        if problem is not None:
+            field, why = problem
+            if field == "use_chunking":
+                raise ValueError(f"parallel.sequence_parallel_size={sp_size} needs model.use_chunking=True "
+                                 f"(got use_chunking={chunking!r}): {why}")
+            raise ValueError(f"model.{field}={getattr(model, field)!r} is not supported with sequence "
+                             f"parallelism: {why}")
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"model.chunk_size must be a positive integer with sequence parallelism, got {chunk!r}")
+    if chunking and slice_len % chunk:
+        raise ValueError(f"{key}={shown}: must be a multiple of model.chunk_size={chunk}" if sp_size == 1 else
+                         f"{key}={shown}: SP slice length {seq_len}/{sp_size} = {slice_len} is not a multiple of "
+                         f"model.chunk_size={chunk} (must be a multiple of model.chunk_size x "
+                         f"parallel.sequence_parallel_size = {chunk} x {sp_size})")
+    if hasattr(model, "check_attention_span"):
+        try:
+            model.check_attention_span(slice_len)
+        except ValueError as e:
+            raise ValueError(f"{key}={shown}: {e}") from None
+    return slice_len
+
+
 def validate_sp(seq_len: int, sp_size: int, chunk_size: int, use_chunking: bool,
                 *, truncation: Optional[int] = None, normalization_type: Optional[str] = None) -> int:
-    """Check that a window of `seq_len` tokens can be split exactly over `sp_size` ranks; return the slice length.
-
-    `truncation` / `normalization_type` are the model's (optional: checked when given) for the state-carry rule,
-    which lives in MegaConfig.state_carry_problem. Raises ValueError naming the offending key and value.
-    """
-    for key, value in (("data.seq_len", seq_len), ("parallel.sequence_parallel_size", sp_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{key} must be a positive integer, got {value!r}")
-    if seq_len % sp_size:
-        raise ValueError(f"data.seq_len={seq_len} is not divisible by parallel.sequence_parallel_size={sp_size}")
-    slice_len = seq_len // sp_size
-    if sp_size == 1:
-        return slice_len
-    problem = MegaConfig.state_carry_problem(use_chunking, truncation, normalization_type)
-    if problem is not None:
-        field, why = problem
-        if field == "use_chunking":
-            raise ValueError(f"parallel.sequence_parallel_size={sp_size} needs model.use_chunking=True "
-                             f"(got use_chunking={use_chunking!r}): {why}")
-        value = truncation if field == "truncation" else normalization_type
-        raise ValueError(f"model.{field}={value!r} is not supported with sequence parallelism: {why}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"model.chunk_size must be a positive integer with sequence parallelism, got {chunk_size!r}")
-    if slice_len % chunk_size:
-        raise ValueError(f"SP slice length data.seq_len/sequence_parallel_size = {seq_len}/{sp_size} = {slice_len} "
-                         f"is not a multiple of model.chunk_size={chunk_size}")
-    return slice_len
+    """``check_window`` for a layout given field by field (no attention-span check); returns the slice length."""
+    return check_window(seq_len, sp_size, SimpleNamespace(chunk_size=chunk_size, use_chunking=use_chunking,
+                                                          truncation=truncation,
+                                                          normalization_type=normalization_type))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -15,20 +15,23 @@ Layout of ``<dir>``::
 
     latest                      text file naming the newest *complete* tag; replaced atomically (megatrain.io)
     step00000040/               DeepSpeed's files (model, optimizer / ZeRO shards, LR schedule position)
-        trainer_rank00000.pt    this rank's data-loader state, RNG states, counters, layout
+        trainer_rank00000.pt    this rank's data-loader state, RNG states, counters, spike history, layout (plain
+                                types and tensors only: it loads with torch.load(weights_only=True))
         config.yaml             the resolved run config
-        manifest.json           written last (before ``latest`` moves): every file above with its size, the layout
+        manifest.json           written last (before ``latest`` moves): every file above with its size and its
+                                xxh3-64 checksum (each rank hashes a share of the files), the layout
         universal/              made on demand: the DeepSpeed universal checkpoint of this tag (elastic resume)
 
 Guarantees:
 * A crash or kill mid-save leaves ``latest`` on the previous tag, which is only deleted (retention) after the new
   one is complete and ``latest`` points at it.
-* ``resume=auto`` takes the newest tag not newer than ``latest`` whose files match its manifest (presence and size:
-  a stat per file, no reads); each one skipped is named in a warning line; none complete is a one-line error.
-  Tags newer than ``latest`` (or, without ``latest``, tags without a manifest) are interrupted saves: ignored.
-  Sizes catch truncated and missing files, not bit flips inside a file of the right size.
-* A save that cannot write (folder unwritable, disk full before DeepSpeed starts) is a one-line error on every rank
-  and ``latest`` keeps naming the previous checkpoint.
+* ``resume=auto`` takes the newest tag not newer than ``latest`` whose files match its manifest: presence and size
+  (a stat per file), then the checksums (every rank reads and hashes a share of the files); each one skipped is
+  named in a warning line with the file that did not match; none complete is a one-line error. Tags newer than
+  ``latest`` (or, without ``latest``, tags without a manifest) are interrupted saves: ignored.
+* A save that cannot write (folder unwritable, disk full, a file-size limit: whatever DeepSpeed or torch.save
+  raises) is a one-line error on every rank (CheckpointError) and ``latest`` keeps naming the previous checkpoint,
+  which is intact (retention runs only after a complete save).
 * Elastic resume (another world size / SP size): ZeRO model + optimizer state through DeepSpeed's universal
   checkpoint (``deepspeed.checkpoint.ds_to_universal``, converted once per tag, then ``checkpoint.load_universal``);
   ZeRO-0 state is whole on every rank and loads as is. The loader state comes from rank 0's file (the stream state
@@ -41,6 +44,7 @@ import contextlib
 import io
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -51,6 +55,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+import xxhash
 
 from megatrain.config import ConfigError
 from megatrain.io import atomic_write
@@ -59,7 +64,8 @@ LATEST = "latest"
 MANIFEST = "manifest.json"
 UNIVERSAL = "universal"
 TAG_RE = re.compile(r"^step(\d{8})$")
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: {"bytes", "xxh3_64"} per file; 1: bytes only
+HASH_BLOCK = 8 << 20
 
 
 class CheckpointError(ConfigError):
@@ -72,7 +78,10 @@ def tag_for(step: int) -> str:
 
 
 def rng_state() -> dict:
-    s = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every generator's state as tensors and plain Python values (loadable with weights_only=True)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    s = {"torch": torch.get_rng_state(), "python": random.getstate(),
+         "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))}
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state_all()
     return s
@@ -81,9 +90,44 @@ def rng_state() -> dict:
 def set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
     random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    name, keys, *rest = s["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), *rest))
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def plain(obj):
+    """numpy scalars/arrays -> Python numbers/lists, recursively (what torch.load(weights_only=True) accepts)."""
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain(v) for v in obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return obj
+
+
+def load_rank_file(path: str) -> dict:
+    """A trainer_rank*.pt file, with weights_only=True. Files written before RNG states were plain hold numpy's
+    state as an ndarray: allowed by name for those (numpy's array reconstruction only)."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:
+        from numpy.core.multiarray import _reconstruct
+        dtypes = [type(np.dtype(t)) for t in ("uint32", "int64", "float64")]
+        with torch.serialization.safe_globals([_reconstruct, np.ndarray, np.dtype, *dtypes]):
+            return torch.load(path, weights_only=True)
+
+
+def file_hash(path: str) -> str:
+    """xxh3-64 of a file's bytes (hex): a fast non-cryptographic checksum (bit rot, torn copies; not tampering)."""
+    h = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        while block := f.read(HASH_BLOCK):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_latest(ckpt_dir: str) -> Optional[str]:
@@ -101,7 +145,7 @@ def write_latest(ckpt_dir: str, tag: str) -> None:
     atomic_write(os.path.join(ckpt_dir, LATEST), tag, fsync=True)
 
 
-# ---- manifest: "complete" checkable with one stat per file ----
+# ---- manifest: sizes (a stat per file) and checksums (a read) ----
 def _tag_files(tag_dir: str) -> dict:
     """{relative path: bytes} of a tag's files, without the manifest, temporaries and the derived universal/."""
     out = {}
@@ -116,9 +160,23 @@ def _tag_files(tag_dir: str) -> dict:
     return dict(sorted(out.items()))
 
 
-def write_manifest(tag_dir: str, step: int, layout: dict) -> None:
+def hash_share(tag_dir: str, rank: int = 0, world: int = 1) -> dict:
+    """{relative path: {"bytes", "xxh3_64"}} of every world-th file of the tag, from the rank-th (all: 0, 1)."""
+    files = list(_tag_files(tag_dir).items())[rank::world]
+    return {rel: {"bytes": size, "xxh3_64": file_hash(os.path.join(tag_dir, rel))} for rel, size in files}
+
+
+def write_manifest(tag_dir: str, step: int, layout: dict, files: Optional[dict] = None) -> None:
+    """``files``: the checksummed entries (hash_share of every rank); None: hash them all here."""
+    files = hash_share(tag_dir) if files is None else files
     atomic_write(os.path.join(tag_dir, MANIFEST), json.dumps(
-        {"format": MANIFEST_FORMAT, "step": step, "layout": layout, "files": _tag_files(tag_dir)}, indent=1), fsync=True)
+        {"format": MANIFEST_FORMAT, "step": step, "layout": layout, "files": dict(sorted(files.items()))},
+        indent=1), fsync=True)
+
+
+def _entry(v) -> tuple:
+    """(bytes, xxh3_64 or None) of a manifest entry of either format."""
+    return (v["bytes"], v.get("xxh3_64")) if isinstance(v, dict) else (v, None)
 
 
 def read_manifest(tag_dir: str) -> Optional[dict]:
@@ -129,36 +187,60 @@ def read_manifest(tag_dir: str) -> Optional[dict]:
         return json.load(f)
 
 
-def verify(tag_dir: str) -> Optional[str]:
-    """None if every file the manifest lists is there with its size; else what is wrong, in a few words."""
+def verify(tag_dir: str, checksums: bool = False, rank: int = 0, world: int = 1) -> Optional[str]:
+    """None if every file the manifest lists is there with its size (and, with ``checksums``, the rank-th of every
+    world files hashes to its checksum); else what is wrong, in a few words naming the file."""
     try:
         manifest = read_manifest(tag_dir)
     except (OSError, ValueError) as e:
         return f"{MANIFEST} unreadable ({e})"
     if manifest is None:
         return f"no {MANIFEST} (the save did not finish)"
-    for rel, size in manifest.get("files", {}).items():
+    entries = list(manifest.get("files", {}).items())
+    for rel, v in entries:
+        size = _entry(v)[0]
         path = os.path.join(tag_dir, rel)
         if not os.path.exists(path):
             return f"{rel} is missing"
         got = os.path.getsize(path)
         if got != size:
             return f"{rel} has {got} bytes, the manifest says {size} (truncated or rewritten)"
+    if checksums:
+        for rel, v in entries[rank::world]:
+            want = _entry(v)[1]
+            if want is not None:
+                got = file_hash(os.path.join(tag_dir, rel))
+                if got != want:
+                    return f"{rel} has checksum {got}, the manifest says {want} (corrupted)"
     return None
 
 
-def _steps_desc(ckpt_dir: str) -> list:
+def verify_collective(tag_dir: str) -> Optional[str]:
+    """verify(checksums=True) with the reads shared by every rank of the process group (any rank's problem)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    why = verify(tag_dir, checksums=True, rank=rank, world=world)
+    if world == 1:
+        return why
+    whys = [None] * world
+    dist.all_gather_object(whys, why)
+    return next((w for w in whys if w), None)
+
+
+def step_tags(ckpt_dir: str) -> list:
+    """The step######## folders of a checkpoint directory, newest first."""
     tags = [t for t in os.listdir(ckpt_dir) if TAG_RE.match(t) and os.path.isdir(os.path.join(ckpt_dir, t))]
     return sorted(tags, reverse=True)
 
 
-def choose_auto(ckpt_dir: str) -> tuple:
-    """(tag or None, [warning lines]) for ``resume=auto``; raises CheckpointError when ``latest`` exists but no
-    checkpoint up to it is complete."""
+def auto_candidates(ckpt_dir: str) -> tuple:
+    """(``latest`` or None, [tags to try, newest first], [warning lines]) for ``resume=auto``: tags newer than
+    ``latest`` are saves that did not finish (never taken, not worth a warning); without ``latest``, tags without a
+    manifest are interrupted saves."""
     if not os.path.isdir(ckpt_dir):
-        return None, []
+        return None, [], []
     warnings = []
-    tags = _steps_desc(ckpt_dir)
+    tags = step_tags(ckpt_dir)
     latest_path = os.path.join(ckpt_dir, LATEST)
     latest = None
     if os.path.exists(latest_path):
@@ -167,23 +249,59 @@ def choose_auto(ckpt_dir: str) -> tuple:
         if latest not in tags:
             warnings.append(f"{latest_path} names {latest!r}, which is not a checkpoint folder in {ckpt_dir}")
     if latest is None:
-        # No pointer ever written (or it was deleted): a tag with a manifest is a complete save whose pointer move
-        # was lost; one without is an interrupted save.
-        candidates = [t for t in tags if os.path.exists(os.path.join(ckpt_dir, t, MANIFEST))]
-    else:
-        # newer tags than `latest` are saves that did not finish: never taken, not worth a warning
-        candidates = [t for t in tags if t <= latest]
+        return None, [t for t in tags if os.path.exists(os.path.join(ckpt_dir, t, MANIFEST))], warnings
+    return latest, [t for t in tags if t <= latest], warnings
+
+
+def choose_auto(ckpt_dir: str, checksums: bool = True, verify_fn=None) -> tuple:
+    """(tag or None, [warning lines]) for ``resume=auto``: the newest candidate whose sizes and (``checksums``)
+    checksums match its manifest; raises CheckpointError when ``latest`` exists but no checkpoint up to it is
+    complete. ``verify_fn(tag_dir) -> why | None``: the checksum check (default: ``verify`` here, alone)."""
+    latest, candidates, warnings = auto_candidates(ckpt_dir)
     for t in candidates:
         tag_dir = os.path.join(ckpt_dir, t)
-        why = verify(tag_dir)
+        why = verify(tag_dir)  # sizes first: a stat per file
+        if why is None and checksums:
+            why = verify_fn(tag_dir) if verify_fn is not None else verify(tag_dir, checksums=True)
         if why is None:
             return t, warnings
         warnings.append(f"checkpoint {tag_dir} skipped: {why}")
     if latest is not None:
-        raise CheckpointError(f"checkpoint.resume=auto: no complete checkpoint in {ckpt_dir} ("
-                              + "; ".join(warnings or [f"{latest_path} names {latest!r}"])
-                              + "); set checkpoint.resume=none to start afresh")
+        raise CheckpointError(no_complete(ckpt_dir, latest, warnings))
     return None, warnings
+
+
+def no_complete(ckpt_dir: str, latest: str, warnings: list) -> str:
+    return (f"checkpoint.resume=auto: no complete checkpoint in {ckpt_dir} ("
+            + "; ".join(warnings or [f"{os.path.join(ckpt_dir, LATEST)} names {latest!r}"])
+            + "); set checkpoint.resume=none to start afresh")
+
+
+def prune(ckpt_dir: str, keep_last: int, keep: str, dry_run: bool = False) -> list:
+    """Delete the oldest tags so that ``keep_last`` remain, never ``keep`` (the tag ``latest`` names, even if a
+    newer incomplete one exists). Returns the tags deleted (or, ``dry_run``, that would be)."""
+    old = [t for t in step_tags(ckpt_dir)[::-1] if t != keep]
+    old = old[: max(0, len(old) + 1 - keep_last)]
+    if not dry_run:
+        for t in old:
+            shutil.rmtree(os.path.join(ckpt_dir, t), ignore_errors=True)
+    return old
+
+
+def describe(tag_dir: str) -> dict:
+    """What ``launch/checkpoints.py ls`` shows of a tag: step, tokens, files, bytes, layout (None where unknown)."""
+    out = {"tag": os.path.basename(tag_dir), "step": None, "tokens": None, "files": None, "bytes": None,
+           "layout": None}
+    m = TAG_RE.match(out["tag"])
+    out["step"] = int(m.group(1)) if m else None
+    with contextlib.suppress(OSError, ValueError):
+        manifest = read_manifest(tag_dir)
+        if manifest is not None:
+            sizes = [_entry(v)[0] for v in manifest.get("files", {}).values()]
+            out.update(step=manifest.get("step"), files=len(sizes), bytes=sum(sizes), layout=manifest.get("layout"))
+    with contextlib.suppress(Exception):  # an unreadable rank file: tokens unknown
+        out["tokens"] = load_rank_file(os.path.join(tag_dir, "trainer_rank00000.pt"))["counters"]["tokens"]
+    return out
 
 
 LAYOUT_KEYS = ("world_size", "sp_size", "dp_size", "zero_stage")  # what a checkpoint's layout records
@@ -241,6 +359,26 @@ class ResumePlan:
         return os.path.join(self.load_dir, self.tag)
 
 
+def _one_line(e: Exception) -> str:
+    """An exception as one line (torch's write errors carry a C++ context over several lines)."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}"
+
+
+def _write_limits(folder: str) -> str:
+    """Why a write may have failed, when torch's error does not say (its C++ writer reports only a position)."""
+    import resource
+    notes = []
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if soft != resource.RLIM_INFINITY:
+        notes.append(f"this process has a file-size limit of {soft} bytes (ulimit -f)")
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(folder).free
+        if free < 1 << 30:
+            notes.append(f"{free} bytes free on the checkpoint disk")
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
 def _warn(msg: str) -> None:
     print(f"resume: warning: {msg}", file=sys.stderr, flush=True)
 
@@ -266,7 +404,7 @@ class Checkpointer:
                     shutil.rmtree(tag_dir)
                 os.makedirs(tag_dir)
             except OSError as e:
-                err = f"{type(e).__name__}: {e}"
+                err = _one_line(e)
         self._agree(err, step)
         err = None
         try:
@@ -275,25 +413,35 @@ class Checkpointer:
                 f.write(b"\0" * 4096)
             os.remove(probe)
         except OSError as e:
-            err = f"{type(e).__name__}: {e}"
+            err = _one_line(e)
         self._agree(err, step)
         # 2. DeepSpeed writes the model/optimizer (ZeRO: one shard per rank); its own `latest` is off: ours is
         #    atomic and moves only after the manifest. The universal-checkpoint info makes the tag convertible.
         err = None
         try:
             engine.save_checkpoint(self.dir, tag=tag, client_state=universal_info(), save_latest=False)
-            torch.save({**rank_state, "step": step, "rng": rng_state()}, self._rank_file(tag))
+            torch.save(plain({**rank_state, "step": step, "rng": rng_state()}), self._rank_file(tag))
             if self.rank == 0:
                 config.save(os.path.join(tag_dir, "config.yaml"))
-        except OSError as e:
-            err = f"{type(e).__name__}: {e}"
+        except Exception as e:  # OSError, or torch's RuntimeError around a failed write (disk full, file-size limit)
+            err = _one_line(e) + _write_limits(self.dir)
         self._agree(err, step)  # also the barrier: every rank's files are on disk
+        # 3. Checksums: every rank hashes a share of the files (right after writing: mostly from the page cache).
+        share, err = {}, None
+        try:
+            share = hash_share(tag_dir, self.rank, dist.get_world_size())
+        except OSError as e:
+            err = _one_line(e)
+        shares = [None] * dist.get_world_size()
+        dist.all_gather_object(shares, (err, share))
+        self._agree(next((e for e, _ in shares if e), None), step)
+        # 4. The manifest, then `latest`; retention only after both.
         if self.rank == 0:
             try:
-                write_manifest(tag_dir, step, rank_state["layout"])
+                write_manifest(tag_dir, step, rank_state["layout"], {k: v for _, sh in shares for k, v in sh.items()})
                 write_latest(self.dir, tag)
             except OSError as e:
-                err = f"{type(e).__name__}: {e}"
+                err = _one_line(e)
             else:
                 self._prune(keep=tag)
         self._agree(err if self.rank == 0 else None, step)
@@ -314,45 +462,57 @@ class Checkpointer:
                                   f"{prev or 'no checkpoint'}")
 
     def _prune(self, keep: str) -> None:
-        tags = sorted(t for t in os.listdir(self.dir) if TAG_RE.match(t) and os.path.isdir(os.path.join(self.dir, t)))
-        # never delete the tag `latest` points at, even if a newer incomplete one exists
-        old = [t for t in tags if t != keep][: max(0, len(tags) - self.keep_last)]
-        for t in old:
-            shutil.rmtree(os.path.join(self.dir, t), ignore_errors=True)
+        prune(self.dir, self.keep_last, keep)
 
     # ---- resume ----
     def resolve(self, resume: str) -> Optional[tuple]:
-        """(load_dir, tag) to resume from, or None for a fresh start. Prints a warning line for each newer
-        checkpoint skipped as incomplete; raises CheckpointError when nothing complete can be found."""
+        """Collective: (load_dir, tag) to resume from, or None for a fresh start. Rank 0 lists the candidates
+        (sizes: a stat per file), then every rank hashes a share of each candidate's files until one matches its
+        manifest. Rank 0 prints a warning line for each checkpoint skipped; CheckpointError (on every rank) when
+        nothing complete can be found."""
         if resume == "none":
             return None
-        if resume == "auto":
-            tag, warnings = choose_auto(self.dir)
-            for w in warnings:
-                _warn(w)
-            return (self.dir, tag) if tag else None
-        path = os.path.normpath(resume)
-        if not os.path.isdir(path):
-            raise CheckpointError(f"checkpoint.resume={resume!r}: no such checkpoint directory")
-        why = verify(path)
-        if why is not None:
-            raise CheckpointError(f"checkpoint.resume={resume!r}: incomplete checkpoint: {why}")
-        return os.path.dirname(path), os.path.basename(path)
-
-    def plan(self, resume: str, layout: dict) -> Optional[ResumePlan]:
-        """Collective. Rank 0 picks the checkpoint (and prints any warning) and tells the others; every rank gets
-        the same plan. Call before deepspeed.initialize: a universal load is a DeepSpeed config setting."""
         box = [None]
         if self.rank == 0:
             try:
-                box[0] = ("ok", self.resolve(resume))
+                if resume == "auto":
+                    latest, tags, warnings = auto_candidates(self.dir)
+                    box[0] = ("ok", self.dir, [(t, verify(os.path.join(self.dir, t))) for t in tags], warnings,
+                              latest)
+                else:
+                    path = os.path.normpath(resume)
+                    if not os.path.isdir(path):
+                        raise CheckpointError(f"checkpoint.resume={resume!r}: no such checkpoint directory")
+                    box[0] = ("ok", os.path.dirname(path), [(os.path.basename(path), verify(path))], [], None)
             except (CheckpointError, OSError) as e:
                 box[0] = ("error", str(e))
         if dist.is_initialized():
             dist.broadcast_object_list(box, src=0)
-        kind, where = box[0]
-        if kind == "error":
-            raise CheckpointError(where)
+        if box[0][0] == "error":
+            raise CheckpointError(box[0][1])
+        _, load_dir, tags, warnings, latest = box[0]
+        found = None
+        for tag, why in tags:
+            tag_dir = os.path.join(load_dir, tag)
+            if why is None:
+                why = verify_collective(tag_dir)
+            if why is None:
+                found = tag
+                break
+            if resume != "auto":
+                raise CheckpointError(f"checkpoint.resume={resume!r}: incomplete checkpoint: {why}")
+            warnings.append(f"checkpoint {tag_dir} skipped: {why}")
+        if self.rank == 0:
+            for w in warnings:
+                _warn(w)
+        if found is None and latest is not None:
+            raise CheckpointError(no_complete(load_dir, latest, warnings))
+        return None if found is None else (load_dir, found)
+
+    def plan(self, resume: str, layout: dict) -> Optional[ResumePlan]:
+        """Collective: every rank gets the same plan (``resolve``). Call before deepspeed.initialize: a universal
+        load is a DeepSpeed config setting."""
+        where = self.resolve(resume)
         if where is None:
             return None
         load_dir, tag = where
@@ -395,7 +555,7 @@ class Checkpointer:
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {os.path.join(load_dir, tag)}")
         if plan.layout_changed:
-            return torch.load(os.path.join(plan.tag_dir, "trainer_rank00000.pt"), weights_only=False)
-        state = torch.load(os.path.join(plan.tag_dir, f"trainer_rank{self.rank:05d}.pt"), weights_only=False)
+            return load_rank_file(os.path.join(plan.tag_dir, "trainer_rank00000.pt"))
+        state = load_rank_file(os.path.join(plan.tag_dir, f"trainer_rank{self.rank:05d}.pt"))
         set_rng_state(state["rng"])
         return state

@@ -14,6 +14,10 @@ since the first step of this process, checkpoint saves included).
 
 On resume, ``metrics.jsonl`` is cut back to the steps the checkpoint covers, so the file always holds one
 trajectory: lines written by a killed run after its last checkpoint are dropped, then re-made by the resumed run.
+A loss-spike rollback cuts it back the same way (``rewind``) and writes one ``"event": "rollback"`` line (the spike,
+the checkpoint, the skipped windows) at the step it returned to. Besides the step's figures a line may carry
+``rank_seconds`` (every rank's busy time, runs of more than one rank), ``spike`` (train.spike's verdict),
+``withheld`` + ``skipped_windows`` (a skipped spike) and ``nonfinite``.
 """
 from __future__ import annotations
 
@@ -35,8 +39,10 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
 
-def truncate_metrics(path: str, last_step: int) -> None:
-    """Keep only lines with ``step <= last_step`` (and drop a torn last line from a crash)."""
+def truncate_metrics(path: str, last_step: int, resume: bool = True) -> None:
+    """Keep only lines with ``step <= last_step`` (and drop a torn last line from a crash). A rollback line at step
+    s (``"event": "rollback"``) was written after the checkpoint of step s: a ``resume`` there drops it too (the
+    resumed run makes it again); a rollback to s keeps the earlier ones."""
     if not os.path.exists(path):
         return
     keep = []
@@ -46,7 +52,8 @@ def truncate_metrics(path: str, last_step: int) -> None:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 break  # a torn write can only be the last line
-            if rec.get("step", 0) <= last_step:
+            step = rec.get("step", 0)
+            if step < last_step or step == last_step and not (resume and rec.get("event") == "rollback"):
                 keep.append(json.dumps(rec) + "\n")
     with atomic_file(path) as f:
         f.writelines(keep)
@@ -78,6 +85,8 @@ class StepResult:
     skipped_steps: int           # the engine's running count
     seconds: float
     sp_comm_bytes: Optional[int] = None  # EMA boundary bytes this rank sent (sequence parallelism only)
+    withheld: bool = False       # a loss spike: the update was withheld on purpose (train.spike)
+    busy_seconds: float = 0.0    # this rank's time to the step's loss reduction (per-rank times, stragglers)
 
 
 def _finite_or_none(v: Optional[float]) -> Optional[float]:
@@ -89,7 +98,9 @@ def step_record(step: int, tokens: int, res: StepResult, tokens_per_step: int, w
     """The metrics.jsonl line of one step. Non-finite values are logged as null (strict JSON), the step marked."""
     rec = {"step": step, "loss": _finite_or_none(res.loss), "lr": res.lr, "grad_norm": _finite_or_none(res.grad_norm),
            "tokens": tokens, "tokens_per_s": tokens_per_step / res.seconds, "skipped_steps": res.skipped_steps}
-    if not res.applied:
+    if res.withheld:
+        rec["withheld"] = True
+    elif not res.applied:
         rec["nonfinite"] = True
     if res.sp_comm_bytes is not None:  # independent of seq_len
         rec["sp_comm_bytes"] = res.sp_comm_bytes
@@ -122,7 +133,7 @@ class MetricsLogger:
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
-        path = os.path.join(run_dir, METRICS_FILE)
+        path = self._path = os.path.join(run_dir, METRICS_FILE)
         truncate_metrics(path, resume_step) if resume_step > 0 else open(path, "w").close()
         self._file = open(path, "a")
         if tensorboard:
@@ -154,6 +165,25 @@ class MetricsLogger:
         self._file.flush()
         self._scalars(rec, tb_prefix, lambda k: k.split("_", 1)[-1])
         print(line, file=self.stream, flush=True)
+
+    def log_event(self, rec: dict) -> None:
+        """A record that is not a step's (e.g. a rollback, ``"event"`` names it): metrics.jsonl only (the trainer
+        prints its own line)."""
+        if self.enabled:
+            self._file.write(json.dumps(rec) + "\n")
+            self._file.flush()
+
+    def rewind(self, step: int) -> None:
+        """Cut metrics.jsonl (and TensorBoard) back to ``step``: the run went back to that step's checkpoint."""
+        if not self.enabled:
+            return
+        self._file.close()
+        truncate_metrics(self._path, step, resume=False)
+        self._file = open(self._path, "a")
+        if self._tb is not None:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb.close()
+            self._tb = SummaryWriter(self._tb.log_dir, purge_step=step + 1)
 
     def _scalars(self, rec: dict, prefix: str, name) -> None:
         """The record's numbers as TensorBoard (and W&B) scalars ``prefix/name(key)`` at its step."""

@@ -182,3 +182,87 @@ def test_metrics_truncated_on_resume(tmp_path):
     assert [(r["step"], r["loss"]) for r in read_metrics(str(path))] == [(1, 1.0), (2, 0.5), (3, 0.5)]
     MetricsLogger(str(tmp_path), enabled=True, tensorboard=False, resume_step=0).close()  # fresh run: empty
     assert read_metrics(str(path)) == []
+
+
+def test_checksums_catch_a_flipped_byte_and_auto_falls_back(tmp_path, capsys):
+    """A bit flip inside a file of the right size: the manifest's xxh3-64 names the file; resume=auto takes the
+    previous checkpoint with a warning line naming it. A manifest of the first format (sizes only) still verifies."""
+    d = str(tmp_path)
+    for s in (2, 4):
+        fake_tag(d, s)
+    write_latest(d, tag_for(4))
+    path = os.path.join(d, tag_for(4), "mp_rank_00_model_states.pt")
+    with open(path, "r+b") as f:
+        f.seek(50)
+        f.write(b"y")
+    assert verify(os.path.join(d, tag_for(4))) is None  # sizes alone cannot see it
+    assert verify(os.path.join(d, tag_for(4)), checksums=True).startswith(
+        "mp_rank_00_model_states.pt has checksum ")
+    assert Checkpointer(d, keep_last=2, rank=0).resolve("auto") == (d, tag_for(2))
+    err = capsys.readouterr().err
+    assert f"checkpoint {d}/{tag_for(4)} skipped: mp_rank_00_model_states.pt has checksum" in err and \
+        "(corrupted)" in err
+    manifest = os.path.join(d, tag_for(2), MANIFEST)
+    m = json.load(open(manifest))
+    json.dump({**m, "format": 1, "files": {k: v["bytes"] for k, v in m["files"].items()}}, open(manifest, "w"))
+    assert verify(os.path.join(d, tag_for(2)), checksums=True) is None
+
+
+def test_rank_file_loads_with_weights_only(tmp_path):
+    """The trainer's own file holds tensors and plain values only: RNG states (numpy's too) survive the round trip."""
+    import random
+    import numpy as np
+    import torch
+    from megatrain.train.checkpoint import load_rank_file, plain, rng_state, set_rng_state
+    np.random.seed(3)
+    random.seed(3)
+    state = {"loader": {"position": np.int64(7), "cursors": np.arange(3)}, "rng": rng_state()}
+    torch.save(plain(state), tmp_path / "r.pt")
+    back = torch.load(tmp_path / "r.pt", weights_only=True)
+    assert back["loader"] == {"position": 7, "cursors": [0, 1, 2]}
+    want = (np.random.rand(), random.random())
+    set_rng_state(load_rank_file(str(tmp_path / "r.pt"))["rng"])
+    assert (np.random.rand(), random.random()) == want
+    legacy = {"rng": {**rng_state(), "numpy": np.random.get_state()}}  # written before: numpy's ndarray
+    torch.save(legacy, tmp_path / "old.pt")
+    set_rng_state(load_rank_file(str(tmp_path / "old.pt"))["rng"])
+
+
+@pytest.mark.slow
+def test_checkpoints_cli(tmp_path, tiny_shards):
+    """launch/checkpoints.py on a real run: ls (step, tokens, size, latest), verify (a flipped byte: exit 1, the
+    file named), prune (latest stays), to-universal; bad input: one line, exit 2."""
+    import subprocess
+    import sys
+    from tests.dist_util import launch_pretrain, pretrain_env, wait_all
+    from tests.tiny_data import ROOT, TINY
+    d = tmp_path / "run"
+    d.mkdir()
+    wait_all(launch_pretrain(["--config", TINY, f"data.shards={tiny_shards}", f"run_dir={d}", "train.max_steps=6",
+                              "checkpoint.every_steps=2", "checkpoint.keep_last=3", "parallel.zero_stage=1",
+                              "logging.tensorboard=false"], 1, str(d)), 300, str(d))
+
+    def cli(*args):
+        return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "checkpoints.py"), *args],
+                              capture_output=True, text=True, env=pretrain_env(), timeout=300)
+
+    out = cli(str(d), "ls")
+    rows = out.stdout.splitlines()[1:]
+    assert out.returncode == 0 and [r.split()[:3] for r in rows] == \
+        [[tag_for(s), str(s), str(s * 64)] for s in (2, 4, 6)] and rows[-1].endswith("<- latest")
+    assert cli(str(d), "verify").stdout.splitlines() == [f"{tag_for(s)}: ok" for s in (2, 4, 6)]
+    with open(d / "checkpoints" / tag_for(4) / "trainer_rank00000.pt", "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    bad = cli(str(d / "checkpoints"), "verify", tag_for(4))
+    assert bad.returncode == 1 and bad.stdout.startswith(f"{tag_for(4)}: trainer_rank00000.pt has checksum")
+    assert cli(str(d), "prune", "--keep", "1").stdout.strip() == f"deleted: {tag_for(2)}, {tag_for(4)}"
+    assert sorted(x for x in os.listdir(d / "checkpoints") if x.startswith("step")) == [tag_for(6)]
+    conv = cli(str(d), "to-universal")
+    assert conv.returncode == 0 and os.path.isdir(d / "checkpoints" / tag_for(6) / "universal"), conv.stderr
+    for args, msg in (([str(tmp_path / "none"), "ls"], "no such folder"), ([str(d), "verify", "step9"], "TAG step9"),
+                      ([str(d), "prune", "--keep", "0"], "--keep 0")):
+        r = cli(*args)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and msg in r.stderr, r.stderr

@@ -210,3 +210,56 @@ def test_preempted_job_requeues_and_resumes_bitwise(slurm_conf, tiny_shards, tmp
         assert f"megatrain: job {job} stopped with steps to do: requeueing it" in log, log[-4000:]
     assert _trajectory(run_dir) == uninterrupted["metrics"]  # bitwise: == on floats
     assert open(run_dir / "checkpoints" / "latest").read() == "step00000060"
+
+
+def test_lost_rank_requeues_and_resumes_bitwise(slurm_conf, tiny_shards, tmp_path, uninterrupted):
+    """A task killed with -9 mid-run: the other one's next collective fails (it exits 75), srun ends, the batch
+    script requeues the job (a failure requeue, counted in the job's Comment), which resumes from `latest` and ends
+    COMPLETED with the uninterrupted job's metrics, bitwise."""
+    import psutil
+    env, run_dir, out = _job_env(slurm_conf), tmp_path / "run", tmp_path / "job.out"
+    job = _submit(env, out, run_dir, tiny_shards, *LONG)
+    _wait_for(lambda: _last_step(run_dir) >= 12, "step 12", job, env, out)
+
+    def task1():
+        for p in psutil.process_iter():
+            try:
+                if f"run_dir={run_dir}" in " ".join(p.cmdline()) and p.environ().get("SLURM_PROCID") == "1":
+                    return p
+            except psutil.Error:
+                pass
+    victim = task1()
+    assert victim is not None
+    victim.kill()
+    state, info, log = _wait_done(job, env, out)
+    assert state == "COMPLETED" and "ExitCode=0:0" in info, f"job {job} ended {state}\n{info}\n{log[-4000:]}"
+    assert _restarts(info) == 1, f"{info}\n{log[-4000:]}"
+    assert re.search(rf"megatrain: job {job} (lost a rank \(exit \d+\)|stopped with steps to do): requeueing", log), \
+        log[-4000:]
+    assert _trajectory(run_dir) == uninterrupted["metrics"]
+
+
+def test_suspect_hardware_requeues_without_the_node(slurm_conf, tiny_shards, tmp_path):
+    """Exit 71 (a rerun of a step differed on rank 1: the fault hook of tests/train/test_faults.py): the batch
+    script requeues the job without the node the trainer's line names. Here that is the cluster's only node, so the
+    requeued job waits (PENDING) instead of running on it again."""
+    from tests.train.test_faults import plugin
+    env = _job_env(slurm_conf)
+    env["PYTHONPATH"] = plugin(tmp_path, corrupt={"rank": 1, "call": 8, "scale": 10})["PYTHONPATH"] + os.pathsep + \
+        env["PYTHONPATH"]
+    run_dir, out = tmp_path / "run", tmp_path / "job.out"
+    job = _submit(env, out, run_dir, tiny_shards, "parallel.sequence_parallel_size=1", "train.max_steps=12",
+                  "train.spike.action=skip", "train.spike.recheck=true", "train.spike.min_history=4",
+                  "train.spike.window=16", "train.spike.grad_norm=false", "train.spike.sigma=40")
+    deadline, info = time.monotonic() + JOB_TIMEOUT_S, ""
+    while time.monotonic() < deadline:
+        state, info = _job_state(job, env)
+        if state == "PENDING" and _restarts(info) == 1 and "ExcNodeList=(null)" not in info:
+            break  # requeued, and the node excluded (the script does it once the job is pending)
+        assert state not in TERMINAL, f"{info}\n{out.read_text(errors='replace')[-4000:]}"
+        time.sleep(0.5)
+    subprocess.run(["scancel", job], env=env, timeout=30)
+    log = out.read_text(errors="replace")
+    host = re.search(r"rank 1 \(host ([^)]+)\)", log).group(1)
+    assert re.search(rf"\bExcNodeList={re.escape(host)}\b", info) and "Comment=megatrain_failures=1" in info, info
+    assert "suspect hardware" in log and "requeueing it without that node" in log, log[-4000:]
