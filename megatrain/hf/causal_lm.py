@@ -40,9 +40,11 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def is_transformers_causal_lm(path: str) -> bool:
-    """True when `path` is a transformers model folder whose config is not MEGA (megatrain's own loader takes
-    those): its config.json names a model_type other than "mega"."""
+    """True when `path` is a transformers model folder whose config is not MEGA (megatrain's own loader,
+    megatrain.hf.load_hf, takes those: native "mega" and megatrain's remote-code export)."""
     import json
+
+    from megatrain.hf.format import REMOTE_ONLY_MODEL_TYPE
     cfg = os.path.join(path, "config.json")
     if not os.path.isfile(cfg):
         return False
@@ -51,7 +53,7 @@ def is_transformers_causal_lm(path: str) -> bool:
             model_type = json.load(f).get("model_type")
     except (OSError, ValueError, AttributeError):
         return False
-    return isinstance(model_type, str) and model_type not in ("mega", "")
+    return isinstance(model_type, str) and model_type not in ("mega", REMOTE_ONLY_MODEL_TYPE, "")
 
 
 def document_mask(doc_ids: torch.Tensor, additive_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
