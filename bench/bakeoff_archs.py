@@ -38,13 +38,15 @@ def non_embedding_params(model: nn.Module) -> tuple[int, int]:
 
 
 def _mega(shape: dict, vocab_size: int, overrides: dict, match: Optional[int]):
-    from megatrain.model import MegaConfig, build_model
+    # ModelCfg: the model section of a run config, i.e. megatrain's run defaults (what a user's config gets)
+    from megatrain.config import ModelCfg
+    from megatrain.model import build_model
     cfg = dict(vocab_size=vocab_size, is_decoder=True, bidirectional=False, use_chunking=True,
                dropout_prob=0.0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                nffn_activation_dropout_prob=0.0, pad_token_id=3, bos_token_id=1, eos_token_id=2,
                max_positions=shape["chunk_size"], **{k: shape[k] for k in MEGA_SHAPE_KEYS})
     cfg.update(overrides)
-    config = MegaConfig(**cfg)
+    config = ModelCfg(**cfg)
     model = build_model(config)
     return model, config.to_dict(), (config.num_hidden_layers, config.chunk_size,
                                      config.shared_representation_size, config.intermediate_size)
