@@ -168,3 +168,35 @@ def test_evaluate_refuses_sequence_parallelism_for_a_transformers_model(shards, 
     assert evaluate.main([str(tmp_path / "llama"), "--shards", held, "--sp", "2"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--sp 2" in err and "transformers" in err
+
+
+def test_run_default_initializer_range_is_width_scaled():
+    from megatrain.config import ModelCfg, load_config
+    from megatrain.model import MegaConfig
+    assert MegaConfig().initializer_range == 0.02                   # transformers' default, for its configs
+    assert ModelCfg(hidden_size=64).initializer_range == 64 ** -0.5  # a run's default
+    assert ModelCfg(hidden_size=64, initializer_range=0.02).initializer_range == 0.02
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), ["model.hidden_size=256"])
+    assert cfg.model.initializer_range == 256 ** -0.5                # of the final width, after the overrides
+
+
+def test_the_run_defaults_leave_the_unigram_plateau(shards):
+    """The fix of issue #24: a small causal MEGA built from a run's model defaults (ModelCfg: only its shape given)
+    learns from context on real text within 120 short steps; with transformers' initializer_range 0.02 the same
+    run stays above the held-out text's own unigram entropy (the plateau the issue found)."""
+    from bench import bakeoff
+    from megatrain.eval.heldout import load_heldout
+    preset = dict(shape=dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, shared_representation_size=32,
+                             nffn_hidden_size=128, ema_projection_size=8, chunk_size=32),
+                  seq_len=128, windows_per_step=2, curve_points=1, curve_tokens=4096, device="cpu")
+    held = load_heldout(os.path.join(shards, "heldout", "index.json"), 128, 4096)
+    counts = torch.bincount(held.labels[held.labels != -100]).double()
+    p = counts[counts > 0] / counts.sum()
+    unigram = float(-(p * p.log()).sum())      # a lower bound of any context-free model's held-out loss
+
+    def final(init_range):
+        rec = bakeoff.train_run(bakeoff.RunSpec("mega", 3e-3, init_range, 0), shards, preset, 128, 120 * 256, {},
+                                None, log=lambda s: None)
+        return rec["curve"][-1]["loss"]
+    assert final(None) < unigram - 0.25
+    assert final(0.02) > unigram
