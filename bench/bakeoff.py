@@ -21,7 +21,8 @@ What every arch gets (bench/bakeoff_archs.py has the registry; an arch is a few 
   * the same measurement: megatrain's evaluation (megatrain.eval) on the held-out split, the same windows for every
     arch: a held-out loss curve during training, then loss / ppl / bits per byte at 1x, 2x, 4x the training
     length, loss by position (log bins) and a passkey sweep for the best setting's runs; training tokens/s.
-One training loop for every arch, in this process (no DeepSpeed), fp32 on CPU, bf16 autocast on CUDA.
+One training loop for every arch, in this process (no DeepSpeed), through megatrain's one window forward
+(megatrain.parallel.protocol.sp_forward_backward), fp32 on CPU, bf16 autocast on CUDA.
 Output in --out: runs/<run>/train.json (config, curve, digest, speed) and eval.json, weights/ (gitignored),
 results.json (everything), README.md (tables), loss_curve.png, loss_by_position.png, passkey.png.
 Tests: PYTHONPATH=. python -m pytest -q tests/bench/test_bakeoff.py     (the cpu-tiny preset end to end)
@@ -51,7 +52,7 @@ PRESETS = {
     "cpu-tiny": dict(
         shape=dict(hidden_size=32, num_hidden_layers=2, intermediate_size=64, shared_representation_size=16,
                    nffn_hidden_size=64, ema_projection_size=4, chunk_size=16),
-        seq_len=64, windows_per_step=2, tokens=64 * 2 * 24, lrs=[3e-3, 1e-2], init_ranges=[0.02, 0.1],
+        seq_len=128, windows_per_step=2, tokens=128 * 2 * 24, lrs=[3e-3, 1e-2], init_ranges=[0.02, 0.1],
         curve_points=3, curve_tokens=256, eval_tokens=512, passkey_trials=2, passkey_depths=[0.0, 1.0],
         device="cpu"),
     # 1.3M non-embedding parameters (the demo's MEGA shape, 6 layers instead of 4), 600 steps x 1024 tokens per
@@ -175,6 +176,7 @@ def train_run(spec: RunSpec, data: str, preset: dict, seq_len: int, tokens: int,
     from megatrain.data import ShardStream
     from megatrain.eval.heldout import load_heldout
     from megatrain.eval.loss import evaluate_windows
+    from megatrain.parallel.protocol import sp_forward_backward
     from megatrain.train.optim import build_optimizer, build_scheduler
 
     device = _device(preset)
@@ -203,11 +205,8 @@ def train_run(spec: RunSpec, data: str, preset: dict, seq_len: int, tokens: int,
             digest.update(batch[k].numpy().astype("int64").tobytes())
         batch = {k: v.to(device) for k, v in batch.items()}
         t0 = time.perf_counter()
-        with autocast:
-            out = model(input_ids=batch["input_ids"], labels=batch["labels"], doc_ids=batch["doc_ids"],
-                        labels_shifted=True, loss_reduction="sum", return_logits=False)
-        loss = out.loss / out.num_loss_tokens.clamp(min=1)
-        loss.backward()
+        with autocast:  # the one window forward (megatrain.parallel.protocol), one process: no SP group
+            loss = sp_forward_backward(model, batch, None, causal=True).mean_loss
         opt.step()
         if opt.overflow:
             skipped += 1
@@ -217,7 +216,7 @@ def train_run(spec: RunSpec, data: str, preset: dict, seq_len: int, tokens: int,
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_s += time.perf_counter() - t0
-        losses.append(float(loss.detach()))
+        losses.append(float(loss))
         if step % every == 0 or step == steps:
             with autocast:
                 ev = evaluate_windows(model, held, micro_batch_size=per_step).summary()
@@ -495,8 +494,14 @@ def main(argv=None) -> int:
             raise ValueError(f"--tokens {a.tokens}: fewer than one step "
                              f"({a.seq_len} x {preset['windows_per_step']} tokens)")
         a.overrides = _overrides(a.overrides)
-        if a.tokenizer and not os.path.isfile(os.path.join(a.tokenizer, "tokenizer.model")):
-            raise ValueError(f"--tokenizer {a.tokenizer}: no tokenizer.model in it")
+        if a.tokenizer:
+            if not os.path.isfile(os.path.join(a.tokenizer, "tokenizer.model")):
+                raise ValueError(f"--tokenizer {a.tokenizer}: no tokenizer.model in it")
+            from megatrain.data.tokenizer import load_tokenizer
+            from megatrain.eval.passkey import PasskeyFormat
+            fmt = PasskeyFormat.from_tokenizer(load_tokenizer(a.tokenizer))
+            for f in LENGTH_FACTORS:  # a passkey context too short for the question fails now, not after training
+                fmt.prompt(a.seq_len * f, 0.0, "12345")
         manifests(a.data)
         import torch
         torch.set_num_threads(a.threads)
