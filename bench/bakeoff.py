@@ -61,7 +61,7 @@ PRESETS = {
         shape=dict(hidden_size=128, num_hidden_layers=6, intermediate_size=256, shared_representation_size=64,
                    nffn_hidden_size=256, ema_projection_size=16, chunk_size=128),
         seq_len=1024, windows_per_step=1, tokens=1024 * 600, lrs=[1e-3, 3e-3, 1e-2], init_ranges=[0.02, 128 ** -0.5],
-        curve_points=8, curve_tokens=16384, eval_tokens=32768, passkey_trials=10,
+        curve_points=8, curve_tokens=16384, eval_tokens=16384, passkey_trials=5,
         passkey_depths=[0.0, 0.25, 0.5, 0.75, 1.0], device="cpu"),
     # the anchors' scale (configs/mega125m_32k.yaml, configs/mega350m_128k.yaml shapes), for a lent GPU
     "gpu-125m": dict(
