@@ -99,10 +99,25 @@ def write_table(out: str) -> None:
         lines.append(f"| {r['variant']} | {r['what']} | {curve} (steps "
                      f"{', '.join(str(p['step']) for p in r['curve'])}) | **{r['curve'][-1]['loss']:.3f}** | "
                      f"{r['train_tokens_per_s']:.0f} |")
+    if recs:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for r in recs:
+            ax.plot([p["step"] for p in r["curve"]], [p["loss"] for p in r["curve"]], marker="o", label=r["variant"])
+        ax.set_xlabel("training step (1024 tokens each)")
+        ax.set_ylabel("held-out loss (nats / token)")
+        ax.set_title("MEGA demo shape: one change against initializer_range 0.02")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "curves.png"), dpi=110)
+        plt.close(fig)
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write("# Why a small MEGA at initializer_range 0.02 does not learn: controlled variants\n\n"
                 "Made by `bench/bakeoff_init.py` (its docstring has the setup); held-out loss in nats/token.\n\n"
-                + "\n".join(lines) + "\n")
+                + "\n".join(lines) + "\n\n![held-out loss by step](curves.png)\n")
 
 
 def main(argv=None) -> int:
