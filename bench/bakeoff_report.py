@@ -83,22 +83,11 @@ def plot_passkey(results: dict, path: str) -> str | None:
     if not rows:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(rows), figsize=(3.6 * len(rows) + 1, 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.6 * len(rows) + 1, 3.4), squeeze=False, layout="constrained")
+    from megatrain.eval.plots import passkey_panel
     im = None
     for ax, (arch, cells) in zip(axes[0], rows.items()):
-        lengths = sorted({c["length"] for c in cells})
-        depths = sorted({c["depth"] for c in cells})
-        grid = [[next(c["accuracy"] for c in cells if c["length"] == n and c["depth"] == d) for n in lengths]
-                for d in depths]
-        im = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto", origin="lower")
-        for i, r in enumerate(grid):
-            for j, v in enumerate(r):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
-        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
-        ax.set_xlabel("context length")
-        ax.set_ylabel("key depth")
-        ax.set_title(arch)
+        im = passkey_panel(ax, cells, title=arch)
     fig.colorbar(im, ax=list(axes[0]))
     fig.savefig(path, dpi=110)
     plt.close(fig)
