@@ -356,11 +356,60 @@ def run_sweep(a, preset: dict, log=print) -> dict:
     check_same_streams(records)
     results = summarize(records, evals, best, fixed, a)
     results["command"] = getattr(a, "command", None)
+    results["speed"] = _read(os.path.join(out, "speed.json"))
     _write(os.path.join(out, "results.json"), results)
     from bench.bakeoff_report import write_report
     write_report(results, out)
     log(f"wrote {os.path.join(out, 'results.json')}, README.md and plots")
     return results
+
+
+def speed_run(a, preset: dict, steps: int, log=print) -> dict:
+    """Training tokens/s of every arch in one process, interleaved step by step on the same windows (so a busy
+    machine slows them alike): wall clock and per CPU-second of this process; the first step of each is a warm-up.
+    Written to OUT/speed.json (the report shows it)."""
+    import torch
+
+    from megatrain.config import TrainCfg
+    from megatrain.data import ShardStream
+    from megatrain.parallel.protocol import sp_forward_backward
+    from megatrain.train.optim import build_optimizer, build_scheduler
+    train_man, _ = manifests(a.data)
+    vocab = _vocab(train_man)
+    match = reference_params(preset, a.seq_len, vocab, a.overrides)
+    device = _device(preset)
+    t = TrainCfg(max_steps=steps + 1, lr=1e-3, warmup_steps=1, grad_clip=1.0)
+    runs = {}
+    for arch in a.archs:
+        model, _ = build_for(RunSpec(arch, 1e-3, None, 0), preset, a.seq_len, vocab, a.overrides, match)
+        model.to(device).train()
+        opt = build_optimizer(model, t, guard=True)
+        runs[arch] = [model, opt, build_scheduler(opt, t), 0.0, 0.0]
+    it = iter(ShardStream(train_man, seq_len=a.seq_len, seed=0, vocab_size=vocab, loop=True))
+    per_step = preset["windows_per_step"]
+    for step in range(steps + 1):
+        rows = [next(it) for _ in range(per_step)]
+        batch = {k: torch.stack([r[k] for r in rows]).to(device) for k in ("input_ids", "labels", "doc_ids")}
+        for arch, r in runs.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            sp_forward_backward(r[0], batch, None, causal=True)
+            r[1].step()
+            r[2].step()
+            r[1].zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if step:  # the first step warms up
+                r[3] += time.perf_counter() - w0
+                r[4] += time.process_time() - c0
+    tokens = steps * per_step * a.seq_len
+    res = {"steps": steps, "tokens": tokens, "seq_len": a.seq_len, "threads": torch.get_num_threads(),
+           "load_average": list(os.getloadavg()), "archs": {
+               arch: {"tokens_per_s": tokens / r[3], "tokens_per_cpu_s": tokens / r[4]} for arch, r in runs.items()}}
+    for arch, v in res["archs"].items():
+        log(f"speed {arch}: {v['tokens_per_s']:.0f} tok/s wall, {v['tokens_per_cpu_s']:.0f} tok/CPU-s")
+    os.makedirs(a.out, exist_ok=True)
+    _write(os.path.join(a.out, "speed.json"), res)
+    return res
 
 
 def check_same_streams(records: list) -> None:
@@ -463,6 +512,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads (CPU)")
     p.add_argument("--set", action="append", dest="overrides", metavar="ARCH.KEY=VALUE",
                    help="a config override of one arch (repeatable)")
+    p.add_argument("--speed", type=int, default=0, metavar="STEPS",
+                   help="instead of the sweep: training tokens/s of the archs interleaved for STEPS steps")
     p.add_argument("--out", required=True, help="results folder (resumable)")
     return p.parse_args(argv)
 
@@ -505,7 +556,12 @@ def main(argv=None) -> int:
         manifests(a.data)
         import torch
         torch.set_num_threads(a.threads)
-        run_sweep(a, preset)
+        if a.speed < 0:
+            raise ValueError(f"--speed {a.speed}: expected a positive number of steps")
+        if a.speed:
+            speed_run(a, preset, a.speed)
+        else:
+            run_sweep(a, preset)
     except ValueError as e:
         print(f"bakeoff: error: {e}", file=sys.stderr)
         return 2

@@ -136,7 +136,15 @@ def markdown(results: dict) -> str:
             "![loss by position at 1x and 4x the training length](loss_by_position.png)", ""]
     if any(row.get("passkey") for row in results["best"].values()):
         out += ["![passkey retrieval accuracy](passkey.png)", ""]
-    out += ["Reproduce: `" + results.get("command", "python bench/bakeoff.py ...") + "`", ""]
+    sp = results.get("speed")
+    if sp:
+        out += [f"Training speed measured apart (`--speed {sp['steps']}`: every arch in one process, interleaved step "
+                f"by step on the same windows, {sp['threads']} thread(s), load average "
+                f"{', '.join(f'{x:.1f}' for x in sp['load_average'])} at the end):", "",
+                "| arch | tok/s (wall) | tok/CPU-s |", "|---|---|---|"]
+        out += [f"| {arch} | {v['tokens_per_s']:.0f} | {v['tokens_per_cpu_s']:.0f} |" for arch, v in sp["archs"].items()]
+        out += [""]
+    out += ["Reproduce: `" + (results.get("command") or "python bench/bakeoff.py ...") + "`", ""]
     return "\n".join(out)
 
 
