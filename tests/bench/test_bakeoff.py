@@ -174,7 +174,7 @@ def test_run_default_initializer_range_is_width_scaled():
     assert MegaConfig().initializer_range == 0.02                   # transformers' default, for its configs
     assert ModelCfg(hidden_size=64).initializer_range == 64 ** -0.5  # a run's default
     assert ModelCfg(hidden_size=64, initializer_range=0.02).initializer_range == 0.02
-    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), ["model.hidden_size=256"])
+    cfg = load_config(None, ["model.hidden_size=256"])
     assert cfg.model.initializer_range == 256 ** -0.5                # of the final width, after the overrides
 
 
