@@ -45,6 +45,16 @@ if __package__ in (None, ""):  # run as a script from a checkout
 
 from megatrain.cli import ArgumentParser  # noqa: E402
 
+def _gpu_preset(d: int, layers: int, z: int, seq_len: int, windows_per_step: int, steps: int, lrs: list) -> dict:
+    """A GPU preset: MEGA of width d (FFN 2d, chunk 2048), the initializer_range grid {0.02, d^-1/2}."""
+    return dict(shape=dict(hidden_size=d, num_hidden_layers=layers, intermediate_size=2 * d,
+                           shared_representation_size=z, nffn_hidden_size=2 * d, ema_projection_size=16,
+                           chunk_size=2048, head_dim=64),
+                seq_len=seq_len, windows_per_step=windows_per_step, tokens=seq_len * windows_per_step * steps,
+                lrs=lrs, init_ranges=[0.02, d ** -0.5], curve_points=10, curve_tokens=262144, eval_tokens=524288,
+                passkey_trials=20, passkey_depths=[0.0, 0.25, 0.5, 0.75, 1.0], device="cuda")
+
+
 # Presets: the MEGA shape (the Llama is sized to it), the training length and budget, the tuning grids and the
 # evaluation sizes. tokens = training tokens per run (steps = tokens // (seq_len x windows per step)).
 PRESETS = {
@@ -56,7 +66,8 @@ PRESETS = {
         curve_points=3, curve_tokens=256, eval_tokens=512, passkey_trials=2, passkey_depths=[0.0, 1.0],
         device="cpu"),
     # 1.3M non-embedding parameters (the demo's MEGA shape, 6 layers instead of 4), 600 steps x 1024 tokens per
-    # run (~4-5 min on one free core; a sweep of one corpus at 3 seeds, 11 runs + evaluation, ~1 h)
+    # run (~4-5 min on one free core; a sweep of one corpus at 3 seeds, 11 runs + evaluation, ~1 h). The committed
+    # results (bench/results/bakeoff-*-2026-12-05) ran --tokens 262144 --seeds 2 on a loaded machine.
     "cpu-small": dict(
         shape=dict(hidden_size=128, num_hidden_layers=6, intermediate_size=256, shared_representation_size=64,
                    nffn_hidden_size=256, ema_projection_size=16, chunk_size=128),
@@ -64,18 +75,8 @@ PRESETS = {
         curve_points=8, curve_tokens=16384, eval_tokens=16384, passkey_trials=5,
         passkey_depths=[0.0, 0.25, 0.5, 0.75, 1.0], device="cpu"),
     # the anchors' scale (configs/mega125m_32k.yaml, configs/mega350m_128k.yaml shapes), for a lent GPU
-    "gpu-125m": dict(
-        shape=dict(hidden_size=768, num_hidden_layers=14, intermediate_size=1536, shared_representation_size=256,
-                   nffn_hidden_size=1536, ema_projection_size=16, chunk_size=2048, head_dim=64),
-        seq_len=8192, windows_per_step=8, tokens=8192 * 8 * 2000, lrs=[3e-4, 6e-4, 1.2e-3],
-        init_ranges=[0.02, 0.05], curve_points=10, curve_tokens=262144, eval_tokens=524288, passkey_trials=20,
-        passkey_depths=[0.0, 0.25, 0.5, 0.75, 1.0], device="cuda"),
-    "gpu-350m": dict(
-        shape=dict(hidden_size=1024, num_hidden_layers=24, intermediate_size=2048, shared_representation_size=256,
-                   nffn_hidden_size=2048, ema_projection_size=16, chunk_size=2048, head_dim=64),
-        seq_len=32768, windows_per_step=2, tokens=32768 * 2 * 3000, lrs=[2e-4, 4e-4, 8e-4],
-        init_ranges=[0.02, 0.05], curve_points=10, curve_tokens=262144, eval_tokens=524288, passkey_trials=20,
-        passkey_depths=[0.0, 0.25, 0.5, 0.75, 1.0], device="cuda"),
+    "gpu-125m": _gpu_preset(768, 14, 256, seq_len=8192, windows_per_step=8, steps=2000, lrs=[3e-4, 6e-4, 1.2e-3]),
+    "gpu-350m": _gpu_preset(1024, 24, 256, seq_len=32768, windows_per_step=2, steps=3000, lrs=[2e-4, 4e-4, 8e-4]),
 }
 WEIGHT_DECAY = 0.01        # megatrain's TrainCfg default
 WARMUP_FRACTION = 0.05
