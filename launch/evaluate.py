@@ -26,7 +26,8 @@ from megatrain.cli import ArgumentParser  # noqa: E402
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("source", help="run folder, checkpoint, megatrain export or transformers MEGA folder")
+    p.add_argument("source", help="run folder, checkpoint, megatrain export, or a transformers (MEGA or any causal "
+                                  "LM) folder")
     p.add_argument("--shards", required=True, help="held-out manifest (index.json or its folder)")
     p.add_argument("--seq-len", default=None, help="comma-separated evaluation lengths")
     p.add_argument("--tokens", type=int, default=65536, help="held-out tokens per length (whole windows)")
@@ -58,6 +59,9 @@ def load_source(source: str):
     path = os.path.abspath(source)
     if not os.path.isdir(path):
         raise ValueError(f"SOURCE {source}: no such folder")
+    from megatrain.hf.causal_lm import CausalLMAdapter, is_transformers_causal_lm
+    if is_transformers_causal_lm(path):  # any other transformers causal LM, behind megatrain's LM API
+        return CausalLMAdapter.from_pretrained(path), None, path
     if os.path.isfile(os.path.join(path, "config.json")):  # megatrain export or transformers MEGA folder
         from megatrain.hf import load_hf
         return load_hf(path, task="causal"), None, path
@@ -108,6 +112,10 @@ def _main(a, env) -> int:
                     ("--passkey-trials", a.passkey_trials), ("--sp", a.sp)):
         if v < 1:
             raise ValueError(f"{flag} {v}: expected a positive number")
+    from megatrain.hf.causal_lm import is_transformers_causal_lm
+    if a.sp > 1 and is_transformers_causal_lm(os.path.abspath(a.source)):
+        raise ValueError(f"--sp {a.sp}: SOURCE {a.source} is a transformers model, evaluated one window per rank "
+                         f"(sequence parallelism hands MEGA's EMA state across ranks); use --sp 1")
     if env.world_size % a.sp:
         raise ValueError(f"--sp {a.sp}: must divide the world size {env.world_size}")
     try:

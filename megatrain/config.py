@@ -42,9 +42,24 @@ class ConfigError(ValueError):
 class ModelCfg(MegaConfig):
     """The model section: the model's MegaConfig (HF field names/defaults + megatrain extras), plus where the
     run's weights start from. `init_from` is a run setting, not part of the model: to_dict() (what the model and
-    its HF config.json see) leaves it out; the run config (Config.to_dict) keeps it."""
+    its HF config.json see) leaves it out; the run config (Config.to_dict) keeps it.
+
+    One run default differs from MegaConfig's (transformers') default: ``initializer_range`` unset means
+    hidden_size ** -0.5 (0.088 at D = 128, 0.036 at 768), not 0.02. transformers' MEGA has no final norm and a
+    dense + tanh before the tied head, so at 0.02 a small model's output path is a product of small factors
+    (logits ~0.005 at D = 128): it learns the unigram through the head bias and stays there -- held-out 6.15 nats
+    where D^-1/2 reaches 4.5 (bench/results/bakeoff-init-*, BENCHMARKS.md "Model quality"). MegaConfig keeps 0.02:
+    a config read from a transformers folder means what transformers means, and the value only matters for
+    weights a run initialises itself."""
 
     init_from: Optional[str] = None   # a transformers MEGA folder (native 4.57 or our export) to continue from
+    initializer_range: Optional[float] = None  # None: hidden_size ** -0.5 (see above); a number: as given
+
+    def __post_init__(self):
+        if self.initializer_range is None:
+            self.initializer_range = self.hidden_size ** -0.5 if isinstance(self.hidden_size, int) \
+                and self.hidden_size > 0 else MegaConfig.initializer_range
+        super().__post_init__()
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()

@@ -26,6 +26,7 @@ TOOLS = os.path.join(ROOT, "data_tools")
 SBATCH = os.path.join(ROOT, "launch", "slurm", "pretrain.sbatch")
 EXPORT = os.path.join(ROOT, "launch", "export_hf.py")
 EVALUATE = os.path.join(ROOT, "launch", "evaluate.py")
+BAKEOFF = os.path.join(ROOT, "bench", "bakeoff.py")
 NOT_SP = ("data.seq_len",)  # SP 3 on 2 ranks must blame the world size, not the sequence length
 
 DEMO = "{py} {tools}/demo_corpus.py"
@@ -224,6 +225,16 @@ EVALUATE_CASES = [
     ("evaluate-sp-not-dividing", EVAL + " {w}/export/run --shards {w}/shards --sp 3", ["--sp 3", "world size 1"], []),
 ]
 
+# ---- bench/bakeoff.py ({w}/shards has no held-out split)
+BAKE = "{py} {bakeoff} --preset cpu-tiny --out {out}/b"
+CASES += [
+    ("bakeoff-unknown-arch", BAKE + " --data {w}/shards --archs mega,gpt9", ["--archs", "gpt9", "known"], ["{out}/b"]),
+    ("bakeoff-no-heldout", BAKE + " --data {w}/shards", ["--data {w}/shards", "heldout/index.json"], ["{out}/b"]),
+    ("bakeoff-bad-lrs", BAKE + " --data {w}/shards --lrs fast", ["--lrs 'fast'", "numbers"], ["{out}/b"]),
+    ("bakeoff-seq-len-not-chunks", BAKE + " --data {w}/shards --seq-len 100", ["--seq-len 100", "chunk_size 16"],
+     ["{out}/b"]),
+]
+
 # Under a launcher with 2 ranks every rank hits the error: it must be printed once (rank 0).
 LAUNCHER_CASES = [
     ("deepspeed-unknown-key", PRE + " train.lrr=1", ["unknown config key 'train.lrr'"], ["{out}/run"]),
@@ -316,7 +327,7 @@ def _run(case, world, tmp_path, prefix=()):
     name, template, expect, absent = case
     fill = dict(py=sys.executable, tools=TOOLS, pretrain=PRETRAIN, sbatch=SBATCH, tiny=TINY, w=world, out=tmp_path,
                 root=ROOT,
-                export=EXPORT, evaluate=EVALUATE, forbidden=FORBIDDEN[-1])
+                export=EXPORT, evaluate=EVALUATE, bakeoff=BAKEOFF, forbidden=FORBIDDEN[-1])
     cmd = list(prefix) + [part.format(**fill) for part in template.split()]
     env = pretrain_env()
     for k in [k for k in env if k.startswith("SLURM_") or k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")]:

@@ -131,7 +131,9 @@ def passkey_eval(model, fmt: PasskeyFormat, lengths, depths=DEPTHS, trials: int 
     try:
         for i, (L, d) in enumerate(cells):
             if i % replicas == replica:
-                if sp_size > 1:
+                # a model without megatrain's decoding cache (a transformers LM behind megatrain.hf.causal_lm)
+                # is scored teacher-forced: the same accuracy as greedy decoding (see the module docstring)
+                if sp_size > 1 or not hasattr(model, "new_cache"):
                     row = passkey_cell_forced(model, fmt, L, d, trials, seed, batch_size, sp_group)
                 else:
                     row = passkey_cell(model, fmt, L, d, trials, seed, batch_size)

@@ -36,14 +36,13 @@ def plot_positions(by_position: dict, path: str) -> str:
     return path
 
 
-def plot_passkey(rows: list, path: str) -> str:
-    """`rows`: [{"length", "depth", "accuracy", "trials"}] -> a heatmap PNG (length x depth) at `path`."""
-    plt = _pyplot()
+def passkey_panel(ax, rows: list, title: str = "passkey retrieval accuracy"):
+    """Draw one passkey heatmap (length x depth, accuracy written in each cell) on the matplotlib axes `ax`; the
+    image (for a colour bar). `rows`: [{"length", "depth", "accuracy", ...}]."""
     lengths = sorted({r["length"] for r in rows})
     depths = sorted({r["depth"] for r in rows})
     grid = [[next((r["accuracy"] for r in rows if r["length"] == L and r["depth"] == d), float("nan"))
              for L in lengths] for d in depths]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.6 * len(depths)))
     im = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto", origin="lower")
     for i, row in enumerate(grid):
         for j, v in enumerate(row):
@@ -52,8 +51,16 @@ def plot_passkey(rows: list, path: str) -> str:
     ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("key depth")
-    ax.set_title("passkey retrieval accuracy")
-    fig.colorbar(im, ax=ax)
+    ax.set_title(title)
+    return im
+
+
+def plot_passkey(rows: list, path: str) -> str:
+    """`rows`: [{"length", "depth", "accuracy", "trials"}] -> a heatmap PNG (length x depth) at `path`."""
+    plt = _pyplot()
+    n_len, n_depth = len({r["length"] for r in rows}), len({r["depth"] for r in rows})
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * n_len, 1.2 + 0.6 * n_depth))
+    fig.colorbar(passkey_panel(ax, rows), ax=ax)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
