@@ -19,6 +19,8 @@ if os.environ.get("MEGATRAIN_TEST_DEVICE", "cpu") != "cuda" and "triton" not in 
     try:
         import megatrain.ops.ema.triton_kernel  # noqa: F401  (imports triton)
         import megatrain.ops.ema.triton_chunked  # noqa: F401
+        import megatrain.ops.cema.triton_kernel  # noqa: F401
+        import megatrain.ops.tsn.triton_kernel  # noqa: F401
     except ImportError:
         pass  # reported by the tests that need it
     finally:
