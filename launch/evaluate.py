@@ -146,8 +146,7 @@ def _main(a, env) -> int:
         res = evaluate_model(model, a.shards, seq_lens, a.tokens, a.micro_batch_size, positions=a.positions,
                              passkey_format=fmt, passkey_lengths=pk_lengths, passkey_trials=a.passkey_trials,
                              reset_at_doc_boundaries=reset,
-                             **({} if groups is None else dict(sp_group=groups.sp_group, sp_rank=groups.sp_rank,
-                                                               sp_size=groups.sp_size, dp_rank=groups.dp_rank,
+                             **({} if groups is None else dict(sp_group=groups.sp_group, dp_rank=groups.dp_rank,
                                                                dp_size=groups.dp_size)))
     finally:
         if dist.is_initialized():

@@ -4,33 +4,19 @@
     preload_fast_malloc()               # first line of an entry point: re-execs under tcmalloc where it is installed
     configure_host_allocator()          # then, before torch allocates (launch/pretrain.py, the benchmarks)
 
-The fastest bounded choice measured is tcmalloc (gperftools; `apt install libtcmalloc-minimal4`): at 131K tokens it
-peaks where the settings below do and steps as fast as glibc's unbounded defaults or faster (BENCHMARKS.md, "The
-memory a user's process gets"). No wheel ships it, so where the system has it the entry point re-execs itself with
-it in LD_PRELOAD (same PID and arguments: launchers do not notice); MEGATRAIN_MALLOC=system keeps glibc's malloc,
-MEGATRAIN_MALLOC=/path/lib.so preloads that library, and a user's own LD_PRELOAD is left alone. Without it, glibc's
-malloc with the settings below:
-
-Why: glibc serves an allocation from its heap arenas unless it is above the *mmap threshold*, and that threshold is
-dynamic: every freed mmap-ed chunk raises it to that chunk's size, up to 32 MiB on 64-bit. A long-context step frees
-many 1-32 MiB tensors (a [16K, 256] fp32 segment tensor is 16 MiB), so after the first step they all come from the
-arenas, which fragment and keep their peak: a default process measured 8.83 GB at 262K tokens where the live memory
-was ~2 GB, and was OOM-killed at 1M tokens in 24 GB. Fixing the threshold (mallopt(M_MMAP_THRESHOLD) also turns the
-dynamic adjustment off) gives every tensor above it its own mapping, returned to the kernel when freed, while the
-many small tensors stay in the (fast) arenas. 64 KiB (the benchmarks' old MALLOC_MMAP_THRESHOLD_ setting) cost +47%
-step time in page faults; the default here is measured in BENCHMARKS.md ("Long context"). The trim threshold is set
-with it so that freed arena tops return too.
-The price of handing memory back is the kernel's fault-and-zero of every fresh page on next touch (~0.4 s per GB in
-4 KiB pages; a long-context step at 131K tokens allocates ~100 GB of 1-64 MiB tensors): 1.3-1.7x glibc's step time.
-So the process also turns on PyTorch's own transparent-huge-page allocation (THP_MEM_ALLOC_ENABLE=1: tensors of
-2 MiB and more are madvise(MADV_HUGEPAGE)-d), which faults them in 2 MiB pages (~0.12 s per GB): 1.09-1.4x glibc's
-time at the same bounded memory, where tcmalloc is 0.87-1.0x (BENCHMARKS.md, "The memory a user's process gets").
-PyTorch reads that variable once, at its first allocation of any size (a torch.ones(1) is enough to miss it), so
-this runs before torch allocates anything: launch/pretrain.py calls it before importing the trainer.
-No environment variable is needed, and an explicit MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_/THP_MEM_ALLOC_ENABLE
-from the user wins (THP_MEM_ALLOC_ENABLE=0 turns the huge pages off). The kernel must allow madvise-d huge pages
-(/sys/kernel/mm/transparent_hugepage/enabled: `madvise` or `always`); where it does not, the setting does nothing.
-A no-op where the C library is not glibc (macOS, musl).
+Why: with glibc's defaults a long-context CPU step's freed 1-32 MiB tensors come back from heap arenas that fragment
+and keep their peak (OOM at 1M tokens in 24 GB). So:
+- tcmalloc where the system has it (`apt install libtcmalloc-minimal4`; no wheel ships it): the entry point re-execs
+  itself with it in LD_PRELOAD (same PID and arguments: launchers do not notice). MEGATRAIN_MALLOC=system keeps
+  glibc's malloc, MEGATRAIN_MALLOC=/path/lib.so preloads that library, a user's own LD_PRELOAD is left alone.
+- otherwise glibc with a fixed M_MMAP_THRESHOLD (every large tensor its own mapping, returned when freed; fixing it
+  also turns glibc's dynamic raise off) and M_TRIM_THRESHOLD, plus PyTorch's transparent-huge-page allocation
+  (THP_MEM_ALLOC_ENABLE=1) so the fresh mappings fault in 2 MiB pages. PyTorch reads that variable once, at its
+  first allocation of any size, so this runs before torch allocates anything (launch/pretrain.py calls it before
+  importing the trainer).
+A user's own MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_/THP_MEM_ALLOC_ENABLE win. A no-op where the C library is
+not glibc (macOS, musl). The measurements behind each choice (peak memory and step time of every option, both
+ways): BENCHMARKS.md, "The memory a user's process gets".
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """megatrain.data: tokenized shards -> packed, DP/worker-split, resumable token windows.
 
 Use:
-    from megatrain.data import ShardStream, sp_slice
+    from megatrain.data import ShardStream
     stream = ShardStream("shards/index.json", seq_len=4096, seed=0, dp_rank=r, dp_size=n, objective="clm")
     stream = ShardStream(sources=[Source("web", "s3://bucket/web/", 0.7), Source("code", "/d/code", 0.3)], ...)
 See stream.py for ordering, splitting and resume rules; mixture.py for the token-cursor plan and the weighted
@@ -10,7 +10,7 @@ Names are imported lazily so data_tools (which need no torch) start fast.
 """
 import importlib
 
-_EXPORTS = {"ShardStream": "stream", "sp_slice": "sp", "DataError": "shards", "Manifest": "shards",
+_EXPORTS = {"ShardStream": "stream", "DataError": "shards", "Manifest": "shards",
             "MaskingConfig": "masking", "Source": "mixture", "RetryPolicy": "sources"}
 __all__ = list(_EXPORTS)
 

@@ -218,17 +218,6 @@ class _EpochReader:
         return {"input_ids": np.ascontiguousarray(inputs), "labels": labels, "doc_ids": ids[:L].copy()}, skipped
 
 
-def lane_window(i: int, n_windows: int, lanes: int) -> tuple[int, int]:
-    """(window, lane) of window i of an epoch of ``n_windows`` at one fixed seq_len: lane i % C, its (i // C)-th
-    window (what mixture.Lanes does while the seq_len does not change).
-
-    Lane l starts at l * (N // C) + min(l, N % C) (the first N % C lanes are one longer), so the map is a bijection
-    of range(N): the last, partial round i >= (N // C) * C only reaches the longer lanes."""
-    base, extra = divmod(n_windows, lanes)
-    lane = i % lanes
-    return lane * base + min(lane, extra) + i // lanes, lane
-
-
 def _produce(layouts: tuple[_Layout, ...], plan: Plan, seq_len: int, wanted: Iterable[int]):
     """(sample, skipped, source) for each wanted global position (increasing, >= plan.position): the plan is run
     over every position (integers only), and the windows at the wanted ones are read, each lane sequentially."""

@@ -74,7 +74,7 @@ class TrainingEval:
         g, c = self.groups, self.cfg
         results = {name: evaluate_windows(engine, held, c.eval.micro_batch_size or c.data.micro_batch_size,
                                           reset_at_doc_boundaries=c.data.reset_at_doc_boundaries,
-                                          sp_group=g.sp_group, sp_rank=g.sp_rank, sp_size=g.sp_size,
+                                          sp_group=g.sp_group,
                                           dp_rank=g.dp_rank, dp_size=g.dp_size, device=engine.device)
                    for name, held in self.heldouts.items()}
         rs = list(results.values())

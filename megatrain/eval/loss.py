@@ -2,17 +2,17 @@
 
 Use (any layout: every rank calls it with its DP rank / SP group; one process: the defaults):
     from megatrain.eval.loss import evaluate_windows
-    res = evaluate_windows(model, heldout, micro_batch_size=2, positions=True)      # plain model (or engine)
+    res = evaluate_windows(model, heldout, micro_batch_size=2, positions=True)      # plain model or engine
     res.summary()   # {"loss", "ppl", "bpb", "tokens"}; res.by_position() -> log-spaced bins (positions=True)
 
-Per micro-batch: this DP rank's windows -> this SP rank's slice (megatrain.parallel.sequence.sp_slice) -> a forward
-with the EMA boundary (SP > 1) and doc_ids, without gradients, in eval mode (dropout off) -> sums of the token
-losses, the counted tokens and their UTF-8 bytes, all-reduced over every rank (SP slices and DP windows are
-disjoint, so the sums are the one-rank sums: SP = 1 to fp rounding).
-Two forwards, one per need: ``positions=False`` calls the model (or DeepSpeed engine: ZeRO-3 gathers the weights
-in its own forward) with loss_reduction="sum", return_logits=False -- the training forward, no [B, L, V] logits;
-``positions=True`` (plain models only) runs the backbone, then the LM head ``LOSS_BLOCK`` positions at a time for
-per-token losses, binned by position: [1, 2), [2, 4), ..., [L/2, L] (``positions`` of megatrain/eval/heldout.py).
+Per micro-batch: this DP rank's windows -> the window protocol (megatrain/parallel/protocol.py ``forward_window``:
+this SP rank's slice, the EMA boundary, the model's keyword API), without gradients, in eval mode (dropout off) ->
+sums of the token losses, the counted tokens and their UTF-8 bytes, all-reduced over every rank (SP slices and DP
+windows are disjoint, so the sums are the one-rank sums: SP = 1 to fp rounding).
+``positions=False`` asks the model for the summed loss (the training forward: fused blockwise head, no [B, L, V]
+logits); ``positions=True`` for each token's loss (the head blockwise too), binned by position: [1, 2), [2, 4),
+..., [L/2, L] (``positions`` of megatrain/eval/heldout.py). Either works through a DeepSpeed engine (ZeRO-3 gathers
+the weights in the modules' own forwards).
 Bits per byte = summed token loss (nats) / ln 2 / bytes of the target tokens: tokenizer-independent.
 """
 from __future__ import annotations
@@ -24,13 +24,10 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from megatrain.eval.heldout import HeldOut, rank_batches
 from megatrain.ops.lm_loss import IGNORE_INDEX
-from megatrain.parallel.sequence import make_ema_boundary, sp_slice
-
-LOSS_BLOCK = 1024  # positions per LM-head block of the per-token path: one [block, V] logits buffer
+from megatrain.parallel.protocol import forward_window, sp_place
 
 
 def position_bins(seq_len: int) -> list:
@@ -69,38 +66,23 @@ class EvalResult:
                 for (lo, hi), s, n in zip(position_bins(self.seq_len), self.bin_loss, self.bin_tokens)]
 
 
-def _layout(dp_rank, dp_size, sp_rank, sp_size):
+def _layout(dp_rank, dp_size, sp_size):
     if dp_size is None:
         world = dist.get_world_size() if dist.is_initialized() else 1
         dp_size, dp_rank = world // sp_size, (dist.get_rank() // sp_size if dist.is_initialized() else 0)
     return dp_rank, dp_size
 
 
-def _token_losses(model, input_ids, labels, doc_ids, boundary) -> torch.Tensor:
-    """[B, l] fp32 per-token cross-entropy (0 where the label is ignored), LOSS_BLOCK positions at a time."""
-    h = model.mega(input_ids, None, None, doc_ids, boundary)
-    if model.dense is not None:
-        h = torch.tanh(model.dense(h))
-    B, l, D = h.shape
-    flat, lab = h.reshape(-1, D), labels.reshape(-1)
-    out = torch.empty(flat.shape[0], dtype=torch.float32, device=h.device)
-    for i in range(0, flat.shape[0], LOSS_BLOCK):
-        logits = model.lm_head(flat[i:i + LOSS_BLOCK]).float()
-        out[i:i + LOSS_BLOCK] = F.cross_entropy(logits, lab[i:i + LOSS_BLOCK], ignore_index=IGNORE_INDEX,
-                                                reduction="none")
-    return out.reshape(B, l)
-
-
 @torch.no_grad()
 def evaluate_windows(model, heldout: HeldOut, micro_batch_size: int = 1, *, positions: bool = False,
-                     reset_at_doc_boundaries: bool = True, sp_group=None, sp_rank: int = 0, sp_size: int = 1,
-                     dp_rank: Optional[int] = None, dp_size: Optional[int] = None, device=None,
-                     progress=None) -> EvalResult:
+                     reset_at_doc_boundaries: bool = True, sp_group=None, dp_rank: Optional[int] = None,
+                     dp_size: Optional[int] = None, device=None, progress=None) -> EvalResult:
     """Evaluate every window of `heldout` once (see the module docstring); collective over all ranks when a
-    process group exists. `model` may be a DeepSpeed engine (positions=False only). `progress(n)`: called with
-    the windows done after each micro-batch (rank 0's progress bar). Restores the model's train/eval mode and
-    the torch RNG state: evaluation leaves training exactly as it found it."""
-    dp_rank, dp_size = _layout(dp_rank, dp_size, sp_rank, sp_size)
+    process group exists. `sp_group`: this rank's SP group (None: no SP). `progress(n)`: called with the windows
+    done after each micro-batch (rank 0's progress bar). Restores the model's train/eval mode and the torch RNG
+    state: evaluation leaves training exactly as it found it."""
+    _, sp_size = sp_place(sp_group)
+    dp_rank, dp_size = _layout(dp_rank, dp_size, sp_size)
     device = device or next(model.parameters()).device
     was_training = model.training
     rng = torch.get_rng_state()
@@ -115,22 +97,20 @@ def evaluate_windows(model, heldout: HeldOut, micro_batch_size: int = 1, *, posi
     pos_bin = (torch.arange(1, L + 1, dtype=torch.float64).log2().floor().long()).clamp(max=nb - 1)
     try:
         for rows in rank_batches(heldout.num_windows, dp_rank, dp_size, micro_batch_size):
-            piece = sp_slice(heldout.batch(rows), sp_rank, sp_size)
-            piece = {k: v.to(device) for k, v in piece.items()}
-            doc_ids = piece["doc_ids"] if reset_at_doc_boundaries else None
-            boundary = make_ema_boundary(sp_group, doc_ids=doc_ids) if sp_size > 1 else None
+            window = {k: v.to(device) for k, v in heldout.batch(rows).items()}
+            f = forward_window(model, window, sp_group, causal=True, reset_at_doc_boundaries=reset_at_doc_boundaries,
+                               loss_reduction="none" if positions else "sum")
+            piece = f.piece
             counted = piece["labels"] != IGNORE_INDEX
             if positions:
-                tl = _token_losses(model, piece["input_ids"], piece["labels"], doc_ids, boundary).double().cpu()
+                tl = f.out.loss.double().cpu()
                 b = pos_bin[(piece["positions"] - 1).cpu()]
                 c = counted.cpu()
                 bins[0].index_add_(0, b[c], tl[c])
                 bins[1].index_add_(0, b[c], torch.ones_like(tl[c]))
                 loss_sum = tl.sum()
             else:
-                out = model(input_ids=piece["input_ids"], labels=piece["labels"], doc_ids=doc_ids,
-                            ema_boundary=boundary, loss_reduction="sum", return_logits=False, labels_shifted=True)
-                loss_sum = out.loss.detach().double().cpu()
+                loss_sum = f.out.loss.detach().double().cpu()
             sums += torch.stack([loss_sum, counted.sum().double().cpu(),
                                  piece["target_bytes"].sum().double().cpu()])
             if progress is not None:

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from megatrain.model.generate import generate
-from megatrain.parallel.sequence import make_ema_boundary, sp_slice
+from megatrain.parallel.protocol import forward_window, sp_place
 
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 KEY_DIGITS = 5
@@ -93,31 +93,23 @@ def passkey_cell(model, fmt: PasskeyFormat, length: int, depth: float, trials: i
 
 @torch.no_grad()
 def passkey_cell_forced(model, fmt: PasskeyFormat, length: int, depth: float, trials: int, seed: int = 0,
-                        batch_size: int = 8, sp_group=None, sp_rank: int = 0, sp_size: int = 1) -> dict:
+                        batch_size: int = 8, sp_group=None) -> dict:
     """The same accuracy as passkey_cell from one teacher-forced forward per batch, the context sliced over the SP
-    group (every rank of the group calls it; `length` a whole number of chunks per rank)."""
+    group by the window protocol (every rank of the group calls it; `length` a whole number of chunks per rank):
+    the logits at the positions whose next token is an answer digit, on the ranks whose slice holds them."""
     device = next(model.parameters()).device
     keys = _keys(seed, length, depth, trials)
-    local = length // sp_size
-    lo = sp_rank * local
+    _, sp_size = sp_place(sp_group)
     # positions whose next token is an answer digit: length - 6 .. length - 2 (global)
-    want_pos = torch.arange(length - KEY_DIGITS - 1, length - 1)
-    mine = want_pos[(want_pos >= lo) & (want_pos < lo + local)]
+    want_pos = torch.arange(length - KEY_DIGITS - 1, length - 1, device=device)
     right = 0
     for i in range(0, trials, batch_size):
         ks = keys[i:i + batch_size]
         ids = torch.tensor([fmt.prompt(length, depth, k) + [fmt.digits[int(c)] for c in k] for k in ks],
                            device=device)
-        piece = sp_slice({"input_ids": ids}, sp_rank, sp_size)["input_ids"]
-        boundary = make_ema_boundary(sp_group) if sp_size > 1 else None
-        h = model.mega(piece, None, None, None, boundary)
-        hits = torch.zeros(len(ks), dtype=torch.long)
-        if len(mine):
-            hs = h[:, mine - lo]
-            if model.dense is not None:
-                hs = torch.tanh(model.dense(hs))
-            pred = model.lm_head(hs).argmax(-1).cpu()
-            hits = (pred == ids[:, mine + 1].cpu()).sum(dim=1)
+        f = forward_window(model, {"input_ids": ids}, sp_group, causal=True, logits_at=want_pos)
+        pred = f.out.logits.argmax(-1)
+        hits = (pred == ids[:, f.positions + 1]).sum(dim=1).cpu()
         if sp_size > 1:
             dist.all_reduce(hits, group=sp_group)
         right += int((hits == KEY_DIGITS).sum())
@@ -125,10 +117,10 @@ def passkey_cell_forced(model, fmt: PasskeyFormat, length: int, depth: float, tr
 
 
 def passkey_eval(model, fmt: PasskeyFormat, lengths, depths=DEPTHS, trials: int = 10, seed: int = 0,
-                 batch_size: int = 8, progress: Optional[Callable[[int], None]] = None, sp_group=None,
-                 sp_rank: int = 0, sp_size: int = 1) -> list:
+                 batch_size: int = 8, progress: Optional[Callable[[int], None]] = None, sp_group=None) -> list:
     """Accuracy per (length, depth) cell; collective (cells shared out over the DP replicas, each SP group working
-    on one cell together) when a process group exists."""
+    on one cell together) when a process group exists. `sp_group`: this rank's SP group (None: no SP)."""
+    sp_rank, sp_size = sp_place(sp_group)
     cells = [(L, d) for L in lengths for d in depths]
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -140,7 +132,7 @@ def passkey_eval(model, fmt: PasskeyFormat, lengths, depths=DEPTHS, trials: int 
         for i, (L, d) in enumerate(cells):
             if i % replicas == replica:
                 if sp_size > 1:
-                    row = passkey_cell_forced(model, fmt, L, d, trials, seed, batch_size, sp_group, sp_rank, sp_size)
+                    row = passkey_cell_forced(model, fmt, L, d, trials, seed, batch_size, sp_group)
                 else:
                     row = passkey_cell(model, fmt, L, d, trials, seed, batch_size)
                 if sp_rank == 0:

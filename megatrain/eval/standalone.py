@@ -2,7 +2,7 @@
 
     from megatrain.eval.standalone import check_lengths, evaluate_model
     res = evaluate_model(model, "shards/heldout/index.json", seq_lens=[4096, 16384], tokens=1 << 20,
-                         positions=True, passkey_format=fmt, sp_group=..., sp_rank=..., sp_size=...)
+                         positions=True, passkey_format=fmt, sp_group=...)
     # {"source", "shards", "rows": [{"seq_len", "loss", "ppl", "bpb", "tokens", "seconds", "tokens_per_s"}],
     #  "by_position": {seq_len: [{"lo", "hi", "tokens", "loss"}]}, "passkey": [{"length", "depth", ...}]}
 
@@ -42,7 +42,7 @@ def _rank0() -> bool:
 def evaluate_model(model, shards: str, seq_lens: list, tokens: int, micro_batch_size: int = 1,
                    positions: bool = False, passkey_format: Optional[PasskeyFormat] = None,
                    passkey_lengths: Optional[list] = None, passkey_trials: int = 10, passkey_depths=DEPTHS,
-                   reset_at_doc_boundaries: bool = True, sp_group=None, sp_rank: int = 0, sp_size: int = 1,
+                   reset_at_doc_boundaries: bool = True, sp_group=None,
                    dp_rank: Optional[int] = None, dp_size: Optional[int] = None, seed: int = 0,
                    show_progress: bool = True) -> dict:
     windows = {L: load_heldout(shards, L, tokens, vocab_size=model.config.vocab_size, key="--shards")
@@ -55,8 +55,8 @@ def evaluate_model(model, shards: str, seq_lens: list, tokens: int, micro_batch_
     for L, held in windows.items():
         bar.set_postfix_str(f"L={L}")
         r = evaluate_windows(model, held, micro_batch_size, positions=positions,
-                             reset_at_doc_boundaries=reset_at_doc_boundaries, sp_group=sp_group, sp_rank=sp_rank,
-                             sp_size=sp_size, dp_rank=dp_rank, dp_size=dp_size,
+                             reset_at_doc_boundaries=reset_at_doc_boundaries, sp_group=sp_group,
+                             dp_rank=dp_rank, dp_size=dp_size,
                              progress=lambda n: bar.update(min(n, bar.total - bar.n)))
         res["rows"].append({**r.summary(), "seconds": r.seconds, "tokens_per_s": r.tokens / max(r.seconds, 1e-9)})
         if positions:
@@ -67,6 +67,6 @@ def evaluate_model(model, shards: str, seq_lens: list, tokens: int, micro_batch_
         pbar = tqdm(total=len(lengths) * len(passkey_depths), unit="cell", desc="passkey",
                     disable=not (show_progress and _rank0()))
         res["passkey"] = passkey_eval(model, passkey_format, lengths, passkey_depths, passkey_trials, seed,
-                                      progress=pbar.update, sp_group=sp_group, sp_rank=sp_rank, sp_size=sp_size)
+                                      progress=pbar.update, sp_group=sp_group)
         pbar.close()
     return res

@@ -46,12 +46,18 @@ class MegaCache:
 
 
 def check_ids(name: str, t: Optional[torch.Tensor], shape, upper: int, allow: Optional[int] = None):
+    """Shape and dtype always; the values only on the CPU. Reading a device tensor's verdict back would stall the
+    host once per forward (a micro-batch's pipeline drained): there the ids were checked where the data entered
+    (megatrain/data/shards.py checks every token against the vocabulary as it decodes a shard; prompts come from
+    the tokenizer), and the embedding's own bounds check still stops a bad id."""
     if t is None:
         return
     if t.shape != shape:
         raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
     if t.dtype.is_floating_point or t.dtype == torch.bool:
         raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
+    if t.device.type != "cpu":
+        return
     ok = (t >= 0) & (t < upper)
     if allow is not None:
         ok |= t == allow

@@ -87,7 +87,9 @@ def generate(
     model.eval()
     try:
         cache = model.new_cache()
-        logits = model(input_ids, attention_mask=attention_mask, cache=cache).logits[:, -1].float()
+        # the prompt's last position only: no [B, P, V] logits for a long prompt
+        last = torch.tensor([input_ids.shape[1] - 1], device=input_ids.device)
+        logits = model(input_ids, attention_mask=attention_mask, cache=cache, logits_at=last).logits[:, -1].float()
         ids, picked_from = [input_ids], []
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0

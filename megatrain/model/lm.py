@@ -7,8 +7,12 @@ Use:
     out = model(input_ids, attention_mask=None, token_type_ids=None, labels=None, doc_ids=None,
                 ema_boundary=None, labels_shifted=False, loss_reduction="mean")
     out.logits [B, L, V]; out.loss; out.num_loss_tokens
-    out = model(input_ids, labels=labels, return_logits=False)   # training: blockwise loss, no [B, L, V] logits
-                                                                   # (LMHead's forward: works under ZeRO-3 too)
+    # the keyword-only API every caller outside model/ uses (training, evaluation, scoring), never the submodules:
+    out = model(input_ids=x, labels=y, loss_reduction="sum", return_logits=False)   # training: blockwise fused
+                                        # loss, no [B, L, V] logits (LMHead's forward: works under ZeRO-3 too)
+    out = model(input_ids=x, labels=y, loss_reduction="none", return_logits=False)  # out.loss [B, L] fp32: each
+                                        # token's loss (0 where the label is -100), LOSS_BLOCK_TOKENS at a time
+    out = model(input_ids=x, logits_at=torch.tensor([5, 9]))  # out.logits [B, 2, V]: only those positions' logits
     model = build_model(config)                                   # causal if config.is_decoder, else masked
 Tests: PYTHONPATH=. python -m pytest -q tests/model/test_mega.py
 The backbone (embeddings + layers): megatrain/model/backbone.py; the downstream heads: megatrain/model/heads.py.
@@ -24,7 +28,7 @@ from torch import nn
 
 from megatrain.model.backbone import MegaCache, MegaModel, check_ids, init_weights_
 from megatrain.model.config import MegaConfig
-from megatrain.ops.lm_loss import IGNORE_INDEX, lm_head_ce_sum
+from megatrain.ops.lm_loss import IGNORE_INDEX, lm_head_ce_sum, lm_head_ce_tokens
 
 # positions per block of the fused LM-head loss (return_logits=False): one [block, V] buffer; at V=8K, 1024 is
 # as fast as 2048/4096 (single-thread CPU, 16K tokens) with a quarter of 4096's 128 MB
@@ -56,12 +60,15 @@ class LMHead(nn.Linear):
         super().__init__(hidden_size, vocab_size)
         self.kernel_backend = kernel_backend  # MegaConfig.kernel_backend: blockwise (CPU) or Liger (CUDA) loss
 
-    def forward(self, h: torch.Tensor, labels: Optional[torch.Tensor] = None,
+    def forward(self, h: torch.Tensor, labels: Optional[torch.Tensor] = None, per_token: bool = False,
                 block: int = LOSS_BLOCK_TOKENS) -> torch.Tensor:
         """labels None: logits [..., V]. labels [...] (IGNORE_INDEX = no loss): the fp32 sum of the token
-        cross-entropies, computed `block` positions at a time (megatrain.ops.lm_loss): no [..., V] tensor."""
+        cross-entropies, computed `block` positions at a time (megatrain.ops.lm_loss): no [..., V] tensor;
+        `per_token`: each token's loss instead, shaped like labels (0 where ignored)."""
         if labels is None:
             return super().forward(h)
+        if per_token:
+            return lm_head_ce_tokens(h, self.weight, self.bias, labels, block).float()
         return lm_head_ce_sum(h, self.weight, self.bias, labels, block, backend=self.kernel_backend).float()
 
 
@@ -112,21 +119,35 @@ class _MegaLM(nn.Module):
         loss_reduction: str = "mean",
         cache: Optional[MegaCache] = None,
         return_logits: bool = True,
+        *,
+        logits_at: Optional[torch.Tensor] = None,
     ) -> MegaOutput:
         """See the module docstring. `return_logits=False` (needs labels) computes the loss in blocks of
         LOSS_BLOCK_TOKENS positions with the fused head + cross-entropy of megatrain.ops.lm_loss (the gradient
         of h and the head is formed block by block during the forward): the [B, L, V] logits (and their
-        log-softmax and gradient) never exist at once -- at L=32K, V=8K that is ~1 GB each. out.logits is None."""
-        if loss_reduction not in ("mean", "sum"):
-            raise ValueError(f"loss_reduction={loss_reduction!r}: expected 'mean' or 'sum'")
-        if not return_logits and labels is None:
+        log-softmax and gradient) never exist at once -- at L=32K, V=8K that is ~1 GB each. out.logits is None.
+        `loss_reduction="none"`: out.loss is each token's loss [B, L] (fp32; 0 where the label is ignored).
+        `logits_at` (1-D positions of this input): out.logits [B, len(logits_at), V] at those positions only (the
+        head runs on them alone); no labels then."""
+        if loss_reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"loss_reduction={loss_reduction!r}: expected 'mean', 'sum' or 'none'")
+        if not return_logits and labels is None and logits_at is None:
             raise ValueError("return_logits=False only makes sense with labels (the loss is all that is computed)")
+        if logits_at is not None:
+            if labels is not None:
+                raise ValueError("logits_at gives logits at chosen positions; pass labels without it for a loss")
+            if logits_at.dim() != 1 or logits_at.dtype.is_floating_point:
+                raise ValueError(f"logits_at must be a 1-D integer tensor of positions, got {logits_at.dtype}"
+                                 f"{list(logits_at.shape)}")
         # the loss alone: the dense + tanh runs inside the last layer's piece(s) (per segment when segmented),
         # so its input and output are not kept for the whole sequence (2 of ~7 [L, D] tensors at a step's peak)
-        fold_dense = not return_logits and self.dense is not None
+        fold_dense = not return_logits and labels is not None and self.dense is not None
         h = self.mega(input_ids, attention_mask, token_type_ids, doc_ids, ema_boundary, cache,
                       final=self._dense_tanh if fold_dense else None)
         out = MegaOutput(last_hidden_state=None if fold_dense else h, cache=cache)
+        if logits_at is not None:
+            out.logits = self._logits(h[:, logits_at.to(h.device)])
+            return out
         if return_logits:
             out.logits = self._logits(h)
         if labels is None:
@@ -138,13 +159,15 @@ class _MegaLM(nn.Module):
         n = (labels != IGNORE_INDEX).sum()
         if return_logits:
             loss = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), labels.reshape(-1),
-                                   ignore_index=IGNORE_INDEX, reduction="sum")
+                                   ignore_index=IGNORE_INDEX, reduction="none" if loss_reduction == "none" else "sum")
+            if loss_reduction == "none":
+                loss = loss.reshape(labels.shape)
         else:
             # h is already dense + tanh (folded into the last layer's checkpoint); the head + CE is fused and
             # blockwise, inside the head module's forward (see LMHead: ZeRO-3 gathers the weight for it)
-            loss = self.lm_head(h, labels)
+            loss = self.lm_head(h, labels, per_token=loss_reduction == "none")
         # mean over counted tokens; 0 (not NaN) when every label is ignored
-        out.loss = loss if loss_reduction == "sum" else loss / n.clamp(min=1)
+        out.loss = loss / n.clamp(min=1) if loss_reduction == "mean" else loss
         out.num_loss_tokens = n
         return out
 

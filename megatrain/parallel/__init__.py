@@ -1,7 +1,7 @@
 """Distributed pieces of megatrain: rank discovery (env), DP x SP groups (groups), sequence parallelism (sequence),
-activation checkpointing + offload applied to the model (checkpointing).
+the one forward over a window (protocol), activation checkpointing + offload applied to the model (checkpointing).
 
-    from megatrain.parallel import make_ema_boundary, validate_sp, reduce_sp_loss
+    from megatrain.parallel import make_ema_boundary, validate_sp, reduce_sp_loss, forward_window, sp_slice
     from megatrain.parallel import discover, ParallelGroups        # from env.py / groups.py
 
 Every name is resolved lazily, so that importing one submodule never loads the others: the exported remote code
@@ -14,7 +14,8 @@ _LAZY = {
     "discover": "megatrain.parallel.env",
     "DistEnv": "megatrain.parallel.env",
     "ParallelGroups": "megatrain.parallel.groups",
-    "sp_slice": "megatrain.data",
+    **{name: "megatrain.parallel.protocol" for name in (
+        "forward_window", "sp_forward", "sp_forward_backward", "sp_slice")},
 }
 
 

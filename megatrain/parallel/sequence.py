@@ -2,7 +2,8 @@
 
 Use (one SP group = ranks that each hold one contiguous slice of the same window, in slice order):
 
-    from megatrain.parallel.sequence import make_ema_boundary, validate_sp, reduce_sp_loss, sp_slice
+    from megatrain.parallel.sequence import make_ema_boundary, validate_sp, reduce_sp_loss
+    from megatrain.parallel.protocol import sp_slice         # the slicer: step 1 of the window protocol
 
     validate_sp(seq_len, sp_size, cfg.chunk_size, cfg.use_chunking,                # once, before any work
                 truncation=cfg.truncation, normalization_type=cfg.normalization_type)
@@ -80,7 +81,6 @@ __all__ = [
     "make_ema_boundary",
     "reduce_sp_loss",
     "reset_comm_stats",
-    "sp_slice",
     "sum_grads_over",
     "validate_sp",
 ]
@@ -156,11 +156,17 @@ def reset_comm_stats() -> CommStats:
 # ----------------------------------------------------------------------------------------------------------------
 # The exchange: communication only (the math is ops/ema/state.py's prefix over the gathered slices)
 # ----------------------------------------------------------------------------------------------------------------
-def _gather_stacked(t: torch.Tensor, group, size: int) -> torch.Tensor:
-    """All-gather a contiguous tensor from every rank of `group` into [P, *t.shape] (rank order)."""
+def _start_gather(t: torch.Tensor, group, size: int):
+    """Start an all-gather of a contiguous tensor from every rank of `group` -> (work, flat [P * t.numel()] buffer,
+    rank order). Flat buffers: gloo wants the concatenation along dim 0, not a stacked extra dim."""
     flat = t.new_empty(size * t.numel())
-    # Flat buffers: gloo wants the concatenation along dim 0, not a stacked extra dim.
-    _all_gather(flat, t.reshape(-1), group=group)
+    return _all_gather(flat, t.reshape(-1), group=group, async_op=True), flat
+
+
+def _gather_stacked(t: torch.Tensor, group, size: int) -> torch.Tensor:
+    """All-gather a contiguous tensor from every rank of `group` into [P, *t.shape] (rank order), waiting."""
+    work, flat = _start_gather(t, group, size)
+    work.wait()
     return flat.view((size,) + tuple(t.shape))
 
 
@@ -177,9 +183,7 @@ class _Exchange:
         self.gather = self.scatter = None          # (work, buffer) of the collective in flight
 
     def start_gather(self, payload: torch.Tensor) -> torch.Tensor:
-        flat = payload.new_empty(self.size * payload.numel())
-        # Flat buffers: gloo wants the concatenation along dim 0, not a stacked extra dim.
-        work = _all_gather(flat, payload.reshape(-1), group=self.group, async_op=True)
+        work, flat = _start_gather(payload, self.group, self.size)
         COMM_STATS.forward_bytes += (self.size - 1) * payload.numel() * payload.element_size()
         COMM_STATS.forward_calls += 1
         # the payload is kept alive with the work: the collective reads it in the background
@@ -339,8 +343,9 @@ class SPLoss(NamedTuple):
 def reduce_sp_loss(loss_sum: torch.Tensor, num_loss_tokens, group, grad_average_size: int = 1) -> SPLoss:
     """Normalise this rank's summed slice loss by the group's total token count (one all-reduce).
 
-    `group` is every rank whose tokens form the batch the loss averages over (the SP group, or DP x SP);
-    `grad_average_size` W is the number of ranks the gradient reduction later *averages* over (1 for a plain sum).
+    `group` is every rank whose tokens form the batch the loss averages over (the SP group, or DP x SP; None: this
+    process alone, no collective); `grad_average_size` W is the number of ranks the gradient reduction later
+    *averages* over (1 for a plain sum).
     """
     if loss_sum.dim() != 0:
         raise ValueError(f"reduce_sp_loss expects a scalar summed loss, got shape {tuple(loss_sum.shape)}")
@@ -349,7 +354,8 @@ def reduce_sp_loss(loss_sum: torch.Tensor, num_loss_tokens, group, grad_average_
     tokens = torch.as_tensor(num_loss_tokens, device=loss_sum.device).to(torch.float64).reshape(())
     # float64 keeps the summed loss and integer token counts exact enough for the 1e-6 SP == unsplit check.
     totals = torch.stack([loss_sum.detach().to(torch.float64), tokens])
-    dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=group)
+    if group is not None:
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=group)
     total_tokens = totals[1]
     # As the model's "mean": 0 (not NaN) when every label of the group is ignored; no host sync needed.
     denom = total_tokens.clamp(min=1)
@@ -371,10 +377,3 @@ def sum_grads_over(parameters: Iterable[torch.nn.Parameter], group) -> None:
         p.grad = flat[offset:offset + n].view_as(p).to(p.dtype, copy=True)   # cat promoted mixed dtypes
         offset += n
 
-
-def __getattr__(name):
-    # Re-export the data part's slicer without importing megatrain.data at module import time.
-    if name == "sp_slice":
-        from megatrain.data import sp_slice
-        return sp_slice
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

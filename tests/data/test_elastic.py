@@ -8,7 +8,7 @@ import itertools
 import pytest
 
 from megatrain.data import ShardStream
-from megatrain.data.stream import lane_window
+from megatrain.data.mixture import Plan
 
 L = 16
 
@@ -27,11 +27,22 @@ def order(synthetic):
     return rows(s, 2 * s.global_windows), s.global_windows
 
 
+def _lane_order(n_windows: int, lanes: int) -> list:
+    """(window, lane) of each window of one epoch of one source at a fixed seq_len, as the plan hands them out."""
+    plan = Plan(["only"], [n_windows * L + 1], [1.0], lanes)
+    out = []
+    for _ in range(n_windows):
+        _, epoch, lane, start, n_real = plan.take(L)
+        assert epoch == 0 and n_real == L and start % L == 0
+        out.append((start // L, lane))
+    return out
+
+
 def test_lanes_are_a_permutation():
     for n in range(1, 40):
         for lanes in range(1, 10):
-            assert sorted(lane_window(i, n, lanes)[0] for i in range(n)) == list(range(n)), (n, lanes)
-    assert [lane_window(i, 10, 3) for i in range(10)] == [  # lanes [0,4) [4,7) [7,10), round-robin
+            assert sorted(w for w, _ in _lane_order(n, lanes)) == list(range(n)), (n, lanes)
+    assert _lane_order(10, 3) == [  # lanes [0,4) [4,7) [7,10), round-robin
         (0, 0), (4, 1), (7, 2), (1, 0), (5, 1), (8, 2), (2, 0), (6, 1), (9, 2), (3, 0)]
 
 

@@ -19,8 +19,8 @@ def _eval_on_ranks(rank, world, held_dir, vocab, sp):
     held = load_heldout(held_dir, 64, 64 * 5)  # 5 windows: DP=2 ranks get 3 and 2 (+ a dummy)
     out = []
     for positions in (False, True):
-        r = evaluate_windows(model, held, 2, positions=positions, sp_group=g.sp_group, sp_rank=g.sp_rank,
-                             sp_size=g.sp_size, dp_rank=g.dp_rank, dp_size=g.dp_size)
+        r = evaluate_windows(model, held, 2, positions=positions, sp_group=g.sp_group, dp_rank=g.dp_rank,
+                             dp_size=g.dp_size)
         out.append((r.summary(), r.bin_loss, r.bin_tokens))
     return out
 

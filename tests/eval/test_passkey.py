@@ -59,8 +59,7 @@ def _sp_passkey(rank, world, state, lengths):
     g = ParallelGroups(dp_size=1, sp_size=world)
     model = MegaForCausalLM(_config())
     model.load_state_dict(state)
-    return passkey_eval(model, FMT, lengths, trials=20, seed=3, sp_group=g.sp_group, sp_rank=g.sp_rank,
-                        sp_size=g.sp_size)
+    return passkey_eval(model, FMT, lengths, trials=20, seed=3, sp_group=g.sp_group)
 
 
 @pytest.mark.slow

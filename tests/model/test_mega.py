@@ -275,6 +275,62 @@ def test_blockwise_loss_equals_full_logits_loss(causal, monkeypatch):
         model(x, return_logits=False)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dense", [False, True])
+def test_per_token_losses_and_logits_at(causal, dense, monkeypatch):
+    """The keyword API evaluation uses instead of the submodules: loss_reduction="none" gives each token's loss (the
+    full-logits cross-entropy per token, 0 where ignored, summing to the "sum" loss) on both head paths, and
+    logits_at gives exactly the full logits at those positions."""
+    import torch.nn.functional as F
+    import megatrain.model.lm as mega_mod
+
+    monkeypatch.setattr(mega_mod, "LOSS_BLOCK_TOKENS", 5)  # several blocks, one ragged
+    model = _model(causal, add_lm_hidden_dense_layer=dense).eval()
+    x = ids(2, 11)
+    labels = x.clone()
+    labels[1, 4] = IGNORE_INDEX
+    full = model(x)
+    want = F.cross_entropy(full.logits.reshape(-1, full.logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="none").reshape(labels.shape)
+    summed = model(input_ids=x, labels=labels, labels_shifted=True, loss_reduction="sum", return_logits=False)
+    for return_logits in (False, True):
+        out = model(input_ids=x, labels=labels, labels_shifted=True, loss_reduction="none",
+                    return_logits=return_logits)
+        assert out.loss.shape == (2, 11) and out.loss.dtype == torch.float32
+        assert torch.allclose(out.loss, want, atol=1e-5) and out.loss[1, 4] == 0
+        assert int(out.num_loss_tokens) == 21
+        assert torch.allclose(out.loss.sum(), summed.loss, atol=1e-5)
+    pos = torch.tensor([0, 7, 10, 7])
+    at = model(input_ids=x, logits_at=pos)
+    assert at.logits.shape == (2, 4, full.logits.shape[-1]) and at.loss is None
+    assert torch.allclose(at.logits, full.logits[:, pos], atol=1e-6)
+    assert model(input_ids=x, logits_at=pos[:0]).logits.shape == (2, 0, full.logits.shape[-1])
+    with pytest.raises(ValueError, match="logits_at"):
+        model(input_ids=x, labels=labels, logits_at=pos)
+    with pytest.raises(ValueError, match="logits_at must be a 1-D integer"):
+        model(input_ids=x, logits_at=pos.float())
+    with pytest.raises(TypeError):
+        model(x, None, None, None, None, None, False, "sum", None, True, pos)  # keyword-only
+
+
+def test_no_module_outside_the_model_reaches_into_it():
+    """Outside megatrain/model/ the LMs are called through their keyword API only: no `.mega`, `.dense` or
+    `.lm_head` of a megatrain model (evaluation once ran the backbone and the head by hand)."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[2] / "megatrain"
+    found = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith(("model/", "hf/remote/")):  # the model itself; the exported remote code is its own model
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in ("mega", "dense", "lm_head"):
+                found.append(f"{rel}:{node.lineno} .{node.attr}")
+    assert not found, found
+
+
 @pytest.mark.parametrize("act", ["softmax", "laplace"])
 def test_left_padding_training_gradients_are_finite(act):
     model = _model(True, attention_activation=act, use_chunking=True, chunk_size=4, normalization_type="batchnorm")

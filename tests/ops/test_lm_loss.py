@@ -14,7 +14,8 @@ import torch
 import megatrain.model.lm as mega_mod
 import megatrain.ops.lm_loss as lm_loss_mod
 from megatrain.model import MegaForCausalLM
-from megatrain.ops.lm_loss import IGNORE_INDEX, lm_head_ce_sum, lm_head_ce_sum_ref, loss_backend
+from megatrain.ops.lm_loss import (IGNORE_INDEX, lm_head_ce_sum, lm_head_ce_sum_ref, lm_head_ce_tokens,
+                                  lm_head_ce_tokens_ref, loss_backend)
 from tests.model.util import randomize_, tiny_config
 from tests.ops.util import DEVICE
 
@@ -65,6 +66,27 @@ def test_fp32_matches_reference(n, d, v, block):
     want = _loss_and_grads(lm_head_ce_sum_ref, h, w, b, t, 1.0)
     assert got[0].dtype == torch.float32
     _assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("n,d,v,block", SHAPES)
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_per_token_losses_match_reference(n, d, v, block, dtype, tol):
+    """Each token's loss (0 where ignored) and its gradients, blockwise, against the full-logits oracle; their sum is
+    the summed path's loss."""
+    h, w, b, t = _inputs(n, d, v, dtype, ignore_every=4)
+    scale = torch.linspace(0.5, 1.5, n, dtype=torch.float64)
+    got = lm_head_ce_tokens(h, w, b, t, block=block)
+    want = lm_head_ce_tokens_ref(h, w, b, t)
+    assert got.shape == t.shape and got.dtype == want.dtype == torch.promote_types(dtype, torch.float32)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    assert (got[t == IGNORE_INDEX] == 0).all() and (got[t != IGNORE_INDEX] > 0).all()
+    gg = torch.autograd.grad((got * scale.to(got.dtype)).sum(), (h, w, b))
+    gw = torch.autograd.grad((want * scale.to(want.dtype)).sum(), (h, w, b))
+    _assert_close(gg, gw, rtol=tol, atol=tol * 10)
+    torch.testing.assert_close(got.sum().to(torch.float64), lm_head_ce_sum(h, w, b, t, block=block).detach()
+                               .to(torch.float64), rtol=tol * 10, atol=tol * 10)
+    # [B, L] targets keep their shape
+    assert lm_head_ce_tokens(h.reshape(1, n, d), w, b, t.reshape(1, n), block=block).shape == (1, n)
 
 
 def test_ignored_rows_get_zero_gradient_and_all_ignored_is_zero():

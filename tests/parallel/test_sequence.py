@@ -309,9 +309,3 @@ def test_make_boundary_needs_distributed():
     with pytest.raises(RuntimeError, match="init_process_group"):
         make_ema_boundary(None)
 
-
-def test_sp_slice_is_the_data_parts():
-    import megatrain.parallel
-    from megatrain.data import sp_slice
-    from megatrain.parallel.sequence import sp_slice as reexported
-    assert reexported is sp_slice and megatrain.parallel.sp_slice is sp_slice

@@ -4,6 +4,8 @@
                                                                # targets [N] int (-100 = ignored) -> fp32 scalar
                                                                # (fp64 for fp64 inputs); called by
                                                                # megatrain.ops.lm_loss.lm_head_ce_sum
+    losses = blockwise_ce_tokens(h, weight, bias, targets, block)  # [N]: each target's loss (0 where ignored);
+                                                                    # megatrain.ops.lm_loss.lm_head_ce_tokens
 
 Why: plain autograd (or a checkpointed F.linear + F.cross_entropy per block, as before) keeps or rebuilds, per
 block, the logits, their log-softmax and a zero-filled logits gradient -- three [block, V] tensors and passes
@@ -119,3 +121,20 @@ def blockwise_ce_sum(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     want_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad
                                              or (bias is not None and bias.requires_grad))
     return _LMHeadCESum.apply(h, weight, bias, targets, block, want_grad)
+
+
+def blockwise_ce_tokens(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+                        block: int) -> torch.Tensor:
+    """Per-token losses [N] (fp32 at least; 0 where the target is ignored), `block` rows at a time: what evaluation
+    by position and per-token scoring need. Plain autograd per block (the per-token losses are an evaluation output;
+    training takes the summed loss above), the same dtypes as the summed path."""
+    cdt, sdt = _dtypes(h, weight)
+    out = torch.empty(h.shape[0], dtype=sdt, device=h.device)
+    with torch.autocast(h.device.type, enabled=False):
+        wc = weight.to(cdt)
+        bc = None if bias is None else bias.to(cdt)
+        for s in range(0, h.shape[0], block):
+            z = torch.nn.functional.linear(h[s:s + block].to(cdt), wc, bc).to(sdt)
+            out[s:s + block] = torch.nn.functional.cross_entropy(z, targets[s:s + block], ignore_index=IGNORE_INDEX,
+                                                                 reduction="none")
+    return out

@@ -1,15 +1,21 @@
-"""sp_slice: contiguous last-dim slices; pre-shifted CLM labels line up across slice boundaries.
+"""The window protocol's slicer: contiguous last-dim slices; pre-shifted CLM labels line up across slice boundaries;
+one import path.
 
-Run: PYTHONPATH=. python -m pytest -q tests/data/test_sp.py
+Run: PYTHONPATH=. python -m pytest -q tests/parallel/test_protocol.py
 """
+import os
+
 import pytest
 import torch
 
-from megatrain.data import ShardStream, sp_slice
+from megatrain.data import ShardStream
+from megatrain.parallel.protocol import sp_slice
+from tests.data.synthetic import make_docs, write_synthetic
 
 
-def test_slices_tile_the_window_and_labels_cross_boundaries(synthetic):
-    man, _ = synthetic
+def test_slices_tile_the_window_and_labels_cross_boundaries(tmp_path):
+    write_synthetic(tmp_path, make_docs(23, seed=1))
+    man = os.path.join(tmp_path, "index.json")
     loader = torch.utils.data.DataLoader(ShardStream(man, seq_len=24, seed=0), batch_size=2)
     batch = next(iter(loader))
     for sp_size in (1, 2, 3, 4):
@@ -33,3 +39,13 @@ def test_errors_and_passthrough():
         sp_slice(x, 2, 2)
     with pytest.raises(TypeError):
         sp_slice([torch.arange(4)], 0, 2)
+
+
+def test_one_import_path():
+    """The slicer is the protocol's step 1 and lives there alone (it was in megatrain.data with three re-exports)."""
+    import megatrain.data
+    import megatrain.parallel
+    import megatrain.parallel.sequence
+    assert megatrain.parallel.sp_slice is sp_slice
+    for module in (megatrain.data, megatrain.parallel.sequence):
+        assert not hasattr(module, "sp_slice"), module
