@@ -333,7 +333,7 @@ def bench_ema(a) -> dict:
     from transformers.models.deprecated.mega.configuration_mega import MegaConfig
     from transformers.models.deprecated.mega.modeling_mega import MegaMultiDimensionDampedEma
     sys.path.insert(0, ROOT)
-    from megatrain.model.ema import MultiDimDampedEMA
+    from megatrain.model.mega.ema import MultiDimDampedEMA
     torch.set_num_threads(a.threads)
     dim, ndim = HF_CONFIG["hidden_size"], HF_CONFIG["ema_projection_size"]
     ours = MultiDimDampedEMA(dim, ndim, bidirectional=False)

@@ -27,10 +27,10 @@ from typing import Optional, Union
 
 import torch
 
-from megatrain.model.config import MegaConfig
-from megatrain.model.heads import (MegaForMultipleChoice, MegaForQuestionAnswering, MegaForSequenceClassification,
+from megatrain.model.mega.config import MegaConfig
+from megatrain.model.mega.heads import (MegaForMultipleChoice, MegaForQuestionAnswering, MegaForSequenceClassification,
                                    MegaForTokenClassification, MegaModelWithPooler)
-from megatrain.model.lm import MegaForCausalLM, MegaForMaskedLM
+from megatrain.model.mega.lm import MegaForCausalLM, MegaForMaskedLM
 
 # (megatrain key, transformers key). {i} = layer index, {leaf} = the rest of the key, {head} = lm_head | mlm_head.
 KEY_TABLE: list[tuple[str, str]] = [

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from megatrain.hf.format import (_read_state_dict, _task_of, hf_to_megatrain_state_dict, load_checked,
                                  read_hf_config, task_of_config)
-from megatrain.model.config import MegaConfig
+from megatrain.model.mega.config import MegaConfig
 
 
 # the fields a weight folder must agree on with a run to continue its pretraining (model.init_from)

@@ -1,4 +1,4 @@
-"""Small MEGA building blocks: activations, (feature) dropout, the five sequence norms.
+"""Small building blocks: activations, (feature) dropout, MEGA's five sequence norms (shared by the families).
 
 Use:
     act = activation("gelu_accurate"); drop = Dropout(0.1, featurewise=True); norm = make_norm(config)
@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatrain.model.config import MegaConfig
 from megatrain.ops.attention.activations import laplace, relu2
 
 
@@ -169,7 +168,7 @@ class BatchNorm(nn.Module):
         self.num_batches_tracked.add_(1)
 
 
-def make_norm(config: MegaConfig) -> nn.Module:
+def make_norm(config) -> nn.Module:
     """The norm named by config.normalization_type, eps=1e-5 for all (as transformers' MegaSequenceNorm)."""
     dim, affine, kind = config.hidden_size, config.norm_affine, config.normalization_type
     if kind == "scalenorm":

@@ -52,7 +52,7 @@ def test_closure_ships_the_op_packages_and_demands_no_optional_package(folder):
     for f in ("megatrain_ops_ema.py", "megatrain_ops_ema_triton_kernel.py", "megatrain_ops_ema_torch_blocked.py",
               "megatrain_ops_attention.py", "megatrain_ops_attention_flex_path.py", "megatrain_ops_lm_loss.py",
               "megatrain_ops_lm_loss_liger.py", "megatrain_ops_backend.py", "megatrain_model_context.py",
-              "megatrain_model_pieces.py", "megatrain_model_backbone.py", "megatrain_model_lm.py"):
+              "megatrain_model_pieces.py", "megatrain_model_mega_backbone.py", "megatrain_model_lm.py"):
         assert f in names, f
     # nothing distributed is shipped: of parallel/ only checkpointing.py (gradient_checkpointing_enable), which
     # imports torch and model/ alone

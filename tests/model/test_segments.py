@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatrain.model import MegaForCausalLM, MegaForMaskedLM
-from megatrain.model.config import MegaConfig
+from megatrain.model.mega.config import MegaConfig
 from megatrain.ops.lm_loss import IGNORE_INDEX
 from megatrain.parallel.checkpointing import apply_checkpointing, policy_from_config
 from tests.model.util import ids, randomize_, tiny_config

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from megatrain.model.ema import MultiDimDampedEMA
+from megatrain.model.mega.ema import MultiDimDampedEMA
 from megatrain.ops.ema import EMA_PATH_TABLE, EMA_PATHS, choose_path, ema_scan, ema_scan_ref, paths
 from megatrain.ops.ema.triton_chunked import ema_scan_chunked
 from tests.ops.test_ema_ops import NAMES, assert_all_close, make_inputs, module_run, run

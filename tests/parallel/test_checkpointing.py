@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from megatrain.model import MegaForCausalLM, MegaForMaskedLM
-from megatrain.model.attention import MovingAverageGatedAttention
-from megatrain.model.ema import MultiDimDampedEMA
+from megatrain.model.mega.attention import MovingAverageGatedAttention
+from megatrain.model.mega.ema import MultiDimDampedEMA
 from megatrain.parallel import checkpointing
 from megatrain.parallel.checkpointing import CheckpointPolicy, apply_checkpointing, policy_from_config
 from tests.model.test_segments import SEG, _data, _loss_and_grads, _pair

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from megatrain.model import MegaConfig, MegaForCausalLM, MegaForMaskedLM
-from megatrain.model.ema import MultiDimDampedEMA
+from megatrain.model.mega.ema import MultiDimDampedEMA
 from megatrain.ops.lm_loss import IGNORE_INDEX
 from megatrain.parallel.checkpointing import apply_checkpointing, policy_from_config
 from megatrain.parallel.protocol import sp_forward_backward

@@ -15,8 +15,8 @@ import dataclasses
 from transformers import PretrainedConfig
 
 from megatrain.hf.format import config_from_hf_dict
-from megatrain.model.config import KNOB
-from megatrain.model.config import MegaConfig as _MT
+from megatrain.model.mega.config import KNOB
+from megatrain.model.mega.config import MegaConfig as _MT
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(_MT)}
 # megatrain's run knobs (speed/memory only) are not part of an exported model

@@ -51,11 +51,11 @@ from transformers.utils import logging
 
 from megatrain.hf.format import build_for_task, to_hf_key
 from megatrain.hf.remote.configuration_mega import MegaConfig
-from megatrain.model.attention import MovingAverageGatedAttention, RotaryRelativeBias, SimpleRelativeBias
-from megatrain.model.ema import MultiDimDampedEMA
+from megatrain.model.mega.attention import MovingAverageGatedAttention, RotaryRelativeBias, SimpleRelativeBias
+from megatrain.model.mega.ema import MultiDimDampedEMA
 from megatrain.model.layers import BatchNorm, LayerNorm, RMSNorm, ScaleNorm
-from megatrain.model.heads import MegaModelWithPooler
-from megatrain.model.backbone import MegaCache
+from megatrain.model.mega.heads import MegaModelWithPooler
+from megatrain.model.mega.backbone import MegaCache
 from megatrain.ops.attention import chunk_attention
 from megatrain.model.pieces import PIECES
 from megatrain.parallel.checkpointing import CheckpointPolicy, apply_checkpointing
@@ -85,7 +85,7 @@ def _init(t: torch.Tensor, fn: str, **kw) -> None:
 
 
 def _init_as_megatrain(owner: nn.Module, name: str, t: torch.Tensor, std: float) -> None:
-    """Tensor `name` of megatrain module `owner` as megatrain.model.backbone.init_weights_ starts it (the qk
+    """Tensor `name` of megatrain module `owner` as megatrain.model.mega.backbone.init_weights_ starts it (the qk
     weights and relative biases normal(0, std), the qk bias zero) or as the norms are built (identity)."""
     if isinstance(owner, MovingAverageGatedAttention) and name == "qk_weight":
         _init(t, "normal_", std=std)
@@ -252,7 +252,7 @@ class MegaPreTrainedModel(PreTrainedModel):
                 with torch.no_grad():
                     module.weight[module.padding_idx].zero_()
         elif isinstance(module, MultiDimDampedEMA):
-            # the EMA's own init (megatrain.model.ema), unless its tensors were loaded (5.x flags each tensor;
+            # the EMA's own init (megatrain.model.mega.ema), unless its tensors were loaded (5.x flags each tensor;
             # 4.x does not call this for a module it loaded)
             if not any(getattr(p, "_is_hf_initialized", False) for p in module.parameters(recurse=False)):
                 c = self.config

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatrain.model.config import MegaConfig
+from megatrain.model.mega.config import MegaConfig
 from megatrain.model.context import SeqContext
-from megatrain.model.ema import MultiDimDampedEMA
+from megatrain.model.mega.ema import MultiDimDampedEMA
 from megatrain.model.layers import Dropout, activation, make_norm
 from megatrain.model.pieces import Pieces
 from megatrain.ops.attention import chunk_attention

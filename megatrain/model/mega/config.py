@@ -32,7 +32,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from megatrain.ops.backend import check_backend
 
@@ -65,6 +65,7 @@ HF_GENERIC_KEYS = frozenset(
 
 @dataclass
 class MegaConfig:
+    model_type: ClassVar[str] = "mega"     # the family (megatrain/model/registry.py); not a field
     vocab_size: int = 30522
     hidden_size: int = 128
     num_hidden_layers: int = 4
