@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megatrain.model.context import SeqContext
-from megatrain.model.layers import Dropout, _rms_normalize
+from megatrain.model.layers import Dropout, rms_normalize
 from megatrain.model.megalodon.cema import ComplexEMA
 from megatrain.model.megalodon.config import MegalodonConfig
 from megatrain.model.megalodon.norms import OffsetRMSNorm, TimestepNorm
@@ -38,12 +38,13 @@ from megatrain.ops.attention import chunk_attention
 
 def rope(x: Tensor, pos: Tensor, base: float) -> Tensor:
     """Rotate feature pairs (2j, 2j+1) of x [..., T, H, d] by pos[t] * base^(-2j/d) (the reference's interleaved
-    pairs); pos [T] (positions inside the chunk). Angles in fp32 whatever x's dtype."""
+    pairs); pos [T] (positions inside the chunk). Angles and rotation in fp32 whatever x's dtype (fp64 stays fp64)."""
     d = x.shape[-1]
-    freqs = base ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
-    angle = pos.to(torch.float32)[:, None, None] * freqs                                  # [T, 1, d/2]
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    freqs = base ** (-torch.arange(0, d, 2, device=x.device, dtype=dtype) / d)
+    angle = pos.to(dtype)[:, None, None] * freqs                                          # [T, 1, d/2]
     cos, sin = torch.cos(angle), torch.sin(angle)
-    pairs = x.float().unflatten(-1, (d // 2, 2))
+    pairs = x.to(dtype).unflatten(-1, (d // 2, 2))
     x0, x1 = pairs[..., 0], pairs[..., 1]
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).to(x.dtype)
 
@@ -152,7 +153,7 @@ class MegalodonAttention(Pieces, nn.Module):
             ema_out, cache.ema_state = self.cema(xn, mask, state=cache.ema_state)
         mx = self.hidden_dropout(self.rmsnorm(ema_out))
 
-        z = _rms_normalize(self.wz(mx).unflatten(-1, (self.heads, self.z_head)), self.config.norm_eps)
+        z = rms_normalize(self.wz(mx).unflatten(-1, (self.heads, self.z_head)), self.config.norm_eps)
         scale = (self.gamma + 1.0) / math.sqrt(self.z_head)
         q = z * scale[0].view(self.heads, self.z_head) + self.beta[0].view(self.heads, self.z_head)
         k = z * scale[1].view(self.heads, self.z_head) + self.beta[1].view(self.heads, self.z_head)

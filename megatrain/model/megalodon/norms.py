@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megatrain.model.boundary import Boundary, doc_starts, start_boundary
-from megatrain.model.layers import _rms_normalize
+from megatrain.model.layers import rms_normalize
 from megatrain.ops.ema import math_dtype
 from megatrain.ops.tsn import from_additive, timestep_norm, to_additive
 
@@ -81,7 +81,7 @@ class OffsetRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim)) if affine else None
 
     def forward(self, x: Tensor) -> Tensor:
-        y = _rms_normalize(x, self.eps)
+        y = rms_normalize(x, self.eps)
         return y if self.weight is None else y * (self.weight + 1.0)
 
 
