@@ -6,6 +6,7 @@
     h_in = prefix(locals_, decays, keeps, h0)    # [K, B, D, N]: the state entering every piece
     locals_, decays, keeps = traversal(direction, locals_, decays, edges)   # edges [K+1, B] -> that order
     decay = crossing_decay(logq, batch, length, resets)   # [B, D, N]: a piece's decay
+    qn = power(logq, n)                          # q^n (a complex q's angle reduced in float64: see power)
     items = inclusive_scan((a, b), combine)      # the log-depth scan itself, for any associative combine
 Tests: PYTHONPATH=. python -m pytest -q tests/ops/test_ema_state.py
 
@@ -34,6 +35,7 @@ combine: the timestep norm's running statistics (ops/tsn) use it with Chan's mer
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -101,10 +103,22 @@ def traversal(direction: str, local: Tensor, decay: Tensor, edges: Optional[Tens
     return local.flip(0), decay.flip(0), None if edges is None else edges[1:].flip(0)
 
 
+def power(logq: Tensor, n) -> Tensor:
+    """q^n = exp(n logq) for n a number or a tensor broadcasting with logq. For a complex logq (Megalodon's rotating
+    decay) the angle n Im(logq) is formed in float64 and reduced mod 2 pi before the exponential: in fp32 its error
+    would grow as n |Im logq| eps (~3e-3 rad at n = 16K), a wrong rotation of every state handed across a long
+    piece (an SP slice, a segment) that the blocked scan, which multiplies short powers, does not make."""
+    if not logq.is_complex():
+        return torch.exp(logq * n)
+    steps = n.to(torch.float64) if isinstance(n, Tensor) else float(n)
+    angle = torch.remainder(logq.imag.to(torch.float64) * steps, 2 * math.pi).to(logq.real.dtype)
+    return torch.polar(torch.exp(logq.real * (n.to(logq.real.dtype) if isinstance(n, Tensor) else n)), angle)
+
+
 def crossing_decay(logq: Tensor, batch: int, length: int, resets: Optional[Tensor] = None) -> Tensor:
     """[B, D, N] factor an incoming state is multiplied by across `length` positions (0 if a document starts
     inside: resets [B, L] bool, True where a document starts)."""
-    decay = torch.exp(logq * length).unsqueeze(0).expand(batch, -1, -1)
+    decay = power(logq, length).unsqueeze(0).expand(batch, -1, -1)
     if resets is not None:
         decay = cut(decay, ~resets.any(1))
     return decay

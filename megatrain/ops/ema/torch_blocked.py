@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from megatrain.ops.ema.state import carry, crossing_decay, prefix
+from megatrain.ops.ema.state import carry, crossing_decay, power, prefix
 
 # Elements allowed in one group of document-masked Toeplitz blocks (see _masked_intra_block).
 _MASKED_GROUP_ELEMENTS = 1 << 22
@@ -56,7 +56,7 @@ class _BlockKernel:
 def _powers(logq: Tensor, count: int) -> Tensor:
     """[D, N, count]: q^0 .. q^(count-1) (complex for a complex logq)."""
     steps = torch.arange(count, device=logq.device, dtype=logq.real.dtype)
-    return torch.exp(logq.unsqueeze(-1) * steps)
+    return power(logq.unsqueeze(-1), steps)
 
 
 def _state_columns(w: Tensor) -> Tensor:
@@ -177,7 +177,7 @@ def _causal_ema(u: Tensor, kern: _BlockKernel, resets: Optional[Tensor],
     tail = length - (nb - 1) * c
     last_x = xb.view(dim, bsz, nb, c)[:, :, -1, :tail]
     w_tail = kern.w_state[:, c - tail:]                                      # a q^(tail-1-j)
-    tail_decay = torch.exp(kern.logq * tail)[:, None, :]                    # [D, 1, N]
+    tail_decay = power(kern.logq, tail)[:, None, :]                         # [D, 1, N]
     if resets is not None:
         last_x = last_x * to_state.view(bsz, nb, c)[:, -1, :tail].to(u.dtype)
         tail_decay = tail_decay * carry_in.view(bsz, nb, c)[:, -1, -1].to(u.dtype)[None, :, None]
@@ -219,7 +219,7 @@ def _incoming_contribution(logq: Tensor, w_prop: Tensor, h_in: Tensor, length: i
     c = w_prop.shape[-1]
     nb = -(-length // c)
     starts = torch.arange(nb, device=h_in.device, dtype=logq.real.dtype) * c
-    to_block = torch.exp(logq.unsqueeze(1) * starts.unsqueeze(-1))          # [D, nb, N]: q^(C b)
+    to_block = power(logq.unsqueeze(1), starts.unsqueeze(-1))               # [D, nb, N]: q^(C b)
     entering = h_in.permute(1, 0, 2).unsqueeze(2) * to_block.unsqueeze(1)    # [D, B, nb, N]
     out = torch.bmm(_real_state(entering.reshape(dim, bsz * nb, n)), w_prop).view(dim, bsz, nb * c)[..., :length]
     out = _relayout(out, (1, 2, 0))
