@@ -33,6 +33,9 @@ from typing import Any, Optional
 from megatrain.ops.backend import check_backend
 
 INIT_MODES = ("he", "bert", "gaussian", "xavier")
+# megatrain's knobs among the fields: how the model runs (speed, memory), never what it computes; an exported model
+# (megatrain/hf) leaves them out
+KNOBS = ("gradient_checkpointing", "kernel_backend", "segment_size", "ema_block_size")
 
 
 @dataclass
@@ -63,7 +66,7 @@ class MegalodonConfig:
     bos_token_id: Optional[int] = 1
     eos_token_id: Optional[int] = 2
     is_decoder: bool = True
-    # megatrain knobs (see the module docstring)
+    # megatrain knobs (KNOBS; see the module docstring)
     gradient_checkpointing: bool = False
     kernel_backend: str = "auto"
     segment_size: int = 0
