@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from megatrain.hf.format import REMOTE_ONLY_MODEL_TYPE
+from megatrain.hf.mega import REMOTE_ONLY_MODEL_TYPE
 
 # the linear layers of every MEGA layer and the LM's hidden dense: PEFT LoRA's target_modules
 LORA_TARGETS = ("v_proj", "mx_proj", "h_proj", "fc1", "fc2", "dense")

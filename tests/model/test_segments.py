@@ -105,6 +105,6 @@ def test_bad_segment_size_names_the_key():
 
 
 def test_segment_size_is_not_written_to_hf_config():
-    from megatrain.hf.format import hf_config_dict
+    from megatrain.hf.mega import hf_config_dict
     d = hf_config_dict(tiny_config(True, use_chunking=True, chunk_size=CHUNK, segment_size=SEG), "causal")
     assert "segment_size" not in d and d["chunk_size"] == CHUNK

@@ -14,7 +14,7 @@ import dataclasses
 
 from transformers import PretrainedConfig
 
-from megatrain.hf.format import config_from_hf_dict
+from megatrain.hf.mega import config_from_hf_dict
 from megatrain.model.mega.config import KNOB
 from megatrain.model.mega.config import MegaConfig as _MT
 
@@ -45,3 +45,7 @@ class MegaConfig(PretrainedConfig):
 
 class MegatrainMegaConfig(MegaConfig):
     model_type = "megatrain_mega"
+
+
+# config.json model_type -> this module's class for it (megatrain/hf/remote_code.py writes auto_map from it)
+CONFIG_CLASSES = {"mega": "MegaConfig", "megatrain_mega": "MegatrainMegaConfig"}
