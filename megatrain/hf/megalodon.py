@@ -34,8 +34,8 @@ ARCHS = {"causal": "MegalodonForCausalLM", "backbone": "MegalodonModel"}
 TASKS = tuple(ARCHS)
 # config.json keys transformers' PretrainedConfig writes besides those HF_GENERIC_KEYS names
 _HF_ALSO = frozenset({"use_cache"})
-NATIVE_PROBLEM = ("transformers has no Megalodon class of its own (no model_type 'megalodon'): the export is its "
-                  "only transformers format, loaded with trust_remote_code=True")
+# why no folder of transformers' own classes computes a Megalodon (save_hf native=True, launch/export_hf.py --native)
+NATIVE_PROBLEM = "transformers has no Megalodon class of its own (no model_type 'megalodon')"
 
 
 @dataclass
