@@ -125,13 +125,15 @@ class MegalodonModel(BackboneObserver, MegalodonPreTrainedModel):
                 probs = inner(q, k, eye, **mask)                                     # [B, n, Tq, H, Tk]
             finally:
                 attn.training = training
-            self._attn[index].append(probs.permute(0, 1, 3, 2, 4).reshape(b, n * h, tq, tk))
-            if not (torch.is_grad_enabled() and probs.requires_grad):
+            returned = probs.permute(0, 1, 3, 2, 4).reshape(b, n * h, tq, tk)    # [B, n * H, Tq, Tk]
+            self._attn[index].append(returned)
+            if not (torch.is_grad_enabled() and returned.requires_grad):
                 return inner(q, k, v, **mask)  # the op itself: its numbers exactly
             # under autograd the output is computed from the very probabilities returned (retain_grad, losses on
             # attentions reach them): inner's computation written out, its attention dropout included
             p = attn.attention_dropout.p if attn.training else 0.0
-            return torch.einsum("bnqhk,bnkhe->bnqhe", nn.functional.dropout(probs, p) if p else probs, v)
+            probs = returned.view(b, n, h, tq, tk)
+            return torch.einsum("bnhqk,bnkhe->bnqhe", nn.functional.dropout(probs, p) if p else probs, v)
 
         attn._attend = attend  # an instance attribute: this model's attention modules only
 
