@@ -180,6 +180,8 @@ EXPORT_CASES = [
     ("export-bad-dtype", EXP + " --no-tokenizer --dtype fp16", ["--dtype", "'fp16'"], ["{out}/hf"]),
     ("export-hub-offline", "env HF_HUB_OFFLINE=1 " + EXP + " --no-tokenizer --push-to-hub me/x",
      ["--push-to-hub me/x", "offline"], ["{out}/hf"]),
+    ("export-megalodon-to-native-mega", "{py} {export} {w}/export/megalodon {out}/hf --no-tokenizer --native",
+     ["--native", "transformers has no Megalodon class", "export without --native"], ["{out}/hf"]),
     ("export-hub-no-token",  # online as far as huggingface_hub knows, but no token anywhere
      "env HF_HUB_OFFLINE=0 HF_TOKEN= HF_HOME={out}/hf_home " + EXP + " --no-tokenizer --push-to-hub me/x",
      ["--push-to-hub me/x", "no Hugging Face token"], ["{out}/hf"]),
@@ -258,7 +260,8 @@ def world(tmp_path_factory, request):
 @pytest.fixture(scope="session")
 def export_world(world):
     """{w}/export: run/ (1 step, single process, ZeRO-3, a checkpoint), partial/ (its tag folder without the ZeRO
-    optimizer states) and other/ (its tag folder with a config.yaml of another hidden_size). ~10 s."""
+    optimizer states), other/ (its tag folder with a config.yaml of another hidden_size) and megalodon/ (a 1-step
+    run of configs/megalodon_tiny.yaml). ~15 s."""
     e = world / "export"
     p = subprocess.run([sys.executable, PRETRAIN, "--config", TINY, f"data.shards={world}/shards/index.json",
                         f"run_dir={e}/run", "train.max_steps=1", "train.warmup_steps=0", "checkpoint.every_steps=1",
@@ -273,6 +276,11 @@ def export_world(world):
     cfg = (e / "other" / "config.yaml").read_text()
     assert "hidden_size: 32" in cfg
     (e / "other" / "config.yaml").write_text(cfg.replace("hidden_size: 32", "hidden_size: 48"))
+    p = subprocess.run([sys.executable, PRETRAIN, "--config", os.path.join(ROOT, "configs", "megalodon_tiny.yaml"),
+                        f"data.shards={world}/shards/index.json", f"run_dir={e}/megalodon", "train.max_steps=1",
+                        "train.warmup_steps=0", "checkpoint.every_steps=1", "logging.tensorboard=false"], cwd=ROOT,
+                       env=pretrain_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
     return e
 
 

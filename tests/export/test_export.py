@@ -304,3 +304,23 @@ def test_megalodon_bf16_and_planted_weights(megalodon_run, megalodon_hf, tmp_pat
     model, _ = load_model(os.path.join(megalodon_run[0], "checkpoints"))
     problems = verify(str(planted), model, None)
     assert problems and "logits differ" in problems[0]
+
+
+def test_verify_without_a_tokenizer(run, tmp_path):
+    """--no-tokenizer --verify checks logits and generate (it crashed: the run's tokenizer was looked up unset)."""
+    from megatrain.export import export
+    info = export(run[0], str(tmp_path / "out"), no_tokenizer=True, do_verify=True)
+    assert info["tokenizer"] is None and not (tmp_path / "out" / "tokenizer.model").exists()
+
+
+def test_native_refuses_a_mega_config_its_classes_compute_differently():
+    """--native is checked on the run config before any work: transformers 4.57's MEGA would compute a real
+    RMSNorm (or a truncated causal model) differently; Megalodon it does not have."""
+    from megatrain.config import MegalodonModelCfg, ModelCfg
+    from megatrain.export.folder import ExportError, check_native
+    check_native(type("Cfg", (), {"model": ModelCfg(is_decoder=True, bidirectional=False)}), True)
+    check_native(type("Cfg", (), {"model": MegalodonModelCfg()}), False)
+    for model, why in ((ModelCfg(normalization_type="rmsnorm"), "MegaRMSNorm does not"),
+                       (MegalodonModelCfg(), "no Megalodon class")):
+        with pytest.raises(ExportError, match=f"^--native: .*{why}.*; export without --native"):
+            check_native(type("Cfg", (), {"model": model}), True)
