@@ -57,6 +57,7 @@ SHIPPED = (
     "megatrain.model.mega.lm",
     "megatrain.model.pieces",
     "megatrain.model.segments",
+    "megatrain.model.settings",
     "megatrain.ops.attention",
     "megatrain.ops.attention.activations",
     "megatrain.ops.attention.flex_path",

@@ -14,17 +14,11 @@ import torch
 from megatrain.ops.cema import cema_scan, cema_scan_ref, crossing_decay, incoming_contribution
 from megatrain.ops.ema.state import carry, prefix
 from tests.ops.test_ema_chunked import compile_family
+from tests.ops.test_ema_ops import backend  # noqa: F401  (the fixture: torch, and triton interpreted)
 from tests.ops.util import DEVICE, cpu_only
 from tests.probes import MaxNumel
 
 NAMES = ["out", "state", "u", "p", "c", "logq", "h_in"]
-
-
-@pytest.fixture(params=["torch", "triton"])
-def backend(request):
-    if request.param == "triton":
-        request.getfixturevalue("triton_interpreter")
-    return request.param
 
 
 def make_inputs(bsz, length, dim, ndim, resets=None, h_in=False, seed=0):

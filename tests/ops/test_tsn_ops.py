@@ -15,16 +15,10 @@ import torch
 
 from megatrain.ops.ema.state import prefix
 from megatrain.ops.tsn import from_additive, timestep_norm, timestep_norm_ref, to_additive
+from tests.ops.test_ema_ops import backend  # noqa: F401  (the fixture: torch, and triton interpreted)
 from tests.ops.util import DEVICE
 
 NAMES = ["y", "count", "mean", "var", "x", "gamma", "beta", "mean_in", "var_in"]
-
-
-@pytest.fixture(params=["torch", "triton"])
-def backend(request):
-    if request.param == "triton":
-        request.getfixturevalue("triton_interpreter")
-    return request.param
 
 
 def make_inputs(bsz, length, dim, groups, mask=False, resets=False, state=False, offset=3.0, seed=0):
