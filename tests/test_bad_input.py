@@ -95,6 +95,22 @@ CASES = [
      ["--heldout-docs 4", "only 4", "leave some for training"], ["{out}/s"]),
     ("build-heldout-both", BUILD + " --input {w}/text --out {out}/s --heldout-docs 1 --heldout-fraction 0.5",
      ["--heldout-fraction", "not allowed with"], ["{out}/s"]),
+    ("build-parquet-no-column", BUILD + " --input {w}/nocol.parquet --out {out}/s", ["nocol.parquet",
+     "no column 'text'", "--text-field"], ["{out}/s"]),
+    ("build-where-no-column", BUILD + " --input {w}/nocol.parquet --text-field body --where lang=='en' --out {out}/s",
+     ["nocol.parquet", "no column 'lang'", "--where"], ["{out}/s"]),
+    ("build-where-not-a-condition", BUILD + " --input {w}/text --where len(text)>3 --out {out}/s",
+     ["--where", "len(text)"], ["{out}/s"]),
+    ("build-corrupt-zst", BUILD + " --input {w}/corrupt.jsonl.zst --out {out}/s", ["corrupt.jsonl.zst", "unreadable"],
+     ["{out}/s"]),
+    ("build-403", BUILD + " --input {forbidden}forbidden.jsonl --out {out}/s", ["forbidden.jsonl", "HTTP 403"],
+     ["{out}/s"]),
+    ("build-task-index-too-big", BUILD + " --input {w}/text --out {out}/s --num-tasks 2 --task-index 2",
+     ["--task-index 2", "--num-tasks = 2"], ["{out}/s"]),
+    ("build-merge-missing-part", BUILD + " --input {w}/text --out {w}/halfbuilt --unit-size 1 --num-tasks 2 --merge",
+     ["halfbuilt/_parts/u000001/part.json", "missing", "--task-index 1"], ["{w}/halfbuilt/index.json"]),
+    ("build-min-chars-negative", BUILD + " --input {w}/text --out {out}/s --min-chars -1", ["--min-chars -1"],
+     ["{out}/s"]),
     # ---- data_tools/inspect_shards.py
     ("inspect-missing", INSPECT + " {w}/nowhere", ["nowhere", "not found"], []),
     ("inspect-not-json", INSPECT + " {w}/notjson", ["notjson", "unreadable"], []),
@@ -142,7 +158,7 @@ CASES = [
     ("pretrain-eval-other-tokenizer", "{py} {pretrain} --config {tiny} data.shards={w}/tokshards run_dir={out}/run "
      "model.vocab_size=300 eval.every_steps=2 eval.shards={w}/otherheld",
      ["eval.shards={w}/otherheld", "tokenizer sha256", "must share one tokenizer"], ["{out}/run"]),
-    # ---- mixtures, remote shards, the seq_len schedule (megatrain/data: mixture.py, sources.py; config.data_stages)
+    # ---- mixtures, remote shards, the seq_len schedule (megatrain/data: mixture.py, remote.py; config.data_stages)
     ("pretrain-source-weight-zero", PRE + " data.shards= " + SOURCE.format(name="a", weight="0"),
      ["data.sources[0].weight=0", "must be a number > 0"], ["{out}/run"]),
     ("pretrain-source-weight-lots", PRE + " data.shards= " + SOURCE.format(name="a", weight='"lots"'),
@@ -241,6 +257,11 @@ def world(tmp_path_factory, request):
     (w / "afile.txt").write_text("a file, not a folder\n")
     (w / "full").mkdir()
     (w / "full" / "keep.txt").write_text("user data\n")
+    faults.add("forbidden.jsonl", *["403"] * 1000)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"body": ["a document"]}), w / "nocol.parquet")
+    (w / "corrupt.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd" + b"not a zstd frame" * 10)
     (w / "fake_tok").mkdir()
     (w / "fake_tok" / "tokenizer.model").write_bytes(b"not a model")
     p = subprocess.run([sys.executable, os.path.join(TOOLS, "train_tokenizer.py"), "--input", str(w / "text"),
@@ -259,6 +280,12 @@ def world(tmp_path_factory, request):
                        capture_output=True, text=True, env=pretrain_env(), timeout=300)
     assert p.returncode == 0, p.stderr
     shutil.copytree(w / "tokshards", w / "otherheld")
+    # task 0 of 2 of an array build (one unit per file): the merge finds unit 1's part missing
+    p = subprocess.run([sys.executable, os.path.join(TOOLS, "build_shards.py"), "--input", str(w / "text"),
+                        "--tokenizer", str(w / "tok"), "--out", str(w / "halfbuilt"), "--workers", "1",
+                        "--unit-size", "1", "--num-tasks", "2", "--task-index", "0"],
+                       capture_output=True, text=True, env=pretrain_env(), timeout=300)
+    assert p.returncode == 0, p.stderr
     man = (w / "otherheld" / "index.json").read_text()
     sha = __import__("json").loads(man)["tokenizer_sha256"]
     (w / "otherheld" / "index.json").write_text(man.replace(sha, "0" * 64))
