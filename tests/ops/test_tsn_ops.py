@@ -1,5 +1,6 @@
-"""Tests of megatrain.ops.tsn (Megalodon's timestep normalization): PYTHONPATH=. python -m pytest -q
-tests/ops/test_tsn_ops.py   (on a GPU, compiled: MEGATRAIN_TEST_DEVICE=cuda python -m pytest -q tests/ops/test_tsn_ops.py)
+"""Tests of megatrain.ops.tsn (Megalodon's timestep normalization):
+    PYTHONPATH=. python -m pytest -q tests/ops/test_tsn_ops.py
+    (on a GPU, compiled: MEGATRAIN_TEST_DEVICE=cuda python -m pytest -q tests/ops/test_tsn_ops.py)
 
 The float64 reference against the literal definition (every value of the group seen so far, two-pass, per
 timestep); both paths (blocked PyTorch with Chan merges; our Triton kernels -- under TRITON_INTERPRET=1 on CPU)
