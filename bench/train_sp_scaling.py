@@ -25,7 +25,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from megatrain.data.shards import doc_key, write_token_shards  # noqa: E402
+from megatrain.data.build import write_shards  # noqa: E402
+from megatrain.data.shards import doc_key  # noqa: E402
 from megatrain.parallel.env import free_port  # noqa: E402
 from megatrain.train.metrics import read_metrics  # noqa: E402
 
@@ -40,7 +41,7 @@ def make_shards(out: str, tokens: int) -> str:
         d = rng.integers(8, VOCAB, size=int(rng.integers(2000, 20000)))
         docs.append(d)
         n += len(d)
-    write_token_shards(out, ((doc_key(i), d, {}) for i, d in enumerate(docs)), 1 << 22, VOCAB, SPECIALS)
+    write_shards(out, ((doc_key(i), d, {}) for i, d in enumerate(docs)), 1 << 22, VOCAB, SPECIALS)
     return os.path.join(out, "index.json")
 
 

@@ -2,8 +2,9 @@
 
 Run:
     python data_tools/train_tokenizer.py --input 'corpus/*.txt' data.jsonl.gz --vocab-size 32000 --out tok/
-Inputs: plain text (one file = one document), .jsonl (one document per line, field --text-field), either
-optionally .gz. Writes tok/tokenizer.model plus HF files (AutoTokenizer.from_pretrained("tok/") gives the same ids).
+Inputs: what build_shards.py reads (megatrain/data/text.py): plain text (one file = one document), JSON lines
+(field --text-field), Parquet / Arrow / `datasets` folders (column --text-field), optionally .gz/.bz2/.xz/.zst,
+local or s3:// / https://. Writes tok/tokenizer.model plus HF files (AutoTokenizer.from_pretrained("tok/") gives the same ids).
 Recipe and input sampling: see megatrain/data/tokenizer.py (BPE + byte fallback, identity normalization,
 lines split at --max-sentence-length bytes, at most --input-sentence-size lines sampled).
 --out must be new, empty or an earlier tokenizer folder (replaced whole); a failed training leaves nothing behind.

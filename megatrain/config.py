@@ -28,6 +28,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from megatrain.data.remote import is_url
 from megatrain.io import atomic_file
 from megatrain.model.mega.config import MegaConfig
 from megatrain.model.megalodon.config import MegalodonConfig
@@ -255,7 +256,7 @@ class Config:
             for key, shards in [("data.shards", d.shards or [])] + [(f"data.sources[{i}].shards", s["shards"])
                                                                       for i, s in enumerate(d.sources)]:
                 for src in [shards] if isinstance(shards, str) else shards:
-                    if isinstance(src, str) and "://" not in src and not any(ch in src for ch in "*?[{"):
+                    if isinstance(src, str) and not is_url(src) and not any(ch in src for ch in "*?[{"):
                         _check(os.path.exists(src), key, src, "no such file or directory")
         if check_files and m.init_from:  # the folder must match the model section (read config.json only)
             from megatrain.hf.init_from import check_init_from
@@ -304,7 +305,7 @@ class Config:
             for key, src in [("eval.shards", e.shards)] if e.shards else \
                     [(f"eval.sources[{i}].shards", s["shards"]) for i, s in enumerate(e.sources)]:
                 _check(isinstance(src, str), key, src, "must name one held-out manifest")
-                if "://" not in src:
+                if not is_url(src):
                     _check(os.path.exists(src), key, src, "no such file or directory")
 @dataclass(frozen=True)
 class Stage:

@@ -5,7 +5,7 @@ Run: PYTHONPATH=. python -m pytest -q tests/test_bad_input.py            (the de
 Each case is a row of CASES: (id, command, strings the error must contain, paths that must not exist after).
 Commands and paths are templates filled from the `world` fixture: {py} this interpreter, {tools} data_tools/,
 {pretrain} launch/pretrain.py, {sbatch} launch/slurm/pretrain.sbatch, {export} launch/export_hf.py, {tiny}
-configs/tiny.yaml, {w} the shared fixture folder (inputs, a tokenizer, shards, a truncated copy; {w}/export: a
+configs/tiny.yaml, {megalodon} configs/megalodon_tiny.yaml, {w} the shared fixture folder (inputs, a tokenizer, shards, a truncated copy; {w}/export: a
 checkpoint, made only for the export cases), {out} a fresh folder per case for outputs.
 """
 import contextlib
@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from tests.tiny_data import TINY, write_shards
+from tests.tiny_data import MEGALODON_TINY, TINY, write_shards
 from tests.dist_util import PRETRAIN, ROOT, free_port, pretrain_env
 from tests.data.servers import http_server
 
@@ -33,6 +33,7 @@ TOK = "{py} {tools}/train_tokenizer.py"
 BUILD = "{py} {tools}/build_shards.py --tokenizer {w}/tok"
 INSPECT = "{py} {tools}/inspect_shards.py"
 PRE = "{py} {pretrain} --config {tiny} data.shards={w}/shards/index.json run_dir={out}/run"
+MLO = "{py} {pretrain} --config {megalodon} data.shards={w}/shards/index.json run_dir={out}/run"   # model_type megalodon
 # data.sources values without spaces (the command is split on whitespace); {{ }} survive the template filling
 SOURCE = 'data.sources=[{{{{"name":"{name}","shards":"{{w}}/shards/index.json","weight":{weight}}}}}]'
 SOURCES2 = ('data.sources=[{{{{"name":"{a}","shards":"{{w}}/shards/index.json"}}}},'
@@ -94,6 +95,22 @@ CASES = [
      ["--heldout-docs 4", "only 4", "leave some for training"], ["{out}/s"]),
     ("build-heldout-both", BUILD + " --input {w}/text --out {out}/s --heldout-docs 1 --heldout-fraction 0.5",
      ["--heldout-fraction", "not allowed with"], ["{out}/s"]),
+    ("build-parquet-no-column", BUILD + " --input {w}/nocol.parquet --out {out}/s", ["nocol.parquet",
+     "no column 'text'", "--text-field"], ["{out}/s"]),
+    ("build-where-no-column", BUILD + " --input {w}/nocol.parquet --text-field body --where lang=='en' --out {out}/s",
+     ["nocol.parquet", "no column 'lang'", "--where"], ["{out}/s"]),
+    ("build-where-not-a-condition", BUILD + " --input {w}/text --where len(text)>3 --out {out}/s",
+     ["--where", "len(text)"], ["{out}/s"]),
+    ("build-corrupt-zst", BUILD + " --input {w}/corrupt.jsonl.zst --out {out}/s", ["corrupt.jsonl.zst", "unreadable"],
+     ["{out}/s"]),
+    ("build-403", BUILD + " --input {forbidden}forbidden.jsonl --out {out}/s", ["forbidden.jsonl", "HTTP 403"],
+     ["{out}/s"]),
+    ("build-task-index-too-big", BUILD + " --input {w}/text --out {out}/s --num-tasks 2 --task-index 2",
+     ["--task-index 2", "--num-tasks = 2"], ["{out}/s"]),
+    ("build-merge-missing-part", BUILD + " --input {w}/text --out {w}/halfbuilt --unit-size 1 --num-tasks 2 --merge",
+     ["halfbuilt/_parts/u000001/part.json", "missing", "--task-index 1"], ["{w}/halfbuilt/index.json"]),
+    ("build-min-chars-negative", BUILD + " --input {w}/text --out {out}/s --min-chars -1", ["--min-chars -1"],
+     ["{out}/s"]),
     # ---- data_tools/inspect_shards.py
     ("inspect-missing", INSPECT + " {w}/nowhere", ["nowhere", "not found"], []),
     ("inspect-not-json", INSPECT + " {w}/notjson", ["notjson", "unreadable"], []),
@@ -112,6 +129,17 @@ CASES = [
      ["MEGATRAIN_MALLOC=", "no/libtcmalloc.so", "no such file", "auto, system"], ["{out}/run"]),
     ("pretrain-kernel-backend", PRE + " model.kernel_backend=cuda",
      ["kernel_backend='cuda'", "must be one of auto, torch, triton"], ["{out}/run"]),
+    ("pretrain-model-type", PRE + " model.model_type=gpt", ["model.model_type='gpt'", "mega, megalodon"],
+     ["{out}/run"]),
+    ("pretrain-mega-field-on-megalodon", MLO + " model.ema_projection_size=8",
+     ["model.ema_projection_size", "a mega setting", "model.model_type=megalodon"], ["{out}/run"]),
+    ("pretrain-megalodon-field-on-mega", PRE + " model.norm_num_groups=4",
+     ["model.norm_num_groups", "a megalodon setting", "model.model_type=mega"], ["{out}/run"]),
+    ("pretrain-megalodon-groups", MLO + " model.norm_num_groups=5",
+     ["norm_num_groups=5", "must divide hidden_size=32"], ["{out}/run"]),
+    ("pretrain-megalodon-sp-chunk", "env RANK=0 WORLD_SIZE=2 " + MLO + " parallel.sequence_parallel_size=2 "
+     "model.chunk_size=32", ["16", "not a multiple of model.chunk_size=32"], ["{out}/run"]),
+    ("pretrain-megalodon-mlm", MLO + " train.objective=mlm", ["train.objective=mlm", "causal"], ["{out}/run"]),
     ("pretrain-missing-shards", PRE + " data.shards={w}/none/index.json", ["data.shards=", "no such file"],
      ["{out}/run"]),
     ("pretrain-vocab-mismatch", PRE + " model.vocab_size=48", ["data.shards=", "vocab_size=48"], ["{out}/run"]),
@@ -130,7 +158,7 @@ CASES = [
     ("pretrain-eval-other-tokenizer", "{py} {pretrain} --config {tiny} data.shards={w}/tokshards run_dir={out}/run "
      "model.vocab_size=300 eval.every_steps=2 eval.shards={w}/otherheld",
      ["eval.shards={w}/otherheld", "tokenizer sha256", "must share one tokenizer"], ["{out}/run"]),
-    # ---- mixtures, remote shards, the seq_len schedule (megatrain/data: mixture.py, sources.py; config.data_stages)
+    # ---- mixtures, remote shards, the seq_len schedule (megatrain/data: mixture.py, remote.py; config.data_stages)
     ("pretrain-source-weight-zero", PRE + " data.shards= " + SOURCE.format(name="a", weight="0"),
      ["data.sources[0].weight=0", "must be a number > 0"], ["{out}/run"]),
     ("pretrain-source-weight-lots", PRE + " data.shards= " + SOURCE.format(name="a", weight='"lots"'),
@@ -231,6 +259,11 @@ def world(tmp_path_factory, request):
     (w / "afile.txt").write_text("a file, not a folder\n")
     (w / "full").mkdir()
     (w / "full" / "keep.txt").write_text("user data\n")
+    faults.add("forbidden.jsonl", *["403"] * 1000)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"body": ["a document"]}), w / "nocol.parquet")
+    (w / "corrupt.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd" + b"not a zstd frame" * 10)
     (w / "fake_tok").mkdir()
     (w / "fake_tok" / "tokenizer.model").write_bytes(b"not a model")
     p = subprocess.run([sys.executable, os.path.join(TOOLS, "train_tokenizer.py"), "--input", str(w / "text"),
@@ -249,6 +282,12 @@ def world(tmp_path_factory, request):
                        capture_output=True, text=True, env=pretrain_env(), timeout=300)
     assert p.returncode == 0, p.stderr
     shutil.copytree(w / "tokshards", w / "otherheld")
+    # task 0 of 2 of an array build (one unit per file): the merge finds unit 1's part missing
+    p = subprocess.run([sys.executable, os.path.join(TOOLS, "build_shards.py"), "--input", str(w / "text"),
+                        "--tokenizer", str(w / "tok"), "--out", str(w / "halfbuilt"), "--workers", "1",
+                        "--unit-size", "1", "--num-tasks", "2", "--task-index", "0"],
+                       capture_output=True, text=True, env=pretrain_env(), timeout=300)
+    assert p.returncode == 0, p.stderr
     man = (w / "otherheld" / "index.json").read_text()
     sha = __import__("json").loads(man)["tokenizer_sha256"]
     (w / "otherheld" / "index.json").write_text(man.replace(sha, "0" * 64))
@@ -286,8 +325,8 @@ def export_world(world):
 
 def _run(case, world, tmp_path, prefix=()):
     name, template, expect, absent = case
-    fill = dict(py=sys.executable, tools=TOOLS, pretrain=PRETRAIN, sbatch=SBATCH, tiny=TINY, w=world, out=tmp_path,
-                export=EXPORT, evaluate=EVALUATE, forbidden=FORBIDDEN[-1])
+    fill = dict(py=sys.executable, tools=TOOLS, pretrain=PRETRAIN, sbatch=SBATCH, tiny=TINY, megalodon=MEGALODON_TINY,
+                w=world, out=tmp_path, export=EXPORT, evaluate=EVALUATE, forbidden=FORBIDDEN[-1])
     cmd = list(prefix) + [part.format(**fill) for part in template.split()]
     env = pretrain_env()
     for k in [k for k in env if k.startswith("SLURM_") or k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")]:

@@ -7,7 +7,8 @@ import os
 
 import numpy as np
 
-from megatrain.data.shards import doc_key, write_token_shards
+from megatrain.data.build import write_shards as write_shard_folder
+from megatrain.data.shards import doc_key
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -28,5 +29,5 @@ def make_docs(n: int, seed: int) -> list:
 
 def write_shards(out_dir: str, n_docs: int = 60, seed: int = 0) -> str:
     items = ((doc_key(i), d.astype(np.int64), {"doc": i}) for i, d in enumerate(make_docs(n_docs, seed)))
-    write_token_shards(out_dir, items, 2000, VOCAB, SPECIALS)
+    write_shard_folder(out_dir, items, 2000, VOCAB, SPECIALS)
     return os.path.join(out_dir, "index.json")

@@ -24,13 +24,14 @@ trap 'copy_metrics; rm -rf "$WORK"' EXIT
 python3 - "$WORK/shards" "$VOCAB" "$SEQ" <<'PY'
 import sys
 import numpy as np
-from megatrain.data.shards import doc_key, write_token_shards
+from megatrain.data.build import write_shards
+from megatrain.data.shards import doc_key
 out, vocab, seq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 rng = np.random.default_rng(0)
 # documents of 1..6 windows: the window's document mask (doc_ids) has a boundary in most windows
 docs = ((doc_key(i), rng.integers(5, vocab, size=int(rng.integers(seq, 6 * seq))).astype(np.int64), {"doc": i})
         for i in range(12))
-write_token_shards(out, docs, 64 << 20, vocab, {"unk": 0, "bos": 1, "eos": 2, "eod": 2, "pad": 3, "mask": 4})
+write_shards(out, docs, 64 << 20, vocab, {"unk": 0, "bos": 1, "eos": 2, "eod": 2, "pad": 3, "mask": 4})
 PY
 ARGS=(launch/pretrain.py --config "$CONFIG" "data.shards=$WORK/shards/index.json"
       "run_dir=$RUN" "data.seq_len=$SEQ" data.num_workers=0 parallel.sequence_parallel_size=1

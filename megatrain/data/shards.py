@@ -9,9 +9,10 @@ Use:
 Sample layout inside a tar (webdataset convention, key = file name up to the first dot):
     {key}.tokens.npy   1-D token ids, uint16 when vocab_size <= 65536, else uint32 (no EOD appended)
     {key}.meta.json    {"source": input file, "doc": index of the document in that file, "tokens": count}
-Keys are 10-digit document numbers (no dots). Tar members have fixed mtime/owner so equal inputs give equal bytes.
+Keys are 10-digit document numbers within the build unit (build.py; no dots): a shard and a key name one document.
+Tar members have fixed mtime/owner so equal inputs give equal bytes.
 
-Manifest (index.json), written last by data_tools/build_shards.py:
+Manifest (index.json), written last by megatrain/data/build.py (data_tools/build_shards.py, tests, benches):
     {"format": "megatrain-shards", "version": 1, "vocab_size": V, "dtype": "uint16",
      "special_tokens": {"unk": 0, "bos": 1, "eos": 2, "eod": 2, "pad": 3, "mask": 4},
      "tokenizer_sha256": "...", "shards": [{"url": "shard-000000.tar", "docs": 12, "tokens": 34567, "bytes": 69632}],
@@ -22,7 +23,7 @@ Optional (written by build_shards, absent in older manifests): "doc_bytes" (UTF-
 manifest order), "token_bytes" (UTF-8 bytes each token id decodes to: bits per byte, megatrain/eval) and "split"
 (the train/held-out split this folder is one side of: data_tools/build_shards.py --heldout-fraction).
 Shard urls are relative to the manifest's folder unless they contain "://" or start with "pipe:" or "/"; the
-manifest itself may be local or remote (https://, s3://: sources.py), and relative names in a remote manifest
+manifest itself may be local or remote (https://, s3://: remote.py), and relative names in a remote manifest
 resolve against its URL's folder. Remote shards are read by ranges (streamed) and a transient failure restarts the
 read at the first tar member of the next unread sample (read_shard), so no sample is lost or read twice.
 """
@@ -35,24 +36,23 @@ import io
 import json
 import logging
 import os
-import re
 import tarfile
-import time
 import zlib
 from typing import Iterator
 
 import numpy as np
 
 from megatrain.io import atomic_file
-from megatrain.data.sources import (DataError, RetryPolicy, is_remote, is_url, open_at, parent, read_bytes, resolve,
-                                    root_cause, stat_size, status_of, transient)
+from megatrain.data.remote import (DataError, RetryPolicy, attempts, is_remote, is_url, open_at, parent, read_bytes,
+                                   resolve, root_cause, stat_size, transient)
 
 FORMAT = "megatrain-shards"
-VERSION = 1
+VERSION = 2  # 2: special_tokens holds the tokenizer's own ids (only eod required); written only when a version 1
+# manifest could not say it (a special missing), so a megatrain-tokenizer build stays version 1, byte for byte
 TOKENS_EXT = "tokens.npy"
 META_EXT = "meta.json"
 MANIFEST_NAME = "index.json"
-REQUIRED_SPECIALS = ("eod", "eos", "pad", "mask", "bos", "unk")
+REQUIRED_SPECIALS = {1: ("eod", "eos", "pad", "mask", "bos", "unk"), 2: ("eod",)}  # by manifest version
 log = logging.getLogger("megatrain.data")
 
 
@@ -108,6 +108,13 @@ class Manifest:
         url = self.shards[i].url
         return url if not self.root else resolve(self.root, url)
 
+    def model_token_ids(self) -> dict[str, int | None]:
+        """The model config's pad/bos/eos ids this data asks for: the tokenizer's own (None where it has none).
+        Empty for a stream of bare shard urls (no tokenizer recorded: no "eos")."""
+        if "eos" not in self.special_tokens:
+            return {}
+        return {f"{k}_token_id": self.special_tokens.get(k) for k in ("pad", "bos", "eos")}
+
     def fingerprint(self) -> str:
         """Hash of everything that decides the token stream (used to refuse resuming on other data)."""
         body = json.dumps([[s.url, s.docs, s.tokens] for s in self.shards] + [self.vocab_size, self.special_tokens],
@@ -115,7 +122,8 @@ class Manifest:
         return hashlib.sha256(body.encode()).hexdigest()[:16]
 
     def to_json(self) -> dict:
-        return {"format": FORMAT, "version": VERSION, "vocab_size": self.vocab_size, "dtype": self.dtype,
+        version = 1 if all(k in self.special_tokens for k in REQUIRED_SPECIALS[1]) else VERSION
+        return {"format": FORMAT, "version": version, "vocab_size": self.vocab_size, "dtype": self.dtype,
                 "special_tokens": dict(self.special_tokens), "tokenizer_sha256": self.tokenizer_sha256,
                 "docs": self.docs, "tokens": self.tokens, "stats": self.stats,
                 "shards": [dataclasses.asdict(s) for s in self.shards],
@@ -146,11 +154,12 @@ class Manifest:
             raise DataError(f"manifest {path}: unreadable ({e})") from None
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise DataError(f"manifest {path}: not a {FORMAT} manifest (format={d.get('format') if isinstance(d, dict) else None!r})")
-        if d.get("version") != VERSION:
-            raise DataError(f"manifest {path}: unsupported version {d.get('version')!r} (expected {VERSION})")
-        missing = [k for k in REQUIRED_SPECIALS if k not in d.get("special_tokens", {})]
+        if d.get("version") not in REQUIRED_SPECIALS:
+            raise DataError(f"manifest {path}: unsupported version {d.get('version')!r} (expected 1 or {VERSION})")
+        need = REQUIRED_SPECIALS[d["version"]]
+        missing = [k for k in need if k not in d.get("special_tokens", {})]
         if missing:
-            raise DataError(f"manifest {path}: special_tokens lacks {missing} (need {list(REQUIRED_SPECIALS)})")
+            raise DataError(f"manifest {path}: special_tokens lacks {missing} (need {list(need)})")
         try:
             shards = [ShardInfo(url=s["url"], docs=int(s["docs"]), tokens=int(s["tokens"]), bytes=int(s.get("bytes", 0)))
                       for s in d["shards"]]
@@ -224,7 +233,7 @@ class ShardWriter:
     leaves no half shard behind.
     """
 
-    def __init__(self, out_dir: str, shard_bytes: int, dtype: np.dtype):
+    def __init__(self, out_dir: str, shard_bytes: int, dtype: np.dtype, on_close=None):
         if shard_bytes <= 0:
             raise ValueError(f"shard size must be positive, got {shard_bytes}")
         self.out_dir, self.shard_bytes, self.dtype = out_dir, shard_bytes, np.dtype(dtype)
@@ -232,6 +241,7 @@ class ShardWriter:
         self._tar = None
         self._file = None  # the open megatrain.io.atomic_file of the current shard
         self._cur: ShardInfo | None = None
+        self.on_close = on_close  # called with each finished shard's file name (build.py uploads it)
 
     def write(self, key: str, tokens: np.ndarray, meta: dict) -> None:
         if "." in key or "/" in key:
@@ -259,6 +269,8 @@ class ShardWriter:
         self._cur.bytes = os.path.getsize(path)
         self.shards.append(self._cur)
         self._tar, self._cur = None, None
+        if self.on_close is not None:
+            self.on_close(self.shards[-1].url)
 
     def close(self) -> list[ShardInfo]:
         if self._cur is not None:
@@ -292,7 +304,7 @@ def read_shard(url: str, vocab_size: int, skip_corrupt: bool = False,
 
     Errors raise DataError naming the shard and sample key. With ``skip_corrupt`` a bad sample is passed to
     ``on_skip(message)`` instead and reading continues (a corrupt/truncated tar ends the shard there).
-    Remote shards (https://, s3://): a transient failure (sources.transient) waits and reopens the shard at the
+    Remote shards (https://, s3://): a transient failure (remote.transient) waits and reopens the shard at the
     first tar member of the next sample not yet yielded (a compressed shard: from the start, skipping the samples
     already yielded), so the caller sees every sample once; after ``retry.retries`` retries: one DataError naming
     the URL, the status and the retry count.
@@ -311,85 +323,51 @@ def read_shard(url: str, vocab_size: int, skip_corrupt: bool = False,
             return None
 
     compressed = url.endswith(COMPRESSED)
-    restart, yielded, attempt = 0, 0, 0  # byte offset of the next unread sample; samples handed out; retries
-    while True:
-        key, files, done, stream = None, {}, 0, None  # done: samples completed in this pass
-        skip = yielded if compressed else 0           # a compressed shard restarts at 0: skip what was handed out
-        try:
-            stream = open_at(url, 0 if compressed else restart)
-            base = 0 if compressed else restart
-            with tarfile.open(fileobj=stream, mode="r|*" if compressed or not restart else "r|",
-                              bufsize=TAR_BUFSIZE) as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    k, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
-                    if k != key:
-                        if key is not None:
-                            done += 1
-                            if done > skip:
-                                yielded += 1
-                                tokens = decoded(key, files)
-                                if tokens is not None:
-                                    yield key, tokens
-                        key, files = k, {}
-                        if not compressed:
-                            restart = base + member.offset  # this sample's first header: where a retry resumes
-                    files[ext] = tar.extractfile(member).read()
-                if key is not None and done + 1 > skip:
-                    yielded += 1
-                    tokens = decoded(key, files)
-                    if tokens is not None:
-                        yield key, tokens
-            return
-        except DataError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - classified: a network hiccup retries, anything else is bad data
-            e = root_cause(exc)  # fsspec reports a failed HEAD as FileNotFoundError from the HTTP error
-            if isinstance(e, FileNotFoundError):
-                raise DataError(f"shard {url}: file not found") from None
-            if is_remote(url) and transient(e):
-                if attempt >= retry.retries:
-                    raise DataError(f"shard {url}: read failed after {attempt} retries ({status_of(e)}: {e})"
-                                    ) from None
-                wait = min(retry.backoff_s * 2 ** attempt, retry.max_backoff_s)
-                attempt += 1
-                log.warning("shard %s: read failed after %d samples (%s: %s); retry %d/%d in %.1fs at byte %d",
-                            url, yielded, status_of(e), e, attempt, retry.retries, wait, 0 if compressed else restart)
-                time.sleep(wait)
-                continue
-            if is_remote(url) and not isinstance(e, (tarfile.TarError, EOFError, zlib.error)):
-                raise DataError(f"shard {url}: cannot read ({status_of(e)}: {e})") from None
-            fail(f"shard {url}: corrupt or truncated tar after sample {key} ({type(e).__name__}: {e})")
-            return
-        finally:
-            close = getattr(stream, "close", None)
-            if close is not None:
-                try:
-                    close()
-                except Exception:  # noqa: BLE001 - a pipe: opener may complain about its exit status on close
-                    pass
-
-
-def write_token_shards(out_dir: str, docs, shard_bytes: int, vocab_size: int, special_tokens: dict[str, int],
-                       tokenizer_sha256: str = "", stats: dict | None = None) -> Manifest:
-    """Write ``(key, tokens, meta)`` documents as shards plus index.json into ``out_dir``; return the manifest.
-
-    Re-runnable: shards of an earlier build in ``out_dir`` that this build does not produce are removed, and
-    index.json is replaced atomically at the end.
-    """
-    os.makedirs(out_dir, exist_ok=True)
-    writer = ShardWriter(out_dir, shard_bytes, token_dtype(vocab_size))
-    for key, tokens, meta in docs:
-        writer.write(key, tokens, meta)
-    shards = writer.close()
-    keep = {s.url for s in shards}
-    for name in os.listdir(out_dir):
-        stale = name.startswith("shard-") and (name.endswith(".tar") or name.endswith(".tar.tmp")) and name not in keep
-        if stale or re.match(r"^\.shard-\d+\.tar\.tmp\d+$", name):  # (the second: a killed build's temporary)
-            os.remove(os.path.join(out_dir, name))
-    man = Manifest(shards=shards, vocab_size=vocab_size, special_tokens=dict(special_tokens),
-                   tokenizer_sha256=tokenizer_sha256, dtype=str(token_dtype(vocab_size)), stats=dict(stats or {}),
-                   root=os.path.abspath(out_dir))
-    man.save(os.path.join(out_dir, MANIFEST_NAME))
-    return man
+    restart, yielded = 0, 0  # byte offset of the next unread sample; samples handed out
+    where = lambda: f" after {yielded} samples; resuming at byte {0 if compressed else restart}"  # noqa: E731
+    for attempt in attempts(f"shard {url}", retry, "read", not_found="file not found", progress=where):
+        with attempt:
+            key, files, done, stream = None, {}, 0, None  # done: samples completed in this pass
+            skip = yielded if compressed else 0           # a compressed shard restarts at 0: skip what was handed out
+            try:
+                stream = open_at(url, 0 if compressed else restart)
+                base = 0 if compressed else restart
+                with tarfile.open(fileobj=stream, mode="r|*" if compressed or not restart else "r|",
+                                  bufsize=TAR_BUFSIZE) as tar:
+                    for member in tar:
+                        if not member.isfile():
+                            continue
+                        k, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
+                        if k != key:
+                            if key is not None:
+                                done += 1
+                                if done > skip:
+                                    yielded += 1
+                                    tokens = decoded(key, files)
+                                    if tokens is not None:
+                                        yield key, tokens
+                            key, files = k, {}
+                            if not compressed:
+                                restart = base + member.offset  # this sample's first header: a retry resumes here
+                        files[ext] = tar.extractfile(member).read()
+                    if key is not None and done + 1 > skip:
+                        yielded += 1
+                        tokens = decoded(key, files)
+                        if tokens is not None:
+                            yield key, tokens
+            except (DataError, GeneratorExit):
+                raise
+            except Exception as exc:  # noqa: BLE001 - a network hiccup goes to the retry loop, bad data ends here
+                e = root_cause(exc)
+                remote_fault = is_remote(url) and (transient(e) or not isinstance(
+                    e, (tarfile.TarError, EOFError, zlib.error)))
+                if isinstance(e, FileNotFoundError) or remote_fault:
+                    raise
+                fail(f"shard {url}: corrupt or truncated tar after sample {key} ({type(e).__name__}: {e})")
+            finally:
+                close = getattr(stream, "close", None)
+                if close is not None:
+                    try:
+                        close()
+                    except Exception:  # noqa: BLE001 - a pipe: opener may complain about its exit status on close
+                        pass

@@ -41,7 +41,7 @@ the plan over all positions (integer work) and reads only the windows that are i
 Reading: each lane is read sequentially (a shard is decoded once per lane reader and dropped when the lane moves
 past it). A rank reads the lanes its positions fall in. Memory: a worker holds about one decoded shard per lane
 it reads (shards are kept at their stored uint16/uint32 width). Remote shards (https://, s3://) stream by ranges
-and retry transient failures (sources.py, shards.read_shard).
+and retry transient failures (remote.py, shards.read_shard).
 
 Resume: the state is layout-free: the plan (position = global windows consumed, token slots, per-source epoch,
 lane cursors and ends, weights) plus the settings that define the order (data fingerprints, seed, objective,
@@ -83,7 +83,7 @@ import torch
 from megatrain.data.masking import MaskingConfig, mask_tokens
 from megatrain.data.mixture import Plan, Source, check_sources, source_salt, windows_per_epoch
 from megatrain.data.shards import DataError, Manifest, ShardInfo, check_local_shards, read_shard, token_dtype
-from megatrain.data.sources import RetryPolicy, is_remote
+from megatrain.data.remote import RetryPolicy, is_remote
 from megatrain.ops.lm_loss import IGNORE_INDEX
 
 log = logging.getLogger("megatrain.data")
@@ -109,7 +109,10 @@ class _Layout:
     retry: RetryPolicy
 
     def special(self, name: str) -> int:
-        return dict(self.specials)[name]
+        ids = dict(self.specials)
+        if name == "pad" and "pad" not in ids:  # a tokenizer without pad: fill with eod (the positions are masked)
+            return ids["eod"]
+        return ids[name]
 
     @property
     def total(self) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from megatrain.data.remote import is_url
 from megatrain.eval.heldout import HeldOut, load_heldout
 from megatrain.eval.loss import evaluate_windows, summarize
 
@@ -31,7 +32,7 @@ def eval_seq_len(cfg) -> int:
 
 def _local_manifest(shards):
     """The manifest path when `shards` names one local manifest (else nothing to compare)."""
-    if not isinstance(shards, str) or "://" in shards or shards.startswith("pipe:"):
+    if not isinstance(shards, str) or is_url(shards):
         return None
     path = os.path.join(shards, "index.json") if os.path.isdir(shards) else shards
     return path if path.endswith(".json") and os.path.isfile(path) else None

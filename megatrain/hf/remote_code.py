@@ -58,6 +58,7 @@ _SHARED = (
     "megatrain.model.lm",
     "megatrain.model.pieces",
     "megatrain.model.segments",
+    "megatrain.model.settings",
     "megatrain.ops.attention",
     "megatrain.ops.attention.activations",
     "megatrain.ops.attention.flex_path",

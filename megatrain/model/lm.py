@@ -134,7 +134,8 @@ class LanguageModel(nn.Module):
             if logits_at.dim() != 1 or logits_at.dtype.is_floating_point:
                 raise ValueError(f"logits_at must be a 1-D integer tensor of positions, got {logits_at.dtype}"
                                  f"{list(logits_at.shape)}")
-        # the loss alone: the pre-head function (MEGA's dense + tanh) runs inside the last layer's piece(s) (per segment when segmented),
+        # the loss alone: the pre-head function (MEGA's dense + tanh) runs inside the last layer's piece(s) (per
+        # segment when segmented),
         # so its input and output are not kept for the whole sequence (2 of ~7 [L, D] tensors at a step's peak)
         fold_dense = not return_logits and labels is not None and self.has_pre_head
         h = self.backbone_forward(input_ids, attention_mask, token_type_ids, doc_ids, ema_boundary, cache,

@@ -40,7 +40,7 @@ from megatrain.hf.init_from import init_from_hf
 from megatrain.data import ShardStream
 from megatrain.data.mixture import Source
 from megatrain.data.shards import DataError
-from megatrain.data.sources import RetryPolicy
+from megatrain.data.remote import RetryPolicy
 from megatrain.eval.in_training import TrainingEval, eval_line
 from megatrain.host_alloc import configure_host_allocator, malloc_setting
 from megatrain.model import build_model
@@ -75,6 +75,17 @@ def build_stream(cfg: Config, dp_rank: int, dp_size: int, seq_len: Optional[int]
                        vocab_size=cfg.model.vocab_size, mask_token_id=d.mask_token_id, skip_corrupt=d.skip_corrupt,
                        loop=True, retry=RetryPolicy(d.retries, d.retry_backoff_s),
                        **({} if d.lanes is None else {"lanes": d.lanes}))
+
+
+def follow_tokenizer_ids(cfg: Config, manifest, rank: int) -> None:
+    """The model's pad/bos/eos ids become the tokenizer's own, as the shards' manifest records them (a foreign
+    sentencepiece model: no pad, eos elsewhere, ...); the export's config and generation follow from there."""
+    for key, tid in manifest.model_token_ids().items():
+        if getattr(cfg.model, key) != tid:
+            if rank == 0:
+                print(f"data: model.{key} {getattr(cfg.model, key)} -> {tid} (the tokenizer's, from the shards' "
+                      f"manifest)", flush=True)
+            setattr(cfg.model, key, tid)
 
 
 def enter_stage(job: "Job", stage: Stage) -> None:
@@ -206,6 +217,7 @@ def build_job(cfg: Config) -> Job:
     except ValueError as e:  # DataError included: a mismatch between config and shards
         key = "data.sources" if cfg.data.sources else "data.shards"
         raise ConfigError(f"{key}={cfg.data.sources or cfg.data.shards!r}: {e}") from e
+    follow_tokenizer_ids(cfg, stream.manifest, rank)
     try:
         evaluator = TrainingEval.build(cfg, groups)  # held-out windows, before any heavy work
     except ValueError as e:  # its messages name eval.shards

@@ -2,7 +2,8 @@
 is detectable."""
 import numpy as np
 
-from megatrain.data.shards import doc_key, write_token_shards
+from megatrain.data.build import write_shards
+from megatrain.data.shards import doc_key
 from tests.tiny_data import SPECIALS
 
 FIRST_ID = 10          # token ids below are never document content
@@ -24,4 +25,4 @@ def make_docs(n_docs: int, seed: int, max_len: int = 120):
 
 def write_synthetic(out_dir, docs, shard_bytes=10000):
     items = ((doc_key(i), d, {"source": "synthetic", "doc": i, "tokens": len(d)}) for i, d in enumerate(docs))
-    return write_token_shards(str(out_dir), items, shard_bytes, VOCAB, SPECIALS)
+    return write_shards(str(out_dir), items, shard_bytes, VOCAB, SPECIALS)

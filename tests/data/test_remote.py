@@ -10,10 +10,11 @@ import os
 import shutil
 
 import pytest
+import torch
 
 from megatrain.data import DataError, ShardStream
-from megatrain.data import shards, sources
-from megatrain.data.sources import RetryPolicy
+from megatrain.data import remote, shards
+from megatrain.data.remote import RetryPolicy
 from megatrain.parallel.env import free_port
 from tests.data.servers import Faults, http_server, s3_server, upload
 from tests.data.test_elastic import rows
@@ -32,7 +33,7 @@ def local(synthetic):
 def test_http_with_faults_gives_the_local_windows(local, monkeypatch, caplog):
     folder, ref = local
     # small reads and range requests (real shards are 256 MB): a connection dropped in the middle of a shard
-    monkeypatch.setattr(sources, "BLOCK_SIZE", 1024)
+    monkeypatch.setattr(remote, "BLOCK_SIZE", 1024)
     monkeypatch.setattr(shards, "TAR_BUFSIZE", 512)
     with http_server(folder) as (url, faults):
         faults.add("index.json", "503")
@@ -100,7 +101,7 @@ def test_s3_with_throttling_and_a_dropped_read_gives_the_local_windows(local, mo
     are the local run's, and the read after the cut starts mid-shard, not at byte 0. (botocore and s3fs retry these
     themselves before megatrain's RetryPolicy sees them; either way no window is lost or repeated.)"""
     folder, ref = local
-    monkeypatch.setattr(sources, "BLOCK_SIZE", 1024)   # small range reads, as in the HTTP test
+    monkeypatch.setattr(remote, "BLOCK_SIZE", 1024)   # small range reads, as in the HTTP test
     monkeypatch.setattr(shards, "TAR_BUFSIZE", 512)
     faults = Faults()
     with s3_server(faults=faults):
@@ -144,9 +145,9 @@ def test_what_is_retried():
     retried = [s3("SlowDown", 503), s3("InternalError", 500), s3("ThrottlingException", 400),
                ConnectionResetError(104, "reset"), aiohttp.ClientPayloadError("cut short")]
     final = [s3("AccessDenied", 403), s3("NoSuchKey", 404), FileNotFoundError("x"), PermissionError("x")]
-    assert [sources.transient(e) for e in retried] == [True] * len(retried)
-    assert [sources.transient(e) for e in final] == [False] * len(final)
-    assert sources.status_of(s3("SlowDown", 503)) == "S3 SlowDown (HTTP 503)"
+    assert [remote.transient(e) for e in retried] == [True] * len(retried)
+    assert [remote.transient(e) for e in final] == [False] * len(final)
+    assert remote.status_of(s3("SlowDown", 503)) == "S3 SlowDown (HTTP 503)"
     calls = []
 
     def flaky(attempt):
@@ -154,6 +155,27 @@ def test_what_is_retried():
         if attempt < 2:
             raise s3("SlowDown", 503)
         return "ok"
-    assert sources.with_retries(flaky, "s3://b/k", RetryPolicy(3, 0.0)) == "ok" and calls == [0, 1, 2]
+    assert remote.with_retries(flaky, "s3://b/k", RetryPolicy(3, 0.0)) == "ok" and calls == [0, 1, 2]
     with pytest.raises(DataError, match=r"s3://b/k: read failed after 1 retries \(S3 SlowDown \(HTTP 503\)"):
-        sources.with_retries(lambda a: (_ for _ in ()).throw(s3("SlowDown", 503)), "s3://b/k", RetryPolicy(1, 0.0))
+        remote.with_retries(lambda a: (_ for _ in ()).throw(s3("SlowDown", 503)), "s3://b/k", RetryPolicy(1, 0.0))
+
+
+def test_eval_shards_may_be_a_pipe(synthetic, tmp_path):
+    """eval.shards=pipe:... (a manifest read through a command) passes the config's file check (one is_url for
+    config, eval and data) and gives the same evaluation windows as the file itself."""
+    from megatrain.config import load_config
+    from megatrain.data import Manifest
+    from megatrain.eval.heldout import load_heldout
+    from tests.tiny_data import TINY
+
+    path, _ = synthetic
+    man = Manifest.load(path)
+    man.shards = [type(s)(url=man.shard_url(i), docs=s.docs, tokens=s.tokens, bytes=s.bytes)
+                  for i, s in enumerate(man.shards)]  # a pipe has no folder: absolute shard names
+    man.save(str(tmp_path / "index.json"))
+    piped = f"pipe:cat {tmp_path / 'index.json'}"
+    cfg = load_config(TINY, [f"data.shards={path}", f"eval.shards='{piped}'", "eval.every_steps=2",
+                             "model.vocab_size=4000"])
+    cfg.validate(check_files=True)  # was: "eval.shards=pipe:cat ...: no such file or directory"
+    a, b = load_heldout(piped, 32, 256), load_heldout(str(tmp_path / "index.json"), 32, 256)
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels) and a.input_ids.shape[0] == 8

@@ -1,4 +1,5 @@
-"""Tests of the Megalodon family (megatrain/model/megalodon/): PYTHONPATH=. python -m pytest -q tests/model/test_megalodon.py
+"""Tests of the Megalodon family (megatrain/model/megalodon/):
+    PYTHONPATH=. python -m pytest -q tests/model/test_megalodon.py
 
 The whole causal LM against a plain fp64 re-implementation written from the equations (issue #25 / the reference
 code: timestep norm, complex EMA, normalized attention with RoPE inside chunks, two-hop residual, FFN, final norm),

@@ -14,17 +14,11 @@ import torch
 from megatrain.ops.cema import cema_scan, cema_scan_ref, crossing_decay, incoming_contribution
 from megatrain.ops.ema.state import carry, prefix
 from tests.ops.test_ema_chunked import compile_family
+from tests.ops.test_ema_ops import backend  # noqa: F401  (the fixture: torch, and triton interpreted)
 from tests.ops.util import DEVICE, cpu_only
 from tests.probes import MaxNumel
 
 NAMES = ["out", "state", "u", "p", "c", "logq", "h_in"]
-
-
-@pytest.fixture(params=["torch", "triton"])
-def backend(request):
-    if request.param == "triton":
-        request.getfixturevalue("triton_interpreter")
-    return request.param
 
 
 def make_inputs(bsz, length, dim, ndim, resets=None, h_in=False, seed=0):
@@ -185,3 +179,37 @@ def test_every_megalodon_kernel_variant_compiles_for_sm80_and_sm90():
         for kernel in ("_cema_forward_chunk", "_cema_backward_chunk", "_cema_scan_chunks", "_tsn_summary",
                        "_tsn_normalize", "_tsn_backward_terms", "_tsn_backward_dx"):
             assert any(f"sm_{arch} " in line and f".{kernel} " in line for line in lines), (arch, kernel)
+
+
+def test_megalodon_model_on_the_kernels_equals_torch(triton_interpreter, monkeypatch):
+    # kernel_backend="triton" (the interpreter on CPU): the complex EMA and both timestep norms run our kernels,
+    # attention FlexAttention; logits and every parameter gradient equal the PyTorch path's (fp64 on CPU), with
+    # left padding and two documents
+    import torch.nn.attention.flex_attention as flex_mod
+
+    from megatrain.model import MegalodonConfig, MegalodonForCausalLM
+    from tests.model.util import ids
+    from tests.ops.util import ON_CUDA
+    if not ON_CUDA:
+        monkeypatch.setattr(flex_mod, "_validate_device", lambda *args: None)   # FlexAttention's backward on CPU
+    length, dtype = (32, torch.float32) if ON_CUDA else (16, torch.float64)
+    x = ids(2, length).to(DEVICE)
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0
+    doc = (torch.arange(length) >= 6).long().expand(2, length).to(DEVICE)
+    res = {}
+    for backend in ("torch", "triton"):
+        torch.manual_seed(0)
+        model = MegalodonForCausalLM(MegalodonConfig(
+            vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=1, shared_representation_size=16,
+            intermediate_size=16, nffn_hidden_size=32, cema_ndim=2, chunk_size=8, norm_num_groups=2,
+            kernel_backend=backend)).to(device=DEVICE, dtype=dtype).train()
+        out = model(x, attention_mask=mask, labels=x, doc_ids=doc)
+        out.loss.backward()
+        res[backend] = (out.logits.detach(), {n: p.grad for n, p in model.named_parameters()})
+    (l0, g0), (l1, g1) = res["torch"], res["triton"]
+    tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    real = mask.bool()
+    torch.testing.assert_close(l1[real], l0[real], **tol)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], **tol, msg=lambda m, n=n: f"{n}: {m}")

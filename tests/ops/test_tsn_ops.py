@@ -1,5 +1,6 @@
-"""Tests of megatrain.ops.tsn (Megalodon's timestep normalization): PYTHONPATH=. python -m pytest -q
-tests/ops/test_tsn_ops.py   (on a GPU, compiled: MEGATRAIN_TEST_DEVICE=cuda python -m pytest -q tests/ops/test_tsn_ops.py)
+"""Tests of megatrain.ops.tsn (Megalodon's timestep normalization):
+    PYTHONPATH=. python -m pytest -q tests/ops/test_tsn_ops.py
+    (on a GPU, compiled: MEGATRAIN_TEST_DEVICE=cuda python -m pytest -q tests/ops/test_tsn_ops.py)
 
 The float64 reference against the literal definition (every value of the group seen so far, two-pass, per
 timestep); both paths (blocked PyTorch with Chan merges; our Triton kernels -- under TRITON_INTERPRET=1 on CPU)
@@ -15,16 +16,10 @@ import torch
 
 from megatrain.ops.ema.state import prefix
 from megatrain.ops.tsn import from_additive, timestep_norm, timestep_norm_ref, to_additive
+from tests.ops.test_ema_ops import backend  # noqa: F401  (the fixture: torch, and triton interpreted)
 from tests.ops.util import DEVICE
 
 NAMES = ["y", "count", "mean", "var", "x", "gamma", "beta", "mean_in", "var_in"]
-
-
-@pytest.fixture(params=["torch", "triton"])
-def backend(request):
-    if request.param == "triton":
-        request.getfixturevalue("triton_interpreter")
-    return request.param
 
 
 def make_inputs(bsz, length, dim, groups, mask=False, resets=False, state=False, offset=3.0, seed=0):

@@ -23,13 +23,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megatrain.model.mega.attention import LayerCache, MovingAverageGatedAttention, RotaryRelativeBias, SimpleRelativeBias
 from megatrain.model.mega.blocks import MegaBlock
 from megatrain.model.mega.config import MegaConfig
-from megatrain.model.context import SeqContext, check_ids, check_masks
+from megatrain.model.context import SeqContext, check_ids, check_masks, pad_to_chunks
 from megatrain.model.pieces import Pieces
 from megatrain.model.segments import forward_segmented
 
@@ -148,15 +147,8 @@ class MegaModel(Pieces, nn.Module):
             if ema_boundary is not None:
                 raise ValueError(f"with ema_boundary (sequence parallelism) every slice must be whole chunks: "
                                  f"length {length} is not a multiple of chunk_size {cfg.chunk_size}")
-            # pad to whole chunks; the padding is masked out everywhere, so real positions are unaffected
-            if attention_mask is None:
-                attention_mask = torch.ones_like(input_ids)
-            input_ids = F.pad(input_ids, (0, pad), value=cfg.pad_token_id if cfg.pad_token_id is not None else 0)
-            attention_mask = F.pad(attention_mask, (0, pad), value=0)
-            if token_type_ids is not None:
-                token_type_ids = F.pad(token_type_ids, (0, pad), value=0)
-            if doc_ids is not None:
-                doc_ids = torch.cat([doc_ids, doc_ids[:, -1:].expand(-1, pad)], dim=1)
+            input_ids, attention_mask, token_type_ids, doc_ids = pad_to_chunks(
+                pad, input_ids, attention_mask, token_type_ids, doc_ids, cfg.pad_token_id)
 
         ctx = SeqContext(attention_mask, doc_ids, ema_boundary)
         if cfg.segment_size and input_ids.shape[1] > cfg.segment_size:

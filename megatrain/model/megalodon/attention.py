@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megatrain.model.context import SeqContext
+from megatrain.model.context import SeqContext, cached_keys, keep_current_chunk
 from megatrain.model.layers import Dropout, rms_normalize
 from megatrain.model.megalodon.cema import ComplexEMA
 from megatrain.model.megalodon.config import MegalodonConfig
@@ -119,20 +119,13 @@ class MegalodonAttention(Pieces, nn.Module):
         p0 = cache.pos
         qpos = torch.arange(p0, p0 + t, device=q.device)
         q, k = rope(q, qpos % self.chunk, self.config.rope_base), rope(k, qpos % self.chunk, self.config.rope_base)
-        key_mask = torch.ones(b, t, dtype=torch.bool, device=q.device) if mask is None else mask.bool()
-        if cache.key is not None:
-            k = torch.cat([cache.key, k], dim=1)
-            v = torch.cat([cache.value, v], dim=1)
-            key_mask = torch.cat([cache.key_mask, key_mask], dim=1)
+        k, v, key_mask = cached_keys(cache, k, v, mask)
         s = k.shape[1]
         kpos = torch.arange(p0 + t - s, p0 + t, device=q.device)
         valid = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] // self.chunk == qpos[:, None] // self.chunk)
         valid = valid[None] & key_mask[:, None, :]                                           # [B, T, S]
         out = self._attend(q[:, None], k[:, None], v[:, None], valid=valid[:, None])[:, 0]
-        # keep only the keys the next token can see: its chunk
-        first = max(((p0 + t) // self.chunk) * self.chunk - (p0 + t - s), 0)
-        cache.key, cache.value, cache.key_mask = k[:, first:], v[:, first:], key_mask[:, first:]
-        cache.pos = p0 + t
+        keep_current_chunk(cache, k, v, key_mask, p0 + t, self.chunk)
         return out.reshape(b, t, -1)
 
     # ---- the sub-layer ----------------------------------------------------------------------------------------

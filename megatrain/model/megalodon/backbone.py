@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megatrain.model.context import SeqContext, check_ids, check_masks
+from megatrain.model.context import SeqContext, check_ids, check_masks, pad_to_chunks
 from megatrain.model.layers import Dropout
 from megatrain.model.megalodon.attention import LayerCache, MegalodonAttention
 from megatrain.model.megalodon.config import MegalodonConfig
@@ -189,12 +189,8 @@ class MegalodonModel(Pieces, nn.Module):
             if ema_boundary is not None:
                 raise ValueError(f"with ema_boundary (sequence parallelism) every slice must be whole chunks: "
                                  f"length {length} is not a multiple of chunk_size {cfg.chunk_size}")
-            if attention_mask is None:
-                attention_mask = torch.ones_like(input_ids)
-            input_ids = F.pad(input_ids, (0, pad), value=cfg.pad_token_id or 0)
-            attention_mask = F.pad(attention_mask, (0, pad), value=0)
-            if doc_ids is not None:
-                doc_ids = torch.cat([doc_ids, doc_ids[:, -1:].expand(-1, pad)], dim=1)
+            input_ids, attention_mask, _, doc_ids = pad_to_chunks(pad, input_ids, attention_mask, None, doc_ids,
+                                                                  cfg.pad_token_id)
 
         ctx = SeqContext(attention_mask, doc_ids, ema_boundary)
         if cfg.segment_size and input_ids.shape[1] > cfg.segment_size:

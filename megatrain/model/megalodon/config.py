@@ -24,12 +24,10 @@ Validation happens at construction and in `validate()`: a bad value raises Value
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
+from megatrain.model.settings import Settings
 from megatrain.ops.backend import check_backend
 
 INIT_MODES = ("he", "bert", "gaussian", "xavier")
@@ -39,7 +37,7 @@ KNOBS = ("gradient_checkpointing", "kernel_backend", "segment_size", "ema_block_
 
 
 @dataclass
-class MegalodonConfig:
+class MegalodonConfig(Settings):
     model_type: str = "megalodon"          # the family (megatrain/model/registry.py); fixed
     vocab_size: int = 32000
     hidden_size: int = 1024
@@ -94,14 +92,7 @@ class MegalodonConfig:
         def bad(name, why):
             raise ValueError(f"MegalodonConfig.{name}={getattr(self, name)!r}: {why}")
 
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if f.type in ("int", "Optional[int]") and v is not None and (isinstance(v, bool) or not isinstance(v, int)):
-                bad(f.name, "must be an int")
-            if f.type == "bool" and not isinstance(v, bool):
-                bad(f.name, "must be a bool")
-            if f.type == "float" and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                bad(f.name, "must be a number")
+        self.check_field_types(bad)
         if self.model_type != "megalodon":
             bad("model_type", "must be 'megalodon' (MEGA's settings are MegaConfig)")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -138,13 +129,6 @@ class MegalodonConfig:
         return self
 
     # ---- (de)serialization ------------------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def field_names(cls) -> set[str]:
-        return {f.name for f in dataclasses.fields(cls)}
-
     @classmethod
     def from_dict(cls, d: dict[str, Any], **overrides) -> "MegalodonConfig":
         d = {**d, **overrides}
@@ -155,17 +139,6 @@ class MegalodonConfig:
             raise ValueError(f"MegalodonConfig: unknown field {unknown[0]!r} (all unknown: {unknown})")
         return cls(**d)
 
-    def to_json_file(self, path: str | os.PathLike) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> "MegalodonConfig":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
-
-    def replace(self, **changes) -> "MegalodonConfig":
-        return dataclasses.replace(self, **changes)
 
 
 # the reference code's model store (megalodon/model/mega.py ModelStore) as configs: 200M, 1.3B, 7B

@@ -103,16 +103,28 @@ def traversal(direction: str, local: Tensor, decay: Tensor, edges: Optional[Tens
     return local.flip(0), decay.flip(0), None if edges is None else edges[1:].flip(0)
 
 
+# exponents up to this keep a complex power's angle in fp32 (error <= n |Im logq| eps ~ 1e-4 rad at most); beyond
+# it the angle is formed in float64 (see power)
+_FP32_ANGLE_STEPS = 256
+
+
 def power(logq: Tensor, n) -> Tensor:
     """q^n = exp(n logq) for n a number or a tensor broadcasting with logq. For a complex logq (Megalodon's rotating
-    decay) the angle n Im(logq) is formed in float64 and reduced mod 2 pi before the exponential: in fp32 its error
-    would grow as n |Im logq| eps (~3e-3 rad at n = 16K), a wrong rotation of every state handed across a long
-    piece (an SP slice, a segment) that the blocked scan, which multiplies short powers, does not make."""
+    decay) this is polar(exp(n Re logq), n Im logq) (CPU's complex exp is ~10x slower than cos/sin), and for n
+    beyond _FP32_ANGLE_STEPS the angle is formed in float64 and reduced mod 2 pi first: in fp32 its error would
+    grow as n |Im logq| eps (~3e-3 rad at n = 16K), a wrong rotation of every state handed across a long piece (an
+    SP slice, a segment) that the blocked scan, which multiplies short powers, does not make."""
     if not logq.is_complex():
         return torch.exp(logq * n)
-    steps = n.to(torch.float64) if isinstance(n, Tensor) else float(n)
-    angle = torch.remainder(logq.imag.to(torch.float64) * steps, 2 * math.pi).to(logq.real.dtype)
-    return torch.polar(torch.exp(logq.real * (n.to(logq.real.dtype) if isinstance(n, Tensor) else n)), angle)
+    dtype = logq.real.dtype
+    steps = n.to(dtype) if isinstance(n, Tensor) else n
+    largest = float(n.abs().max()) if isinstance(n, Tensor) else abs(float(n))
+    if largest <= _FP32_ANGLE_STEPS or dtype == torch.float64:
+        angle = logq.imag * steps
+    else:
+        wide = n.to(torch.float64) if isinstance(n, Tensor) else float(n)
+        angle = torch.remainder(logq.imag.to(torch.float64) * wide, 2 * math.pi).to(dtype)
+    return torch.polar(torch.exp(logq.real * steps), angle)
 
 
 def crossing_decay(logq: Tensor, batch: int, length: int, resets: Optional[Tensor] = None) -> Tensor:
