@@ -99,8 +99,29 @@ else:
     NATIVE_CONFIG, NATIVE_CLASSES = None, ()
 
 
-class MegaModelTester:
+class _Tester:
+    """A family's tester: tiny config kwargs (self.kwargs) and inputs for the mixins; token_types: its models take
+    token_type_ids."""
+
+    token_types = False
+
+    def get_config(self):
+        return self.config_class(**self.kwargs)
+
+    def prepare_config_and_inputs_for_common(self):
+        torch.manual_seed(0)
+        input_ids = ids_tensor([self.batch_size, self.seq_length], self.vocab_size)
+        input_ids[input_ids == 1] = 3  # no pad id inside the inputs (1 is the pad token)
+        inputs = {"input_ids": input_ids, "attention_mask": random_attention_mask([self.batch_size, self.seq_length])}
+        if self.token_types:
+            inputs["token_type_ids"] = ids_tensor([self.batch_size, self.seq_length], 2)
+        return self.get_config(), inputs
+
+
+class MegaModelTester(_Tester):
     """Tiny MEGA configs and inputs for the mixins (ours: transformers' MEGA tests left with the model)."""
+
+    token_types = True
 
     def __init__(self, parent, config_class, batch_size=3, seq_length=8, vocab_size=99, hidden_size=16,
                  num_hidden_layers=2, intermediate_size=24, ema_projection_size=4, shared_representation_size=8,
@@ -122,21 +143,12 @@ class MegaModelTester:
                            add_token_type_embeddings=True, type_vocab_size=2, pad_token_id=1, bos_token_id=0,
                            eos_token_id=2, initializer_range=0.02)
 
-    def get_config(self):
-        return self.config_class(**self.kwargs)
-
-    def prepare_config_and_inputs_for_common(self):
-        torch.manual_seed(0)
-        input_ids = ids_tensor([self.batch_size, self.seq_length], self.vocab_size)
-        input_ids[input_ids == 1] = 3  # no pad id inside the inputs (1 is the pad token)
-        mask = random_attention_mask([self.batch_size, self.seq_length])
-        token_type_ids = ids_tensor([self.batch_size, self.seq_length], 2)
-        return self.get_config(), {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": token_type_ids}
 
 
-class _MegaMixinTest(ModelTesterMixin):
+class _MixinTest(ModelTesterMixin):
     config_class = None
     all_model_classes = ()
+    model_tester_class = None
     test_pruning = False
     test_head_masking = False
     test_torchscript = False
@@ -146,7 +158,11 @@ class _MegaMixinTest(ModelTesterMixin):
     def setUp(self):
         if not self.all_model_classes:
             self.skipTest("this transformers has no such classes")
-        self.model_tester = MegaModelTester(self, self.config_class)
+        self.model_tester = self.model_tester_class(self, self.config_class)
+
+
+class _MegaMixinTest(_MixinTest):
+    model_tester_class = MegaModelTester
 
 
 class MegaExportModelTest(_MegaMixinTest, unittest.TestCase):
@@ -174,18 +190,18 @@ class GenerationChecks:
     use_cache=True returns the cache a next forward continues from, seeded sampling repeats and top_k=1 sampling
     is greedy, beam search returns distinct beams, a left-padded row with its attention_mask generates what it
     generates alone, and contrastive search is refused for the stateful cache. A family's test sets `causal_class`
-    and `tester_for(chunk_size)` (its tester of a causal LM; chunks of 4: generation crosses chunk boundaries)."""
+    and `make_tester(chunk_size)` (its tester of a causal LM; chunks of 4: generation crosses chunk boundaries)."""
 
     causal_class = None
     # chunk size of the left-padding check: the padding must not move chunk boundaries (megatrain.generate's
     # docstring), so the prompt and what follows fit in one chunk
     left_padding_chunk = 4
 
-    def tester_for(self, chunk_size: int):
+    def make_tester(self, chunk_size: int):
         raise NotImplementedError
 
     def setUp(self):
-        self.tester = self.tester_for(chunk_size=4)
+        self.tester = self.make_tester(chunk_size=4)
         torch.manual_seed(0)
         self.model = self.causal_class(self.tester.get_config()).eval()
         self.ids = ids_tensor([2, 6], self.tester.vocab_size)
@@ -226,7 +242,7 @@ class GenerationChecks:
     def test_left_padding_with_attention_mask(self):
         if self.left_padding_chunk != 4:
             torch.manual_seed(0)
-            self.model = self.causal_class(self.tester_for(chunk_size=self.left_padding_chunk).get_config()).eval()
+            self.model = self.causal_class(self.make_tester(chunk_size=self.left_padding_chunk).get_config()).eval()
         alone = self.generate(ids=self.ids[1:, 2:])
         padded = torch.cat([self.ids[:1], torch.cat([torch.full((1, 2), 1), self.ids[1:, 2:]], 1)])
         mask = torch.ones_like(padded)
@@ -245,7 +261,7 @@ class MegaGenerationTest(GenerationChecks, unittest.TestCase):
 
     causal_class = EXPORT_CLASSES[1]
 
-    def tester_for(self, chunk_size=-1):
+    def make_tester(self, chunk_size=-1):
         return MegaModelTester(self, EXPORT_CONFIG, is_decoder=True, use_chunking=chunk_size > 0,
                                chunk_size=chunk_size)
 
@@ -261,7 +277,7 @@ class MegaGenerationTest(GenerationChecks, unittest.TestCase):
         # 4.57's MegaForCausalLM cannot generate (no GenerationMixin; with one added, its legacy cache breaks
         # in generate): its full forwards without the cache are the oracle
         # without chunking: 4.57's chunked MEGA takes only whole chunks (or one shorter) without its cache
-        self.tester = self.tester_for()
+        self.tester = self.make_tester()
         torch.manual_seed(0)
         self.model = self.causal_class(self.tester.get_config()).eval()
         native = self.native()
@@ -272,7 +288,7 @@ class MegaGenerationTest(GenerationChecks, unittest.TestCase):
         self.assertEqual(self.generate().tolist(), x.tolist())
 
 
-class MegalodonModelTester:
+class MegalodonModelTester(_Tester):
     """Tiny Megalodon configs and inputs for the mixins (ours): two heads, chunks longer than the inputs (the
     attentions are then [B, heads, L, L], what the mixin checks), attention masks with holes (the timestep norm and
     the complex EMA skip masked positions)."""
@@ -290,28 +306,11 @@ class MegalodonModelTester:
                            intermediate_size=16, nffn_hidden_size=24, cema_ndim=4, chunk_size=chunk_size,
                            norm_num_groups=4, pad_token_id=1, bos_token_id=0, eos_token_id=2)
 
-    def get_config(self):
-        return self.config_class(**self.kwargs)
 
-    def prepare_config_and_inputs_for_common(self):
-        torch.manual_seed(0)
-        input_ids = ids_tensor([self.batch_size, self.seq_length], self.vocab_size)
-        input_ids[input_ids == 1] = 3  # no pad id inside the inputs (1 is the pad token)
-        mask = random_attention_mask([self.batch_size, self.seq_length])
-        return self.get_config(), {"input_ids": input_ids, "attention_mask": mask}
-
-
-class MegalodonExportModelTest(ModelTesterMixin, unittest.TestCase):
+class MegalodonExportModelTest(_MixinTest, unittest.TestCase):
     config_class = MEGALODON_CONFIG
     all_model_classes = MEGALODON_CLASSES
-    test_pruning = False
-    test_head_masking = False
-    test_torchscript = False
-    test_resize_position_embeddings = False
-    fx_compatible = False
-
-    def setUp(self):
-        self.model_tester = MegalodonModelTester(self, MEGALODON_CONFIG)
+    model_tester_class = MegalodonModelTester
 
 
 _skip_known_gaps(MegalodonExportModelTest, "megalodon")
@@ -321,5 +320,5 @@ class MegalodonGenerationTest(GenerationChecks, unittest.TestCase):
     causal_class = MEGALODON_CLASSES[1]
     left_padding_chunk = 16  # RoPE is relative and padding counts nowhere: one chunk, the same tokens
 
-    def tester_for(self, chunk_size=4):
+    def make_tester(self, chunk_size=4):
         return MegalodonModelTester(self, MEGALODON_CONFIG, chunk_size=chunk_size)

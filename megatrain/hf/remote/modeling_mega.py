@@ -29,7 +29,7 @@ from transformers.modeling_outputs import (BaseModelOutputWithPooling, MaskedLMO
                                            TokenClassifierOutput)
 from transformers.utils import logging
 
-from megatrain.hf.keymap import to_hf_key
+from megatrain.hf.keymap import KEY_MAPS, to_hf_key
 from megatrain.hf.mega import FAMILY, build_for_task
 from megatrain.hf.remote.configuration_mega import MegaConfig
 from megatrain.hf.remote.wrapper import (BackboneObserver, CausalLMMixin, MegatrainPreTrainedModel, init_tensor,
@@ -42,7 +42,7 @@ from megatrain.model.mega.heads import MegaModelWithPooler
 from megatrain.ops.attention import chunk_attention
 
 logger = logging.get_logger(__name__)
-_EMBEDDING = "mega.embedding_layer.word_embeddings.weight"
+_EMBEDDING = to_hf_key(KEY_MAPS[FAMILY].embedding, "causal", FAMILY)  # the word embedding, transformers' name
 
 
 def _init_as_megatrain(owner: nn.Module, name: str, t: torch.Tensor, std: float) -> None:
@@ -65,9 +65,6 @@ class MegaPreTrainedModel(MegatrainPreTrainedModel):
     task: str = "masked"
     _no_split_modules = ["MegaBlock"]
     _keys_to_ignore_on_load_unexpected = [r"_float_tensor", r"pooler\."]
-
-    def to_hf_key(self, key: str) -> str:
-        return to_hf_key(key, self.task, FAMILY)
 
     def backbone_kwargs(self) -> dict:
         return {"add_pooling_layer": False}
@@ -174,13 +171,12 @@ class MegaModel(BackboneObserver, MegaPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None,
                 output_attentions=None, output_hidden_states=None, return_dict=None, encoder_hidden_states=None,
                 **kwargs):
-        self.refuse_cross_attention(encoder_hidden_states)
-        self.sync()
-        out, states, probs = self.observed(input_ids, inputs_embeds, output_hidden_states, output_attentions,
-                                           lambda ids: self._mt(ids, attention_mask, token_type_ids))
-        res = BaseModelOutputWithPooling(last_hidden_state=out.last_hidden_state, pooler_output=out.pooler_output,
-                                         hidden_states=states, attentions=probs)
-        return res if wants_dict(return_dict, self.config) else res.to_tuple()
+        return self.backbone_forward(
+            lambda ids: self._mt(ids, attention_mask, token_type_ids),
+            lambda out, states, probs: BaseModelOutputWithPooling(
+                last_hidden_state=out.last_hidden_state, pooler_output=out.pooler_output, hidden_states=states,
+                attentions=probs),
+            input_ids, inputs_embeds, output_attentions, output_hidden_states, return_dict, encoder_hidden_states)
 
 
 MegaPreTrainedModel.backbone_class = MegaModel

@@ -34,7 +34,7 @@ from megatrain.hf.keymap import KEY_MAPS, to_hf_key
 from megatrain.hf.megalodon import FAMILY, MegalodonBackbone, build_for_task
 from megatrain.hf.remote.configuration_megalodon import MegalodonConfig
 from megatrain.hf.remote.wrapper import (BackboneObserver, CausalLMMixin, MegatrainPreTrainedModel, init_tensor,
-                                         is_loaded, rehome, tied_keys, wants_dict)
+                                         is_loaded, rehome, tied_keys)
 from megatrain.model.lm import LMHead
 from megatrain.model.megalodon.attention import MegalodonAttention
 from megatrain.model.megalodon.backbone import MegalodonCache, MegalodonFFN, init_embedding_, init_weights_
@@ -48,9 +48,6 @@ class MegalodonPreTrainedModel(MegatrainPreTrainedModel):
     family = FAMILY
     task: str = "causal"
     _no_split_modules = ["MegalodonBlock"]
-
-    def to_hf_key(self, key: str) -> str:
-        return to_hf_key(key, self.task, FAMILY)
 
     def __init__(self, config: MegalodonConfig):
         super().__init__(config)
@@ -140,13 +137,11 @@ class MegalodonModel(BackboneObserver, MegalodonPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, token_type_ids=None, encoder_hidden_states=None,
                 **kwargs):
-        self.refuse_cross_attention(encoder_hidden_states)
-        self.sync()
-        out, states, probs = self.observed(input_ids, inputs_embeds, output_hidden_states, output_attentions,
-                                           lambda ids: self._mt(ids, attention_mask, _token_types(token_type_ids)))
-        res = BaseModelOutputWithPast(last_hidden_state=out.last_hidden_state, hidden_states=states,
-                                      attentions=probs)
-        return res if wants_dict(return_dict, self.config) else res.to_tuple()
+        return self.backbone_forward(
+            lambda ids: self._mt(ids, attention_mask, _token_types(token_type_ids)),
+            lambda out, states, probs: BaseModelOutputWithPast(last_hidden_state=out.last_hidden_state,
+                                                               hidden_states=states, attentions=probs),
+            input_ids, inputs_embeds, output_attentions, output_hidden_states, return_dict, encoder_hidden_states)
 
 
 MegalodonPreTrainedModel.backbone_class = MegalodonModel

@@ -41,6 +41,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from megatrain.hf.keymap import to_hf_key
 from megatrain.model.layers import BatchNorm
 from megatrain.model.pieces import PIECES
 from megatrain.parallel.checkpointing import CheckpointPolicy, apply_checkpointing
@@ -215,7 +216,8 @@ class MegatrainPreTrainedModel(PreTrainedModel):
     _is_stateful = True  # the families' carried states: no transformers key/value cache object
 
     def to_hf_key(self, key: str) -> str:
-        raise NotImplementedError
+        """transformers' name of megatrain key `key` in this class (the one key map)."""
+        return to_hf_key(key, self.task, self.family)
 
     def build(self, config, mt: nn.Module) -> None:
         """Hold megatrain model `mt` (unregistered) and re-home its modules here; its backbone (attribute
@@ -350,6 +352,15 @@ class BackboneObserver:
             as_checkpointing_layer(self.get_submodule(f"layers.{i}"), layer)
             self.observe_attention(i, layer)
         word_embedding.register_forward_hook(self._substitute)
+
+    def backbone_forward(self, call, output, input_ids, inputs_embeds, output_attentions, output_hidden_states,
+                         return_dict, encoder_hidden_states):
+        """The bare backbone's forward: call(input_ids) runs megatrain's backbone, output(its result, hidden states,
+        attentions) makes transformers' output."""
+        self.refuse_cross_attention(encoder_hidden_states)
+        self.sync()
+        res = output(*self.observed(input_ids, inputs_embeds, output_hidden_states, output_attentions, call))
+        return res if wants_dict(return_dict, self.config) else res.to_tuple()
 
     def sync(self) -> None:  # the bare backbone's own bindings
         sync_bindings(self._bindings)
