@@ -89,7 +89,7 @@ def _check(py, hf_dir, ref, tmp_path, native):
 def test_folder_contents_and_tokenizer(hf_dir, run):
     names = set(os.listdir(hf_dir))
     assert {"config.json", "model.safetensors", "generation_config.json", "README.md", "tokenizer.model",
-            "tokenizer.json", "configuration_mega.py", "modeling_mega.py", "megatrain_model_backbone.py",
+            "tokenizer.json", "configuration_mega.py", "modeling_mega.py", "megatrain_model_mega_backbone.py",
             "megatrain_model_lm.py"} <= names
     assert not [n for n in os.listdir(os.path.dirname(hf_dir)) if n.startswith(".")]  # no temporary left
     d = json.loads((hf_dir / "config.json").read_text())
