@@ -89,22 +89,24 @@ def _stage_input(model: nn.Module, index: int, inp: Tensor, token_type_ids: Opti
     return model.layer_input(index, inp, token_type_ids)
 
 
-def _edge_states(model, index, stage, inp, known, mask, doc_ids, token_type_ids):
-    """Pre-pass stage `stage` of one (layer, segment): {slot: (local state, decay)} of the slots it reaches."""
-    capture = _Capture(known)
+def _edge_states(model, index, stage, inp, mask, doc_ids, token_type_ids, slots=(), *known):
+    """Pre-pass stage `stage` of one (layer, segment): {slot: (local state, decay)} of the slots it reaches; `known`
+    the incoming states of `slots` (earlier stages). The states are positional arguments, not a dict, so that a
+    checkpoint keeps (and an offloading one moves to the host) them as its inputs."""
+    capture = _Capture(dict(zip(slots, known)))
     layer = model.segment_stages()[index]
     layer.edge_states(_stage_input(model, index, inp, token_type_ids), SeqContext(mask, doc_ids, capture), stage)
     return capture.states
 
 
-def _piece(model, index, final, prepass_next, inp, incoming, mask, doc_ids, token_type_ids):
+def _piece(model, index, final, prepass_next, inp, mask, doc_ids, token_type_ids, slots=(), *incoming):
     """One (layer, segment): (output, or final(it) for the last stage, the forward states it hands on, and with
     `prepass_next` the next layer's stage-0 pre-pass states of this segment: computed here from the output, so
     that the output is kept for backward by one checkpoint only, the next layer's piece)."""
-    relay = _Relay(incoming)
+    relay = _Relay(dict(zip(slots, incoming)))
     y = model.segment_stages()[index](_stage_input(model, index, inp, token_type_ids),
                                       SeqContext(mask, doc_ids, relay))
-    states = _edge_states(model, index + 1, 0, y, {}, mask, doc_ids, None) if prepass_next else {}
+    states = _edge_states(model, index + 1, 0, y, mask, doc_ids, None) if prepass_next else {}
     return (y if final is None else final(y)), relay.outgoing, states
 
 
@@ -157,8 +159,8 @@ def forward_segmented(model: nn.Module, input_ids: Tensor, token_type_ids: Optio
                 if stage == 0 and first_states is not None:
                     states = first_states
                 else:
-                    states = [model.run_piece("segment", _edge_states, model, index, stage, pieces[i],
-                                              dict(incoming[i]), *seg[i]) for i in range(k)]
+                    states = [model.run_piece("segment", _edge_states, model, index, stage, pieces[i], *seg[i],
+                                              tuple(incoming[i]), *incoming[i].values()) for i in range(k)]
                 for slot in states[0]:
                     for i, h in enumerate(_incoming_from(states, slot, edges, ctx.ema_boundary)):
                         incoming[i][slot] = h
@@ -166,8 +168,9 @@ def forward_segmented(model: nn.Module, input_ids: Tensor, token_type_ids: Optio
         prepass_next = index + 1 < n and prepass[index + 1]
         outputs, first_states, chain = [], [] if prepass_next else None, {}
         for i in range(k):
+            enter = {**chain, **incoming[i]}
             y, outgoing, next_states = model.run_piece("segment", _piece, model, index, last, prepass_next,
-                                                       pieces[i], {**chain, **incoming[i]}, *seg[i])
+                                                       pieces[i], *seg[i], tuple(enter), *enter.values())
             outputs.append(y)
             if prepass_next:
                 first_states.append(next_states)
