@@ -20,6 +20,8 @@ leaves glibc's defaults (its dynamic mmap threshold lets 1-32 MiB tensors fragme
 is the old `MALLOC_MMAP_THRESHOLD_=64 KiB` environment setting.
 Output: a table, one JSON object (`--out`, plus the PNG plot next to it: peak RSS and tokens/s against L, both
 implementations) and the goals: L = 1,048,576 in <= 8 GB; tokens/s at 1M >= 80% of 32K; the largest L in 22 GB.
+`--impls megalodon`: megatrain's Megalodon at the same sizes (bench_model.MEGALODON_CONFIG), checkpointed and
+segmented the same way; its 1M-token step has the same <= 8 GB goal.
 The per-token cost (slope of peak RSS between the two longest megatrain runs) extrapolates to lengths not run.
 """
 from __future__ import annotations
@@ -38,10 +40,11 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from bench_model import HF_CONFIG, LIVE_MEMORY_ENV, _peak_rss_mb, save_hf_model  # noqa: E402  (shared with the model bench)
+from bench_model import (HF_CONFIG, LIVE_MEMORY_ENV, MEGALODON_CONFIG, _peak_rss_mb, megalodon_model,  # noqa: E402
+                         save_hf_model)  # (shared with the model bench)
 
 DEFAULT_LENGTHS = (32768, 131072, 262144, 524288, 1048576)
-IMPLS = ("megatrain", "hf")
+IMPLS = ("megatrain", "hf", "megalodon")
 # transformers' MEGA train step at this config: ~0.5 MB per token (it stops near 48K tokens in 24 GB)
 HF_BYTES_PER_TOKEN = 24 * 2**30 / 48_000
 GOAL_1M_GB, GOAL_SPEED_RATIO = 8.0, 0.8
@@ -110,7 +113,12 @@ def worker(a) -> dict:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     import torch
     torch.set_num_threads(a.threads)
-    if a.worker == "hf":
+    if a.worker == "megalodon":
+        model = megalodon_model(segment_size=a.segment_size)
+        from megatrain.parallel.checkpointing import CheckpointPolicy, apply_checkpointing
+        apply_checkpointing(model, CheckpointPolicy())
+        kw = {"return_logits": False}
+    elif a.worker == "hf":
         from transformers.models.deprecated.mega.modeling_mega import MegaForCausalLM
         model = MegaForCausalLM.from_pretrained(a.model_dir)
         model.config.use_cache = False  # its use_cache=True training path differs (see BRIEF: truncation)
@@ -159,7 +167,7 @@ def run_one(a, impl: str, seq_len: int, model_dir: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # a user's default process...
     if a.allocator == "env64k":
         env.update(LIVE_MEMORY_ENV)                                              # ...unless asked otherwise
-    base = dict(impl=impl, seq_len=seq_len, segment_size=a.segment_size if impl == "megatrain" else None)
+    base = dict(impl=impl, seq_len=seq_len, segment_size=a.segment_size if impl != "hf" else None)
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, cwd=ROOT, env=env)
     except subprocess.TimeoutExpired:
@@ -173,9 +181,9 @@ def run_one(a, impl: str, seq_len: int, model_dir: str) -> dict:
 
 # ---------------------------------------------------------------- report
 
-def per_token(results: list[dict]) -> dict | None:
-    """Peak RSS = intercept + slope * L through the two longest successful megatrain runs."""
-    ok = sorted((r for r in results if r["impl"] == "megatrain" and r.get("status") == "ok"),
+def per_token(results: list[dict], impl: str = "megatrain") -> dict | None:
+    """Peak RSS = intercept + slope * L through the two longest successful runs of `impl`."""
+    ok = sorted((r for r in results if r["impl"] == impl and r.get("status") == "ok"),
                 key=lambda r: r["seq_len"])
     if len(ok) < 2:
         return None
@@ -191,12 +199,15 @@ def extrapolate_gb(fit: dict, seq_len: int) -> float:
 def goals(results: list[dict], fit: dict | None, max_fit: dict | None) -> dict:
     mt = {r["seq_len"]: r for r in results if r["impl"] == "megatrain" and r.get("status") == "ok"}
     out = {}
-    if 1048576 in mt:
-        gb = mt[1048576]["peak_rss_mb"] / 1024
-        out["peak_1m_gb"] = dict(value=gb, goal=f"<= {GOAL_1M_GB:g}", met=gb <= GOAL_1M_GB, measured=True)
-    elif fit is not None:
-        gb = extrapolate_gb(fit, 1048576)
-        out["peak_1m_gb"] = dict(value=gb, goal=f"<= {GOAL_1M_GB:g}", met=gb <= GOAL_1M_GB, measured=False)
+    for impl, key, impl_fit in (("megatrain", "peak_1m_gb", fit),
+                                ("megalodon", "megalodon_peak_1m_gb", per_token(results, "megalodon"))):
+        runs = {r["seq_len"]: r for r in results if r["impl"] == impl and r.get("status") == "ok"}
+        if 1048576 in runs:
+            gb = runs[1048576]["peak_rss_mb"] / 1024
+            out[key] = dict(value=gb, goal=f"<= {GOAL_1M_GB:g}", met=gb <= GOAL_1M_GB, measured=True)
+        elif impl_fit is not None:
+            gb = extrapolate_gb(impl_fit, 1048576)
+            out[key] = dict(value=gb, goal=f"<= {GOAL_1M_GB:g}", met=gb <= GOAL_1M_GB, measured=False)
     if 1048576 in mt and 32768 in mt:
         ratio = mt[1048576]["tokens_per_s"] / mt[32768]["tokens_per_s"]
         out["tokens_per_s_1m_over_32k"] = dict(value=ratio, goal=f">= {GOAL_SPEED_RATIO}",
@@ -226,11 +237,11 @@ def plot(results: list[dict], path: str, threads: int = 1, budget_lines=(GOAL_1M
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax_m, ax_s) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for impl, style in (("megatrain", "o-"), ("hf", "s--")):
+    for impl, style in (("megatrain", "o-"), ("hf", "s--"), ("megalodon", "^-.")):
         ok = sorted((r for r in results if r["impl"] == impl and r.get("status") == "ok"), key=lambda r: r["seq_len"])
         if not ok:
             continue
-        label = "megatrain" if impl == "megatrain" else "transformers 4.57.6 MEGA"
+        label = {"megatrain": "megatrain MEGA", "megalodon": "megatrain Megalodon"}.get(impl, "transformers 4.57.6 MEGA")
         xs = [r["seq_len"] for r in ok]
         ax_m.plot(xs, [r["peak_rss_mb"] / 1024 for r in ok], style, label=label)
         ax_s.plot(xs, [r["tokens_per_s"] for r in ok], style, label=label)
@@ -297,6 +308,7 @@ def main(argv=None) -> None:
                     date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     machine=dict(platform=platform.platform(), cpus=os.cpu_count(), threads=a.threads),
                     config=dict(HF_CONFIG, gradient_checkpointing=True, segment_size=a.segment_size),
+                    megalodon_config=MEGALODON_CONFIG,
                     warmup=a.warmup, steps=a.steps, budget_gb=a.budget_gb,
                     allocator=a.allocator, mmap_threshold=a.mmap_threshold,
                     malloc_env=LIVE_MEMORY_ENV if a.allocator == "env64k" else None,

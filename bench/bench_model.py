@@ -34,6 +34,9 @@ Config (from the issue): vocab 8192, hidden 256, 4 layers, intermediate 512, nff
 shared_repr 64, chunk 256, causal (is_decoder, unidirectional EMA), dropout 0. Goals: >= 4x HF tokens/s at 16K;
 <= 1/9 of HF peak memory at 32K. Variants: `megatrain` (defaults), `megatrain-ckpt` (gradient_checkpointing=True);
 both ask for the loss only (`return_logits=False`: blockwise loss, no [L, V] logits), all a train step needs.
+`megalodon`: megatrain's Megalodon at the same hidden size, depth, vocabulary and chunk (MEGALODON_CONFIG below;
+random weights, seed 0; its FLOPs per token by the same formula from its own parameter count); "vs MEGA" is its
+achieved FLOP/s over the `megatrain` row's at the same L (goal: >= 0.8 at 16K).
 """
 from __future__ import annotations
 
@@ -51,7 +54,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IMPLS = ("megatrain", "megatrain-ckpt", "hf", "llama")
+IMPLS = ("megatrain", "megatrain-ckpt", "hf", "llama", "megalodon")
 sys.path.insert(0, os.path.join(ROOT, "bench", "gpu"))  # bench_train_gpu: the Llama and flops_per_token
 MODES = ("speed", "memory")
 LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
@@ -62,6 +65,22 @@ HF_CONFIG = dict(
     is_decoder=True, bidirectional=False,
     dropout_prob=0.0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, nffn_activation_dropout_prob=0.0,
 )
+
+
+# Megalodon at the same sizes (megatrain/model/megalodon/): hidden 256, 4 layers, Z 64, V (intermediate) 512, FFN 512,
+# complex EMA dim 16, chunk 256, one head, 16 timestep-norm groups; its own head (untied, no bias), as the reference
+MEGALODON_CONFIG = dict(
+    vocab_size=8192, hidden_size=256, num_hidden_layers=4, num_attention_heads=1, shared_representation_size=64,
+    intermediate_size=512, nffn_hidden_size=512, cema_ndim=16, chunk_size=256, norm_num_groups=16,
+)
+
+
+def megalodon_model(**overrides):
+    """The benchmark's Megalodon (seed 0): build_model(MegalodonConfig(**MEGALODON_CONFIG, **overrides))."""
+    import torch
+    from megatrain.model import MegalodonConfig, build_model
+    torch.manual_seed(0)
+    return build_model(MegalodonConfig(**{**MEGALODON_CONFIG, **overrides}))
 
 
 def _csv(ap, name: str, value: str, allowed=None, cast=str) -> list:
@@ -132,6 +151,9 @@ def worker(a) -> dict:
     if a.worker == "hf":
         from transformers.models.deprecated.mega.modeling_mega import MegaForCausalLM
         model = MegaForCausalLM.from_pretrained(a.model_dir)
+    elif a.worker == "megalodon":
+        model = megalodon_model()
+        mcfg = model.config
     elif a.worker == "llama":
         from torch.nn.attention import SDPBackend, sdpa_kernel
         torch.manual_seed(0)
@@ -258,11 +280,14 @@ def merge(results: list[dict]) -> list[dict]:
             mine, ref = row.get(mode, {}), hf.get(mode, {})
             if mine.get("status") == "ok" and ref.get("status") == "ok":
                 row[out] = mine[key] / ref[key]
+        mega = rows.get((L, "megatrain", ac), {}).get("speed", {})
+        if impl == "megalodon" and row.get("speed", {}).get("status") == "ok" and mega.get("status") == "ok":
+            row["flops_vs_mega"] = row["speed"]["gflops"] / mega["gflops"]      # achieved FLOP/s, same hidden size
         llama = rows.get((L, "llama", ac), {}).get("speed", {})
         if impl != "llama" and row.get("speed", {}).get("status") == "ok" and llama.get("status") == "ok":
             row["speedup_vs_llama"] = row["speed"]["tokens_per_s"] / llama["tokens_per_s"]
         mine, ref = row.get("speed", row.get("memory", {})), hf.get("speed", hf.get("memory", {}))
-        if "loss0" in mine and "loss0" in ref and impl != "llama":  # (the Llama has other weights)
+        if "loss0" in mine and "loss0" in ref and impl not in ("llama", "megalodon"):  # (other weights)
             row["loss0_abs_diff_vs_hf"] = abs(mine["loss0"] - ref["loss0"])
     order = {impl: i for i, impl in enumerate(IMPLS)}
     return sorted(rows.values(), key=lambda r: (r["seq_len"], r["autocast"] != "none", order.get(r["impl"], 99)))
@@ -274,7 +299,8 @@ def ac_label(row: dict) -> str:
 
 
 def table(rows: list[dict], markdown: bool) -> str:
-    head = ["L", "impl", "tok/s", "tok/CPU-s", "vs HF (wall)", "vs HF (CPU)", "vs Llama", "GFLOP/s", "of GEMM",
+    head = ["L", "impl", "tok/s", "tok/CPU-s", "vs HF (wall)", "vs HF (CPU)", "vs Llama", "FLOPs/token",
+            "GFLOP/s", "vs MEGA", "of GEMM",
             "peak RSS MB", "vs HF", "peak live MB", "vs HF", "live - loaded MB", "vs HF", "loss0 diff vs HF"]
 
     def cell(run: dict, key: str, spec: str) -> str:
@@ -296,7 +322,8 @@ def table(rows: list[dict], markdown: bool) -> str:
             str(row["seq_len"]), row["impl"] + ac_label(row), cell(speed, "tokens_per_s", ".0f"),
             cell(speed, "tokens_per_cpu_s", ".0f"), ratio(row, "speedup_vs_hf", False),
             ratio(row, "cpu_speedup_vs_hf", False), ratio(row, "speedup_vs_llama", False),
-            cell(speed, "gflops", ".1f"), cell(speed, "of_gemm", ".0%"),
+            cell(speed, "flops_per_token", ".3g"), cell(speed, "gflops", ".1f"), ratio(row, "flops_vs_mega", False),
+            cell(speed, "of_gemm", ".0%"),
             cell(speed, "peak_rss_mb", ".0f"), ratio(row, "rss_vs_hf", True),
             cell(memory, "peak_rss_mb", ".0f"), ratio(row, "live_vs_hf", True),
             cell(memory, "step_mb", ".0f"), ratio(row, "step_vs_hf", True),
@@ -317,6 +344,9 @@ def goals(rows: list[dict]) -> dict:
 
     out = {}
     rows = [r for r in rows if r.get("autocast", "none") == "none"]  # the goals are about the fp32 model
+    mlo = best(16384, "flops_vs_mega", max)
+    if mlo is not None:
+        out["megalodon_flops_vs_mega_16k"] = dict(value=mlo, goal=">= 0.8", met=mlo >= 0.8)
     speed = best(16384, "speedup_vs_hf", max)
     if speed is not None:
         out["speedup_16k"] = dict(value=speed, goal=">= 4", met=speed >= 4)
@@ -333,7 +363,7 @@ def bench_ema(a) -> dict:
     from transformers.models.deprecated.mega.configuration_mega import MegaConfig
     from transformers.models.deprecated.mega.modeling_mega import MegaMultiDimensionDampedEma
     sys.path.insert(0, ROOT)
-    from megatrain.model.ema import MultiDimDampedEMA
+    from megatrain.model.mega.ema import MultiDimDampedEMA
     torch.set_num_threads(a.threads)
     dim, ndim = HF_CONFIG["hidden_size"], HF_CONFIG["ema_projection_size"]
     ours = MultiDimDampedEMA(dim, ndim, bidirectional=False)
@@ -421,7 +451,7 @@ def main(argv=None) -> None:
                         results.append(r)
         meta = dict(bench="model", date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     machine=dict(platform=platform.platform(), cpus=os.cpu_count(), threads=a.threads),
-                    config=HF_CONFIG, steps=a.steps, live_memory_env=LIVE_MEMORY_ENV, autocast=a.autocast)
+                    config=HF_CONFIG, megalodon_config=MEGALODON_CONFIG, steps=a.steps, live_memory_env=LIVE_MEMORY_ENV, autocast=a.autocast)
     rows = merge(results)
     report = dict(meta, results=results, rows=rows, goals=goals(rows))
     print(table(rows, a.markdown))

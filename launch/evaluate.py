@@ -4,8 +4,8 @@
            [--passkey [--passkey-lengths a,b] [--passkey-trials T]] [--out results.json] [--plot DIR]
     torchrun --nproc_per_node 4 launch/evaluate.py SOURCE --shards H --sp 2 ...     # DP x SP (also deepspeed)
 
-SOURCE: a run folder, its checkpoints/ folder, one checkpoint tag folder, a megatrain export or a transformers
-4.57 MEGA folder (config.json + weights). HELDOUT: a held-out manifest (data_tools/build_shards.py
+SOURCE: a run folder, its checkpoints/ folder, one checkpoint tag folder (any model family), a megatrain export
+(MEGA or Megalodon) or a transformers 4.57 MEGA folder (config.json + weights). HELDOUT: a held-out manifest (data_tools/build_shards.py
 --heldout-fraction F writes OUT/heldout/index.json). --seq-len: default the run's data.seq_len (else 4096); each a
 multiple of chunk_size x --sp. --no-doc-reset: documents packed in one window see each other (as a plain
 transformers forward does). --plot DIR: loss_by_position.png (--positions) and passkey.png (--passkey). The
@@ -26,8 +26,8 @@ from megatrain.cli import ArgumentParser  # noqa: E402
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("source", help="run folder, checkpoint, megatrain export, or a transformers (MEGA or any causal "
-                                  "LM) folder")
+    p.add_argument("source", help="run folder, checkpoint, megatrain export (MEGA, Megalodon), or a transformers "
+                                  "(MEGA or any causal LM) folder")
     p.add_argument("--shards", required=True, help="held-out manifest (index.json or its folder)")
     p.add_argument("--seq-len", default=None, help="comma-separated evaluation lengths")
     p.add_argument("--tokens", type=int, default=65536, help="held-out tokens per length (whole windows)")
@@ -62,7 +62,7 @@ def load_source(source: str):
     from megatrain.hf.causal_lm import CausalLMAdapter, is_transformers_causal_lm
     if is_transformers_causal_lm(path):  # any other transformers causal LM, behind megatrain's LM API
         return CausalLMAdapter.from_pretrained(path), None, path
-    if os.path.isfile(os.path.join(path, "config.json")):  # megatrain export or transformers MEGA folder
+    if os.path.isfile(os.path.join(path, "config.json")):  # megatrain export (any family) or transformers MEGA folder
         from megatrain.hf import load_hf
         return load_hf(path, task="causal"), None, path
     from megatrain.export.folder import ExportError, resolve_checkpoint

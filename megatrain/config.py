@@ -31,7 +31,8 @@ import yaml
 
 from megatrain.data.remote import is_url
 from megatrain.io import atomic_file
-from megatrain.model.config import MegaConfig
+from megatrain.model.mega.config import MegaConfig
+from megatrain.model.megalodon.config import MegalodonConfig
 
 
 class ConfigError(ValueError):
@@ -65,6 +66,24 @@ class ModelCfg(MegaConfig):
         d = super().to_dict()
         d.pop("init_from", None)
         return d
+
+
+@dataclass
+class MegalodonModelCfg(MegalodonConfig):
+    """The model section of a Megalodon run (model.model_type: megalodon): MegalodonConfig's fields; init_from as
+    ModelCfg's (a transformers MEGA folder cannot start a Megalodon run: validate says so)."""
+
+    init_from: Optional[str] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d.pop("init_from", None)
+        return d
+
+
+# model.model_type -> the model section's class (megatrain/model/registry.py has the families); mega is the default,
+# so every config without the key is the MEGA run it always was
+MODEL_SECTIONS = {"mega": ModelCfg, "megalodon": MegalodonModelCfg}
 
 
 @dataclass
@@ -300,7 +319,11 @@ class Config:
 
     def _validate_model(self, check_files: bool) -> None:
         m, t = self.model, self.train
+        _check(not m.init_from or isinstance(m, ModelCfg), "model.init_from", m.init_from,
+               f"continues a transformers MEGA folder; this run's model.model_type is {m.model_type}")
         for key, (value, why) in OBJECTIVE_MODEL_FIELDS[t.objective].items():  # set by from_dict; a later edit?
+            if not hasattr(m, key):
+                continue  # a family without that setting (Megalodon is always causal)
             _check(getattr(m, key) == value, f"model.{key}", getattr(m, key),
                    f"must be {value} for train.objective={t.objective} ({why})")
         if check_files and m.init_from:  # the folder must match the model section (read config.json only)
@@ -459,7 +482,14 @@ def _follow_objective(tree: dict) -> dict:
     if not isinstance(model, dict):
         return tree
     model = dict(model)
+    section, _ = _model_section(model)
+    fields = {f.name for f in dataclasses.fields(section)}
+    if objective == "mlm" and section is MegalodonModelCfg:
+        raise ConfigError("train.objective=mlm: model.model_type=megalodon is causal by design (its timestep norm "
+                          "and complex EMA see only the past); use train.objective=clm")
     for key, (value, why) in OBJECTIVE_MODEL_FIELDS[objective].items():
+        if key not in fields:
+            continue  # a family without that setting (Megalodon is always causal)
         if key in model and not isinstance(model[key], bool):
             continue  # a type error: _build names it
         if key in model and model[key] != value:
@@ -494,6 +524,8 @@ def _build(cls, d: Any, prefix: str):
     kwargs = {}
     for k, v in d.items():
         tp = hints[k]
+        if tp is ModelCfg:  # the model section's class follows its model_type
+            tp, v = _model_section(v if v is not None else {})
         if dataclasses.is_dataclass(tp):
             kwargs[k] = _build(tp, v if v is not None else {}, f"{prefix}{k}.")
         else:
@@ -502,6 +534,26 @@ def _build(cls, d: Any, prefix: str):
         return cls(**kwargs)
     except ValueError as e:  # MegaConfig validates itself at construction; say which section failed
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
+
+
+def _model_section(d: Any) -> tuple:
+    """(the model section's class, the section without a default model_type key) of a raw model section; an
+    unknown family, or a key of another family's section, is one ConfigError naming the key."""
+    if not isinstance(d, dict):
+        return ModelCfg, d                 # _build names the shape error
+    model_type = d.get("model_type", "mega")
+    _one_of("model.model_type", model_type, tuple(MODEL_SECTIONS))
+    section = MODEL_SECTIONS[model_type]
+    if section is ModelCfg:
+        d = {k: v for k, v in d.items() if k != "model_type"}
+    own = {f.name for f in dataclasses.fields(section)}
+    for k in d:
+        other = [t for t, cls in MODEL_SECTIONS.items() if cls is not section and
+                 k in {f.name for f in dataclasses.fields(cls)}]
+        if k not in own and other:
+            raise ConfigError(f"model.{k}: a {other[0]} setting, not one of model.model_type={model_type} "
+                              f"(set model.model_type={other[0]}, or remove model.{k})")
+    return section, d
 
 
 def _coerce(v: Any, tp: Any, key: str) -> Any:

@@ -5,7 +5,7 @@ Run: PYTHONPATH=. python -m pytest -q tests/test_bad_input.py            (the de
 Each case is a row of CASES: (id, command, strings the error must contain, paths that must not exist after).
 Commands and paths are templates filled from the `world` fixture: {py} this interpreter, {tools} data_tools/,
 {pretrain} launch/pretrain.py, {sbatch} launch/slurm/pretrain.sbatch, {export} launch/export_hf.py, {tiny}
-configs/tiny.yaml, {w} the shared fixture folder (inputs, a tokenizer, shards, a truncated copy; {w}/export: a
+configs/tiny.yaml, {megalodon} configs/megalodon_tiny.yaml, {w} the shared fixture folder (inputs, a tokenizer, shards, a truncated copy; {w}/export: a
 checkpoint, made only for the export cases), {out} a fresh folder per case for outputs.
 """
 import contextlib
@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from tests.tiny_data import TINY, write_shards
+from tests.tiny_data import MEGALODON_TINY, TINY, write_shards
 from tests.dist_util import PRETRAIN, ROOT, free_port, pretrain_env
 from tests.data.servers import http_server
 
@@ -34,6 +34,7 @@ TOK = "{py} {tools}/train_tokenizer.py"
 BUILD = "{py} {tools}/build_shards.py --tokenizer {w}/tok"
 INSPECT = "{py} {tools}/inspect_shards.py"
 PRE = "{py} {pretrain} --config {tiny} data.shards={w}/shards/index.json run_dir={out}/run"
+MLO = "{py} {pretrain} --config {megalodon} data.shards={w}/shards/index.json run_dir={out}/run"   # model_type megalodon
 # data.sources values without spaces (the command is split on whitespace); {{ }} survive the template filling
 SOURCE = 'data.sources=[{{{{"name":"{name}","shards":"{{w}}/shards/index.json","weight":{weight}}}}}]'
 SOURCES2 = ('data.sources=[{{{{"name":"{a}","shards":"{{w}}/shards/index.json"}}}},'
@@ -129,6 +130,17 @@ CASES = [
      ["MEGATRAIN_MALLOC=", "no/libtcmalloc.so", "no such file", "auto, system"], ["{out}/run"]),
     ("pretrain-kernel-backend", PRE + " model.kernel_backend=cuda",
      ["kernel_backend='cuda'", "must be one of auto, torch, triton"], ["{out}/run"]),
+    ("pretrain-model-type", PRE + " model.model_type=gpt", ["model.model_type='gpt'", "mega, megalodon"],
+     ["{out}/run"]),
+    ("pretrain-mega-field-on-megalodon", MLO + " model.ema_projection_size=8",
+     ["model.ema_projection_size", "a mega setting", "model.model_type=megalodon"], ["{out}/run"]),
+    ("pretrain-megalodon-field-on-mega", PRE + " model.norm_num_groups=4",
+     ["model.norm_num_groups", "a megalodon setting", "model.model_type=mega"], ["{out}/run"]),
+    ("pretrain-megalodon-groups", MLO + " model.norm_num_groups=5",
+     ["norm_num_groups=5", "must divide hidden_size=32"], ["{out}/run"]),
+    ("pretrain-megalodon-sp-chunk", "env RANK=0 WORLD_SIZE=2 " + MLO + " parallel.sequence_parallel_size=2 "
+     "model.chunk_size=32", ["16", "not a multiple of model.chunk_size=32"], ["{out}/run"]),
+    ("pretrain-megalodon-mlm", MLO + " train.objective=mlm", ["train.objective=mlm", "causal"], ["{out}/run"]),
     ("pretrain-missing-shards", PRE + " data.shards={w}/none/index.json", ["data.shards=", "no such file"],
      ["{out}/run"]),
     ("pretrain-vocab-mismatch", PRE + " model.vocab_size=48", ["data.shards=", "vocab_size=48"], ["{out}/run"]),
@@ -206,6 +218,8 @@ EXPORT_CASES = [
     ("export-bad-dtype", EXP + " --no-tokenizer --dtype fp16", ["--dtype", "'fp16'"], ["{out}/hf"]),
     ("export-hub-offline", "env HF_HUB_OFFLINE=1 " + EXP + " --no-tokenizer --push-to-hub me/x",
      ["--push-to-hub me/x", "offline"], ["{out}/hf"]),
+    ("export-megalodon-to-native-mega", "{py} {export} {w}/export/megalodon {out}/hf --no-tokenizer --native",
+     ["--native", "transformers has no Megalodon class", "export without --native"], ["{out}/hf"]),
     ("export-hub-no-token",  # online as far as huggingface_hub knows, but no token anywhere
      "env HF_HUB_OFFLINE=0 HF_TOKEN= HF_HOME={out}/hf_home " + EXP + " --no-tokenizer --push-to-hub me/x",
      ["--push-to-hub me/x", "no Hugging Face token"], ["{out}/hf"]),
@@ -305,7 +319,8 @@ def world(tmp_path_factory, request):
 @pytest.fixture(scope="session")
 def export_world(world):
     """{w}/export: run/ (1 step, single process, ZeRO-3, a checkpoint), partial/ (its tag folder without the ZeRO
-    optimizer states) and other/ (its tag folder with a config.yaml of another hidden_size). ~10 s."""
+    optimizer states), other/ (its tag folder with a config.yaml of another hidden_size) and megalodon/ (a 1-step
+    run of configs/megalodon_tiny.yaml). ~15 s."""
     e = world / "export"
     p = subprocess.run([sys.executable, PRETRAIN, "--config", TINY, f"data.shards={world}/shards/index.json",
                         f"run_dir={e}/run", "train.max_steps=1", "train.warmup_steps=0", "checkpoint.every_steps=1",
@@ -320,14 +335,19 @@ def export_world(world):
     cfg = (e / "other" / "config.yaml").read_text()
     assert "hidden_size: 32" in cfg
     (e / "other" / "config.yaml").write_text(cfg.replace("hidden_size: 32", "hidden_size: 48"))
+    p = subprocess.run([sys.executable, PRETRAIN, "--config", os.path.join(ROOT, "configs", "megalodon_tiny.yaml"),
+                        f"data.shards={world}/shards/index.json", f"run_dir={e}/megalodon", "train.max_steps=1",
+                        "train.warmup_steps=0", "checkpoint.every_steps=1", "logging.tensorboard=false"], cwd=ROOT,
+                       env=pretrain_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
     return e
 
 
 def _run(case, world, tmp_path, prefix=()):
     name, template, expect, absent = case
-    fill = dict(py=sys.executable, tools=TOOLS, pretrain=PRETRAIN, sbatch=SBATCH, tiny=TINY, w=world, out=tmp_path,
-                root=ROOT,
-                export=EXPORT, evaluate=EVALUATE, bakeoff=BAKEOFF, forbidden=FORBIDDEN[-1])
+    fill = dict(py=sys.executable, tools=TOOLS, pretrain=PRETRAIN, sbatch=SBATCH, tiny=TINY, megalodon=MEGALODON_TINY,
+                w=world, out=tmp_path, root=ROOT, export=EXPORT, evaluate=EVALUATE, bakeoff=BAKEOFF,
+                forbidden=FORBIDDEN[-1])
     cmd = list(prefix) + [part.format(**fill) for part in template.split()]
     env = pretrain_env()
     for k in [k for k in env if k.startswith("SLURM_") or k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")]:

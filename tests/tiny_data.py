@@ -12,6 +12,7 @@ from megatrain.data.shards import doc_key
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+MEGALODON_TINY = os.path.join(ROOT, "configs", "megalodon_tiny.yaml")   # the same run, model.model_type=megalodon
 VOCAB = 64
 SPECIALS = {"unk": 0, "bos": 1, "eos": 2, "eod": 2, "pad": 3, "mask": 4}
 FIRST = 8  # content ids are FIRST..VOCAB-1

@@ -30,7 +30,7 @@ from common import measure, model_config, require_cuda, row  # noqa: E402
 
 
 def _inputs(cfg, length, dtype, seed=0):
-    from megatrain.model.attention import RotaryRelativeBias
+    from megatrain.model.mega.attention import RotaryRelativeBias
 
     c, z, e = cfg.chunk_size, cfg.shared_representation_size, cfg.intermediate_size
     n = length // c

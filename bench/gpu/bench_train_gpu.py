@@ -4,6 +4,7 @@ a same-size Llama (SDPA flash attention, Liger's fused linear cross-entropy).
     python bench/gpu/bench_train_gpu.py                                         # 32K, 4K, 128K; megatrain, llama, hf
     python bench/gpu/bench_train_gpu.py --longest --impls megatrain,llama       # doubling L until OOM / step time cap
     python bench/gpu/bench_train_gpu.py --device cpu --tiny --lengths 128,256   # check of this script (CPU)
+    python bench/gpu/bench_train_gpu.py --impls megatrain,megalodon,llama --lengths 32768   # Megalodon beside them
 
 A train step = forward with labels (causal LM loss) + backward + optimizer step, batch 1. --precision bf16 (the
 default) is what DeepSpeed does for `train.precision: bf16`: bf16 parameters and gradients, an fp32 master copy
@@ -38,6 +39,9 @@ sys.path.insert(0, ROOT)  # run from a plain checkout on the GPU machine (no pip
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 IMPLS = ("megatrain", "llama", "hf")  # the order they run in: the most valuable rows first
+# megatrain's Megalodon at the MEGA config's sizes (`--impls ...,megalodon`: not in the default list, so the GPU
+# check's budget is unchanged; one more compiled attention variant per length)
+ALL_IMPLS = IMPLS + ("megalodon",)
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 TINY_MODEL = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, intermediate_size=128,
                   shared_representation_size=32, nffn_hidden_size=128, ema_projection_size=8, use_chunking=True,
@@ -49,7 +53,7 @@ def parse_args(argv=None):
     ap.add_argument("--lengths", default="32768,4096,131072", help="comma-separated sequence lengths (in order)")
     ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
                     help="bf16: bf16 params + fp32 master weights (DeepSpeed bf16); fp32: plain fp32")
-    ap.add_argument("--impls", default=",".join(IMPLS), help="subset of " + ",".join(IMPLS))
+    ap.add_argument("--impls", default=",".join(IMPLS), help="subset of " + ",".join(ALL_IMPLS))
     ap.add_argument("--steps", type=int, default=2, help="timed steps per length (after one warm-up)")
     ap.add_argument("--hf-max-length", type=int, default=32768,
                     help="transformers' MEGA only up to this length (slow, and out of memory beyond)")
@@ -66,15 +70,28 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="a tiny model (smoke runs on CPU)")
     ap.add_argument("--out", default=None, help="append every row here as a JSON line (default: $BENCH_ROWS)")
-    ap.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=ALL_IMPLS, help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     a.lengths = [int(s) for s in a.lengths.split(",") if s]
     a.impls = [s for s in a.impls.split(",") if s]
-    bad = [s for s in a.impls if s not in IMPLS]
+    bad = [s for s in a.impls if s not in ALL_IMPLS]
     if bad:
-        ap.error(f"--impls: unknown {bad[0]!r} (expected some of {','.join(IMPLS)})")
+        ap.error(f"--impls: unknown {bad[0]!r} (expected some of {','.join(ALL_IMPLS)})")
     return a
+
+
+def megalodon_config(cfg):
+    """Megalodon at a MEGA config's sizes: hidden, depth, vocabulary, Z, V (intermediate), FFN, chunk, segments,
+    kernels and checkpointing; one head, timestep-norm groups of 32 features, no dropout."""
+    from megatrain.model import MegalodonConfig
+    return MegalodonConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                           num_hidden_layers=cfg.num_hidden_layers,
+                           shared_representation_size=cfg.shared_representation_size,
+                           intermediate_size=cfg.intermediate_size, nffn_hidden_size=cfg.nffn_hidden_size,
+                           chunk_size=cfg.chunk_size, norm_num_groups=max(1, cfg.hidden_size // 32),
+                           kernel_backend=cfg.kernel_backend, gradient_checkpointing=cfg.gradient_checkpointing,
+                           segment_size=cfg.segment_size)
 
 
 def mega_config(a):
@@ -185,14 +202,18 @@ def worker(a) -> list:
         import torch.nn.attention.flex_attention as flex_mod  # lift the CPU refusal of FlexAttention's backward,
         flex_mod._validate_device = lambda *args: None        # as the op tests do (same math, eager)
     extra = {}
-    if a.worker == "megatrain":
-        from megatrain.model import MegaForCausalLM
+    if a.worker in ("megatrain", "megalodon"):
+        from megatrain.model import MegaForCausalLM, MegalodonForCausalLM
         from megatrain.parallel.checkpointing import apply_checkpointing, policy_from_config
         torch.manual_seed(0)
-        model = MegaForCausalLM(cfg)
+        if a.worker == "megalodon":
+            cfg = megalodon_config(cfg)
+            model = MegalodonForCausalLM(cfg)
+        else:
+            model = MegaForCausalLM(cfg)
         # what the trainer applies for model.gradient_checkpointing (train.offload_activations: per row, below)
         apply_checkpointing(model, policy_from_config(cfg.gradient_checkpointing))
-        extra["op_backends"] = op_backends(cfg.kernel_backend, dev, cfg.attention_activation,
+        extra["op_backends"] = op_backends(cfg.kernel_backend, dev, getattr(cfg, "attention_activation", "softmax"),
                                            cfg.attention_probs_dropout_prob)
     elif a.worker == "hf":
         from transformers.models.deprecated.mega.modeling_mega import MegaForCausalLM as HFMega
@@ -220,13 +241,13 @@ def worker(a) -> list:
     applied_offload = [False]
 
     def set_offload(offload: bool) -> None:  # what train.offload_activations applies (parallel/checkpointing.py)
-        if a.worker == "megatrain" and offload != applied_offload[0]:
+        if a.worker in ("megatrain", "megalodon") and offload != applied_offload[0]:
             apply_checkpointing(model, policy_from_config(cfg.gradient_checkpointing, offload))
             applied_offload[0] = offload
 
     def step(ids, offload):
         with sdpa():
-            if a.worker == "megatrain":
+            if a.worker in ("megatrain", "megalodon"):
                 set_offload(offload)
                 out = model(ids, labels=ids, return_logits=False)
             else:
@@ -242,7 +263,7 @@ def worker(a) -> list:
         rec = {"impl": a.worker, "seq_len": L, "precision": a.precision, "params": n_params, **extra,
                "flops_per_token": flops_per_token(a.worker, cfg, n_params, L),
                "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"}
-        offload = a.offload and a.worker == "megatrain"
+        offload = a.offload and a.worker in ("megatrain", "megalodon")
         if offload:
             need, have = offload_pinned_bytes(cfg, L, dtype.itemsize), host_available_bytes()
             offload = need <= 0.8 * have

@@ -12,6 +12,7 @@
 #   model           bf16 train step at 32K/4K/128K: megatrain vs the fair Llama vs transformers MEGA
 #                   (to 32K)                                                                    -> model.json
 #   bench-ema, bench-attention, bench-lm_loss   each op: PyTorch path vs kernel, 350M shapes     -> ops.json
+#   bench-megalodon Megalodon's complex EMA + timestep norm: PyTorch vs our kernels, 1.3B shapes -> ops.json
 #   ops-tests       the CUDA op tests that matter (~6 FlexAttention compiles), compiled kernels vs references
 #   longest         doubling L until OOM or a timed step over the cap: megatrain (offload where host RAM
 #                   holds it) vs the Llama                                                      -> longest.json
@@ -92,7 +93,7 @@ stage() {  # stage NAME LIMIT command...: within its limit and the call's budget
     echo "{\"stage\": \"$name\", \"exit\": $rc, \"seconds\": $((SECONDS - t0)), \"limit\": $limit, \"commit\": \"$CHECK_COMMIT\"}" \
         >>"$OUT/stages.json"
 }
-want() { [[ " ${STAGES:-pretrain model bench-ema bench-attention bench-lm_loss ops-tests longest} " == *" $1 "* ]]; }
+want() { [[ " ${STAGES:-pretrain model bench-ema bench-megalodon bench-attention bench-lm_loss ops-tests longest} " == *" $1 "* ]]; }
 
 { echo "check.sh commit $CHECK_COMMIT dry_run=$DRY budget=${BUDGET}s"
   ((DRY)) || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -121,33 +122,39 @@ want model && stage model 130 python3 bench/gpu/bench_train_gpu.py "${M[@]}" --o
 
 # 3. each op bench on its own (JSON lines to ops.json as they are measured)
 E=(); A=(--lengths 32768); L=(); EENV=()  # attention: the 32K goal's shapes only (3 compiles)
+MO=(--seq-lens 32768 --repeats 5)  # Megalodon's complex EMA + timestep norm, 1.3B shapes
 if ((DRY)); then
     E=(--seq-lens 64 --dim 8 --ndim 2 --repeats 1); EENV=(TRITON_INTERPRET=1)
+    MO=(--seq-lens 32 --dim 8 --ndim 2 --groups 2 --repeats 1 --doc-len 8)
     A=(--config configs/tiny.yaml --lengths 32 --warmup 1 --repeat 1)
     L=(--config configs/tiny.yaml --tokens 128 --exact-tokens 32 --warmup 1 --repeat 1)
 fi
 want bench-ema && stage bench-ema 20 env BENCH_ROWS="$OUT/ops.json" "${EENV[@]}" python3 bench/gpu/bench_ema.py "${E[@]}"
+want bench-megalodon && stage bench-megalodon 15 env BENCH_ROWS="$OUT/ops.json" \
+    python3 bench/gpu/bench_megalodon_ops.py "${MO[@]}"
 want bench-attention && stage bench-attention 75 env BENCH_ROWS="$OUT/ops.json" python3 bench/gpu/bench_attention.py "${A[@]}"
 want bench-lm_loss && stage bench-lm_loss 15 env BENCH_ROWS="$OUT/ops.json" python3 bench/gpu/bench_lm_loss.py "${L[@]}"
 
 # 4. the CUDA op tests that matter: FlexAttention fp32 causal (plain, documents, left padding) with every gradient,
 # bf16 error (plain, left padding), the whole model on the kernels -- 6 compiled variants; the EMA kernel and the
-# Liger loss against their references. (Dry run: the attention selection on CPU, the others collected only.)
+# Liger loss against their references; Megalodon's complex EMA and timestep-norm kernels against theirs (fp64).
+# (Dry run: the attention selection on CPU, the others collected only.)
 ATTN_K="(fp32_forward and triton-rotary and (True-none or True-docs or True-left_padding)) or (bf16_error and (True-none or True-left_padding)) or model_flex_backend_equals_torch_backend[True]"
 if want ops-tests; then
     if ((DRY)); then
         stage ops-tests 140 bash -c "python3 -m pytest -q -p no:cacheprovider tests/ops/test_attention_ops.py -k '$ATTN_K' &&
-            python3 -m pytest -q -p no:cacheprovider --collect-only tests/ops/test_ema_ops.py tests/ops/test_lm_loss.py"
+            python3 -m pytest -q -p no:cacheprovider --collect-only tests/ops/test_ema_ops.py tests/ops/test_lm_loss.py \
+            tests/ops/test_cema_ops.py tests/ops/test_tsn_ops.py"
     else
         stage ops-tests 140 env MEGATRAIN_TEST_DEVICE=cuda python3 -m pytest -q -rfEs --durations=8 -p no:cacheprovider \
-            -k "$ATTN_K or test_lm_loss or test_ema_ops" tests/ops/test_attention_ops.py tests/ops/test_lm_loss.py \
-            tests/ops/test_ema_ops.py
+            -k "$ATTN_K or test_lm_loss or test_ema_ops or test_matches_reference_fp64" tests/ops/test_attention_ops.py \
+            tests/ops/test_lm_loss.py tests/ops/test_ema_ops.py tests/ops/test_cema_ops.py tests/ops/test_tsn_ops.py
     fi
 fi
 
 # 5. the longest trainable context (doubling; stops at OOM or a timed step over the cap)
 G=(--time-cap 30 --start-length 262144)  # (128K: measured by the model stage)
 ((DRY)) && G=(--device cpu --tiny --start-length 128 --max-length 256 --time-cap 600)
-want longest && stage longest 60 python3 bench/gpu/bench_train_gpu.py --longest --impls megatrain,llama --offload \
+want longest && stage longest 45 python3 bench/gpu/bench_train_gpu.py --longest --impls megatrain,llama --offload \
     "${G[@]}" --out "$OUT/longest.json"
 exit 0

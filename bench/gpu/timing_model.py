@@ -19,8 +19,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # of the ops tests); on this CPU the forward alone measured 94 s on a loaded machine (tests/ops/test_flex_compiled.py)
 COMPILE_S = 20
 # seconds of each stage's work besides compiling, on one H200 (estimates; bench/gpu/README.md says what each holds)
-OTHER_S = {"pretrain": 50, "model": 70, "bench-ema": 20, "bench-attention": 15, "bench-lm_loss": 15,
-           "ops-tests": 20, "longest": 20}
+OTHER_S = {"pretrain": 50, "model": 70, "bench-ema": 20, "bench-megalodon": 15, "bench-attention": 15,
+           "bench-lm_loss": 15, "ops-tests": 20, "longest": 5}
 # compiles a CPU dry run cannot count: there the model's attention is the PyTorch path (kernel_backend auto), and
 # FlexAttention under gradient checkpointing fails on CPU (xfail in tests/ops/test_flex_compiled.py). On CUDA: one
 # variant per (sequence length, mask kind) and process -- the no-recompile test shows one graph per fixed length.

@@ -2,14 +2,17 @@
 
     from megatrain.export import export, ExportError
     info = export("runs/x", "hf_out", tokenizer=None, do_verify=True)   # CLI: launch/export_hf.py
+    info = export("runs/x", "hf_out", native=True)     # MEGA only: a folder for transformers 4.57's own classes
 Tests: PYTHONPATH=. python -m pytest -q tests/export/test_export.py
 
 The steps, one file each: the checkpoint as a plain model (load.py), the model files and remote code
 (megatrain.hf.remote_code.save_remote), the tokenizer, the model card (card.py), --verify (verify.py), the Hub
-(check_hub / push, below). The folder: config.json (model_type mega, architectures, auto_map), model.safetensors
-(transformers' names), generation_config.json, the tokenizer (tokenizer.model + tokenizer.json ...), README.md
-(model card) and the remote code (megatrain/hf/remote_code.py). Every input is checked before any work (ExportError: one line);
-everything is written into a temporary sibling folder, verified if asked, and renamed to OUT at the end.
+(check_hub / push, below). The folder: config.json (model_type mega or megalodon, architectures, auto_map),
+model.safetensors (the key map's names), generation_config.json, the tokenizer (tokenizer.model + tokenizer.json
+...), README.md (model card) and the run's family's remote code (megatrain/hf/remote_code.py). `native`: config.json
++ weights for transformers' own classes, no remote code -- only where those classes compute the model (MEGA in
+4.57; never Megalodon, which transformers does not have). Every input is checked before any work (ExportError: one
+line); everything is written into a temporary sibling folder, verified if asked, and renamed to OUT at the end.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from megatrain.data.tokenizer import load_tokenizer, save_hf_tokenizer, tokenize
 from megatrain.export.card import model_card
 from megatrain.export.load import load_model
 from megatrain.export.verify import specials_in_text, verify
+from megatrain.hf.format import FORMATS, save_hf
 from megatrain.hf.remote_code import DTYPES, save_remote
 from megatrain.io import replace_folder
 from megatrain.train.checkpoint import LATEST, read_latest
@@ -49,6 +53,7 @@ class ExportCheckFailed(ExportError):
 class Checkpoint:
     tag_dir: str      # the checkpoint tag folder (config.yaml, DeepSpeed files)
     run_dir: str      # the run folder (metrics.jsonl, config.yaml), "" if unknown
+    cfg: object = None  # its run config (config.yaml)
 
 
 def resolve_checkpoint(path: str) -> Checkpoint:
@@ -79,7 +84,7 @@ def resolve_checkpoint(path: str) -> Checkpoint:
                           "missing); export a complete one")
     ckpt_dir = os.path.dirname(path)
     run_dir = os.path.dirname(ckpt_dir) if os.path.basename(ckpt_dir) == "checkpoints" else ""
-    return Checkpoint(path, run_dir)
+    return Checkpoint(path, run_dir, cfg)
 
 
 def find_tokenizer(cfg, run_dir: str) -> Optional[str]:
@@ -126,9 +131,22 @@ def check_out(out: str, overwrite: bool) -> None:
         raise ExportError(f"OUT {out}: parent folder {parent} does not exist")
 
 
-def write_folder(model, cfg, ckpt: Checkpoint, tmp: str, tok_dir: Optional[str], dtype: str) -> dict:
+def check_native(cfg, native: bool) -> None:
+    """--native needs transformers' own classes to compute this run's model (the family's native_problem)."""
+    why = FORMATS[cfg.model.model_type].native_problem(cfg.model) if native else None
+    if why:
+        raise ExportError(f"--native: {why}; export without --native (the remote-code folder, "
+                          "trust_remote_code=True)")
+
+
+def write_folder(model, cfg, ckpt: Checkpoint, tmp: str, tok_dir: Optional[str], dtype: str,
+                 native: bool = False) -> dict:
     task = "causal" if model.config.is_decoder else "masked"
-    why = save_remote(model, tmp, dtype)
+    if native:
+        save_hf(model if dtype == "fp32" else model.to(DTYPES[dtype]), tmp, native=True)
+        why = None
+    else:
+        why = save_remote(model, tmp, dtype)
     if tok_dir:
         for name in TOKENIZER_FILES:
             if os.path.isfile(os.path.join(tok_dir, name)):
@@ -137,8 +155,9 @@ def write_folder(model, cfg, ckpt: Checkpoint, tmp: str, tok_dir: Optional[str],
             # a bare sentencepiece model: add HF files; a masked LM: files that map a spelled "<mask>" to its id
             save_hf_tokenizer(tmp, specials_in_text(task))
     with open(os.path.join(tmp, "README.md"), "w") as f:
-        f.write(model_card(cfg, ckpt.tag_dir, ckpt.run_dir, task, why, dtype))
-    return {"task": task, "native": why is None, "why_not_native": why}
+        f.write(model_card(cfg, ckpt.tag_dir, ckpt.run_dir, task, why, dtype, native=native))
+    return {"task": task, "family": cfg.model.model_type, "native": why is None, "why_not_native": why,
+            "remote_code": not native}
 
 
 def check_hub(repo: str) -> None:
@@ -163,19 +182,20 @@ def push(out: str, repo: str, private: bool) -> str:
 
 def export(checkpoint: str, out: str, tokenizer: Optional[str] = None, no_tokenizer: bool = False,
            overwrite: bool = False, dtype: str = "fp32", do_verify: bool = False,
-           push_to_hub: Optional[str] = None, private: bool = False) -> dict:
+           push_to_hub: Optional[str] = None, private: bool = False, native: bool = False) -> dict:
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
     out = os.path.abspath(out)
     check_out(out, overwrite)
     ckpt = resolve_checkpoint(checkpoint)
+    check_native(ckpt.cfg, native)
     if push_to_hub:
         check_hub(push_to_hub)
     try:
         model, cfg = load_model(ckpt.tag_dir)
     except (ValueError, FileNotFoundError) as e:
         raise ExportError(f"CHECKPOINT {e}") from None  # the message names the folder
-    tok_dir = None
+    tok_dir = run_tok = None
     if not no_tokenizer:
         run_tok = find_tokenizer(cfg, ckpt.run_dir)
         tok_dir = tokenizer or run_tok
@@ -185,11 +205,11 @@ def export(checkpoint: str, out: str, tokenizer: Optional[str] = None, no_tokeni
         check_tokenizer(tok_dir, model.config.vocab_size)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
     try:
-        info = write_folder(model, cfg, ckpt, tmp, tok_dir, dtype)
+        info = write_folder(model, cfg, ckpt, tmp, tok_dir, dtype, native)
         if do_verify:
             # the ids must be the run's: a --tokenizer other than the one the run was trained with is a mismatch
             ref_tok = run_tok if run_tok and os.path.isfile(os.path.join(run_tok, "tokenizer.model")) else tok_dir
-            problems = verify(tmp, model, ref_tok if tok_dir else None, dtype)
+            problems = verify(tmp, model, ref_tok if tok_dir else None, dtype, remote_code=not native)
             if problems:
                 raise ExportCheckFailed(f"--verify failed: {problems[0]}" + (f" (+{len(problems) - 1} more)"
                                                                         if len(problems) > 1 else ""))

@@ -1,8 +1,10 @@
 """--verify: reload an export with transformers and compare its logits and tokenizer ids with the run's.
 
     from megatrain.export.verify import verify
-    problems = verify("hf_out", model, tok_dir)      # [] = logits within 1e-5 and the same tokenizer ids
-                                                     # (a masked LM's folder: "<mask>" in text is its id)
+    problems = verify("hf_out", model, tok_dir)      # [] = logits within 1e-5, a causal LM's greedy generate
+                                                     # (with the cache) megatrain.generate's, the same tokenizer
+                                                     # ids (a masked LM's folder: "<mask>" in text is its id)
+    problems = verify("hf_out", model, tok_dir, remote_code=False)   # a --native folder: transformers' own classes
 Tests: PYTHONPATH=. python -m pytest -q tests/export/test_export.py
 """
 from __future__ import annotations
@@ -27,10 +29,17 @@ def specials_in_text(task: str) -> bool:
     return task == "masked"
 
 
-def verify(out: str, model, tok_dir: Optional[str], dtype: str = "fp32", tol: float = 1e-5) -> list[str]:
-    """Reload `out` with transformers here (remote code; natively too where 4.x has MEGA and the config allows)
-    and compare with megatrain's forward; the folder's AutoTokenizer ids with those of the sentencepiece model in
-    `tok_dir` (the run's tokenizer) on PROBES. Returns the problems."""
+# new tokens of --verify's greedy generate (from a prompt that ends inside the second chunk: the cache carries the
+# states and the current chunk's keys/values over a chunk boundary)
+NEW_TOKENS = 8
+
+
+def verify(out: str, model, tok_dir: Optional[str], dtype: str = "fp32", tol: float = 1e-5,
+           remote_code: bool = True) -> list[str]:
+    """Reload `out` with transformers here (remote code; natively too where 4.x has MEGA and the config allows;
+    remote_code=False: natively only) and compare with megatrain's forward (and a causal LM's greedy generate, remote
+    code); the folder's AutoTokenizer ids with those of the sentencepiece model in `tok_dir` (the run's tokenizer)
+    on PROBES. Returns the problems."""
     import transformers
     transformers.logging.set_verbosity_error()  # its notes about native MEGA classes are not results
     task = "causal" if model.config.is_decoder else "masked"
@@ -42,7 +51,7 @@ def verify(out: str, model, tok_dir: Optional[str], dtype: str = "fp32", tol: fl
     with torch.no_grad():
         want = ref(x).logits
     problems = []
-    loads = [("remote code", dict(trust_remote_code=True))]
+    loads = [("remote code", dict(trust_remote_code=True))] if remote_code else []
     with open(os.path.join(out, "config.json")) as f:
         if json.load(f)["model_type"] == "mega" and hasattr(transformers, "MegaConfig"):
             loads.append(("native", {}))
@@ -58,6 +67,11 @@ def verify(out: str, model, tok_dir: Optional[str], dtype: str = "fp32", tol: fl
         diff = (got - ref_n).abs().max().item()
         if not diff <= tol:
             problems.append(f"{name} logits differ from megatrain's by {diff:.3g} (> {tol})")
+        if name == "remote code" and task == "causal":
+            problems += _check_generate(hf, ref, x[:1, :(model.config.chunk_size + 3 if model.config.use_chunking
+                                                         else 11)])
+    if not loads:
+        problems.append("nothing loaded the folder (no remote code, and this transformers has no native class)")
     if tok_dir:
         from megatrain.data.tokenizer import hf_encode, load_tokenizer
         sp = load_tokenizer(tok_dir)
@@ -76,3 +90,19 @@ def verify(out: str, model, tok_dir: Optional[str], dtype: str = "fp32", tol: fl
                                     f"{b[:8]}...")
                     break
     return problems
+
+
+def _check_generate(hf, ref, prompt: torch.Tensor) -> list[str]:
+    """transformers' greedy generate (its cache) against megatrain.generate on one prompt, up to the end token."""
+    from megatrain.model.generate import generate
+    eos = ref.config.eos_token_id
+    with torch.no_grad():
+        got = hf.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False,
+                          attention_mask=torch.ones_like(prompt))[0].tolist()
+        want = generate(ref, prompt, max_new_tokens=NEW_TOKENS, eos_token_id=eos)[0].tolist()
+    if eos in want[prompt.shape[1]:]:  # transformers stops at the end token (megatrain pads after it)
+        want = want[:want.index(eos, prompt.shape[1]) + 1]
+    if got != want:
+        return [f"remote code greedy generate differs from megatrain.generate: {got[prompt.shape[1]:]} vs "
+                f"{want[prompt.shape[1]:]}"]
+    return []

@@ -7,9 +7,9 @@ Tests: PYTHONPATH=. python -m pytest -q tests/export/test_export.py -k init_from
 """
 from __future__ import annotations
 
-from megatrain.hf.format import (_read_state_dict, _task_of, hf_to_megatrain_state_dict, load_checked,
-                                 read_hf_config, task_of_config)
-from megatrain.model.config import MegaConfig
+from megatrain.hf.format import _read_state_dict, _task_of, load_checked, read_hf_config, task_of_config
+from megatrain.hf.mega import hf_to_megatrain_state_dict
+from megatrain.model.mega.config import MegaConfig
 
 
 # the fields a weight folder must agree on with a run to continue its pretraining (model.init_from)
@@ -28,6 +28,9 @@ def check_init_from(path: str, run_model: MegaConfig, key: str = "model.init_fro
         theirs, d = read_hf_config(path)
     except ValueError as e:
         raise ValueError(f"{key}={path}: {e}") from None
+    if theirs.model_type != run_model.model_type:
+        raise ValueError(f"{key}={path}: a {theirs.model_type} folder (config.json model_type "
+                         f"{d.get('model_type')!r}) cannot start a run of model.model_type={run_model.model_type}")
     for name in ARCHITECTURE_FIELDS:
         a, b = getattr(theirs, name), getattr(run_model, name)
         if a != b:

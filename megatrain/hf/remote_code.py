@@ -1,9 +1,13 @@
 """Ship megatrain's own model code with an export: the import closure, flattened, with relative imports.
 
-    from megatrain.hf.remote_code import write_remote_code
-    files = write_remote_code("hf_out/")     # configuration_mega.py, modeling_mega.py + megatrain_model_mega.py ...
+    from megatrain.hf.remote_code import save_remote, write_remote_code
+    why_not_native = save_remote(model, "hf_out/")    # weights, config.json + auto_map, the model's family's code
+    files = write_remote_code("hf_out/", "megalodon")  # configuration_megalodon.py, modeling_megalodon.py + ...
 Tests: PYTHONPATH=. python -m pytest -q tests/hf/test_remote_code.py
 
+Each family ships its own closure (SHIPPED[family], an explicit list the closure test keeps equal to what its
+wrapper modules import): its model code and what the families share (model/lm.py, the attention and loss ops, the
+shared wrapper mechanics hf/remote/wrapper.py, the key map hf/keymap.py), never the other family's model.
 transformers' remote-code loader imports a folder's files as one flat package and follows only relative imports
 (`from .name import x`) between files of that folder. So, starting from the wrapper modules
 (megatrain.hf.remote/), every megatrain module they import (found with `ast`, at any depth: lazy imports
@@ -32,29 +36,29 @@ from typing import Optional
 
 import torch
 
-from megatrain.hf.format import native_problem, save_hf
+from megatrain.hf.format import FORMATS, save_hf
 
 PACKAGE = "megatrain"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # holds megatrain/
-# the wrapper modules and their file names in the export (auto_map refers to these)
-ROOTS = {"megatrain.hf.remote.configuration_mega": "configuration_mega",
-         "megatrain.hf.remote.modeling_mega": "modeling_mega"}
-# the megatrain modules an export ships (see the module docstring): the roots and everything they import
-SHIPPED = (
-    "megatrain.hf.format",
-    "megatrain.hf.remote.configuration_mega",
-    "megatrain.hf.remote.modeling_mega",
-    "megatrain.model.attention",
-    "megatrain.model.blocks",
-    "megatrain.model.config",
+# per family: the wrapper modules and their file names in the export (auto_map refers to these)
+ROOTS = {
+    "mega": {"megatrain.hf.remote.configuration_mega": "configuration_mega",
+             "megatrain.hf.remote.modeling_mega": "modeling_mega"},
+    "megalodon": {"megatrain.hf.remote.configuration_megalodon": "configuration_megalodon",
+                  "megatrain.hf.remote.modeling_megalodon": "modeling_megalodon"},
+}
+# per family: the megatrain modules an export ships (see the module docstring): the roots and everything they
+# import -- each family's own model code, what the families share, never the other family
+_SHARED = (
+    "megatrain.hf.keymap",
+    "megatrain.hf.remote.wrapper",
+    "megatrain.model.boundary",
     "megatrain.model.context",
-    "megatrain.model.ema",
-    "megatrain.model.heads",
-    "megatrain.model.backbone",
     "megatrain.model.layers",
     "megatrain.model.lm",
     "megatrain.model.pieces",
     "megatrain.model.segments",
+    "megatrain.model.settings",
     "megatrain.ops.attention",
     "megatrain.ops.attention.activations",
     "megatrain.ops.attention.flex_path",
@@ -74,6 +78,41 @@ SHIPPED = (
     "megatrain.ops.lm_loss.reference",
     "megatrain.parallel.checkpointing",  # gradient_checkpointing_enable(): imports only torch and model/
 )
+SHIPPED = {
+    "mega": tuple(sorted(_SHARED + (
+        "megatrain.hf.mega",
+        "megatrain.hf.remote.configuration_mega",
+        "megatrain.hf.remote.modeling_mega",
+        "megatrain.model.mega.attention",
+        "megatrain.model.mega.backbone",
+        "megatrain.model.mega.blocks",
+        "megatrain.model.mega.config",
+        "megatrain.model.mega.ema",
+        "megatrain.model.mega.heads",
+        "megatrain.model.mega.lm",
+    ))),
+    "megalodon": tuple(sorted(_SHARED + (
+        "megatrain.hf.megalodon",
+        "megatrain.hf.remote.configuration_megalodon",
+        "megatrain.hf.remote.modeling_megalodon",
+        "megatrain.model.mega.config",  # HF_GENERIC_KEYS: the transformers config keys both families ignore
+        "megatrain.model.megalodon.attention",
+        "megatrain.model.megalodon.backbone",
+        "megatrain.model.megalodon.cema",
+        "megatrain.model.megalodon.config",
+        "megatrain.model.megalodon.lm",
+        "megatrain.model.megalodon.norms",
+        "megatrain.ops.cema",
+        "megatrain.ops.cema.reference",
+        "megatrain.ops.cema.triton_kernel",
+        "megatrain.ops.tsn",
+        "megatrain.ops.tsn.reference",
+        "megatrain.ops.tsn.stats",
+        "megatrain.ops.tsn.torch_blocked",
+        "megatrain.ops.tsn.triton_kernel",
+    ))),
+}
+FAMILIES = tuple(SHIPPED)
 # packages any transformers environment has: imported as they are
 REQUIRED = {"torch", "transformers", "numpy", "safetensors", "huggingface_hub", "tokenizers"}
 HEADER = "# Copied from megatrain ({src}) by megatrain/hf/remote_code.py: do not edit, re-export instead.\n"
@@ -96,7 +135,10 @@ def module_file(name: str) -> Optional[str]:
 
 
 def flat_name(name: str) -> str:
-    return ROOTS.get(name) or name.replace(".", "_")
+    for roots in ROOTS.values():
+        if name in roots:
+            return roots[name]
+    return name.replace(".", "_")
 
 
 def _is_package(name: str) -> bool:
@@ -217,31 +259,32 @@ def _guarded(ind: str, stmt: str) -> list[str]:
             body + "\n", f"{ind}except ImportError:\n", f"{ind}    raise\n"]
 
 
-def closure(shipped=SHIPPED) -> dict[str, str]:
-    """{megatrain module name: rewritten source} for every shipped module; RemoteCodeError if one imports a
-    megatrain module that is not shipped, or a root is missing."""
-    shipped = set(shipped)
-    missing = sorted(set(ROOTS) - shipped)
+def closure(family: str = "mega", shipped=None) -> dict[str, str]:
+    """{megatrain module name: rewritten source} for every module `family` ships (`shipped`: instead of
+    SHIPPED[family]); RemoteCodeError if one imports a megatrain module that is not shipped, or a root is missing."""
+    roots = ROOTS[family]
+    shipped = set(SHIPPED[family] if shipped is None else shipped)
+    missing = sorted(set(roots) - shipped)
     if missing:
-        raise RemoteCodeError(f"{missing[0]} is a remote-code root but not in SHIPPED ({__name__})")
+        raise RemoteCodeError(f"{missing[0]} is a remote-code root but not in SHIPPED[{family!r}] ({__name__})")
     out: dict[str, str] = {}
     for name in sorted(shipped):
         path = module_file(name)
         if path is None:
-            raise RemoteCodeError(f"SHIPPED names {name!r}, which is no megatrain module ({__name__})")
+            raise RemoteCodeError(f"SHIPPED[{family!r}] names {name!r}, which is no megatrain module ({__name__})")
         with open(path, encoding="utf-8") as f:
             out[name], deps = _rewrite(name, f.read())
         extra = sorted(deps - shipped)
         if extra:
-            raise RemoteCodeError(f"{os.path.relpath(path, ROOT)} imports {extra[0]}, which an export does not ship: "
-                                  f"add it to SHIPPED in megatrain/hf/remote_code.py if the model needs it, or drop "
-                                  "the import")
+            raise RemoteCodeError(f"{os.path.relpath(path, ROOT)} imports {extra[0]}, which a {family} export does not "
+                                  f"ship: add it to SHIPPED[{family!r}] in megatrain/hf/remote_code.py if the model "
+                                  "needs it, or drop the import")
     flat: dict[str, str] = {}
     for name in out:
         if flat_name(name) in flat:
             raise RemoteCodeError(f"{name} and {flat[flat_name(name)]} both flatten to {flat_name(name)}.py")
         flat[flat_name(name)] = name
-    for root in ROOTS:
+    for root in roots:
         # transformers copies a local folder's files only as far as the loaded file's *direct* relative imports
         # reach: each root names the whole closure
         others = sorted(flat_name(n) for n in out if n != root)
@@ -249,10 +292,11 @@ def closure(shipped=SHIPPED) -> dict[str, str]:
     return out
 
 
-def imported_closure(roots=tuple(ROOTS)) -> set[str]:
-    """The megatrain modules the roots import, followed through the import graph (what SHIPPED must equal)."""
+def imported_closure(family: str = "mega") -> set[str]:
+    """The megatrain modules the family's roots import, followed through the import graph (what SHIPPED[family]
+    must equal)."""
     seen: set[str] = set()
-    todo = list(roots)
+    todo = list(ROOTS[family])
     while todo:
         name = todo.pop()
         if name in seen:
@@ -263,10 +307,10 @@ def imported_closure(roots=tuple(ROOTS)) -> set[str]:
     return seen
 
 
-def write_remote_code(out_dir: str) -> list[str]:
-    """Write the flattened closure into out_dir; returns the file names written."""
+def write_remote_code(out_dir: str, family: str = "mega") -> list[str]:
+    """Write the family's flattened closure into out_dir; returns the file names written."""
     files = []
-    for name, src in sorted(closure().items()):
+    for name, src in sorted(closure(family).items()):
         fname = flat_name(name) + ".py"
         with open(os.path.join(out_dir, fname), "w", encoding="utf-8") as f:
             f.write(src)
@@ -274,10 +318,15 @@ def write_remote_code(out_dir: str) -> list[str]:
     return files
 
 
-def auto_map(config_class: str = "MegaConfig") -> dict:
-    from megatrain.hf.remote.modeling_mega import AUTO_CLASSES
-    m = {"AutoConfig": f"{ROOTS['megatrain.hf.remote.configuration_mega']}.{config_class}"}
-    m.update({auto: f"{ROOTS['megatrain.hf.remote.modeling_mega']}.{cls}" for auto, cls in AUTO_CLASSES.items()})
+def auto_map(family: str = "mega", model_type: Optional[str] = None) -> dict:
+    """The auto_map of a `family` export whose config.json says `model_type` (default: the family's name): the
+    configuration class of that model_type, every Auto class the modeling module offers."""
+    import importlib
+    conf, modeling = ROOTS[family]
+    config_classes = importlib.import_module(conf).CONFIG_CLASSES
+    m = {"AutoConfig": f"{ROOTS[family][conf]}.{config_classes[model_type or family]}"}
+    m.update({auto: f"{ROOTS[family][modeling]}.{cls}"
+              for auto, cls in importlib.import_module(modeling).AUTO_CLASSES.items()})
     return m
 
 
@@ -285,15 +334,17 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def save_remote(model, out_dir: str, dtype: str = "fp32") -> Optional[str]:
-    """A model as a remote-code folder: config.json (+ auto_map, dtype), model.safetensors, generation_config.json
-    and the shipped code. Returns why transformers 4.x must not load it natively (None: it may)."""
-    why = native_problem(model.config)
+    """A model (any family) as a remote-code folder: config.json (+ auto_map, dtype), model.safetensors,
+    generation_config.json and the family's shipped code. Returns why transformers' own classes must not load it
+    (None: transformers 4.57's MEGA may)."""
+    family = model.config.model_type
+    why = FORMATS[family].native_problem(model.config)
     if dtype != "fp32":
         model = model.to(DTYPES[dtype])
     save_hf(model, out_dir, native=False)
     with open(os.path.join(out_dir, "config.json")) as f:
         d = json.load(f)
-    d["auto_map"] = auto_map("MegatrainMegaConfig" if why else "MegaConfig")
+    d["auto_map"] = auto_map(family, d["model_type"])
     d["torch_dtype"] = d["dtype"] = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(d, f, indent=2, sort_keys=True)
@@ -302,5 +353,5 @@ def save_remote(model, out_dir: str, dtype: str = "fp32") -> Optional[str]:
            "_from_model_config": True}
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
         json.dump(gen, f, indent=2, sort_keys=True)
-    write_remote_code(out_dir)
+    write_remote_code(out_dir, family)
     return why

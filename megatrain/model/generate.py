@@ -1,4 +1,5 @@
-"""Incremental decoding for MegaForCausalLM: the EMA state and the current chunk's keys/values are carried.
+"""Incremental decoding for any family's causal LM: its cache carries the per-layer states (MEGA: EMA state;
+Megalodon: timestep-norm statistics and complex EMA state) and the current chunk's keys/values.
 
 Use:
     import megatrain
@@ -20,12 +21,13 @@ from typing import Optional
 
 import torch
 
-from megatrain.model.lm import MegaForCausalLM
+from megatrain.model.lm import LanguageModel
 
 
 def _check_args(model, input_ids, max_new_tokens, temperature, top_k, top_p, attention_mask):
-    if not isinstance(model, MegaForCausalLM):
-        raise ValueError(f"generate needs a MegaForCausalLM, got {type(model).__name__}")
+    if not isinstance(model, LanguageModel) or not model.causal:
+        raise ValueError(f"generate needs a causal language model (MegaForCausalLM, MegalodonForCausalLM), got "
+                         f"{type(model).__name__}")
     if model.config.truncation is not None:
         raise ValueError(f"generate: config.truncation={model.config.truncation} has no finite EMA state to carry")
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -66,7 +68,7 @@ def _filter_logits(logits: torch.Tensor, top_k: Optional[int], top_p: Optional[f
 
 @torch.no_grad()
 def generate(
-    model: MegaForCausalLM,
+    model: LanguageModel,
     input_ids: torch.Tensor,
     max_new_tokens: int,
     do_sample: bool = False,

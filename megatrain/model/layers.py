@@ -1,4 +1,4 @@
-"""Small MEGA building blocks: activations, (feature) dropout, the five sequence norms.
+"""Small building blocks: activations, (feature) dropout, MEGA's five sequence norms (shared by the families).
 
 Use:
     act = activation("gelu_accurate"); drop = Dropout(0.1, featurewise=True); norm = make_norm(config)
@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatrain.model.config import MegaConfig
 from megatrain.ops.attention.activations import laplace, relu2
 
 
@@ -76,9 +75,9 @@ class Dropout(nn.Module):
         return f"p={self.p}, featurewise={self.featurewise}"
 
 
-def _rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    # statistics in fp32 also for bf16/fp16 activations (a no-op cast for fp32)
-    xf = x.float()
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    # statistics in fp32 also for bf16/fp16 activations (a no-op cast for fp32; fp64 stays fp64)
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     return (xf * torch.rsqrt(torch.mean(torch.square(xf), dim=-1, keepdim=True) + eps)).to(x.dtype)
 
 
@@ -91,7 +90,7 @@ class ScaleNorm(nn.Module):
         self.scalar = nn.Parameter(torch.ones(1)) if affine else None
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        y = _rms_normalize(x, self.eps)
+        y = rms_normalize(x, self.eps)
         return y * self.scalar if self.scalar is not None else y
 
 
@@ -106,7 +105,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not self.hf_noop:
-            x = _rms_normalize(x, self.eps)
+            x = rms_normalize(x, self.eps)
         return x * self.weight if self.weight is not None else x
 
     def extra_repr(self) -> str:
@@ -169,7 +168,7 @@ class BatchNorm(nn.Module):
         self.num_batches_tracked.add_(1)
 
 
-def make_norm(config: MegaConfig) -> nn.Module:
+def make_norm(config) -> nn.Module:
     """The norm named by config.normalization_type, eps=1e-5 for all (as transformers' MegaSequenceNorm)."""
     dim, affine, kind = config.hidden_size, config.norm_affine, config.normalization_type
     if kind == "scalenorm":

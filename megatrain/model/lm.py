@@ -1,9 +1,7 @@
-"""The MEGA language models: backbone + vocabulary head + loss, causal or masked (pure PyTorch).
+"""The language model contract every family answers: vocabulary head + loss over a backbone (pure PyTorch).
 
-Use:
-    from megatrain.model import MegaConfig, MegaForCausalLM, build_model
-    model = MegaForCausalLM(MegaConfig(vocab_size=256, hidden_size=64, is_decoder=True, bidirectional=False,
-                                       use_chunking=True, chunk_size=128))
+Use (any family's LM: megatrain/model/mega/lm.py, megatrain/model/megalodon/lm.py; build one with
+megatrain.model.build_model(config), which dispatches on config.model_type):
     out = model(input_ids, attention_mask=None, token_type_ids=None, labels=None, doc_ids=None,
                 ema_boundary=None, labels_shifted=False, loss_reduction="mean")
     out.logits [B, L, V]; out.loss; out.num_loss_tokens
@@ -13,21 +11,24 @@ Use:
     out = model(input_ids=x, labels=y, loss_reduction="none", return_logits=False)  # out.loss [B, L] fp32: each
                                         # token's loss (0 where the label is -100), LOSS_BLOCK_TOKENS at a time
     out = model(input_ids=x, logits_at=torch.tensor([5, 9]))  # out.logits [B, 2, V]: only those positions' logits
-    model = build_model(config)                                   # causal if config.is_decoder, else masked
-Tests: PYTHONPATH=. python -m pytest -q tests/model/test_mega.py
-The backbone (embeddings + layers): megatrain/model/backbone.py; the downstream heads: megatrain/model/heads.py.
+    out = model(input_ids=x, cache=model.new_cache())         # incremental decoding (megatrain/model/generate.py)
+Tests: PYTHONPATH=. python -m pytest -q tests/model
+
+`LanguageModel` owns the forward contract once (label shift, the three reductions, logits_at, the fused loss) and
+`LMHead` the vocabulary projection with its loss; a family supplies its backbone (`backbone_forward`) and, if it
+has one, a per-token function before the head (`pre_head`: MEGA's dense + tanh), which the training loss runs
+inside the last layer's piece(s) so that with activation checkpointing its activations are not kept.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatrain.model.backbone import MegaCache, MegaModel, check_ids, init_weights_
-from megatrain.model.config import MegaConfig
+from megatrain.model.context import check_ids
 from megatrain.ops.lm_loss import IGNORE_INDEX, lm_head_ce_sum, lm_head_ce_tokens
 
 # positions per block of the fused LM-head loss (return_logits=False): one [block, V] buffer; at V=8K, 1024 is
@@ -36,12 +37,15 @@ LOSS_BLOCK_TOKENS = 1024
 
 
 @dataclass
-class MegaOutput:
+class LMOutput:
     logits: Optional[torch.Tensor] = None
     loss: Optional[torch.Tensor] = None
     num_loss_tokens: Optional[torch.Tensor] = None
     last_hidden_state: Optional[torch.Tensor] = None
-    cache: Optional[MegaCache] = None
+    cache: Any = None           # the family's decoding cache, filled by the forward
+
+
+MegaOutput = LMOutput           # the name MEGA's callers know
 
 
 class LMHead(nn.Linear):
@@ -56,8 +60,8 @@ class LMHead(nn.Linear):
     [V, D] weight gathered for the whole model forward and would teach the parallel code about the model's
     layout; this keeps the model free of distributed code and works for any per-module wrapper."""
 
-    def __init__(self, hidden_size: int, vocab_size: int, kernel_backend: str = "auto"):
-        super().__init__(hidden_size, vocab_size)
+    def __init__(self, hidden_size: int, vocab_size: int, kernel_backend: str = "auto", bias: bool = True):
+        super().__init__(hidden_size, vocab_size, bias=bias)
         self.kernel_backend = kernel_backend  # MegaConfig.kernel_backend: blockwise (CPU) or Liger (CUDA) loss
 
     def forward(self, h: torch.Tensor, labels: Optional[torch.Tensor] = None, per_token: bool = False,
@@ -72,40 +76,31 @@ class LMHead(nn.Linear):
         return lm_head_ce_sum(h, self.weight, self.bias, labels, block, backend=self.kernel_backend).float()
 
 
-class _MegaLM(nn.Module):
-    """Shared by the causal and masked LM: backbone, optional dense+tanh, vocabulary head (tied or not), loss."""
+class LanguageModel(nn.Module):
+    """A family's language model: `backbone_forward` + optional `pre_head` + `lm_head`, and the one forward contract
+    (see the module docstring). Subclasses set `causal`, build `self.config` and `self.lm_head` and implement
+    backbone_forward / new_cache / get_input_embeddings."""
 
     causal: bool
 
-    def __init__(self, config: MegaConfig):
-        super().__init__()
-        if config.is_decoder != self.causal:
-            raise ValueError(f"{type(self).__name__} needs config.is_decoder={self.causal}")
-        self.config = config
-        self.mega = MegaModel(config)
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size) if config.add_lm_hidden_dense_layer else None
-        self.lm_head = LMHead(config.hidden_size, config.vocab_size, config.kernel_backend)
-        self.init_weights()
+    def backbone_forward(self, input_ids, attention_mask, token_type_ids, doc_ids, ema_boundary, cache,
+                         final: Optional[Callable]) -> torch.Tensor:
+        """-> last hidden state [B, L, D], or final(it) computed inside the last layer's piece(s)."""
+        raise NotImplementedError
 
-    def init_weights(self) -> None:
-        init_weights_(self, self.config)
-        self.tie_weights()
+    def new_cache(self):
+        raise NotImplementedError
 
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.mega.embeddings.word_embeddings.weight
+    @property
+    def has_pre_head(self) -> bool:
+        return False
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.mega.embeddings.word_embeddings
-
-    def new_cache(self) -> MegaCache:
-        return self.mega.new_cache()
-
-    def _dense_tanh(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.dense(h))
+    def pre_head(self, h: torch.Tensor) -> torch.Tensor:
+        """The per-token function before the head (only called where has_pre_head)."""
+        return h
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(h if self.dense is None else self._dense_tanh(h))
+        return self.lm_head(self.pre_head(h) if self.has_pre_head else h)
 
     def forward(
         self,
@@ -117,11 +112,11 @@ class _MegaLM(nn.Module):
         ema_boundary: Optional[Callable] = None,
         labels_shifted: bool = False,
         loss_reduction: str = "mean",
-        cache: Optional[MegaCache] = None,
+        cache: Any = None,
         return_logits: bool = True,
         *,
         logits_at: Optional[torch.Tensor] = None,
-    ) -> MegaOutput:
+    ) -> LMOutput:
         """See the module docstring. `return_logits=False` (needs labels) computes the loss in blocks of
         LOSS_BLOCK_TOKENS positions with the fused head + cross-entropy of megatrain.ops.lm_loss (the gradient
         of h and the head is formed block by block during the forward): the [B, L, V] logits (and their
@@ -139,12 +134,13 @@ class _MegaLM(nn.Module):
             if logits_at.dim() != 1 or logits_at.dtype.is_floating_point:
                 raise ValueError(f"logits_at must be a 1-D integer tensor of positions, got {logits_at.dtype}"
                                  f"{list(logits_at.shape)}")
-        # the loss alone: the dense + tanh runs inside the last layer's piece(s) (per segment when segmented),
+        # the loss alone: the pre-head function (MEGA's dense + tanh) runs inside the last layer's piece(s) (per
+        # segment when segmented),
         # so its input and output are not kept for the whole sequence (2 of ~7 [L, D] tensors at a step's peak)
-        fold_dense = not return_logits and labels is not None and self.dense is not None
-        h = self.mega(input_ids, attention_mask, token_type_ids, doc_ids, ema_boundary, cache,
-                      final=self._dense_tanh if fold_dense else None)
-        out = MegaOutput(last_hidden_state=None if fold_dense else h, cache=cache)
+        fold_dense = not return_logits and labels is not None and self.has_pre_head
+        h = self.backbone_forward(input_ids, attention_mask, token_type_ids, doc_ids, ema_boundary, cache,
+                                  self.pre_head if fold_dense else None)
+        out = LMOutput(last_hidden_state=None if fold_dense else h, cache=cache)
         if logits_at is not None:
             out.logits = self._logits(h[:, logits_at.to(h.device)])
             return out
@@ -163,24 +159,10 @@ class _MegaLM(nn.Module):
             if loss_reduction == "none":
                 loss = loss.reshape(labels.shape)
         else:
-            # h is already dense + tanh (folded into the last layer's checkpoint); the head + CE is fused and
+            # h is already pre_head(h) (folded into the last layer's checkpoint); the head + CE is fused and
             # blockwise, inside the head module's forward (see LMHead: ZeRO-3 gathers the weight for it)
             loss = self.lm_head(h, labels, per_token=loss_reduction == "none")
         # mean over counted tokens; 0 (not NaN) when every label is ignored
         out.loss = loss / n.clamp(min=1) if loss_reduction == "mean" else loss
         out.num_loss_tokens = n
         return out
-
-
-class MegaForCausalLM(_MegaLM):
-    causal = True
-
-
-class MegaForMaskedLM(_MegaLM):
-    causal = False
-
-
-def build_model(config: MegaConfig) -> _MegaLM:
-    """The language model of a run: causal if ``config.is_decoder``, else masked. (In a run config the objective
-    decides ``is_decoder``: see megatrain/config.py.)"""
-    return (MegaForCausalLM if config.is_decoder else MegaForMaskedLM)(config)

@@ -70,7 +70,7 @@ from typing import Iterable, NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from megatrain.model.config import MegaConfig
+from megatrain.model.mega.config import MegaConfig
 from megatrain.ops.ema.state import DIRECTIONS, prefix, traversal
 
 __all__ = [
@@ -199,6 +199,7 @@ class _Exchange:
     def __init__(self, group, size: int):
         self.group, self.size = group, size
         self.gather = self.scatter = None          # (work, buffer) of the collective in flight
+        self.complex = False                       # a complex state, sent as real (re, im) pairs
 
     def start_gather(self, payload: torch.Tensor) -> torch.Tensor:
         work, flat = _start_gather(payload, self.group, self.size)
@@ -238,13 +239,18 @@ class _Launch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, local_state, decay, ex: _Exchange):
-        payload = torch.stack([local_state.detach(), decay.detach()]).contiguous()       # [2, B, D, N]
+        payload = torch.stack([local_state.detach(), decay.detach()])                   # [2, B, D, N]
+        ex.complex = payload.is_complex()
+        if ex.complex:          # a complex state (Megalodon's CEMA) travels as its (re, im) pairs
+            payload = torch.view_as_real(payload)
         ctx.ex = ex
-        return ex.start_gather(payload)
+        return ex.start_gather(payload.contiguous())
 
     @staticmethod
     def backward(ctx, grad_gathered):
         mine = ctx.ex.wait_scatter()
+        if ctx.ex.complex:
+            mine = torch.view_as_complex(mine)
         return mine[0], mine[1], None
 
 
@@ -282,6 +288,8 @@ class BoundaryHandle:
     def wait(self) -> torch.Tensor:
         if self._h_in is None:
             gathered = _Wait.apply(self._gathered, self._ex)                         # [P, 2, B, D, N]
+            if self._ex.complex:
+                gathered = torch.view_as_complex(gathered)
             local, decay, keep = traversal(self._direction, gathered[:, 0], gathered[:, 1], self._edges)
             # the state entering every slice (P is small); this rank's entry. Every slice's entry, so that h_in
             # depends on the gathered buffer on every rank: _Wait's backward (the reduce-scatter) runs everywhere
@@ -307,8 +315,8 @@ class EMABoundary:
         if local_state.dim() != 3 or decay.shape != local_state.shape:
             raise ValueError(f"EMA boundary expects local_state and decay of the same shape [B, D, N], got "
                              f"{tuple(local_state.shape)} and {tuple(decay.shape)}")
-        if not local_state.is_floating_point() or decay.dtype != local_state.dtype:
-            raise ValueError(f"EMA boundary expects floating local_state and decay of one dtype, got "
+        if not (local_state.is_floating_point() or local_state.is_complex()) or decay.dtype != local_state.dtype:
+            raise ValueError(f"EMA boundary expects floating (or complex) local_state and decay of one dtype, got "
                              f"{local_state.dtype} and {decay.dtype}")
         edges = self._edges
         if edges is not None:

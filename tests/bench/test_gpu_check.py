@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.join(ROOT, "bench", "gpu"))
 import bench_train_gpu  # noqa: E402
 import timing_model  # noqa: E402
 
-STAGES = ["pretrain", "model", "bench-ema", "bench-attention", "bench-lm_loss", "ops-tests", "longest"]
+STAGES = ["pretrain", "model", "bench-ema", "bench-megalodon", "bench-attention", "bench-lm_loss", "ops-tests",
+          "longest"]
 
 
 def _rows(path):
@@ -51,8 +52,9 @@ def test_dry_run_runs_every_stage_and_streams_rows(tmp_path):
     model = _rows(tmp_path / "model.json")
     assert {r["impl"] for r in model if r["status"] == "ok"} == {"megatrain", "llama", "hf"}
     assert all(r["precision"] == "bf16" for r in model)
-    assert {r["bench"] for r in _rows(tmp_path / "ops.json")} >= {"ema", "attention", "attention-exactness",
-                                                                  "lm_loss", "lm_loss-exactness"}
+    assert {r["bench"] for r in _rows(tmp_path / "ops.json")} >= {"ema", "cema", "tsn", "attention",
+                                                                  "attention-exactness", "lm_loss",
+                                                                  "lm_loss-exactness"}
     longest = _rows(tmp_path / "longest.json")
     assert {r["seq_len"] for r in longest if r["impl"] == "megatrain" and r["status"] == "ok"} == {128, 256}
     # the timing model's counts: FlexAttention traced by dynamo (MEGATRAIN_FLEX_COMPILE=eager) was counted

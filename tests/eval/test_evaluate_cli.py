@@ -1,6 +1,7 @@
 """launch/evaluate.py on a transformers-format folder: its loss equals transformers 4.57's own loss on the same
 windows (native load, <= 1e-5 relative); the JSON rows, position bins (summing back to the total), passkey rows and
-the PNGs.
+the PNGs. A Megalodon export as SOURCE: its loss equals the loss of the folder's own transformers model
+(trust_remote_code) on the same windows.
 
 Run: PYTHONPATH=. python -m pytest -q tests/eval/test_evaluate_cli.py
 """
@@ -56,3 +57,31 @@ def test_export_loss_equals_transformers(split_shards, tokenizer_dir, tmp_path):
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in res["passkey"])
     for png in ("loss_by_position.png", "passkey.png"):
         assert open(tmp_path / "plots" / png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_megalodon_export_loss_equals_its_transformers_model(split_shards, tokenizer_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from megatrain.hf.remote_code import save_remote
+    from megatrain.model import MegalodonConfig, build_model
+    held_dir = os.path.join(split_shards[0], "heldout")
+    torch.manual_seed(0)
+    model = build_model(MegalodonConfig(vocab_size=load_tokenizer(tokenizer_dir).vocab_size(), hidden_size=32,
+                                        num_hidden_layers=2, num_attention_heads=2, shared_representation_size=16,
+                                        intermediate_size=32, nffn_hidden_size=64, cema_ndim=4, chunk_size=16,
+                                        norm_num_groups=4)).eval()
+    save_remote(model, str(tmp_path / "hf"))
+    out = tmp_path / "res.json"
+    p = subprocess.run([sys.executable, EVALUATE, str(tmp_path / "hf"), "--shards", held_dir, "--seq-len", "64",
+                        "--tokens", "256", "--no-doc-reset", "--out", str(out)],
+                       cwd=ROOT, env=pretrain_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    row, = json.load(open(out))["rows"]
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    held = load_heldout(held_dir, 64, 256)
+    with torch.no_grad():
+        logits = hf(input_ids=held.input_ids).logits.double()  # a plain forward: no document resets
+    want = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), held.labels.reshape(-1),
+                                             reduction="sum").item()
+    assert row["tokens"] == held.labels.numel()
+    assert row["loss"] == pytest.approx(want / row["tokens"], rel=1e-5)

@@ -16,7 +16,7 @@ from megatrain.data.shards import Manifest, read_shard
 from megatrain.data.tokenizer import load_tokenizer
 from megatrain.eval.heldout import load_heldout, positions_in_document
 from megatrain.eval.loss import evaluate_windows, position_bins
-from megatrain.model import MegaConfig, MegaForCausalLM
+from megatrain.model import MegaConfig, MegaForCausalLM, MegalodonConfig, MegalodonForCausalLM
 
 
 def _docs(folder):
@@ -89,8 +89,13 @@ def test_windows_are_fixed_and_positions_count_from_the_document_start(split_sha
     assert position_bins(64) == [(1, 2), (2, 4), (4, 8), (8, 16), (16, 32), (32, 65)]
 
 
-def _tiny_model(vocab):
+def _tiny_model(vocab, family="mega"):
     torch.manual_seed(0)
+    if family == "megalodon":
+        return MegalodonForCausalLM(MegalodonConfig(
+            vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            shared_representation_size=16, intermediate_size=32, nffn_hidden_size=64, cema_ndim=4, chunk_size=16,
+            norm_num_groups=4)).eval()
     cfg = MegaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
                      ema_projection_size=4, shared_representation_size=16, nffn_hidden_size=64, use_chunking=True,
                      chunk_size=16, max_positions=64, is_decoder=True, bidirectional=False, initializer_range=0.3,

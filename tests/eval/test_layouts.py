@@ -1,4 +1,5 @@
-"""Evaluation under DP x SP equals one rank: SP=2 and DP=2 give the one-rank loss, bpb and position bins (1e-6).
+"""Evaluation under DP x SP equals one rank: SP=2 and DP=2 give the one-rank loss, bpb and position bins (1e-6),
+for MEGA and (SP=2) Megalodon: the one window forward, no evaluation code per family.
 
 Run: PYTHONPATH=. python -m pytest -q tests/eval/test_layouts.py
 """
@@ -12,10 +13,10 @@ from tests.dist_util import run_ranks
 from tests.eval.test_heldout import _tiny_model
 
 
-def _eval_on_ranks(rank, world, held_dir, vocab, sp):
+def _eval_on_ranks(rank, world, held_dir, vocab, sp, family):
     from megatrain.parallel.groups import ParallelGroups
     g = ParallelGroups(dp_size=world // sp, sp_size=sp)
-    model = _tiny_model(vocab)
+    model = _tiny_model(vocab, family)
     held = load_heldout(held_dir, 64, 64 * 5)  # 5 windows: DP=2 ranks get 3 and 2 (+ a dummy)
     out = []
     for positions in (False, True):
@@ -25,15 +26,16 @@ def _eval_on_ranks(rank, world, held_dir, vocab, sp):
     return out
 
 
-@pytest.mark.parametrize("sp", [2, pytest.param(1, marks=pytest.mark.slow)], ids=["sp2", "dp2"])
-def test_layouts_equal_one_rank(split_shards, tokenizer_dir, sp):
+@pytest.mark.parametrize("sp,family", [(2, "mega"), pytest.param(1, "mega", marks=pytest.mark.slow),
+                                       (2, "megalodon")], ids=["sp2", "dp2", "megalodon-sp2"])
+def test_layouts_equal_one_rank(split_shards, tokenizer_dir, sp, family):
     from megatrain.data.tokenizer import load_tokenizer
     held_dir = os.path.join(split_shards[0], "heldout")
     vocab = load_tokenizer(tokenizer_dir).vocab_size()
-    model = _tiny_model(vocab)
+    model = _tiny_model(vocab, family)
     held = load_heldout(held_dir, 64, 64 * 5)
     ref = [evaluate_windows(model, held, 2, positions=p) for p in (False, True)]
-    got = run_ranks(_eval_on_ranks, 2, held_dir, vocab, sp)
+    got = run_ranks(_eval_on_ranks, 2, held_dir, vocab, sp, family)
     for rank_out in got:
         for r, (summary, bin_loss, bin_tokens) in zip(ref, rank_out):
             want = r.summary()

@@ -3,7 +3,8 @@ launch/pretrain.py under `deepspeed --num_gpus 2` (2 CPU ranks, ZeRO-3, sequence
 
     from tests.export.run_fixture import make_run
     run_dir, tok_dir = make_run(tmp_dir)            # run_dir/checkpoints/step00000002, run_dir/metrics.jsonl
-    python -m tests.export.run_fixture OUT_DIR     # the same by hand
+    run_dir, tok_dir = make_run(tmp_dir, config="megalodon_tiny.yaml")   # a Megalodon run
+    python -m tests.export.run_fixture OUT_DIR [CONFIG]     # the same by hand
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def _run(cmd, env=None, timeout=300):
     return p
 
 
-def make_run(base: str, zero: int = 3, sp: int = 2, objective: str = "clm") -> tuple[str, str]:
+def make_run(base: str, zero: int = 3, sp: int = 2, objective: str = "clm",
+             config: str = "tiny.yaml") -> tuple[str, str]:
     from megatrain.data.tokenizer import TokenizerConfig, train_tokenizer
     from megatrain.parallel.env import find_launcher, free_port
     corpus, tok, shards, run = (os.path.join(base, d) for d in ("corpus", "tokenizer", "shards", "run"))
@@ -43,7 +45,7 @@ def make_run(base: str, zero: int = 3, sp: int = 2, objective: str = "clm") -> t
         raise RuntimeError("deepspeed launcher not found: pip install -e '.[dev]'")
     # data.tokenizer is left unset on purpose: export must find the tokenizer through the shards' manifest
     _run([launcher, "--num_gpus", "2", "--master_port", str(free_port()), "launch/pretrain.py",
-          "--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"data.shards={shards}/index.json",
+          "--config", os.path.join(ROOT, "configs", config), f"data.shards={shards}/index.json",
           f"run_dir={run}", f"model.vocab_size={VOCAB}", "train.max_steps=2", f"parallel.zero_stage={zero}",
           f"parallel.sequence_parallel_size={sp}", f"train.objective={objective}", "logging.tensorboard=false"],
          env, timeout=400)
@@ -51,4 +53,4 @@ def make_run(base: str, zero: int = 3, sp: int = 2, objective: str = "clm") -> t
 
 
 if __name__ == "__main__":
-    print(make_run(sys.argv[1]))
+    print(make_run(sys.argv[1], config=sys.argv[2] if len(sys.argv) > 2 else "tiny.yaml"))

@@ -1,13 +1,17 @@
-"""launch/export_hf.py end to end on a real ZeRO-3 SP=2 run (tests/export/run_fixture.py, built once).
+"""launch/export_hf.py end to end on a real ZeRO-3 SP=2 run of each family (tests/export/run_fixture.py, built once).
 
-Run: PYTHONPATH=. python -m pytest -q tests/export/test_export.py      (~3 min; all slow)
+Run: PYTHONPATH=. python -m pytest -q tests/export/test_export.py      (~4.5 min; all slow)
 
 The run folder itself is exported (tokenizer found through the shards' manifest) with --verify; the folder loads
 in transformers 4.57 natively and with remote code, and in the cached transformers 5.x venv (tests/hf/tf5.py)
 with remote code: logits <= 1e-5 vs megatrain, greedy generate == megatrain.generate, any length, the four heads
 forward/backward through the Auto classes; tokenizer ids; --verify catches planted mismatches (weights, another
 tokenizer, a stale tokenizer.json); --dtype bf16 from the checkpoints/ folder; model.init_from starts a run whose
-first loss is transformers' on that batch. The exporter's bad inputs are rows of tests/test_bad_input.py.
+first loss is transformers' on that batch; --native writes a folder without remote code that 4.57 loads natively.
+A Megalodon run (the session's `megalodon_run`, tests/conftest.py) exports with --verify (logits, greedy generate
+with the cache, tokenizer ids) to a folder of Megalodon's own remote code that loads in 4.57 and 5.x with the same
+logits and greedy tokens; bf16 and planted weights as above. The exporter's bad inputs are rows of
+tests/test_bad_input.py.
 """
 import json
 import os
@@ -50,6 +54,10 @@ def hf_dir(run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(run, hf_dir, tmp_path_factory):
+    return _reference(run, tmp_path_factory)
+
+
+def _reference(run, tmp_path_factory):
     import megatrain
     from megatrain.export.load import load_model
     model, cfg = load_model(os.path.join(run[0], "checkpoints"))
@@ -67,10 +75,11 @@ def reference(run, hf_dir, tmp_path_factory):
     return path, ref
 
 
-def _check(py, hf_dir, ref, tmp_path, native):
+def _check(py, hf_dir, ref, tmp_path, native, heads=True):
     res = tmp_path / "res.json"
     p = subprocess.run([py, os.path.join(ROOT, "tests", "hf", "remote_check.py"), str(hf_dir), str(ref[0]),
-                        str(res)] + (["--native"] if native else []), cwd=str(tmp_path),
+                        str(res)] + (["--native"] if native else []) + ([] if heads else ["--no-heads"]),
+                       cwd=str(tmp_path),
                        env=dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH=""),
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -79,7 +88,7 @@ def _check(py, hf_dir, ref, tmp_path, native):
     assert r["generate"] == ref[1]["generate"]
     assert r["lengths_ok"]
     assert r["tokenizer_ok"] == [True] * len(ref[1]["probes"])
-    assert len(r["heads"]) == 4
+    assert len(r["heads"]) == (4 if heads else 0)
     for auto, h in r["heads"].items():
         assert h["class"] == auto.replace("AutoModelFor", "MegaFor") and h["backbone_grad"], (auto, h)
         assert h["loss"] == h["loss"] and h["loss"] > 0
@@ -89,7 +98,7 @@ def _check(py, hf_dir, ref, tmp_path, native):
 def test_folder_contents_and_tokenizer(hf_dir, run):
     names = set(os.listdir(hf_dir))
     assert {"config.json", "model.safetensors", "generation_config.json", "README.md", "tokenizer.model",
-            "tokenizer.json", "configuration_mega.py", "modeling_mega.py", "megatrain_model_backbone.py",
+            "tokenizer.json", "configuration_mega.py", "modeling_mega.py", "megatrain_model_mega_backbone.py",
             "megatrain_model_lm.py"} <= names
     assert not [n for n in os.listdir(os.path.dirname(hf_dir)) if n.startswith(".")]  # no temporary left
     d = json.loads((hf_dir / "config.json").read_text())
@@ -216,3 +225,102 @@ def test_init_from_continues_pretraining(run, hf_dir, tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "model.init_from=" in p.stderr and "hidden_size" in p.stderr, p.stderr[-2000:]
     assert "Traceback" not in p.stderr and not (tmp_path / "r2").exists()
+
+
+def test_native_folder_has_no_remote_code_and_loads_natively(run, tmp_path):
+    """--native: config.json + weights + tokenizer + card for transformers 4.57's own MEGA, verified natively."""
+    out = tmp_path / "native"
+    p = export_cli(run[0], out, "--native", "--verify")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "(native: transformers' own classes, no remote code)" in p.stdout and "greedy" not in p.stdout
+    names = set(os.listdir(out))
+    assert not [n for n in names if n.endswith(".py")] and "auto_map" not in json.loads((out / "config.json").read_text())
+    card = (out / "README.md").read_text()
+    assert "trust_remote_code" not in card and "## Works with" not in card
+    from transformers import AutoModelForCausalLM
+    assert type(AutoModelForCausalLM.from_pretrained(str(out))).__module__.startswith("transformers.models")
+
+
+# ---- a Megalodon run: tests/conftest.py's megalodon_run (configs/megalodon_tiny.yaml, ZeRO-3, SP 2, 2 steps)
+
+@pytest.fixture(scope="module")
+def megalodon_hf(megalodon_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf_megalodon") / "model"
+    p = export_cli(megalodon_run[0], out, "--verify")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "verified: logits and tokenizer ids match; greedy generate matches" in p.stdout, p.stdout
+    assert "(remote code only: transformers has no Megalodon class of its own" in p.stdout, p.stdout
+    return out
+
+
+@pytest.fixture(scope="module")
+def megalodon_reference(megalodon_run, megalodon_hf, tmp_path_factory):
+    return _reference(megalodon_run, tmp_path_factory)
+
+
+def test_megalodon_folder(megalodon_hf, megalodon_run):
+    names = set(os.listdir(megalodon_hf))
+    assert {"config.json", "model.safetensors", "generation_config.json", "README.md", "tokenizer.model",
+            "tokenizer.json", "configuration_megalodon.py", "modeling_megalodon.py", "megatrain_ops_cema.py",
+            "megatrain_ops_tsn.py"} <= names
+    assert not {"modeling_mega.py", "megatrain_model_mega_backbone.py"} & names  # MEGA's code stays out
+    d = json.loads((megalodon_hf / "config.json").read_text())
+    assert d["model_type"] == "megalodon" and d["architectures"] == ["MegalodonForCausalLM"]
+    assert d["auto_map"] == {"AutoConfig": "configuration_megalodon.MegalodonConfig",
+                             "AutoModel": "modeling_megalodon.MegalodonModel",
+                             "AutoModelForCausalLM": "modeling_megalodon.MegalodonForCausalLM"}
+    from megatrain.config import load_config
+    run_cfg = load_config(os.path.join(megalodon_run[0], "config.yaml"))
+    assert d["norm_num_groups"] == run_cfg.model.norm_num_groups and "segment_size" not in d
+    card = (megalodon_hf / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\ntags: [megalodon,") and "# Megalodon (causal LM)" in card
+    assert "| steps | 2 |" in card and "PEFT LoRA target modules: `wv`, `wz`" in card and "Not loadable" not in card
+
+
+def test_megalodon_transformers_4_and_5(megalodon_hf, megalodon_reference, tmp_path):
+    from tests.hf.tf5 import tf5_python_for_test
+    (tmp_path / "4").mkdir()
+    (tmp_path / "5").mkdir()
+    r = _check(sys.executable, megalodon_hf, megalodon_reference, tmp_path / "4", native=False, heads=False)
+    assert r["version"].startswith("4.57")
+    r = _check(tf5_python_for_test(), megalodon_hf, megalodon_reference, tmp_path / "5", native=False, heads=False)
+    assert r["version"].startswith("5.")
+
+
+def test_megalodon_bf16_and_planted_weights(megalodon_run, megalodon_hf, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from megatrain.export.load import load_model
+    from megatrain.export.verify import verify
+    p = export_cli(os.path.join(megalodon_run[0], "checkpoints"), tmp_path / "bf16", "--dtype", "bf16", "--verify")
+    assert p.returncode == 0 and "verified" in p.stdout, p.stderr[-3000:]
+    a, b = load_file(tmp_path / "bf16" / "model.safetensors"), load_file(megalodon_hf / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k].to(torch.bfloat16)) for k in a)
+    planted = tmp_path / "planted"
+    shutil.copytree(megalodon_hf, planted)
+    sd = load_file(planted / "model.safetensors")
+    sd["megalodon.layers.1.attn.cema.omega"] += 1e-3
+    save_file(sd, planted / "model.safetensors", metadata={"format": "pt"})
+    model, _ = load_model(os.path.join(megalodon_run[0], "checkpoints"))
+    problems = verify(str(planted), model, None)
+    assert problems and "logits differ" in problems[0]
+
+
+def test_verify_without_a_tokenizer(run, tmp_path):
+    """--no-tokenizer --verify checks logits and generate (it crashed: the run's tokenizer was looked up unset)."""
+    from megatrain.export import export
+    info = export(run[0], str(tmp_path / "out"), no_tokenizer=True, do_verify=True)
+    assert info["tokenizer"] is None and not (tmp_path / "out" / "tokenizer.model").exists()
+
+
+def test_native_refuses_a_mega_config_its_classes_compute_differently():
+    """--native is checked on the run config before any work: transformers 4.57's MEGA would compute a real
+    RMSNorm (or a truncated causal model) differently; Megalodon it does not have."""
+    from megatrain.config import MegalodonModelCfg, ModelCfg
+    from megatrain.export.folder import ExportError, check_native
+    check_native(type("Cfg", (), {"model": ModelCfg(is_decoder=True, bidirectional=False)}), True)
+    check_native(type("Cfg", (), {"model": MegalodonModelCfg()}), False)
+    for model, why in ((ModelCfg(normalization_type="rmsnorm"), "MegaRMSNorm does not"),
+                       (MegalodonModelCfg(), "no Megalodon class")):
+        with pytest.raises(ExportError, match=f"^--native: .*{why}.*; export without --native"):
+            check_native(type("Cfg", (), {"model": model}), True)

@@ -3,11 +3,12 @@
     PYTHONPATH=. python tests/hf/clients_check.py SPEC.json OUT.json
 
 Runs each client of megatrain.export.card.CLIENTS (the model card's "Works with" list) on the exports named in
-SPEC.json ({"causal": DIR, "masked": DIR, "work": DIR, "inputs": {...}, "only": [...]}): its command exactly as
-the card prints it, PATH_OR_REPO replaced by the export (python: exec'd with the inputs its comments name; bash:
-run as a subprocess with this interpreter). Then it records what the test compares with megatrain (losses, ids,
-scores, perplexities; LoRA's merged folder and its logits) in OUT.json, one entry "NAME/TASK" per client and
-export; a client that raises records {"error": traceback} and the others still run.
+SPEC.json ({"exports": {"FAMILY/TASK": DIR, ...}, "work": DIR, "inputs": {...}, "only": [...]}): its command
+exactly as the card of that export prints it (Client.command_for: PATH_OR_REPO replaced by the export, the family's
+LoRA targets; python: exec'd with the inputs its comments name; bash: run as a subprocess with this interpreter).
+Then it records what the test compares with megatrain (losses, ids, scores, perplexities; LoRA's merged folder and
+its logits; the fine-tuned folders and their logits) in OUT.json, one entry "NAME/FAMILY/TASK" per client and
+export it applies to; a client that raises records {"error": traceback} and the others still run.
 """
 import glob
 import json
@@ -23,9 +24,10 @@ import torch
 from megatrain.export.card import CLIENTS, FILL_MASK_TEXT, PPL_TASK
 
 
-def run_card(client, folder: str, work: str, **inputs) -> dict:
-    """The client's card command on `folder`, run in `work`: the namespace it leaves (python)."""
-    code = client.command.replace("PATH_OR_REPO", folder)
+def run_card(client, folder: str, work: str, family: str, **inputs) -> dict:
+    """The client's card command (as a `family` export's card prints it) on `folder`, run in `work`: the namespace
+    it leaves (python)."""
+    code = client.command_for(family, folder)
     for name, text in client.files:
         os.makedirs(os.path.dirname(os.path.join(work, name)) or work, exist_ok=True)
         with open(os.path.join(work, name), "w") as f:
@@ -48,10 +50,10 @@ def run_card(client, folder: str, work: str, **inputs) -> dict:
     return ns
 
 
-def check_trainer(c, folder, work, inputs):
-    ns = run_card(c, folder, work, texts=inputs["texts"], labels=inputs["labels"])
+def _fine_tuned(ns, work, inputs) -> dict:
+    """What a Trainer fine-tune leaves: the trainer's saved folder (megatrain's load_hf reads it) and its logits on a
+    padded batch."""
     model = ns["trainer"].model
-    # what the fine-tune leaves: the trainer's saved folder (megatrain's load_hf reads it) and its logits
     ns["trainer"].save_model(os.path.join(work, "final"))
     batch = ns["tok"](inputs["texts"][:4], padding=True, return_tensors="pt")
     model.eval()
@@ -66,12 +68,21 @@ def check_trainer(c, folder, work, inputs):
             "checkpointing": bool(model.is_gradient_checkpointing and model._mt.config.gradient_checkpointing)}
 
 
-def check_peft_lora(c, folder, work, inputs):
+def check_trainer_lm(c, folder, work, inputs, family):
+    return _fine_tuned(run_card(c, folder, work, family, texts=inputs["texts"]), work, inputs)
+
+
+def check_trainer(c, folder, work, inputs, family):
+    ns = run_card(c, folder, work, family, texts=inputs["texts"], labels=inputs["labels"])
+    return _fine_tuned(ns, work, inputs)
+
+
+def check_peft_lora(c, folder, work, inputs, family):
     import transformers
     batches = [torch.tensor(b) for b in inputs["batches"]]
     base = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    ns = run_card(c, folder, work, batches=batches)
+    ns = run_card(c, folder, work, family, batches=batches)
     merged = ns["model"].eval()  # get_peft_model wrapped it in place; merge_and_unload left it merged
     after = merged.state_dict()
     x = torch.cat(batches)
@@ -85,8 +96,8 @@ def check_peft_lora(c, folder, work, inputs):
             "keys_equal": sorted(before) == sorted(after), "loss_base": loss[0], "loss_merged": loss[1]}
 
 
-def check_text_generation(c, folder, work, inputs):
-    ns = run_card(c, folder, work, prompt=inputs["prompt"])
+def check_text_generation(c, folder, work, inputs, family):
+    ns = run_card(c, folder, work, family, prompt=inputs["prompt"])
     gen = ns["generate"]
     tokens = gen(inputs["prompt"], max_new_tokens=12, do_sample=False, return_tensors=True)
     return {"text": ns["out"][0]["generated_text"], "prompt_ids": gen.tokenizer(inputs["prompt"])["input_ids"],
@@ -94,16 +105,16 @@ def check_text_generation(c, folder, work, inputs):
             "decoded": gen.tokenizer.decode(tokens[0]["generated_token_ids"])}
 
 
-def check_fill_mask(c, folder, work, inputs):
-    ns = run_card(c, folder, work)
+def check_fill_mask(c, folder, work, inputs, family):
+    ns = run_card(c, folder, work, family)
     return {"ids": ns["fill"].tokenizer(FILL_MASK_TEXT)["input_ids"],
             "top": [[int(o["token"]), float(o["score"])] for o in ns["out"]]}
 
 
-def check_lm_eval(c, folder, work, inputs):
+def check_lm_eval(c, folder, work, inputs, family):
     with open(os.path.join(work, "docs.jsonl"), "w") as f:
         f.writelines(json.dumps({"text": t}) + "\n" for t in inputs["docs"])
-    run_card(c, folder, work)
+    run_card(c, folder, work, family)
     files = glob.glob(os.path.join(work, "results", "**", "results_*.json"), recursive=True)
     if len(files) != 1:
         raise RuntimeError(f"lm_eval wrote {files} (expected one results file)")
@@ -113,8 +124,8 @@ def check_lm_eval(c, folder, work, inputs):
             ("word_perplexity", "byte_perplexity", "bits_per_byte")}
 
 
-CHECKS = {"trainer": check_trainer, "peft-lora": check_peft_lora, "text-generation": check_text_generation,
-          "fill-mask": check_fill_mask, "lm-eval": check_lm_eval}
+CHECKS = {"trainer": check_trainer, "trainer-lm": check_trainer_lm, "peft-lora": check_peft_lora,
+          "text-generation": check_text_generation, "fill-mask": check_fill_mask, "lm-eval": check_lm_eval}
 
 
 def main(spec_path: str, out_path: str) -> None:
@@ -125,14 +136,15 @@ def main(spec_path: str, out_path: str) -> None:
         spec = json.load(f)
     res = {"version": transformers.__version__}
     for c in CLIENTS:
-        for task in c.tasks:
-            key = f"{c.name}/{task}"
-            if spec.get("only") and key not in spec["only"]:
+        for name, folder in spec["exports"].items():
+            family, task = name.split("/")
+            key = f"{c.name}/{name}"
+            if not c.applies(family, task) or (spec.get("only") and key not in spec["only"]):
                 continue
-            work = os.path.join(spec["work"], f"{c.name}-{task}")
+            work = os.path.join(spec["work"], f"{c.name}-{family}-{task}")
             os.makedirs(work, exist_ok=True)
             try:
-                res[key] = CHECKS[c.name](c, spec[task], work, spec["inputs"])
+                res[key] = CHECKS[c.name](c, folder, work, spec["inputs"], family)
             except Exception:
                 res[key] = {"error": traceback.format_exc()[-6000:]}
     with open(out_path, "w") as f:

@@ -18,7 +18,7 @@ from torch import nn
 
 import megatrain
 from megatrain.hf import load_hf
-from megatrain.hf.format import megatrain_to_hf_state_dict
+from megatrain.hf.mega import megatrain_to_hf_state_dict
 from megatrain.hf.remote import modeling_mega as mm
 from megatrain.hf.remote.configuration_mega import MegaConfig
 

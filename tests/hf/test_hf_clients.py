@@ -1,15 +1,18 @@
-"""Real transformers clients on a real export, in transformers 4.57 and 5.x (issue #16): each client of the model
-card's "Works with" list (megatrain.export.card.CLIENTS), run as the card prints it, against megatrain's numbers.
+"""Real transformers clients on real exports of both families, in transformers 4.57 and 5.x (issues #16, #25): each
+client of the model card's "Works with" list (megatrain.export.card.CLIENTS), run as the card prints it, against
+megatrain's numbers.
 
-Run: PYTHONPATH=. python -m pytest -q tests/hf/test_hf_clients.py            (~2.5 min; 4.57 only: -m "not slow")
+Run: PYTHONPATH=. python -m pytest -q tests/hf/test_hf_clients.py            (~4 min; 4.57 only: -m "not slow")
 
-Two tiny training runs (tests/export/run_fixture.py: a causal and a masked LM, 2 steps) exported with --verify
-through megatrain.export (tokenizer, remote code, card) are what a user gets. tests/hf/clients_check.py runs every
-client on them in one process per transformers version (this python: 4.57; the cached 5.x venv of tests/hf/tf5.py,
-slow). Each client is a test here:
-  trainer          Trainer + AutoModelForSequenceClassification, gradient_checkpointing=True, 20 steps: the loss
-                   falls; megatrain's load_hf reads the saved fine-tune with the same logits on a padded batch
-  peft-lora        LoRA on the card's target modules trains (loss falls), merges into exactly those weights, saves;
+Three tiny training runs (tests/export/run_fixture.py: a causal and a masked MEGA LM and a Megalodon LM -- the
+session's megalodon_run --, 2 steps) exported with --verify through megatrain.export (tokenizer, remote code, card)
+are what a user gets. tests/hf/clients_check.py runs every client on each export it applies to (family and task) in
+one process per transformers version (this python: 4.57; the cached 5.x venv of tests/hf/tf5.py, slow). Each
+(client, export) is a test here:
+  trainer          Trainer + AutoModelForSequenceClassification (MEGA), gradient_checkpointing=True, 20 steps: the
+                   loss falls; megatrain's load_hf reads the saved fine-tune with the same logits on a padded batch
+  trainer-lm       Trainer + AutoModelForCausalLM, gradient_checkpointing=True, 20 steps: the same
+  peft-lora        LoRA on the card's (family's) target modules trains (loss falls), merges into exactly those weights, saves;
                    megatrain's load_hf reads the merged folder with the same logits (<= 1e-5)
   text-generation  pipeline greedy tokens == megatrain.generate's
   fill-mask        the tokenizer puts the mask id where the text says <mask>; the scores are megatrain's
@@ -28,7 +31,7 @@ import sys
 import pytest
 import torch
 
-from megatrain.export.card import CLIENTS, FILL_MASK_TEXT, LORA_TARGETS
+from megatrain.export.card import CLIENTS, FAMILIES, FILL_MASK_TEXT, LORA_TARGETS
 from tests.export.run_fixture import ROOT, make_run
 
 CHECK = os.path.join(ROOT, "tests", "hf", "clients_check.py")
@@ -48,30 +51,33 @@ def _inputs(vocab: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory):
-    """{task: (export folder, megatrain model, sentencepiece)}: a tiny run per objective, exported with --verify."""
+def exports(tmp_path_factory, megalodon_run):
+    """{"FAMILY/TASK": (export folder, megatrain model, sentencepiece)}: a tiny run per family and objective,
+    exported with --verify."""
     from megatrain.data.tokenizer import load_tokenizer
     from megatrain.export import export
     from megatrain.export.load import load_model
     base = tmp_path_factory.mktemp("clients")
+    runs = {name: make_run(str(base / name.replace("/", "_")), zero=0, sp=1, objective=objective)
+            for name, objective in (("mega/causal", "clm"), ("mega/masked", "mlm"))}
+    runs["megalodon/causal"] = megalodon_run
     out = {}
-    for task, objective in (("causal", "clm"), ("masked", "mlm")):
-        run, tok = make_run(str(base / objective), zero=0, sp=1, objective=objective)
-        info = export(run, str(base / f"{objective}_hf"), do_verify=True)
-        assert info["task"] == task
-        out[task] = (info["out"], load_model(os.path.join(run, "checkpoints"))[0], load_tokenizer(tok))
+    for name, (run, tok) in runs.items():
+        info = export(run, str(base / f"{name.replace('/', '_')}_hf"), do_verify=True)
+        assert f"{info['family']}/{info['task']}" == name
+        out[name] = (info["out"], load_model(os.path.join(run, "checkpoints"))[0], load_tokenizer(tok))
     return out
 
 
 def _run_clients(py: str, exports, work) -> dict:
-    spec = {"causal": exports["causal"][0], "masked": exports["masked"][0], "work": str(work),
-            "inputs": _inputs(exports["causal"][1].config.vocab_size)}
+    spec = {"exports": {name: e[0] for name, e in exports.items()}, "work": str(work),
+            "inputs": _inputs(min(e[1].config.vocab_size for e in exports.values()))}
     (work / "spec.json").write_text(json.dumps(spec))
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                HF_MODULES_CACHE=str(work / "modules"), HF_DATASETS_CACHE=str(work / "datasets"),
                TOKENIZERS_PARALLELISM="false")
     p = subprocess.run([py, CHECK, str(work / "spec.json"), str(work / "out.json")], cwd=str(work), env=env,
-                       capture_output=True, text=True, timeout=900)
+                       capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     return json.loads((work / "out.json").read_text())
 
@@ -91,18 +97,22 @@ def results_5(exports, tmp_path_factory):
     return r
 
 
-def assert_trainer(r, folder, model, sp):
-    assert r["class"] == "MegaForSequenceClassification" and r["checkpointing"]
+def assert_trainer(r, folder, model, sp, cls="MegaForSequenceClassification"):
+    assert r["class"] == cls and r["checkpointing"]
     losses = r["losses"]
     assert len(losses) == 20 and all(map(math.isfinite, losses))
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 0.02, losses
     from megatrain.hf import load_hf  # the fine-tuned folder as transformers saved it, padded batch included
     back, saved = load_hf(r["final_dir"]), torch.load(r["logits"])
-    assert type(back).__name__ == "MegaForSequenceClassification" and saved["attention_mask"].min() == 0
+    assert type(back).__name__ == cls and saved["attention_mask"].min() == 0
     with torch.no_grad():
         got = back(saved["input_ids"], attention_mask=saved["attention_mask"]).logits
     assert (got - saved["logits"]).abs().max() <= 1e-5
+
+
+def assert_trainer_lm(r, folder, model, sp):
+    assert_trainer(r, folder, model, sp, cls=type(model).__name__)  # MegaForCausalLM / MegalodonForCausalLM
 
 
 def assert_peft_lora(r, folder, model, sp):
@@ -110,9 +120,13 @@ def assert_peft_lora(r, folder, model, sp):
     from safetensors.torch import load_file
     assert r["lora_left"] == [] and r["keys_equal"]
     # merged into every weight of the card's target modules, and nothing else moved
+    family, layers = model.config.model_type, model.config.num_hidden_layers
     keys = load_file(os.path.join(folder, "model.safetensors")).keys()
-    want = sorted(k for k in keys if any(k == f"{t}.weight" or k.endswith(f".{t}.weight") for t in LORA_TARGETS))
-    assert len(want) == 5 * model.config.num_hidden_layers + 1 and r["changed"] == want, r["changed"]
+    want = sorted(k for k in keys if any(k == f"{t}.weight" or k.endswith(f".{t}.weight")
+                                         for t in LORA_TARGETS[family]))
+    # MEGA: 5 linear layers a layer + the LM's dense; Megalodon: 7 a layer (no SwiGLU gate fc3 here)
+    assert len(want) == {"mega": 5 * layers + 1, "megalodon": 7 * layers}[family] and r["changed"] == want, \
+        r["changed"]
     assert r["loss_merged"] < r["loss_base"]
     back = load_hf(r["merged_dir"])
     saved = torch.load(r["logits"])
@@ -132,7 +146,20 @@ def assert_text_generation(r, folder, model, sp):
     if eos in new:  # transformers stops at the end of sequence token (megatrain pads after it)
         new = new[:new.index(eos) + 1]
     assert r["generated_ids"] == ids + new
-    assert r["text"] == r["decoded"] == sp.decode(ids + new)
+    assert r["text"] == r["decoded"]
+    if _valid_utf8(sp, ids + new):  # a tiny random model may emit byte pieces that are no UTF-8 text: the two
+        assert r["text"] == sp.decode(ids + new)  # libraries then render the invalid bytes differently
+
+
+def _valid_utf8(sp, ids) -> bool:
+    """Whether the pieces' bytes (byte-fallback pieces as their byte) are valid UTF-8."""
+    raw = b"".join(bytes([int(sp.id_to_piece(i)[3:5], 16)]) if sp.is_byte(i) else
+                   b"" if sp.is_control(i) else sp.id_to_piece(i).replace("\u2581", " ").encode() for i in ids)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def assert_fill_mask(r, folder, model, sp):
@@ -178,30 +205,31 @@ def assert_lm_eval(r, folder, model, sp):
     assert r["bits_per_byte"] == pytest.approx(res.summary()["bpb"], rel=1e-4)
 
 
-ASSERT = {"trainer": assert_trainer, "peft-lora": assert_peft_lora, "text-generation": assert_text_generation,
-          "fill-mask": assert_fill_mask, "lm-eval": assert_lm_eval}
+ASSERT = {"trainer": assert_trainer, "trainer-lm": assert_trainer_lm, "peft-lora": assert_peft_lora,
+          "text-generation": assert_text_generation, "fill-mask": assert_fill_mask, "lm-eval": assert_lm_eval}
+EXPORTS = ("mega/causal", "mega/masked", "megalodon/causal")  # the exports fixture's
 
 
 def _cases(version):
-    return [pytest.param(c.name, task, id=f"{c.name}-{task}") for c in CLIENTS for task in c.tasks
-            if version in c.versions]
+    return [pytest.param(c.name, export, id=f"{c.name}-{export.replace('/', '-')}") for c in CLIENTS
+            for export in EXPORTS if c.applies(*export.split("/")) and version in c.versions]
 
 
-def _check(results, exports, name, task):
-    r = results[f"{name}/{task}"]
+def _check(results, exports, name, export):
+    r = results[f"{name}/{export}"]
     assert "error" not in r, r.get("error")
-    ASSERT[name](r, *exports[task])
+    ASSERT[name](r, *exports[export])
 
 
-@pytest.mark.parametrize("name,task", _cases("4.57"))
-def test_client_transformers_4(results_4, exports, name, task):
-    _check(results_4, exports, name, task)
+@pytest.mark.parametrize("name,export", _cases("4.57"))
+def test_client_transformers_4(results_4, exports, name, export):
+    _check(results_4, exports, name, export)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,task", _cases("5.x"))
-def test_client_transformers_5(results_5, exports, name, task):
-    _check(results_5, exports, name, task)
+@pytest.mark.parametrize("name,export", _cases("5.x"))
+def test_client_transformers_5(results_5, exports, name, export):
+    _check(results_5, exports, name, export)
 
 
 def test_one_list_for_card_checks_and_tests():
@@ -211,26 +239,32 @@ def test_one_list_for_card_checks_and_tests():
     assert sorted(names) == sorted(clients_check.CHECKS) == sorted(ASSERT)
     for c in CLIENTS:
         assert c.versions and set(c.versions) <= {"4.57", "5.x"} and set(c.tasks) <= {"causal", "masked"}
+        assert c.families and set(c.families) <= set(FAMILIES)
         assert "PATH_OR_REPO" in c.command and c.lang in ("python", "bash")
+    # every family's causal export has clients (Megalodon: no masked LM, no classification head)
+    assert {c.name for c in CLIENTS if c.applies("megalodon", "causal")} == set(names) - {"trainer", "fill-mask"}
 
 
 def test_card_states_what_works_with_the_commands(exports):
-    """The exported README.md (written by megatrain.export) has the Works with section: each client of its task,
-    the transformers versions it is tested in, its command and files, and the LoRA target module names."""
-    for task, (folder, _, _) in exports.items():
+    """The exported README.md (written by megatrain.export) has the Works with section: each client of its family
+    and task, the transformers versions it is tested in, its command and files, and the family's LoRA target module
+    names."""
+    for name, (folder, _, _) in exports.items():
+        family, task = name.split("/")
         card = open(os.path.join(folder, "README.md")).read()
         section = card[card.index("## Works with"):card.index("## Config")]
         for c in CLIENTS:
-            if task in c.tasks:
+            if c.applies(family, task):
                 row = next(line for line in section.splitlines() if line.startswith(f"| {c.title} |"))
                 for v in ("4.57", "5.x"):
                     assert (f"transformers {v}" in row) == (v in c.versions), row
-                assert c.command.rstrip() in section and all(text in section for _, text in c.files)
+                assert c.command_for(family).rstrip() in section and all(text in section for _, text in c.files)
             else:
-                assert c.command.rstrip() not in section
+                assert c.command_for(family).rstrip() not in section
         if task == "causal":
-            assert "PEFT LoRA target modules: " + ", ".join(f"`{t}`" for t in LORA_TARGETS) in section
-            assert f"target_modules={list(LORA_TARGETS)!r}" in section
+            targets = LORA_TARGETS[family]
+            assert "PEFT LoRA target modules: " + ", ".join(f"`{t}`" for t in targets) in section
+            assert f"target_modules={list(targets)!r}" in section
 
 
 def test_card_text_follows_the_list(monkeypatch):

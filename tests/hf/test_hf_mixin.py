@@ -1,15 +1,18 @@
-"""transformers' own ModelTesterMixin on the exported classes (issue #16): 4.57 against its native MEGA, and 5.x.
+"""transformers' own ModelTesterMixin on the exported classes of both families (issues #16, #25): 4.57 against its
+native MEGA, and 5.x.
 
-Run: PYTHONPATH=. python -m pytest -q tests/hf/test_hf_mixin.py     (~45 s with 4.57 here; the slow 5.x test ~45 s more)
+Run: PYTHONPATH=. python -m pytest -q tests/hf/test_hf_mixin.py  (~55 s with 4.57 here; the slow 5.x tests ~55 s more)
 
-tests/hf/mixin_suite.py holds the suite (our MegaModelTester, transformers' mixin from the sdist that
-tests/hf/tf_tests.py fetches; a registry that cannot be reached skips, any other fetch failure fails). Each
-transformers version runs it in a subprocess (the fetched tests on sys.path, results as JUnit XML):
-- 4.57 (this python): every mixin test transformers' own MEGA passes, the exported remote-code classes pass too
+tests/hf/mixin_suite.py holds the suite (our MegaModelTester and MegalodonModelTester, transformers' mixin from the
+sdist that tests/hf/tf_tests.py fetches; a registry that cannot be reached skips, any other fetch failure fails).
+Each transformers version runs it once in a subprocess (the fetched tests on sys.path, results as JUnit XML), and
+each family's test reads its classes' results:
+- 4.57 (this python): every mixin test transformers' own MEGA passes, MEGA's exported remote-code classes pass too
   (cross-attention aside: the suite has none), and no export test fails, MegaGenerationTest (ours: generate, as
-  the sdist has no GenerationTesterMixin) included;
-- 5.x (the cached venv of tests/hf/tf5.py; no native MEGA there): no export or generation test fails.
-Tests not run on the export are KNOWN_GAPS in mixin_suite.py, each with its reason (listed in the failure message).
+  the sdist has no GenerationTesterMixin) included; Megalodon (no native class to compare with): no mixin or
+  generation test of its export fails, and at least MIN_PASSED pass;
+- 5.x (the cached venv of tests/hf/tf5.py; no native MEGA there): the same for both exports.
+Tests not run on an export are KNOWN_GAPS in mixin_suite.py, each with its reason (listed in the failure message).
 """
 import os
 import subprocess
@@ -55,11 +58,34 @@ def _names(results: dict, cls: str, outcome: str) -> set:
             if c == cls and o == outcome}
 
 
-def test_export_passes_every_mixin_test_native_mega_passes(tmp_path):
+@pytest.fixture(scope="module")
+def results_4(tmp_path_factory):
+    """The whole suite under this python's transformers (4.57: the native MEGA's classes too)."""
+    import transformers
+    return run_suite(sys.executable, transformers.__version__, tmp_path_factory.mktemp("mixin4"))
+
+
+@pytest.fixture(scope="module")
+def results_5(tmp_path_factory):
+    from tests.hf.tf5 import tf5_python_for_test
+    py = tf5_python_for_test()
+    return run_suite(py, installed_version(py), tmp_path_factory.mktemp("mixin5"), select="Export or Generation")
+
+
+def _no_failures(res: dict, family: str, min_generation: int) -> None:
+    """The family's export: no mixin or generation test fails, enough of each pass (the suite really ran)."""
+    mixin, gen = f"{family}ExportModelTest", f"{family}GenerationTest"
+    failed = sorted(_names(res, mixin, "failed") | _names(res, gen, "failed"))
+    assert len(_names(res, mixin, "passed")) >= MIN_PASSED, res["__log__"]
+    assert len(_names(res, gen, "passed")) >= min_generation, res["__log__"]
+    assert not failed, f"{family} export fails: {failed}\nKNOWN_GAPS (skipped):\n{res['__gaps__']}\n{res['__log__']}"
+
+
+def test_export_passes_every_mixin_test_native_mega_passes(results_4):
     import transformers
     if not hasattr(transformers, "MegaModel"):
         pytest.skip(f"transformers {transformers.__version__} has no native MEGA (4.57.6, the dev pin, has)")
-    res = run_suite(sys.executable, transformers.__version__, tmp_path)
+    res = results_4
     native, export = _names(res, "MegaNativeModelTest", "passed"), _names(res, "MegaExportModelTest", "passed")
     assert len(native) >= MIN_PASSED, res["__log__"]
     gaps = _names(res, "MegaExportModelTest", "known gap")
@@ -70,15 +96,18 @@ def test_export_passes_every_mixin_test_native_mega_passes(tmp_path):
                                         f"{failed}\nKNOWN_GAPS (skipped):\n{res['__gaps__']}\n{res['__log__']}")
 
 
+def test_megalodon_export_passes_the_mixin(results_4):
+    _no_failures(results_4, "Megalodon", 6)
+
+
 @pytest.mark.slow
-def test_export_passes_the_mixin_under_transformers_5(tmp_path):
-    from tests.hf.tf5 import tf5_python_for_test
-    py = tf5_python_for_test()
-    res = run_suite(py, installed_version(py), tmp_path, select="Export or Generation")
-    failed = sorted(_names(res, "MegaExportModelTest", "failed") | _names(res, "MegaGenerationTest", "failed"))
-    assert len(_names(res, "MegaExportModelTest", "passed")) >= MIN_PASSED, res["__log__"]
-    assert len(_names(res, "MegaGenerationTest", "passed")) >= 5, res["__log__"]
-    assert not failed, f"export fails under 5.x: {failed}\nKNOWN_GAPS (skipped):\n{res['__gaps__']}\n{res['__log__']}"
+def test_export_passes_the_mixin_under_transformers_5(results_5):
+    _no_failures(results_5, "Mega", 5)
+
+
+@pytest.mark.slow
+def test_megalodon_export_passes_the_mixin_under_transformers_5(results_5):
+    _no_failures(results_5, "Megalodon", 6)
 
 
 def test_gradient_checkpointing_counts_a_batchnorm_batch_once():

@@ -1,4 +1,4 @@
-"""Tests of megatrain.model.ema: PYTHONPATH=. python -m pytest -q tests/model/test_ema.py
+"""Tests of megatrain.model.mega.ema: PYTHONPATH=. python -m pytest -q tests/model/test_ema.py
 
 The fast blocked EMA is compared with the naive recurrence `ema_ref` (fp64), with transformers' MEGA EMA (fp32,
 copied weights), and with itself split into pieces (state hand-off, simulated sequence-parallel boundary exchange).
@@ -7,7 +7,7 @@ copied weights), and with itself split into pieces (state hand-off, simulated se
 import pytest
 import torch
 
-from megatrain.model.ema import MultiDimDampedEMA, ema_ref
+from megatrain.model.mega.ema import MultiDimDampedEMA, ema_ref
 from tests.probes import MaxNumel
 
 PARAMS = ["damping_factor", "decay_factor", "ema_expansion_matrix", "kernel_projection_matrix", "residual_weight"]

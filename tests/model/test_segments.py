@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatrain.model import MegaForCausalLM, MegaForMaskedLM
-from megatrain.model.config import MegaConfig
+from megatrain.model.mega.config import MegaConfig
 from megatrain.ops.lm_loss import IGNORE_INDEX
 from megatrain.parallel.checkpointing import apply_checkpointing, policy_from_config
 from tests.model.util import ids, randomize_, tiny_config
@@ -105,6 +105,6 @@ def test_bad_segment_size_names_the_key():
 
 
 def test_segment_size_is_not_written_to_hf_config():
-    from megatrain.hf.format import hf_config_dict
+    from megatrain.hf.mega import hf_config_dict
     d = hf_config_dict(tiny_config(True, use_chunking=True, chunk_size=CHUNK, segment_size=SEG), "causal")
     assert "segment_size" not in d and d["chunk_size"] == CHUNK

@@ -17,7 +17,7 @@ import torch.nn.attention.flex_attention as flex_mod
 
 from megatrain.model import MegaForCausalLM, MegaForMaskedLM
 import megatrain.ops.attention as attention_ops
-from megatrain.model.attention import RotaryRelativeBias, SimpleRelativeBias
+from megatrain.model.mega.attention import RotaryRelativeBias, SimpleRelativeBias
 from megatrain.ops.attention import chunk_attention, chunk_attention_ref, kernel_covers
 from megatrain.ops.attention.flex_path import _value_heads, flex_chunk_attention
 from tests.model.util import ids, randomize_, tiny_config

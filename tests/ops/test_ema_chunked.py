@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from megatrain.model.ema import MultiDimDampedEMA
+from megatrain.model.mega.ema import MultiDimDampedEMA
 from megatrain.ops.ema import EMA_PATH_TABLE, EMA_PATHS, choose_path, ema_scan, ema_scan_ref, paths
 from megatrain.ops.ema.triton_chunked import ema_scan_chunked
 from tests.ops.test_ema_ops import NAMES, assert_all_close, make_inputs, module_run, run
@@ -177,80 +177,27 @@ def test_chunk_length():
 
 # ---------------------------------------------------------------- every kernel variant compiled, without a GPU
 
-COMPILE_SCRIPT = r"""
-import inspect
-import sys
-from concurrent.futures import ProcessPoolExecutor
-
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-INTS = {"L", "D", "N", "NC", "PAD"}
-SCAN = [("_forward_chunk", dict(FINAL=False)), ("_forward_chunk", dict(FINAL=True)),
-        ("_backward_chunk", dict(FINAL=False)), ("_backward_chunk", dict(FINAL=True)),
-        ("_scan_chunks", dict(BACKWARD=False, HAS_INIT=True)), ("_scan_chunks", dict(BACKWARD=True, HAS_INIT=True))]
-CHUNKED = [("_ema_chunked_fwd", {}), ("_ema_chunked_bwd", {})]
-# u dtype -> (math dtype of every other float pointer, the tensor-core / bf16-gradient flags)
-DTYPES = {"bf16": ("fp32", True), "fp32": ("fp32", False), "fp64": ("fp64", False)}
-
-
-def variants():
-    for arch in (80, 90):
-        for udt, (mdt, low) in DTYPES.items():
-            if udt == "fp64" and arch == 80:
-                continue  # fp64 is the CUDA test suite's dtype; the GPU check runs it on sm_90
-            for name, flags in SCAN:
-                if name == "_scan_chunks" and udt == "bf16":
-                    continue  # never reads u: its fp32 variant is the bf16 run's
-                flags = dict(flags, CHUNK=64, BD=32, BN=16, HAS_RESETS=True,
-                             GU_BF16=low and flags.get("FINAL", False))
-                yield "triton_kernel", name, flags, udt, mdt, arch
-            for name, flags in CHUNKED:
-                # channel-major (the default layout) everywhere; the in-place [B, L, D] layout for bf16 on sm_90
-                for cm in (True, False) if udt == "bf16" and arch == 90 else (True,):
-                    yield "triton_chunked", name, dict(flags, C=64, BK=16, BN=16, TC=low, EMULATED=False, CM=cm,
-                                                       GU_BF16=low), udt, mdt, arch
-
-
-def compile_one(spec):
-    module, name, flags, udt, mdt, arch = spec
-    mod = __import__(f"megatrain.ops.ema.{module}", fromlist=["_"])
-    fn = getattr(mod, name)
-    params = list(inspect.signature(fn.fn).parameters)
-    consts = {k: v for k, v in flags.items() if k in params}
-    sig = {p: "constexpr" if p in consts else "i32" if p in INTS else "*i8" if p == "RES"
-           else f"*{udt}" if p in ("U", "GU") else f"*{mdt}" for p in params}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in consts.items()})
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=mod._NUM_WARPS))
-    assert compiled.asm["cubin"], spec
-    return f"compiled sm_{arch} {module}.{name} u={udt} {sorted(consts.items())}"
-
-
-if __name__ == "__main__":
-    with ProcessPoolExecutor(2) as pool:
-        for line in pool.map(compile_one, list(variants())):
-            print(line, flush=True)
-"""
-
-
 @cpu_only("compiles for sm_80/sm_90 without a GPU; on CUDA the tests run every kernel compiled")
 @pytest.mark.slow
-def test_every_ema_kernel_variant_compiles_for_sm80_and_sm90(tmp_path):
+def test_every_ema_kernel_variant_compiles_for_sm80_and_sm90():
     # the interpreter runs the kernels' Python; only the compiler sees typing/lowering errors (a 1-bit mask in
     # shared memory, a dot shape): compile every variant of both kernels for both GPU generations in a fresh
     # process (this one imported triton for the interpreter); Triton's cache makes a rerun of unchanged kernels
     # fast
-    script = tmp_path / "compile_ema.py"
-    script.write_text(COMPILE_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.splitlines()
+    lines = compile_family("ema")
     # scan kernel: (4 bf16 + 6 fp32) x 2 archs + 6 fp64 on sm_90 = 26; chunked (fwd, bwd): 2 x (2 dtypes x 2 archs
     # + fp64 on sm_90 + the [B, L, D] layout on sm_90) = 12
     assert len(lines) == 26 + 12, lines
     for arch in (80, 90):
         for kernel in ("_forward_chunk", "_backward_chunk", "_scan_chunks", "_ema_chunked_fwd", "_ema_chunked_bwd"):
             assert any(f"sm_{arch} " in line and f".{kernel} " in line for line in lines), (arch, kernel)
+
+
+def compile_family(family: str) -> list[str]:
+    """tests/ops/kernel_compile.py for `family` in a fresh process (triton for the compiler): its output lines."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "tests.ops.kernel_compile", family], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.splitlines()

@@ -11,8 +11,8 @@ devices. Inputs are drawn on CPU and moved, so both devices test the same values
 import pytest
 import torch
 
-from megatrain.model.config import MegaConfig
-from megatrain.model.ema import MultiDimDampedEMA
+from megatrain.model.mega.config import MegaConfig
+from megatrain.model.mega.ema import MultiDimDampedEMA
 from megatrain.ops.ema import crossing_decay, ema_scan, ema_scan_ref, incoming_contribution
 from tests.ops.util import DEVICE
 from tests.probes import MaxNumel

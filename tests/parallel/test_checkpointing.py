@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from megatrain.model import MegaForCausalLM, MegaForMaskedLM
-from megatrain.model.attention import MovingAverageGatedAttention
-from megatrain.model.ema import MultiDimDampedEMA
+from megatrain.model.mega.attention import MovingAverageGatedAttention
+from megatrain.model.mega.ema import MultiDimDampedEMA
 from megatrain.parallel import checkpointing
 from megatrain.parallel.checkpointing import CheckpointPolicy, apply_checkpointing, policy_from_config
 from tests.model.test_segments import SEG, _data, _loss_and_grads, _pair
@@ -171,3 +171,42 @@ def test_offload_is_exact_and_saves_only_the_checkpoint_inputs(monkeypatch, segm
     apply_checkpointing(model, CheckpointPolicy(offload=False))
     model(x, labels=labels, return_logits=False, **kw).loss.backward()
     assert packed == []
+
+
+@pytest.mark.parametrize("segment", [0, 8], ids=["layers", "segments"])
+def test_megalodon_offload_is_exact_and_saves_only_the_checkpoint_inputs(monkeypatch, segment):
+    """The same mechanism on the other family (its pieces: layer, segment, ema, ffn): bit-identical gradients with
+    offload; what goes to the host is each outermost piece's input -- per layer one [B, L, D] (the final norm runs
+    inside the last layer's piece), per segment the stages' hidden states (layers 1.. and the final-norm stage)."""
+    from megatrain.model import MegalodonConfig, MegalodonForCausalLM
+    packed = []
+
+    def counting_hooks():
+        return torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(tuple(t.shape)) or t, lambda t: t)
+
+    torch.manual_seed(0)
+    model = MegalodonForCausalLM(MegalodonConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, shared_representation_size=8,
+        intermediate_size=16, nffn_hidden_size=32, cema_ndim=3, chunk_size=4, norm_num_groups=4,
+        segment_size=segment, gradient_checkpointing=True)).train()
+    x = ids(2, 32)
+    doc = torch.tensor([[0] * 11 + [1] * 21, [0] * 32])
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = model(x, labels=x, doc_ids=doc, return_logits=False)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    apply_checkpointing(model, CheckpointPolicy())
+    plain = run()
+    apply_checkpointing(model, CheckpointPolicy(offload=True))
+    offloaded = run()
+    assert torch.equal(plain[0], offloaded[0])
+    for n in plain[1]:
+        assert torch.equal(plain[1][n], offloaded[1][n]), n
+    monkeypatch.setattr(checkpointing, "_host_offload_hooks", counting_hooks)
+    run()
+    D, L = 16, 2
+    hidden = [s for s in packed if s[-1] == D and len(s) == 3 and s[1] != D]
+    assert hidden == ([(2, 32, D)] * L if not segment else [(2, segment, D)] * (32 // segment) * L), packed

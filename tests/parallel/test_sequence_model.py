@@ -1,4 +1,5 @@
-"""Sequence parallelism with the real model: SP=2/4 slices == the unsplit window (EMA layer and full LMs).
+"""Sequence parallelism with the real model: SP=2/4 slices == the unsplit window (MEGA's EMA layer and LMs;
+Megalodon's timestep norm, complex EMA and LM).
 
     PYTHONPATH=. python -m pytest -x -q tests/parallel/test_sequence_model.py
 
@@ -12,8 +13,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatrain.model import MegaConfig, MegaForCausalLM, MegaForMaskedLM
-from megatrain.model.ema import MultiDimDampedEMA
+from megatrain.model import MegaConfig, MegaForCausalLM, MegaForMaskedLM, MegalodonConfig, MegalodonForCausalLM
+from megatrain.model.mega.ema import MultiDimDampedEMA
+from megatrain.model.megalodon.cema import ComplexEMA
+from megatrain.model.megalodon.norms import TimestepNorm
 from megatrain.ops.lm_loss import IGNORE_INDEX
 from megatrain.parallel.checkpointing import apply_checkpointing, policy_from_config
 from megatrain.parallel.protocol import sp_forward_backward
@@ -130,12 +133,83 @@ def _check_lm(rank, P, group, objective, gradient_checkpointing):
     assert COMM_STATS.setup_bytes == B * 2 * 8 * (P - 1), (what, COMM_STATS)
 
 
+def _check_megalodon_layers(rank, P, group):
+    """Megalodon's two carried states alone, fp64, through the real boundary: the timestep norm's statistics (in
+    additive form) and the complex EMA's state cross the slices; outputs and all gradients equal the unsplit."""
+    torch.manual_seed(0)
+    D, L = 8, P * SLICE
+    for module in (TimestepNorm(D, 2).double(), ComplexEMA(D, 3, block_size=3).double()):
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(torch.randn_like(p) * 0.3)
+        x = torch.randn(B, L, D, dtype=torch.float64) + 2
+        w = torch.randn(B, L, D, dtype=torch.float64)
+        mask = torch.ones(B, L, dtype=torch.long)
+        mask[1, :3] = mask[0, SLICE + 1] = 0
+        doc_ids = _packed_doc_ids(L, SLICE)
+        x_full = x.clone().requires_grad_(True)
+        (module(x_full, mask, doc_ids)[0] * w).sum().backward()
+        ref_grads = {n: p.grad.clone() for n, p in module.named_parameters()}
+        module.zero_grad(set_to_none=True)
+        sl = slice(rank * SLICE, (rank + 1) * SLICE)
+        x_loc = x[:, sl].clone().requires_grad_(True)
+        y_loc, _ = module(x_loc, mask[:, sl], doc_ids[:, sl], boundary=make_ema_boundary(group, doc_ids[:, sl]))
+        (y_loc * w[:, sl]).sum().backward()
+        what = f"{type(module).__name__} P={P} rank={rank}"
+        torch.testing.assert_close(x_loc.grad, x_full.grad[:, sl], rtol=1e-9, atol=1e-10,
+                                   msg=lambda m: f"{what} dL/dx: {m}")
+        sum_grads_over(module.parameters(), group)
+        for n, p in module.named_parameters():
+            torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-9, atol=1e-10,
+                                       msg=lambda m: f"{what} grad {n}: {m}")
+
+
+def _check_megalodon_lm(rank, P, group, gradient_checkpointing, dtype):
+    """The Megalodon LM through the protocol's train step: SP=P == SP=1 (the loss, fp32 from the head, to 1e-6;
+    every gradient: fp64 to 1e-10, fp32 to 3e-6 of the largest -- measured 1.1e-6: fp32 rounding of the statistics, the
+    fp64 run shows the algorithm exact), and only the small states crossed ranks: per layer the norm's statistics
+    ([B, G, 3] float64) and the complex EMA's state ([B, D, N] complex as (re, im) pairs), plus the final norm's."""
+    torch.manual_seed(0)
+    cfg = MegalodonConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                          shared_representation_size=8, intermediate_size=16, nffn_hidden_size=32, cema_ndim=3,
+                          chunk_size=4, norm_num_groups=4, ema_block_size=4,
+                          gradient_checkpointing=gradient_checkpointing)
+    model = MegalodonForCausalLM(cfg).to(dtype).train()
+    apply_checkpointing(model, policy_from_config(gradient_checkpointing))
+    batch = _batch("clm", P * SLICE, cfg.vocab_size)
+    out = model(batch["input_ids"], labels=batch["labels"], doc_ids=batch["doc_ids"], loss_reduction="sum",
+                labels_shifted=True, return_logits=False)
+    ref_loss = out.loss / out.num_loss_tokens
+    ref_loss.backward()
+    ref_grads = _flat_grads(model)
+    model.zero_grad(set_to_none=True)
+    reset_comm_stats()
+    loss = sp_forward_backward(model, batch, group, causal=True)
+    sum_grads_over(model.parameters(), group)
+    grads = _flat_grads(model)
+    what = f"megalodon P={P} rank={rank} ckpt={gradient_checkpointing} {dtype}"
+    fp64 = dtype == torch.float64
+    rel = abs(loss.mean_loss.item() - ref_loss.item()) / abs(ref_loss.item())
+    assert rel <= 1e-6, f"{what}: SP loss {loss.mean_loss.item()!r} vs {ref_loss.item()!r}"   # (an fp32 loss)
+    worst = (grads - ref_grads).abs().max().item()
+    assert worst <= (1e-10 if fp64 else 3e-6) * ref_grads.abs().max().item(), f"{what}: max grad diff {worst:.2e}"
+    stats = 2 * B * cfg.norm_num_groups * 3 * 8
+    ema = 2 * B * cfg.hidden_size * cfg.cema_ndim * 2 * (8 if fp64 else 4)
+    per_way = (cfg.num_hidden_layers * (stats + ema) + stats) * (P - 1)
+    recompute = 2 if gradient_checkpointing else 1
+    assert COMM_STATS.forward_bytes == recompute * per_way, (what, COMM_STATS, per_way)
+    assert COMM_STATS.backward_bytes == per_way, (what, COMM_STATS, per_way)
+
+
 def _worker(rank, world_size):
     group = dist.group.WORLD
     _check_ema_layer(rank, world_size, group)
     for objective in ("clm", "mlm"):
         _check_lm(rank, world_size, group, objective, gradient_checkpointing=False)
     _check_lm(rank, world_size, group, "mlm", gradient_checkpointing=True)
+    _check_megalodon_layers(rank, world_size, group)
+    _check_megalodon_lm(rank, world_size, group, False, torch.float64)
+    _check_megalodon_lm(rank, world_size, group, True, torch.float32)
 
 
 @pytest.mark.parametrize("world_size", [2, pytest.param(4, marks=pytest.mark.slow)])

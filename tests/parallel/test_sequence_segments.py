@@ -1,4 +1,5 @@
-"""Segmented layers composed with sequence parallelism: SP=2 with segments == SP=1 without (CLM and MLM).
+"""Segmented layers composed with sequence parallelism: SP=2 with segments == SP=1 without (MEGA CLM and MLM;
+Megalodon, whose staged pre-pass exchanges the norm's statistics, then the EMA state, then the final norm's).
 
     PYTHONPATH=. python -m pytest -x -q tests/parallel/test_sequence_segments.py
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatrain.model import MegaConfig, MegaForCausalLM, MegaForMaskedLM
+from megatrain.model import MegaConfig, MegaForCausalLM, MegaForMaskedLM, MegalodonConfig, MegalodonForCausalLM
 from megatrain.ops.lm_loss import IGNORE_INDEX
 from megatrain.parallel.checkpointing import apply_checkpointing, policy_from_config
 from megatrain.parallel.protocol import sp_forward_backward
@@ -51,17 +52,27 @@ def _grads(model) -> torch.Tensor:
     return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
 
 
-def _check(rank, P, group, objective, ckpt):
+def _megalodon(segment_size: int, ckpt: bool) -> MegalodonForCausalLM:
+    # fp64: the staged pre-pass (the norm's statistics, then the EMA state, then the final norm's) is exact
+    return MegalodonForCausalLM(MegalodonConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, shared_representation_size=8,
+        intermediate_size=16, nffn_hidden_size=32, cema_ndim=3, chunk_size=4, norm_num_groups=4, ema_block_size=3,
+        gradient_checkpointing=ckpt, segment_size=segment_size)).double()
+
+
+def _check(rank, P, group, objective, ckpt, family="mega"):
     cls = MegaForCausalLM if objective == "clm" else MegaForMaskedLM
     models = []
     for seg in (0, SEG):
         torch.manual_seed(0)
-        models.append(apply_checkpointing(cls(_config(objective, seg, ckpt)).train(), policy_from_config(ckpt)))
+        model = cls(_config(objective, seg, ckpt)) if family == "mega" else _megalodon(seg, ckpt)
+        models.append(apply_checkpointing(model.train(), policy_from_config(ckpt)))
     plain, segmented = models
     batch = _batch(objective, P * SLICE, 64)
     kw = dict(labels_shifted=True) if objective == "clm" else {}
 
-    out = plain(batch["input_ids"], labels=batch["labels"], doc_ids=batch["doc_ids"], loss_reduction="sum", **kw)
+    out = plain(batch["input_ids"], labels=batch["labels"], doc_ids=batch["doc_ids"], loss_reduction="sum",
+                return_logits=False, **kw)
     ref_loss = out.loss / out.num_loss_tokens
     ref_loss.backward()
     ref = _grads(plain)
@@ -70,7 +81,7 @@ def _check(rank, P, group, objective, ckpt):
     sum_grads_over(segmented.parameters(), group)
     grads = _grads(segmented)
 
-    what = f"{objective} P={P} rank={rank} ckpt={ckpt}"
+    what = f"{family} {objective} P={P} rank={rank} ckpt={ckpt}"
     rel = abs(loss.mean_loss.item() - ref_loss.item()) / abs(ref_loss.item())
     assert rel <= 1e-6, f"{what}: loss {loss.mean_loss.item()!r} vs {ref_loss.item()!r} (rel {rel:.2e})"
     worst = (grads - ref).abs().max().item()
@@ -83,6 +94,7 @@ def _worker(rank, world_size):
     for objective in ("clm", "mlm"):
         _check(rank, world_size, group, objective, ckpt=True)
     _check(rank, world_size, group, "mlm", ckpt=False)
+    _check(rank, world_size, group, "clm", ckpt=True, family="megalodon")
 
 
 def test_sp2_with_segments_matches_sp1_without():

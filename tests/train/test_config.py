@@ -10,7 +10,7 @@ import yaml
 
 from megatrain.config import Config, ConfigError, load_config
 from megatrain.parallel.zero import deepspeed_config
-from tests.tiny_data import ROOT, TINY
+from tests.tiny_data import MEGALODON_TINY, ROOT, TINY
 
 OK = ["data.shards=x/index.json"]
 
@@ -122,10 +122,12 @@ def test_deepspeed_json_is_generated_from_the_config():
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = load_config(TINY, OK + ["train.lr=0.5"])
-    cfg.save(str(tmp_path / "c.yaml"))
-    again = load_config(str(tmp_path / "c.yaml"))
-    assert again == cfg and again.to_dict() == cfg.to_dict()
+    for path in (TINY, MEGALODON_TINY):      # a Megalodon run's saved config keeps its model_type
+        cfg = load_config(path, OK + ["train.lr=0.5"])
+        cfg.save(str(tmp_path / "c.yaml"))
+        again = load_config(str(tmp_path / "c.yaml"))
+        assert again == cfg and again.to_dict() == cfg.to_dict() and type(again.model) is type(cfg.model)
+    assert again.model.model_type == "megalodon" and "model_type" not in load_config(TINY, OK).to_dict()["model"]
     assert Config().checkpoint_dir == os.path.join("runs/default", "checkpoints")
 
 

@@ -17,10 +17,10 @@ from tests.dist_util import launch_pretrain, wait_all
 MLM = ["train.objective=mlm"]  # the objective alone switches the model to masked LM
 
 
-def run(tmp_path, name, world, shards, overrides):
+def run(tmp_path, name, world, shards, overrides, config=TINY):
     d = tmp_path / name
     d.mkdir()
-    args = ["--config", TINY, f"data.shards={shards}", f"run_dir={d}", "train.max_steps=3",
+    args = ["--config", config, f"data.shards={shards}", f"run_dir={d}", "train.max_steps=3",
             "logging.tensorboard=false", "checkpoint.every_steps=100", *overrides]
     wait_all(launch_pretrain(args, world, str(d)), timeout=300, log_dir=str(d))
     return read_metrics(os.path.join(d, "metrics.jsonl"))

@@ -28,13 +28,14 @@ COMMON = ["parallel.sequence_parallel_size=2", "parallel.zero_stage=1", "logging
           "checkpoint.keep_last=2"]
 
 
-def args_for(d, shards, *extra):
-    return ["--config", TINY, f"data.shards={shards}", f"run_dir={d}", *COMMON, *extra]
+def args_for(d, shards, *extra, config=TINY):
+    return ["--config", config, f"data.shards={shards}", f"run_dir={d}", *COMMON, *extra]
 
 
-def args_1(d, shards, *extra):
+def args_1(d, shards, *extra, config=TINY):
     """One rank: no sequence parallelism."""
-    return [a for a in args_for(d, shards, *extra) if not a.startswith("parallel.sequence_parallel_size")]
+    return [a for a in args_for(d, shards, *extra, config=config)
+            if not a.startswith("parallel.sequence_parallel_size")]
 
 
 def last_step(d) -> int:

@@ -14,9 +14,9 @@ import dataclasses
 
 from transformers import PretrainedConfig
 
-from megatrain.hf.format import config_from_hf_dict
-from megatrain.model.config import KNOB
-from megatrain.model.config import MegaConfig as _MT
+from megatrain.hf.mega import config_from_hf_dict
+from megatrain.model.mega.config import KNOB
+from megatrain.model.mega.config import MegaConfig as _MT
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(_MT)}
 # megatrain's run knobs (speed/memory only) are not part of an exported model
@@ -45,3 +45,7 @@ class MegaConfig(PretrainedConfig):
 
 class MegatrainMegaConfig(MegaConfig):
     model_type = "megatrain_mega"
+
+
+# config.json model_type -> this module's class for it (megatrain/hf/remote_code.py writes auto_map from it)
+CONFIG_CLASSES = {"mega": "MegaConfig", "megatrain_mega": "MegatrainMegaConfig"}

@@ -1,11 +1,13 @@
 """The EMA state recurrence, written once: how the state crosses from piece to piece of a sequence.
 
-    from megatrain.ops.ema.state import DIRECTIONS, carry, crossing_decay, cut, fold, prefix, traversal
+    from megatrain.ops.ema.state import DIRECTIONS, carry, crossing_decay, cut, fold, prefix, traversal, inclusive_scan
     h_out = carry(local, decay, keep, h)        # one piece: local + decay * cut(h, keep)       [B, D, N]
     local, decay = fold(locals_, decays, keeps)  # K pieces [K, B, D, N] -> the one piece they make up
     h_in = prefix(locals_, decays, keeps, h0)    # [K, B, D, N]: the state entering every piece
     locals_, decays, keeps = traversal(direction, locals_, decays, edges)   # edges [K+1, B] -> that order
     decay = crossing_decay(logq, batch, length, resets)   # [B, D, N]: a piece's decay
+    qn = power(logq, n)                          # q^n (a complex q's angle reduced in float64: see power)
+    items = inclusive_scan((a, b), combine)      # the log-depth scan itself, for any associative combine
 Tests: PYTHONPATH=. python -m pytest -q tests/ops/test_ema_state.py
 
 Why it is exact (the argument behind sequence parallelism, segments and the blocked scan). MEGA's EMA
@@ -27,11 +29,14 @@ transposed scan), so no adjoint is written by hand. Right to left (a bidirection
 same recurrence over the pieces in reversed order. Users: ops/ema/torch_blocked.py (blocks inside one scan),
 model/ema.py (adding a boundary's or a decoding step's incoming state), model/segments.py (segments inside a
 layer), parallel/sequence.py (SP slices: all-gather every slice's (local, decay), prefix, take this rank's entry).
-Any float dtype; the math runs in the inputs' dtype (the EMA hands it fp32, or fp64 in tests).
+Any float or complex dtype; the math runs in the inputs' dtype (the EMA hands it fp32, or fp64 in tests; Megalodon's
+complex EMA hands complex64 / complex128 states: ops/cema). The scan itself (`inclusive_scan`) takes any associative
+combine: the timestep norm's running statistics (ops/tsn) use it with Chan's merge.
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -52,22 +57,32 @@ def carry(local: Tensor, decay: Tensor, keep: Optional[Tensor], h: Optional[Tens
     return local if h is None else local + decay * cut(h, keep)
 
 
-def _inclusive(local: Tensor, decay: Tensor, with_decay: bool) -> tuple[Tensor, Tensor]:
-    """H_k = local_k + decay_k H_{k-1} along dim 0 in ceil(log2 K) rounds; with_decay: also prod_{j<=k} decay_j."""
-    step, k = 1, local.shape[0]
-    decay = decay.expand_as(local)
+def inclusive_scan(items: tuple[Tensor, ...], combine: Callable) -> tuple[Tensor, ...]:
+    """The log-depth (Hillis-Steele) inclusive scan along dim 0, written once for every piece summary: `items`
+    are K pieces as tensors [K, ...]; `combine(earlier, later)` (tuples of tensors, batched) is associative.
+    Returns, per piece k, the combination of pieces 0..k, in ceil(log2 K) rounds of batched combines."""
+    step, k = 1, items[0].shape[0]
     while step < k:
-        local = torch.cat([local[:step], local[step:] + decay[step:] * local[:-step]])
-        if with_decay or 2 * step < k:   # the last round's decay products are needed only for fold
-            decay = torch.cat([decay[:step], decay[step:] * decay[:-step]])
+        merged = combine(tuple(t[:-step] for t in items), tuple(t[step:] for t in items))
+        items = tuple(torch.cat([t[:step], m]) for t, m in zip(items, merged))
         step *= 2
-    return local, decay
+    return items
+
+
+def _affine(earlier: tuple[Tensor, Tensor], later: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """(l2, d2) after (l1, d1) = (l2 + d2 l1, d2 d1): two pieces of the EMA recurrence as one."""
+    return later[0] + later[1] * earlier[0], later[1] * earlier[1]
+
+
+def _inclusive(local: Tensor, decay: Tensor) -> tuple[Tensor, Tensor]:
+    """H_k = local_k + decay_k H_{k-1} along dim 0, and prod_{j<=k} decay_j."""
+    return inclusive_scan((local, decay.expand_as(local)), _affine)
 
 
 def fold(local: Tensor, decay: Tensor, keep: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """K pieces [K, ...] in traversal order -> (local, decay) of the single piece they make up (keep[0] included,
     so the result crosses its own entering edge uncut)."""
-    ends, decays = _inclusive(local, cut(decay.expand_as(local), keep), with_decay=True)
+    ends, decays = _inclusive(local, cut(decay.expand_as(local), keep))
     return ends[-1], decays[-1]
 
 
@@ -76,8 +91,7 @@ def prefix(local: Tensor, decay: Tensor, keep: Optional[Tensor] = None, h0: Opti
     decay = cut(decay.expand_as(local), keep)
     first = torch.zeros_like(local[:1]) if h0 is None else h0.unsqueeze(0).to(local.dtype)
     # the state entering piece k is the state after piece k-1, cut at edge k: shift by one, h0 in front
-    ends, _ = _inclusive(torch.cat([first, local[:-1]]), torch.cat([torch.zeros_like(decay[:1]), decay[:-1]]),
-                         with_decay=False)
+    ends, _ = _inclusive(torch.cat([first, local[:-1]]), torch.cat([torch.zeros_like(decay[:1]), decay[:-1]]))
     return cut(ends, keep)
 
 
@@ -89,10 +103,34 @@ def traversal(direction: str, local: Tensor, decay: Tensor, edges: Optional[Tens
     return local.flip(0), decay.flip(0), None if edges is None else edges[1:].flip(0)
 
 
+# exponents up to this keep a complex power's angle in fp32 (error <= n |Im logq| eps ~ 1e-4 rad at most); beyond
+# it the angle is formed in float64 (see power)
+_FP32_ANGLE_STEPS = 256
+
+
+def power(logq: Tensor, n) -> Tensor:
+    """q^n = exp(n logq) for n a number or a tensor broadcasting with logq. For a complex logq (Megalodon's rotating
+    decay) this is polar(exp(n Re logq), n Im logq) (CPU's complex exp is ~10x slower than cos/sin), and for n
+    beyond _FP32_ANGLE_STEPS the angle is formed in float64 and reduced mod 2 pi first: in fp32 its error would
+    grow as n |Im logq| eps (~3e-3 rad at n = 16K), a wrong rotation of every state handed across a long piece (an
+    SP slice, a segment) that the blocked scan, which multiplies short powers, does not make."""
+    if not logq.is_complex():
+        return torch.exp(logq * n)
+    dtype = logq.real.dtype
+    steps = n.to(dtype) if isinstance(n, Tensor) else n
+    largest = float(n.abs().max()) if isinstance(n, Tensor) else abs(float(n))
+    if largest <= _FP32_ANGLE_STEPS or dtype == torch.float64:
+        angle = logq.imag * steps
+    else:
+        wide = n.to(torch.float64) if isinstance(n, Tensor) else float(n)
+        angle = torch.remainder(logq.imag.to(torch.float64) * wide, 2 * math.pi).to(dtype)
+    return torch.polar(torch.exp(logq.real * steps), angle)
+
+
 def crossing_decay(logq: Tensor, batch: int, length: int, resets: Optional[Tensor] = None) -> Tensor:
     """[B, D, N] factor an incoming state is multiplied by across `length` positions (0 if a document starts
     inside: resets [B, L] bool, True where a document starts)."""
-    decay = torch.exp(logq * length).unsqueeze(0).expand(batch, -1, -1)
+    decay = power(logq, length).unsqueeze(0).expand(batch, -1, -1)
     if resets is not None:
         decay = cut(decay, ~resets.any(1))
     return decay

@@ -57,6 +57,7 @@ from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
 from megatrain.ops.backend import triton_interpreted
+from megatrain.ops.ema.triton_kernel import to_bf16_rounded
 
 _TILE_CHUNKS = 16        # BK: chunks per tile = the matmul's N dimension (tensor cores need >= 16)
 _NUM_WARPS = 4
@@ -223,11 +224,7 @@ def _ema_chunked_bwd(U, RES, GOUT, GSTATE, T, WST, WPR, LAM, STATES, GU, DT, DWS
         acc_lam += tl.sum(tl.where((seg_last == 0)[None, :], f * entering, 0.0), 1)
         p = k0 * C + cols[None, :] * C + ci[:, None] - PAD
         if GU_BF16:
-            # round to nearest even by hand: the interpreter truncates fp32 -> bf16 casts (the GPU rounds)
-            bits = gu.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-            rounded = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-            gu = tl.where(gu == gu, rounded, gu.to(tl.bfloat16))                       # NaN stays NaN
+            gu = to_bf16_rounded(gu)
         tl.store(GU + _offset(b, p, d, L, D, CM), gu, mask=(p >= 0) & (p < L))
     part = b * D + d
     tl.store(DT + part * C * C + ci[:, None] * C + ci[None, :], acc_t)

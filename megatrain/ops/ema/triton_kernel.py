@@ -56,6 +56,16 @@ _NUM_WARPS = 2       # the per-step work is one [32, 16] tile: few warps per pro
 
 
 @triton.jit
+def to_bf16_rounded(x):
+    """fp32 -> bf16, rounded to nearest even by hand: the interpreter truncates fp32 -> bf16 casts (the GPU rounds),
+    and truncation alone would double a bf16 gradient's rounding error. (Shared by every kernel that writes one.)"""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return tl.where(x == x, rounded, x.to(tl.bfloat16))     # NaN stays NaN
+
+
+@triton.jit
 def _chunk_setup(A, C, LOGQ, D, N, BD: tl.constexpr, BN: tl.constexpr):
     """This program's channels (axis 1 of the grid) and their coefficients a, c, q = exp(logq), [BD, BN]."""
     offs_d = tl.program_id(1) * BD + tl.arange(0, BD)
@@ -129,12 +139,7 @@ def _backward_chunk(U, GOUT, A, C, LOGQ, KEEP, GC, RC, SC, GU, L, D, N, NC, CHUN
         if FINAL:
             grad_u = tl.sum(a * g, axis=1)
             if GU_BF16:
-                # round to nearest even by hand: the interpreter truncates fp32 -> bf16 casts (the GPU rounds),
-                # and truncation alone would double the gradient's rounding error
-                bits = grad_u.to(tl.uint32, bitcast=True)
-                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-                rounded = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-                grad_u = tl.where(grad_u == grad_u, rounded, grad_u.to(tl.bfloat16))     # NaN stays NaN
+                grad_u = to_bf16_rounded(grad_u)
             tl.store(GU + (b * L + t) * D + offs_d, grad_u, mask=load_mask)
             x = tl.load(U + (b * L + t) * D + offs_d, mask=load_mask, other=0.0).to(a.dtype)[:, None]
             sum_ug += x * g          # x = 0 past the end: padded positions add nothing

@@ -11,8 +11,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from megatrain.model.attention import LayerCache, MovingAverageGatedAttention
-from megatrain.model.config import MegaConfig
+from megatrain.model.mega.attention import LayerCache, MovingAverageGatedAttention
+from megatrain.model.mega.config import MegaConfig
 from megatrain.model.context import SeqContext
 from megatrain.model.layers import Dropout, activation, make_norm
 from megatrain.model.pieces import Pieces
@@ -44,6 +44,16 @@ class MegaBlock(Pieces, nn.Module):
         self.config = config
         self.attn = MovingAverageGatedAttention(config)
         self.ffn = NormalizedFFN(config) if config.use_normalized_ffn else None
+
+    # the segmented forward's interface (megatrain/model/segments.py): one pre-pass stage, both EMA directions
+    prepass_stages = 1
+
+    def needs_prepass(self, sequence_parallel: bool) -> bool:
+        return self.config.bidirectional or sequence_parallel
+
+    def edge_states(self, x: torch.Tensor, ctx: SeqContext, stage: int) -> None:
+        """The norm + EMA on one segment, reporting both directions' states to ctx.ema_boundary."""
+        self.attn.ema(self.attn.ema_input(x, ctx.mask), mask=ctx.mask, doc_ids=ctx.doc_ids, boundary=ctx.ema_boundary)
 
     def forward(self, x: torch.Tensor, ctx: SeqContext = SeqContext(),
                 cache: Optional[LayerCache] = None) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """MEGA's multi-dimensional damped EMA sublayer (Ma et al., arXiv 2209.10655, eq. 2-3): parameters and the model side.
 
 Use:
-    from megatrain.model.ema import MultiDimDampedEMA
+    from megatrain.model.mega.ema import MultiDimDampedEMA
     ema = MultiDimDampedEMA(hidden_size=256, ema_projection_size=16, bidirectional=False)
     y, state = ema(x)                    # x [B, L, D] -> y [B, L, D], state [B, D, N] after the last position
     y2, state = ema(x2, state=state)     # continue the same sequence (unidirectional only)
@@ -34,20 +34,15 @@ output is computed.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megatrain.ops.ema import crossing_decay, ema_scan, ema_scan_ref, incoming_contribution, math_dtype
+from megatrain.model.boundary import Boundary, doc_starts, scan_with_boundary
+from megatrain.ops.ema import ema_scan, ema_scan_ref, math_dtype
 from megatrain.ops.ema.state import DIRECTIONS, carry
-
-# boundary(local_state [B,D,N], decay [B,D,N], direction "forward"|"backward") -> incoming state [B,D,N]
-# A boundary may also offer the two-phase `boundary.start(local_state, decay, direction) -> handle`,
-# `handle.wait() -> h_in` (megatrain.parallel.sequence's does): the exchange then overlaps the local output.
-Boundary = Callable[[Tensor, Tensor, str], Tensor]
-
 
 def _direction_coefficients(ema: "MultiDimDampedEMA", direction: int, dtype: torch.dtype):
     """(a, c, log q), each [D, N], of one direction (0 = left-to-right, 1 = right-to-left) in `dtype`."""
@@ -61,31 +56,6 @@ def _direction_coefficients(ema: "MultiDimDampedEMA", direction: int, dtype: tor
     # q = e^-60 is 0 for every practical purpose and keeps everything finite.
     logq = torch.log1p(-p * alpha).clamp(min=-60.0)
     return a, c, logq
-
-
-def _resets_from_doc_ids(doc_ids: Tensor) -> Tensor:
-    """[B, L] bool: position t starts a new document (t >= 1 and its id differs from t-1's)."""
-    changed = doc_ids[:, 1:] != doc_ids[:, :-1]
-    return F.pad(changed, (1, 0), value=False)
-
-
-class _Ready:
-    """The handle of a plain callable boundary: its answer is already there."""
-
-    def __init__(self, h_in: Tensor):
-        self.h_in = h_in
-
-    def wait(self) -> Tensor:
-        return self.h_in
-
-
-def _start_boundary(boundary: Boundary, local_state: Tensor, decay: Tensor, direction: str):
-    """A handle whose wait() gives the incoming state: the boundary's own two-phase start() when it has one (the
-    exchange then runs until wait), else the plain call, answered at once."""
-    start = getattr(boundary, "start", None)
-    if start is not None:
-        return start(local_state, decay, direction)
-    return _Ready(boundary(local_state, decay, direction))
 
 
 class MultiDimDampedEMA(nn.Module):
@@ -164,22 +134,12 @@ class MultiDimDampedEMA(nn.Module):
         the local end state exists (before the output on the PyTorch path: a two-phase boundary's collective runs
         while the output is computed), and `finish(out, state)` waits for the incoming state and adds its
         closed-form contribution. Without one, finish is None."""
-        bsz, length = u.shape[:2]
         a, c, logq = _direction_coefficients(self, direction, u.dtype)
         if boundary is None:
             out, state = ema_scan(u, a, c, logq, resets, h_in, self.truncation, self.block_size, backend)
             return out, state, None
-        decay = crossing_decay(logq, bsz, length, resets)
-        name = DIRECTIONS[direction]
-        started = []
-        out, state = ema_scan(u, a, c, logq, resets, block=self.block_size, backend=backend,
-                              on_state=lambda s: started.append(_start_boundary(boundary, s, decay, name)))
-
-        def finish(out: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-            h = started[0].wait()
-            out = out + incoming_contribution(h, c, logq, length, resets, self.block_size)
-            return out, carry(state, decay, None, h)
-        return out, state, finish
+        return scan_with_boundary(ema_scan, u, a, c, logq, resets, boundary, DIRECTIONS[direction], self.block_size,
+                                  backend)
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, doc_ids: Optional[Tensor] = None,
                 state: Optional[Tensor] = None, boundary: Optional[Boundary] = None) -> tuple[Tensor, Tensor]:
@@ -190,14 +150,14 @@ class MultiDimDampedEMA(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             xf = x.to(dtype)
             u = xf if mask is None else xf * mask.to(dtype).unsqueeze(-1)
-            resets = None if doc_ids is None else _resets_from_doc_ids(doc_ids)
+            resets = None if doc_ids is None else doc_starts(doc_ids)
             h_in = state.to(dtype) if state is not None else None
             # both directions' local passes first (each starts its exchange), then the waits: every rank starts
             # its collectives in the same order, and both are in flight while the local outputs are computed
             out, state_out, finish = self._direction(u, resets, 0, h_in, boundary, backend)
             if self.bidirectional:
                 # right-to-left = left-to-right on the reversed sequence; doc resets recomputed on reversed ids
-                resets_rev = None if doc_ids is None else _resets_from_doc_ids(doc_ids.flip(1))
+                resets_rev = None if doc_ids is None else doc_starts(doc_ids.flip(1))
                 out_rev, state_rev, finish_rev = self._direction(u.flip(1), resets_rev, 1, None, boundary, backend)
             if finish is not None:
                 out, state_out = finish(out, state_out)
@@ -235,11 +195,11 @@ def ema_ref(x: Tensor, ema: MultiDimDampedEMA, mask: Optional[Tensor] = None, do
     parameters are cast to it). Same inputs/outputs as `ema(...)` without `boundary`."""
     dtype = x.dtype
     u = x if mask is None else x * mask.to(dtype).unsqueeze(-1)
-    resets = None if doc_ids is None else _resets_from_doc_ids(doc_ids)
+    resets = None if doc_ids is None else doc_starts(doc_ids)
     out, state_out = ema_scan_ref(u, *_direction_coefficients(ema, 0, dtype), resets,
                                   None if state is None else state.to(dtype), ema.truncation)
     if ema.bidirectional:
-        resets_rev = None if doc_ids is None else _resets_from_doc_ids(doc_ids.flip(1))
+        resets_rev = None if doc_ids is None else doc_starts(doc_ids.flip(1))
         out_rev, _ = ema_scan_ref(u.flip(1), *_direction_coefficients(ema, 1, dtype), resets_rev,
                                   truncation=ema.truncation)
         out = out + out_rev.flip(1)

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatrain.model.config import MegaConfig
-from megatrain.model.backbone import MegaModel, init_weights_
+from megatrain.model.mega.config import MegaConfig
+from megatrain.model.mega.backbone import MegaModel, init_weights_
 
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 

@@ -23,13 +23,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from megatrain.model.attention import LayerCache, MovingAverageGatedAttention, RotaryRelativeBias, SimpleRelativeBias
-from megatrain.model.blocks import MegaBlock
-from megatrain.model.config import MegaConfig
-from megatrain.model.context import SeqContext
+from megatrain.model.mega.attention import LayerCache, MovingAverageGatedAttention, RotaryRelativeBias, SimpleRelativeBias
+from megatrain.model.mega.blocks import MegaBlock
+from megatrain.model.mega.config import MegaConfig
+from megatrain.model.context import SeqContext, check_ids, check_masks, pad_to_chunks
 from megatrain.model.pieces import Pieces
 from megatrain.model.segments import forward_segmented
 
@@ -43,27 +42,6 @@ class MegaCache:
     @property
     def pos(self) -> int:
         return self.layers[0].pos if self.layers else 0
-
-
-def check_ids(name: str, t: Optional[torch.Tensor], shape, upper: int, allow: Optional[int] = None):
-    """Shape and dtype always; the values only on the CPU. Reading a device tensor's verdict back would stall the
-    host once per forward (a micro-batch's pipeline drained): there the ids were checked where the data entered
-    (megatrain/data/shards.py checks every token against the vocabulary as it decodes a shard; prompts come from
-    the tokenizer), and the embedding's own bounds check still stops a bad id."""
-    if t is None:
-        return
-    if t.shape != shape:
-        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-    if t.dtype.is_floating_point or t.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
-    if t.device.type != "cpu":
-        return
-    ok = (t >= 0) & (t < upper)
-    if allow is not None:
-        ok |= t == allow
-    if not bool(ok.all()):
-        bad = t[~ok][0].item()
-        raise ValueError(f"{name} contains {bad}, outside [0, {upper})")
 
 
 @torch.no_grad()
@@ -119,6 +97,13 @@ class MegaModel(Pieces, nn.Module):
         self.layers = nn.ModuleList([MegaBlock(config) for _ in range(config.num_hidden_layers)])
         init_weights_(self, config)
 
+    # the segmented forward's interface (megatrain/model/segments.py)
+    def segment_stages(self) -> list:
+        return list(self.layers)
+
+    def layer_input(self, index: int, inp: torch.Tensor, token_type_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        return self.embeddings(inp, token_type_ids) if index == 0 else inp
+
     def new_cache(self) -> MegaCache:
         if self.config.bidirectional:
             raise ValueError("incremental decoding needs bidirectional=False (a bidirectional EMA sees the future)")
@@ -133,14 +118,7 @@ class MegaModel(Pieces, nn.Module):
             if not cfg.add_token_type_embeddings and bool((token_type_ids != 0).any()):
                 raise ValueError("token_type_ids given but config.add_token_type_embeddings=False")
             check_ids("token_type_ids", token_type_ids, input_ids.shape, cfg.type_vocab_size)
-        if attention_mask is not None:
-            if attention_mask.shape != input_ids.shape:
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
-                                 f"expected {tuple(input_ids.shape)}")
-            if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-                raise ValueError("attention_mask must contain only 0 and 1")
-        if doc_ids is not None and doc_ids.shape != input_ids.shape:
-            raise ValueError(f"doc_ids has shape {tuple(doc_ids.shape)}, expected {tuple(input_ids.shape)}")
+        check_masks(input_ids, attention_mask, doc_ids)
 
     def forward(
         self,
@@ -169,15 +147,8 @@ class MegaModel(Pieces, nn.Module):
             if ema_boundary is not None:
                 raise ValueError(f"with ema_boundary (sequence parallelism) every slice must be whole chunks: "
                                  f"length {length} is not a multiple of chunk_size {cfg.chunk_size}")
-            # pad to whole chunks; the padding is masked out everywhere, so real positions are unaffected
-            if attention_mask is None:
-                attention_mask = torch.ones_like(input_ids)
-            input_ids = F.pad(input_ids, (0, pad), value=cfg.pad_token_id if cfg.pad_token_id is not None else 0)
-            attention_mask = F.pad(attention_mask, (0, pad), value=0)
-            if token_type_ids is not None:
-                token_type_ids = F.pad(token_type_ids, (0, pad), value=0)
-            if doc_ids is not None:
-                doc_ids = torch.cat([doc_ids, doc_ids[:, -1:].expand(-1, pad)], dim=1)
+            input_ids, attention_mask, token_type_ids, doc_ids = pad_to_chunks(
+                pad, input_ids, attention_mask, token_type_ids, doc_ids, cfg.pad_token_id)
 
         ctx = SeqContext(attention_mask, doc_ids, ema_boundary)
         if cfg.segment_size and input_ids.shape[1] > cfg.segment_size:

@@ -29,11 +29,10 @@ Validation happens at construction and in `validate()`: a bad value raises Value
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
+from megatrain.model.settings import Settings
 from megatrain.ops.backend import check_backend
 
 NORMALIZATION_TYPES = ("scalenorm", "layernorm", "rmsnorm", "batchnorm", "syncbatchnorm")
@@ -64,7 +63,8 @@ HF_GENERIC_KEYS = frozenset(
 
 
 @dataclass
-class MegaConfig:
+class MegaConfig(Settings):
+    model_type: ClassVar[str] = "mega"     # the family (megatrain/model/registry.py); not a field
     vocab_size: int = 30522
     hidden_size: int = 128
     num_hidden_layers: int = 4
@@ -121,16 +121,7 @@ class MegaConfig:
         def bad(name, why):
             raise ValueError(f"MegaConfig.{name}={getattr(self, name)!r}: {why}")
 
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if f.type in ("int", "Optional[int]") and v is not None and (isinstance(v, bool) or not isinstance(v, int)):
-                bad(f.name, "must be an int")
-            if f.type == "bool" and not isinstance(v, bool):
-                bad(f.name, "must be a bool")
-            if f.type in ("float", "Optional[float]") and v is not None and (
-                isinstance(v, bool) or not isinstance(v, (int, float))
-            ):
-                bad(f.name, "must be a number")
+        self.check_field_types(bad)
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "ema_projection_size",
                      "shared_representation_size", "nffn_hidden_size", "max_positions", "type_vocab_size",
                      "ema_block_size"):
@@ -210,13 +201,6 @@ class MegaConfig:
                              f"simple relative bias table (max_positions={self.max_positions})")
 
     # ---- (de)serialization ------------------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def field_names(cls) -> set[str]:
-        return {f.name for f in dataclasses.fields(cls)}
-
     @classmethod
     def megatrain_only_fields(cls, kind: Optional[str] = None) -> tuple[str, ...]:
         """The fields tagged MEGATRAIN_ONLY (of one kind, KNOB or NUMERICS, if given), in field order."""
@@ -233,21 +217,3 @@ class MegaConfig:
         if unknown:
             raise ValueError(f"MegaConfig: unknown field {unknown[0]!r} (all unknown: {unknown})")
         return cls(**{k: v for k, v in d.items() if k in names})
-
-    def to_json_file(self, path: str | os.PathLike) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> "MegaConfig":
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{path}: expected a JSON object")
-        return cls.from_dict(d)
-
-    def replace(self, **changes) -> "MegaConfig":
-        return dataclasses.replace(self, **changes)

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatrain.model.config import MegaConfig
-from megatrain.model.context import SeqContext
-from megatrain.model.ema import MultiDimDampedEMA
+from megatrain.model.mega.config import MegaConfig
+from megatrain.model.context import SeqContext, cached_keys, keep_current_chunk
+from megatrain.model.mega.ema import MultiDimDampedEMA
 from megatrain.model.layers import Dropout, activation, make_norm
 from megatrain.model.pieces import Pieces
 from megatrain.ops.attention import chunk_attention
@@ -144,11 +144,7 @@ class MovingAverageGatedAttention(Pieces, nn.Module):
         """Decoding path: new tokens at positions [P, P+T) attend to cached keys of their chunk and to each other."""
         b, t, _ = q.shape
         p0 = cache.pos
-        key_mask = torch.ones(b, t, dtype=torch.bool, device=q.device) if mask is None else mask.bool()
-        if cache.key is not None:
-            k = torch.cat([cache.key, k], dim=1)
-            v = torch.cat([cache.value, v], dim=1)
-            key_mask = torch.cat([cache.key_mask, key_mask], dim=1)
+        k, v, key_mask = cached_keys(cache, k, v, mask)
         s = k.shape[1]
         qpos = torch.arange(p0, p0 + t, device=q.device)
         kpos = torch.arange(p0 + t - s, p0 + t, device=q.device)
@@ -159,11 +155,7 @@ class MovingAverageGatedAttention(Pieces, nn.Module):
         else:
             bias = self.rel_pos(qpos, kpos)
         out = self._attend(q[:, None], k[:, None], v[:, None], bias.to(q.dtype), valid=valid[:, None])[:, 0]
-        # keep only the keys the next token can see: its chunk (everything without chunking)
-        keep_from = 0 if self.chunk is None else ((p0 + t) // self.chunk) * self.chunk
-        first = max(keep_from - (p0 + t - s), 0)
-        cache.key, cache.value, cache.key_mask = k[:, first:], v[:, first:], key_mask[:, first:]
-        cache.pos = p0 + t
+        keep_current_chunk(cache, k, v, key_mask, p0 + t, self.chunk)
         return out
 
     # ---- the sub-layer ----------------------------------------------------------------------------------------
