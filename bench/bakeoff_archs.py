@@ -9,8 +9,8 @@ transformers model through megatrain.hf.causal_lm.CausalLMAdapter. An entry is a
 (shape, vocab_size, overrides, match) -> (model, config dict, (layers, attention span, qk dim, v dim) for the
 FLOPs convention of megatrain.train.metrics.model_flops_per_token).
 ``shape`` is the preset's MEGA shape (bench/bakeoff.py PRESETS); ``match`` the non-embedding parameter count a
-baseline is sized to (None for the reference arch, MEGA). Adding an arch = one function + one ARCHS line, e.g.
-Megalodon through megatrain.model.build_model with model_type "megalodon" once it lands.
+baseline is sized to (None for the reference arch, MEGA). Adding an arch = one function + one ARCHS line (Megalodon:
+megatrain.model.build_model with model_type "megalodon", its FFN width sized to MEGA's count).
 """
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ def non_embedding_params(model: nn.Module) -> tuple[int, int]:
     params = {id(p): p for p in model.parameters()}
     total = sum(p.numel() for p in params.values())
     drop = {id(emb)}
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    # a transformers model names its head; megatrain's LMs (either family) call it lm_head
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else getattr(model, "lm_head", None)
     if head is not None and head.weight.shape == emb.shape:
         drop.add(id(head.weight))
     return total, total - sum(params[i].numel() for i in drop if i in params)
@@ -92,7 +93,41 @@ def _llama(shape: dict, vocab_size: int, overrides: dict, match: Optional[int]):
     return model, config.to_dict(), (config.num_hidden_layers, shape["train_len"], d, d)
 
 
-ARCHS = {"mega": _mega, "llama": _llama}
+def _megalodon_config(shape: dict, vocab_size: int, overrides: dict, ffn: int):
+    from megatrain.model.megalodon.config import MegalodonConfig
+    d = shape["hidden_size"]
+    # the reference's proportions: v = the MEGA shape's intermediate width, z its shared width, one head below
+    # width 2048, timestep-norm groups of 32 channels (32 groups at d 1024, as the 200M)
+    cfg = dict(vocab_size=vocab_size, hidden_size=d, num_hidden_layers=shape["num_hidden_layers"],
+               num_attention_heads=1 if d < 2048 else 2, shared_representation_size=shape["shared_representation_size"],
+               intermediate_size=shape["intermediate_size"], nffn_hidden_size=ffn,
+               cema_ndim=shape["ema_projection_size"], chunk_size=shape["chunk_size"],
+               norm_num_groups=max(1, d // 32), pad_token_id=3, bos_token_id=1, eos_token_id=2)
+    cfg.update(overrides)
+    return MegalodonConfig(**cfg)
+
+
+def _megalodon(shape: dict, vocab_size: int, overrides: dict, match: Optional[int]):
+    """Megalodon (megatrain.model.build_model, model_type megalodon) at the MEGA shape's width, depth, z, v, EMA
+    dim and chunk, its FFN width chosen (a multiple of 8) so its non-embedding parameters match MEGA's; its own
+    reference init ("he") and untied head (left out of the count as the Llama's tied one is)."""
+    from megatrain.model import build_model
+    if match is None:
+        raise ValueError("megalodon is compared with the reference arch: it is sized to its non-embedding parameters")
+    if "nffn_hidden_size" in overrides:
+        ffn = overrides["nffn_hidden_size"]
+    else:  # non-embedding parameters are linear in the FFN width: two probes give the line
+        probe = [non_embedding_params(build_model(_megalodon_config(shape, vocab_size, overrides, f)))[1]
+                 for f in (8, 16)]
+        slope = (probe[1] - probe[0]) / 8
+        ffn = max(8, round((match - (probe[0] - 8 * slope)) / slope / 8) * 8)
+    config = _megalodon_config(shape, vocab_size, overrides, ffn)
+    model = build_model(config)
+    return model, config.to_dict(), (config.num_hidden_layers, config.chunk_size,
+                                     config.shared_representation_size, config.intermediate_size)
+
+
+ARCHS = {"mega": _mega, "llama": _llama, "megalodon": _megalodon}
 
 
 def build_arch(name: str, shape: dict, vocab_size: int, overrides: Optional[dict] = None,

@@ -38,7 +38,7 @@ def shards(tmp_path_factory, corpus_dir, tokenizer_dir):  # noqa: F811
 def tiny_sweep(tmp_path_factory, shards, tokenizer_dir):  # noqa: F811
     from bench import bakeoff
     out = str(tmp_path_factory.mktemp("sweep") / "bakeoff-tiny")
-    argv = ["--data", shards, "--archs", "mega,llama", "--preset", "cpu-tiny", "--seeds", "2",
+    argv = ["--data", shards, "--archs", "mega,llama,megalodon", "--preset", "cpu-tiny", "--seeds", "2",
             "--tokenizer", tokenizer_dir, "--out", out]
     assert bakeoff.main(argv) == 0
     with open(os.path.join(out, "results.json")) as f:
@@ -47,12 +47,14 @@ def tiny_sweep(tmp_path_factory, shards, tokenizer_dir):  # noqa: F811
 
 def test_tiny_sweep_runs_every_arch_and_writes_the_report(tiny_sweep):
     out, _, res = tiny_sweep
-    assert set(res["best"]) == {"mega", "llama"}
+    assert set(res["best"]) == {"mega", "llama", "megalodon"}
     names = sorted(r["name"] for r in res["runs"])
-    # phase 1: 2 LRs x 2 initializer ranges for MEGA, 2 LRs for the Llama; phase 2: the best of each at seed 1
-    assert len([n for n in names if n.startswith("mega") and n.endswith("-s0")]) == 4
+    # phase 1: 2 LRs x 2 initializer ranges for MEGA, 2 LRs for the Llama and for Megalodon (its own init);
+    # phase 2: the best of each at seed 1
+    assert len([n for n in names if n.startswith("mega-") and n.endswith("-s0")]) == 4
     assert len([n for n in names if n.startswith("llama") and n.endswith("-s0")]) == 2
-    assert len([n for n in names if n.endswith("-s1")]) == 2
+    assert len([n for n in names if n.startswith("megalodon") and n.endswith("-s0")]) == 2
+    assert len([n for n in names if n.endswith("-s1")]) == 3
     L = res["fixed"]["seq_len"]
     for arch, row in res["best"].items():
         assert set(row["by_length"]) == {str(L), str(2 * L), str(4 * L)}
@@ -67,13 +69,15 @@ def test_tiny_sweep_runs_every_arch_and_writes_the_report(tiny_sweep):
     for f in ("README.md", "loss_curve.png", "loss_by_position.png", "passkey.png"):
         assert os.path.getsize(os.path.join(out, f)) > 0, f
     readme = open(os.path.join(out, "README.md")).read()
-    assert "| mega |" in readme and "| llama |" in readme and "Same tokens" in readme
+    assert "| mega |" in readme and "| llama |" in readme and "| megalodon |" in readme and "Same tokens" in readme
 
 
 def test_parameters_are_matched(tiny_sweep):
     _, _, res = tiny_sweep
     mega, llama = res["best"]["mega"]["non_embedding_params"], res["best"]["llama"]["non_embedding_params"]
     assert abs(llama - mega) <= 0.05 * mega, (mega, llama)
+    megalodon = res["best"]["megalodon"]["non_embedding_params"]
+    assert abs(megalodon - mega) <= 0.05 * mega, (mega, megalodon)
     # the count is the model's own: every parameter but the tied [V, D] embedding
     from bench.bakeoff_archs import llama_non_embedding
     cfg = [r for r in res["runs"] if r["spec"]["arch"] == "llama"][0]["config"]
@@ -85,7 +89,7 @@ def test_every_arch_reads_the_same_windows(tiny_sweep):
     for seed in (0, 1):
         digests = {r["stream_sha256"] for r in res["runs"] if r["spec"]["seed"] == seed}
         archs = {r["spec"]["arch"] for r in res["runs"] if r["spec"]["seed"] == seed}
-        assert len(digests) == 1 and archs == {"mega", "llama"}
+        assert len(digests) == 1 and archs == {"mega", "llama", "megalodon"}
     from bench.bakeoff import check_same_streams
     bad = [dict(res["runs"][0], stream_sha256="0" * 64)] + res["runs"][1:]
     with pytest.raises(RuntimeError, match="different token streams"):
