@@ -233,7 +233,7 @@ EVALUATE_CASES = [
     ("evaluate-missing-source", EVAL + " {w}/nowhere --shards {w}/shards", ["SOURCE {w}/nowhere", "no such folder"],
      []),
     ("evaluate-length-not-whole-chunks", EVAL + " {w}/export/run --shards {w}/shards --seq-len 36",
-     ["--seq-len 36", "multiple of chunk_size x SP"], []),
+     ["--seq-len=36", "multiple of model.chunk_size"], []),
     ("evaluate-length-not-a-number", EVAL + " {w}/export/run --shards {w}/shards --seq-len 4k",
      ["--seq-len '4k'", "integers"], []),
     ("evaluate-sp-not-dividing", EVAL + " {w}/export/run --shards {w}/shards --sp 3", ["--sp 3", "world size 1"], []),

@@ -22,19 +22,15 @@ from megatrain.eval.passkey import DEPTHS, PasskeyFormat, passkey_eval
 
 
 def check_lengths(seq_lens, config, sp_size: int, flag: str = "--seq-len") -> None:
-    """Each length a whole number of chunks per SP rank (ValueError naming the flag and the value)."""
+    """Each length obeys the window rule (megatrain/parallel/sequence.py check_window: whole chunks per SP rank, an
+    attention span the model has); ValueError naming the flag and the value. A transformers model (no chunking
+    fields) takes any positive length."""
+    from megatrain.parallel.sequence import check_window
     for L in seq_lens:
         if L < 1:
             raise ValueError(f"{flag} {L}: expected a positive length")
-        if not hasattr(config, "check_attention_span"):  # another family (a transformers model): any length
-            continue
-        if config.use_chunking and L % (config.chunk_size * sp_size):
-            raise ValueError(f"{flag} {L}: must be a multiple of chunk_size x SP = {config.chunk_size} x {sp_size} "
-                             f"= {config.chunk_size * sp_size}")
-        try:
-            config.check_attention_span(L // sp_size)
-        except ValueError as e:
-            raise ValueError(f"{flag} {L}: {e}") from None
+        if hasattr(config, "chunk_size") and hasattr(config, "use_chunking"):  # a megatrain family
+            check_window(L, sp_size, config, key=flag, shown=L, sp_key="--sp")
 
 
 def _rank0() -> bool:

@@ -95,27 +95,29 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 # ----------------------------------------------------------------------------------------------------------------
 # Validation (the trainer calls this before building anything)
 # ----------------------------------------------------------------------------------------------------------------
-def check_window(seq_len: int, sp_size: int, model, *, key: str = "data.seq_len", shown=None) -> int:
+def check_window(seq_len: int, sp_size: int, model, *, key: str = "data.seq_len", shown=None,
+                 sp_key: str = "parallel.sequence_parallel_size") -> int:
     """The window rule, once (training stages, in-training evaluation and SP all obey it): a window of
     ``seq_len`` tokens splits into ``sp_size`` contiguous slices of whole chunks (windows are never padded; SP > 1
     also needs the model's state-carry rule), and the attention span at the slice length fits the model. Returns
     the slice length; ValueError naming ``key`` (shown as ``shown``, default the length) and what is expected.
-    ``model``: a MegaConfig (or anything with its chunking fields; ``check_attention_span`` when it has one)."""
+    ``model``: a family's config (its chunking fields; ``check_attention_span`` when it has one). ``sp_key``: how
+    the SP size is named (the run config's key, or a command-line flag)."""
     shown = seq_len if shown is None else shown
-    for name, value in ((key, seq_len), ("parallel.sequence_parallel_size", sp_size)):
+    for name, value in ((key, seq_len), (sp_key, sp_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {shown if name == key else value!r}")
     chunk, chunking = model.chunk_size, model.use_chunking
     if seq_len % sp_size:
-        raise ValueError(f"{key}={shown} is not divisible by parallel.sequence_parallel_size={sp_size}")
+        raise ValueError(f"{key}={shown} is not divisible by {sp_key}={sp_size}")
     slice_len = seq_len // sp_size
     if sp_size > 1:
-        problem = MegaConfig.state_carry_problem(chunking, getattr(model, "truncation", None),
-                                                 getattr(model, "normalization_type", None))
+        rule = getattr(model, "state_carry_problem", MegaConfig.state_carry_problem)  # the family's own rule
+        problem = rule(chunking, getattr(model, "truncation", None), getattr(model, "normalization_type", None))
         if problem is not None:
             field, why = problem
             if field == "use_chunking":
-                raise ValueError(f"parallel.sequence_parallel_size={sp_size} needs model.use_chunking=True "
+                raise ValueError(f"{sp_key}={sp_size} needs model.use_chunking=True "
                                  f"(got use_chunking={chunking!r}): {why}")
             raise ValueError(f"model.{field}={getattr(model, field)!r} is not supported with sequence "
                              f"parallelism: {why}")
@@ -125,7 +127,7 @@ def check_window(seq_len: int, sp_size: int, model, *, key: str = "data.seq_len"
         raise ValueError(f"{key}={shown}: must be a multiple of model.chunk_size={chunk}" if sp_size == 1 else
                          f"{key}={shown}: SP slice length {seq_len}/{sp_size} = {slice_len} is not a multiple of "
                          f"model.chunk_size={chunk} (must be a multiple of model.chunk_size x "
-                         f"parallel.sequence_parallel_size = {chunk} x {sp_size})")
+                         f"{sp_key} = {chunk} x {sp_size})")
     if hasattr(model, "check_attention_span"):
         try:
             model.check_attention_span(slice_len)
