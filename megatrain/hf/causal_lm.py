@@ -40,11 +40,11 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def is_transformers_causal_lm(path: str) -> bool:
-    """True when `path` is a transformers model folder whose config is not MEGA (megatrain's own loader,
-    megatrain.hf.load_hf, takes those: native "mega" and megatrain's remote-code export)."""
+    """True when `path` is a transformers model folder of no megatrain family (megatrain's own loader,
+    megatrain.hf.load_hf, takes those: native "mega", megatrain's remote-code exports of every family)."""
     import json
 
-    from megatrain.hf.format import REMOTE_ONLY_MODEL_TYPE
+    from megatrain.hf.format import FORMATS, REMOTE_ONLY_MODEL_TYPE
     cfg = os.path.join(path, "config.json")
     if not os.path.isfile(cfg):
         return False
@@ -53,7 +53,7 @@ def is_transformers_causal_lm(path: str) -> bool:
             model_type = json.load(f).get("model_type")
     except (OSError, ValueError, AttributeError):
         return False
-    return isinstance(model_type, str) and model_type not in ("mega", REMOTE_ONLY_MODEL_TYPE, "")
+    return isinstance(model_type, str) and model_type not in (*FORMATS, REMOTE_ONLY_MODEL_TYPE, "")
 
 
 def document_mask(doc_ids: torch.Tensor, additive_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
