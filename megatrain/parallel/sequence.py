@@ -176,17 +176,17 @@ def reset_comm_stats() -> CommStats:
 # ----------------------------------------------------------------------------------------------------------------
 # The exchange: communication only (the math is ops/ema/state.py's prefix over the gathered slices)
 # ----------------------------------------------------------------------------------------------------------------
-def _start_gather(t: torch.Tensor, group, size: int):
-    """Start an all-gather of a contiguous tensor from every rank of `group` -> (work, flat [P * t.numel()] buffer,
+def _start_gather(t: torch.Tensor, group, size: int, async_op: bool = True):
+    """All-gather a contiguous tensor from every rank of `group` -> (work or None, flat [P * t.numel()] buffer,
     rank order). Flat buffers: gloo wants the concatenation along dim 0, not a stacked extra dim."""
     flat = t.new_empty(size * t.numel())
-    return _all_gather(flat, t.reshape(-1), group=group, async_op=True), flat
+    return _all_gather(flat, t.reshape(-1), group=group, async_op=async_op), flat
 
 
 def _gather_stacked(t: torch.Tensor, group, size: int) -> torch.Tensor:
-    """All-gather a contiguous tensor from every rank of `group` into [P, *t.shape] (rank order), waiting."""
-    work, flat = _start_gather(t, group, size)
-    work.wait()
+    """All-gather a contiguous tensor from every rank of `group` into [P, *t.shape] (rank order), blocking: a
+    plain synchronous collective, as before the helper was shared (no work object outlives the call)."""
+    _, flat = _start_gather(t, group, size, async_op=False)
     return flat.view((size,) + tuple(t.shape))
 
 
