@@ -44,16 +44,23 @@ def is_transformers_causal_lm(path: str) -> bool:
     megatrain.hf.load_hf, takes those: native "mega", megatrain's remote-code exports of every family)."""
     import json
 
-    from megatrain.hf.format import FORMATS, REMOTE_ONLY_MODEL_TYPE
+    from megatrain.hf.format import family_of_hf_dict
     cfg = os.path.join(path, "config.json")
     if not os.path.isfile(cfg):
         return False
     try:
         with open(cfg) as f:
-            model_type = json.load(f).get("model_type")
+            d = json.load(f)
+        model_type = d.get("model_type")
     except (OSError, ValueError, AttributeError):
         return False
-    return isinstance(model_type, str) and model_type not in (*FORMATS, REMOTE_ONLY_MODEL_TYPE, "")
+    if not isinstance(model_type, str) or not model_type:
+        return False
+    try:  # the families' own model_types (hf/format.py): one list, not a copy of it here
+        family_of_hf_dict(d)
+    except ValueError:
+        return True
+    return False
 
 
 def document_mask(doc_ids: torch.Tensor, additive_dtype: Optional[torch.dtype] = None) -> torch.Tensor:

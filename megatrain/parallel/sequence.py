@@ -176,7 +176,7 @@ def reset_comm_stats() -> CommStats:
 # ----------------------------------------------------------------------------------------------------------------
 # The exchange: communication only (the math is ops/ema/state.py's prefix over the gathered slices)
 # ----------------------------------------------------------------------------------------------------------------
-def _start_gather(t: torch.Tensor, group, size: int, async_op: bool = True):
+def _gather_flat(t: torch.Tensor, group, size: int, async_op: bool = True):
     """All-gather a contiguous tensor from every rank of `group` -> (work or None, flat [P * t.numel()] buffer,
     rank order). Flat buffers: gloo wants the concatenation along dim 0, not a stacked extra dim."""
     flat = t.new_empty(size * t.numel())
@@ -186,7 +186,7 @@ def _start_gather(t: torch.Tensor, group, size: int, async_op: bool = True):
 def _gather_stacked(t: torch.Tensor, group, size: int) -> torch.Tensor:
     """All-gather a contiguous tensor from every rank of `group` into [P, *t.shape] (rank order), blocking: a
     plain synchronous collective, as before the helper was shared (no work object outlives the call)."""
-    _, flat = _start_gather(t, group, size, async_op=False)
+    _, flat = _gather_flat(t, group, size, async_op=False)
     return flat.view((size,) + tuple(t.shape))
 
 
@@ -204,7 +204,7 @@ class _Exchange:
         self.complex = False                       # a complex state, sent as real (re, im) pairs
 
     def start_gather(self, payload: torch.Tensor) -> torch.Tensor:
-        work, flat = _start_gather(payload, self.group, self.size)
+        work, flat = _gather_flat(payload, self.group, self.size)
         COMM_STATS.forward_bytes += (self.size - 1) * payload.numel() * payload.element_size()
         COMM_STATS.forward_calls += 1
         # the payload is kept alive with the work: the collective reads it in the background
